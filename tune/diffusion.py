@@ -1,0 +1,109 @@
+"""Training numerics every recipe shares: noise, timesteps, targets, loss weighting, prior preservation.
+
+The noise scheduler is diffusers' (DDPMScheduler-compatible: `add_noise`, `get_velocity`,
+`alphas_cumprod`); the prediction type (epsilon or v) follows the base model's scheduler config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from tune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """How the denoising loss is formed (the `[diffusion]` table of a recipe config)."""
+
+    prediction_type: str = "auto"
+    """epsilon, v_prediction, or auto (follow the base model's scheduler)."""
+    snr_gamma: float = 0.0
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is typical); 0 turns it off."""
+    noise_offset: float = 0.0
+    """Per-channel offset noise scale (helps very dark/bright images); 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
+            raise ConfigError(
+                f"diffusion.prediction_type must be auto, epsilon or v_prediction; got {self.prediction_type!r}"
+            )
+        if self.snr_gamma < 0 or self.noise_offset < 0:
+            raise ConfigError("diffusion.snr_gamma and diffusion.noise_offset must be >= 0")
+
+
+def prediction_type(noise_scheduler, cfg: DiffusionConfig) -> str:
+    return noise_scheduler.config.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+
+
+def sample_noise(
+    latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    if noise_offset:
+        offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=latents.dtype)
+        noise = noise + noise_offset * offset.to(latents.device)
+    return noise
+
+
+def sample_timesteps(batch_size: int, noise_scheduler, generator: torch.Generator | None) -> torch.Tensor:
+    n = noise_scheduler.config.num_train_timesteps
+    return torch.randint(0, n, (batch_size,), generator=generator, dtype=torch.long)
+
+
+def training_target(noise_scheduler, pred_type: str, latents, noise, timesteps) -> torch.Tensor:
+    if pred_type == "epsilon":
+        return noise
+    if pred_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ConfigError(f"unknown prediction type {pred_type!r}")
+
+
+def loss_weights(noise_scheduler, timesteps: torch.Tensor, pred_type: str, snr_gamma: float) -> torch.Tensor:
+    """Per-sample loss weights: 1, or min(SNR, gamma)/SNR (epsilon) and min(SNR, gamma)/(SNR+1) (v)."""
+    if not snr_gamma:
+        return torch.ones(timesteps.shape, dtype=torch.float32)
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=snr_gamma)
+    return clipped / (snr + 1) if pred_type == "v_prediction" else clipped / snr
+
+
+def denoising_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    is_prior: torch.Tensor | None = None,
+    prior_loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """Weighted MSE; with `is_prior`, DreamBooth's prior preservation: instance loss + w * class loss."""
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = per_sample * weights.to(per_sample.device)
+    if is_prior is None or not bool(is_prior.any()):
+        return per_sample.mean()
+    prior = is_prior.to(per_sample.device).bool()
+    instance_loss = per_sample[~prior].mean() if bool((~prior).any()) else per_sample.new_zeros(())
+    return instance_loss + prior_loss_weight * per_sample[prior].mean()
+
+
+def diffusion_step(
+    unet,
+    noise_scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
+    is_prior: torch.Tensor | None = None,
+    prior_loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """One denoising-loss evaluation: noise the latents, predict, compare with the target."""
+    pred_type = prediction_type(noise_scheduler, cfg)
+    noise = sample_noise(latents, cfg.noise_offset, generator)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler, generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    target = training_target(noise_scheduler, pred_type, latents, noise, timesteps)
+    weights = loss_weights(noise_scheduler, timesteps.cpu(), pred_type, cfg.snr_gamma)
+    return denoising_loss(model_pred, target, weights, is_prior, prior_loss_weight)
