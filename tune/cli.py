@@ -22,13 +22,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from tune import __version__
+from tune import PROJECT_ROOT, __version__
 from tune.config import load_config, suggest, to_toml
 from tune.errors import ConfigError, TuneError
 
 log = logging.getLogger("tune")
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Parser(argparse.ArgumentParser):

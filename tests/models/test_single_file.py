@@ -1,0 +1,131 @@
+"""save_single_file writes SD's original (LDM) layout, and diffusers reads it back bit-exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from tune.models import build_pipeline, load_pipeline, save_single_file
+from tune.models.single_file import convert_to_ldm
+
+
+@pytest.fixture(scope="module")
+def seed1_pipeline():
+    return build_pipeline("tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def seed1_file(seed1_pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "tiny-seed1.safetensors"
+    save_single_file(seed1_pipeline, path, dtype=torch.float32)
+    return path
+
+
+def test_round_trip_is_bit_identical(seed1_pipeline, seed1_file: Path, tiny_pipeline_dir: str) -> None:
+    # The config folder holds seed-0 weights, so equality with seed 1 proves every weight came from the file.
+    loaded = load_pipeline(seed1_file, config=tiny_pipeline_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        original = getattr(seed1_pipeline, name).state_dict()
+        reloaded = getattr(loaded, name).state_dict()
+        assert original.keys() == reloaded.keys(), name
+        for key, tensor in original.items():
+            assert reloaded[key].dtype == torch.float32
+            assert torch.equal(tensor, reloaded[key]), f"{name}.{key}"
+
+
+def test_file_uses_original_sd_key_names(seed1_file: Path) -> None:
+    with safe_open(str(seed1_file), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [16, 16, 1, 1]
+    for key in (
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+        "model.diffusion_model.input_blocks.3.0.op.weight",
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight",
+        "model.diffusion_model.middle_block.2.out_layers.3.weight",
+        "model.diffusion_model.output_blocks.2.1.conv.weight",
+        "model.diffusion_model.output_blocks.5.2.conv.weight",
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight",
+        "model.diffusion_model.time_embed.0.weight",
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.encoder.down.0.block.0.conv1.weight",
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+        "first_stage_model.decoder.up.0.block.2.conv2.weight",
+        "first_stage_model.decoder.up.2.upsample.conv.weight",
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+        "first_stage_model.quant_conv.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    ):
+        assert key in keys, key
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(key.startswith(prefixes) for key in keys)
+    # Nothing left in diffusers naming.
+    assert not any(
+        part in key for key in keys for part in ("down_blocks", "up_blocks", "mid_block", "resnets")
+    )
+
+
+def test_half_precision_export(seed1_pipeline, tmp_path: Path, tiny_pipeline_dir: str) -> None:
+    path = save_single_file(seed1_pipeline, tmp_path / "half.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+    loaded = load_pipeline(path, config=tiny_pipeline_dir)
+    expected = seed1_pipeline.unet.conv_out.weight.detach().half().float()
+    assert torch.equal(loaded.unet.conv_out.weight.float(), expected)
+
+
+def test_rejects_other_formats(seed1_pipeline, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        save_single_file(seed1_pipeline, tmp_path / "model.ckpt")
+    with pytest.raises(ValueError, match="dtype"):
+        save_single_file(seed1_pipeline, tmp_path / "model.safetensors", dtype=torch.int8)
+
+
+def test_full_size_sd15_mapping(sd15_unet_config: dict, sd15_vae_config: dict) -> None:
+    # Real SD1.5 widths on the meta device: the key set of an SD1.5 checkpoint (686 U-Net, 248 VAE and
+    # 196 CLIP tensors, as in v1-5-pruned-emaonly without the position_ids buffer).
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd15_unet_config)
+        vae = AutoencoderKL(**sd15_vae_config)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+            )
+        )
+    checkpoint = convert_to_ldm(
+        unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_encoder.state_dict()
+    )
+    count = {
+        prefix: sum(k.startswith(prefix) for k in checkpoint) for prefix in ("model.", "first_", "cond_")
+    }
+    assert count == {"model.": 686, "first_": 248, "cond_": 196}
+    shapes = {key: tuple(value.shape) for key, value in checkpoint.items()}
+    assert shapes["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == (320, 320, 1, 1)
+    assert shapes["model.diffusion_model.input_blocks.4.0.skip_connection.weight"] == (640, 320, 1, 1)
+    assert shapes["model.diffusion_model.output_blocks.8.2.conv.weight"] == (640, 640, 3, 3)
+    assert shapes["model.diffusion_model.input_blocks.10.0.in_layers.2.weight"] == (1280, 1280, 3, 3)
+    assert shapes["first_stage_model.decoder.up.3.block.0.conv1.weight"] == (512, 512, 3, 3)
+    assert shapes["first_stage_model.decoder.up.0.block.0.nin_shortcut.weight"] == (128, 256, 1, 1)
+    assert shapes["first_stage_model.encoder.mid.attn_1.k.weight"] == (512, 512, 1, 1)
+
+
+def test_unsupported_unet_is_refused() -> None:
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+        )
+    with pytest.raises(ValueError, match="SD1.x U-Net layout only"):
+        convert_to_ldm(unet.state_dict(), unet.config, {}, {"block_out_channels": [8]}, {})
