@@ -1,0 +1,14 @@
+"""Photos, captions, datasets, concepts, buckets and caches: one loader serves every recipe.
+
+Modules (import them directly; this package imports nothing eagerly):
+
+- `tune.data.config`   `DataConfig`, the loader's settings.
+- `tune.data.images`   open a photo safely: bad-file reasons, EXIF orientation, any mode to RGB.
+- `tune.data.captions` caption sidecars, caption shuffle / keep-N / dropout.
+- `tune.data.concepts` `concepts/<name>/concept.toml` into a frozen `Concept`.
+- `tune.data.buckets`  aspect-ratio buckets and crop boxes.
+- `tune.data.sources`  folders, `metadata.jsonl` folders and `datasets` datasets into image records.
+- `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors).
+- `tune.data.loader`   `build_dataset`, `build_dataloader`, `Batch`: what recipes call.
+- `tune.data.check`    `tune data check PATH`.
+"""

@@ -1,0 +1,72 @@
+"""Captions: sidecar files, and the per-step caption augmentations (shuffle, keep-N, dropout).
+
+Where a caption comes from (documented choice, what a DreamBooth user expects):
+- an instance prompt, when one is given, is the caption of every photo in that folder; sidecars are
+  then ignored (the loader logs how many), because DreamBooth binds the new token to exactly that
+  prompt and a stray `IMG_0001.txt` from a phone backup must not change it;
+- otherwise `<stem>.txt`, else `<stem>.caption`, next to the photo;
+- otherwise the empty caption (the loader warns with a count: the model then learns these photos
+  unconditionally).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+CAPTION_EXTENSIONS = (".txt", ".caption")
+"""Sidecar suffixes, in order of preference when a photo has both."""
+
+
+def sidecar_path(image_path: Path) -> Path | None:
+    """The caption sidecar of a photo (`photo.txt`, else `photo.caption`), or None."""
+    for ext in CAPTION_EXTENSIONS:
+        candidate = image_path.with_suffix(ext)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_sidecar(image_path: Path) -> str | None:
+    """The caption in a photo's sidecar, whitespace collapsed; None when there is no sidecar.
+
+    Read as UTF-8 (a BOM is dropped; undecodable bytes become U+FFFD rather than losing the photo).
+    An empty sidecar is an empty caption, not a missing one.
+    """
+    path = sidecar_path(image_path)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8-sig", errors="replace")
+    return " ".join(text.split())
+
+
+def split_tags(caption: str) -> list[str]:
+    """Comma-separated tags, stripped, empty ones dropped."""
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def transform_caption(
+    caption: str,
+    rng: random.Random,
+    *,
+    shuffle: bool = False,
+    keep_tokens: int = 0,
+    dropout: float = 0.0,
+) -> str:
+    """One training step's version of a caption.
+
+    - dropout: with probability `dropout` the caption becomes "" (classifier-free guidance training);
+    - shuffle: comma-separated tags are shuffled, the first `keep_tokens` tags stay first in order
+      (the trigger word usually leads, and must keep its place).
+
+    The dropout draw happens first and always, so the shuffle's random stream does not depend on
+    whether the caption was dropped.
+    """
+    dropped = rng.random() < dropout
+    if shuffle:
+        tags = split_tags(caption)
+        head, tail = tags[:keep_tokens], tags[keep_tokens:]
+        rng.shuffle(tail)
+        caption = ", ".join(head + tail)
+    return "" if dropped else caption

@@ -1,0 +1,114 @@
+"""`tune data check PATH`: what the loader would make of a folder, before any training.
+
+Prints the usable image count, every skipped file with its reason, caption coverage (usable images
+with their own caption sidecar / caption column) and the bucket histogram. Exit code 0 when at least
+one image is usable, else 2 with one line on stderr. Reads only; writes nothing into PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tune.data.buckets import Bucket, histogram
+from tune.data.cache import resolve_cache_dir
+from tune.data.config import DataConfig
+from tune.data.sources import SkippedFile, scan_source
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What `tune data check` found, as data."""
+
+    source: str
+    """The folder (or dataset) as given."""
+    usable: int
+    """Images the loader would train on."""
+    skipped: tuple[SkippedFile, ...]
+    """Every file left out, with its reason."""
+    captioned: int
+    """Usable images with a caption of their own (sidecar or caption column)."""
+    buckets: dict[Bucket, int]
+    """Usable images per bucket (width, height)."""
+    resolution: int
+    """The resolution the buckets were computed for."""
+    bucketing: bool
+    """False: every image is a square crop."""
+
+    def reason_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            counts[s.reason] = counts.get(s.reason, 0) + 1
+        return counts
+
+
+def check_data(source: str | Path, cfg: DataConfig | None = None) -> DataReport:
+    """Scan `source` like the loader does (no instance prompt, so sidecars count) and report."""
+    cfg = cfg or DataConfig()
+    scan = scan_source(source, cfg, cache_dir=resolve_cache_dir(cfg.cache_dir))
+    return DataReport(
+        source=str(source),
+        usable=len(scan.records),
+        skipped=tuple(scan.skipped),
+        captioned=sum(1 for r in scan.records if r.has_caption),
+        buckets=histogram(r.bucket for r in scan.records),
+        resolution=cfg.resolution,
+        bucketing=cfg.bucketing,
+    )
+
+
+def format_report(report: DataReport) -> str:
+    """The human-readable report `tune data check` prints."""
+    lines = [f"{report.source}: {report.usable} usable images, {len(report.skipped)} skipped"]
+    if report.skipped:
+        lines.append("skipped:")
+        width = max(len(s.name) for s in report.skipped)
+        for s in report.skipped:
+            detail = f" ({s.detail})" if s.detail else ""
+            lines.append(f"  {s.name:<{width}}  {s.reason}{detail}")
+    if report.usable:
+        pct = 100 * report.captioned / report.usable
+        lines.append(f"captions: {report.captioned} of {report.usable} usable images have one ({pct:.0f}%)")
+        mode = "buckets" if report.bucketing else "square crops"
+        lines.append(f"{mode} at {report.resolution} px (width x height: images):")
+        top = max(report.buckets.values())
+        for (w, h), n in report.buckets.items():
+            bar = "#" * max(1, round(30 * n / top))
+            lines.append(f"  {f'{w}x{h}':>9}  {n:>5}  {bar}")
+    return "\n".join(lines)
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `tune data check`."""
+    parser.add_argument("path", metavar="PATH", help="photo folder, metadata.jsonl folder or saved dataset")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help=f"training resolution (default {DataConfig.resolution})"
+    )
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=None,
+        help=f"skip images whose shorter side is below this (default {DataConfig.min_side})",
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Print the report; 0 when at least one image is usable, else 2 (one line on stderr)."""
+    overrides = {
+        key: value
+        for key, value in (("resolution", args.resolution), ("min_side", args.min_side))
+        if value is not None
+    }
+    cfg = dataclasses.replace(DataConfig(), **overrides)
+    report = check_data(args.path, cfg)
+    print(format_report(report))
+    if report.usable == 0:
+        counts = (
+            ", ".join(f"{n} {reason}" for reason, n in report.reason_counts().items()) or "no image files"
+        )
+        print(f"tune: error: no usable images in {report.source} ({counts})", file=sys.stderr)
+        return 2
+    return 0

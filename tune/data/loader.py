@@ -1,0 +1,693 @@
+"""The shared data loader: photos (or a dataset, or a concept) to `Batch`es, for every recipe.
+
+    cfg = DataConfig(resolution=512, cache_latents=True)
+    dataset = build_dataset("photos/", cfg, instance_prompt="a photo of sks dog", seed=0)
+    cache_latents(dataset, vae, device="cuda")              # when cfg.cache_latents
+    cache_text(dataset, text_encoder, tokenizer, device="cuda")  # when cfg.cache_text
+    loader = build_dataloader(dataset, batch_size=4, tokenizer=tokenizer, accelerator=accelerator)
+    for batch in loader:                                      # Batch; batch.to(device)
+        ...
+    state = loader.state_dict()                               # save with the checkpoint; load_state_dict to resume
+
+Determinism: the order of batches depends only on (seed, epoch); each sample's randomness (flip,
+random crop, caption shuffle / dropout, the latent's posterior sample) depends only on (seed, epoch,
+photo, draw). So the same seed gives the same batches whatever `num_workers`, and resuming from
+`state_dict()` (epoch and batches consumed) continues exactly where the run stopped.
+
+Buckets and batches: a batch holds photos of one bucket only. Each epoch the photos (x repeats) are
+shuffled, grouped per bucket in that order, cut into batches, and the batches shuffled.
+
+Prior preservation (DreamBooth): with class images, every batch is `batch_size` instance photos
+followed by `batch_size` class images (`Batch.is_prior` marks them), as in diffusers' DreamBooth
+script. Class images are fitted into the instance batch's bucket, so with bucketing on, their latents
+are cached once per bucket the instance photos use.
+
+Sharding (multi-GPU): the batch sampler shards whole batches itself. Give `build_dataloader` the
+`accelerate.Accelerator` (or `num_processes` / `process_index`): every process computes the same
+global list of same-bucket batches, pads it by cycling from its start to a multiple of the process
+count (so every process runs the same number of steps, as accelerate's `even_batches` does), and
+takes every `num_processes`-th batch from `process_index`. Do not pass the returned loader through
+`accelerator.prepare`: accelerate's `BatchSamplerShard` would shard again, and with a fixed batch size
+it drops a bucket's short last batch. Move batches with `batch.to(accelerator.device)`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from tune.data.buckets import Bucket, crop_box
+from tune.data.cache import (
+    CacheStats,
+    entry_path,
+    fingerprint_model,
+    is_readable,
+    load_entry,
+    make_key,
+    resolve_cache_dir,
+    save_entry,
+)
+from tune.data.captions import transform_caption
+from tune.data.concepts import Concept
+from tune.data.config import DataConfig
+from tune.data.images import crop_and_resize, decode_image, min_scale_size, to_tensor
+from tune.data.sources import ImageRecord, ScanResult, read_record_bytes, scan_source
+from tune.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = [
+    "Batch",
+    "BucketBatchSampler",
+    "DataConfig",
+    "ItemKey",
+    "PhotoDataset",
+    "PhotoLoader",
+    "build_dataloader",
+    "build_dataset",
+    "cache_latents",
+    "cache_text",
+    "collate",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ItemKey(NamedTuple):
+    """What the batch sampler hands the dataset: which photo, for which epoch and draw, in which bucket."""
+
+    index: int
+    epoch: int
+    draw: int
+    bucket: Bucket
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+class PhotoDataset(torch.utils.data.Dataset):
+    """Checked image records plus the transforms of a `DataConfig`; indexed by `ItemKey`."""
+
+    def __init__(
+        self,
+        scan: ScanResult,
+        cfg: DataConfig,
+        *,
+        seed: int,
+        cache_dir: Path,
+        label: str,
+    ) -> None:
+        self.records: list[ImageRecord] = scan.records
+        self.skipped = scan.skipped
+        self.tables = scan.tables
+        self.cfg = cfg
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.label = label
+        self.latent_files: dict[tuple[int, Bucket, bool], str] | None = None
+        """(record index, bucket, flip) -> cache file; set by `cache_latents`."""
+        self.latent_shift = 0.0
+        self.latent_scale = 1.0
+        self.text_files: dict[str, str] | None = None
+        """caption -> cache file; set by `cache_text`."""
+        self.cache_stats: dict[str, CacheStats] = {}
+        """The last caching pass per kind ("latent", "text"): how many entries were encoded vs loaded."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def instance_indices(self) -> list[int]:
+        return [i for i, r in enumerate(self.records) if not r.is_prior]
+
+    @property
+    def prior_indices(self) -> list[int]:
+        return [i for i, r in enumerate(self.records) if r.is_prior]
+
+    def rng(self, key: ItemKey) -> random.Random:
+        # String seeds hash with sha512 in CPython: stable across processes and PYTHONHASHSEED.
+        return random.Random(f"{self.seed}:{key.epoch}:{key.index}:{key.draw}")
+
+    def crop(
+        self, record: ImageRecord, bucket: Bucket, rng: random.Random
+    ) -> tuple[float, float, float, float]:
+        return crop_box(record.width, record.height, bucket, mode=self.cfg.crop, rng=rng)
+
+    def load_pixels(
+        self, index: int, bucket: Bucket, box: tuple[float, float, float, float], flip: bool
+    ) -> torch.Tensor:
+        """The CHW float32 [-1, 1] tensor of a record cropped to `box` and resized to `bucket`."""
+        record = self.records[index]
+        data = read_record_bytes(record, self.tables)
+        full = (record.width, record.height)
+        img = decode_image(data, max_pixels=self.cfg.max_pixels, min_size=min_scale_size(full, box, bucket))
+        img = crop_and_resize(img, box, full, bucket)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(img)
+
+    def __getitem__(self, key: ItemKey | int) -> dict[str, Any]:  # type: ignore[override]
+        if isinstance(key, int):
+            key = ItemKey(key, 0, 0, self.records[key].bucket)
+        record = self.records[key.index]
+        bucket = key.bucket
+        rng = self.rng(key)
+        # Fixed draw order (flip, crop, caption, noise) keeps every sample reproducible.
+        flip = self.cfg.flip and rng.random() < 0.5
+        box = self.crop(record, bucket, rng)
+        caption = transform_caption(
+            record.caption,
+            rng,
+            shuffle=self.cfg.shuffle_captions,
+            keep_tokens=self.cfg.keep_tokens,
+            dropout=self.cfg.caption_dropout,
+        )
+        noise_seed = rng.getrandbits(63)
+        scale = bucket[0] / (box[2] - box[0])
+        left = (record.width - box[2]) if flip else box[0]
+        item: dict[str, Any] = {
+            "caption": caption,
+            "is_prior": record.is_prior,
+            "original_size": (record.height, record.width),
+            "crop_top_left": (round(box[1] * scale), round(left * scale)),
+            "target_size": (bucket[1], bucket[0]),
+        }
+        if self.latent_files is not None:
+            path = self.latent_files.get((key.index, bucket, flip))
+            if path is None:
+                raise DataError(
+                    f"no cached latent for {record.name} at {bucket[0]}x{bucket[1]}; run cache_latents again"
+                )
+            entry = load_entry(path)
+            gen = torch.Generator().manual_seed(noise_seed)
+            sample = entry["mean"] + entry["std"] * torch.randn(entry["mean"].shape, generator=gen)
+            item["latents"] = (sample - self.latent_shift) * self.latent_scale
+        else:
+            item["pixel_values"] = self.load_pixels(key.index, bucket, box, flip)
+        if self.text_files is not None:
+            item["encoder_hidden_states"] = load_entry(self.text_files[caption])["encoder_hidden_states"]
+        return item
+
+    def required_latents(self) -> list[tuple[int, Bucket, bool]]:
+        """Every (record, bucket, flip) a training run can ask for: what `cache_latents` encodes."""
+        flips = (False, True) if self.cfg.flip else (False,)
+        instance_buckets = sorted({self.records[i].bucket for i in self.instance_indices})
+        out = []
+        for i, r in enumerate(self.records):
+            buckets = instance_buckets if r.is_prior else [r.bucket]
+            out.extend((i, b, f) for b in buckets for f in flips)
+        return out
+
+
+def _summary_line(label: str, scan: ScanResult, n_prior: int) -> str:
+    instance = [r for r in scan.records if not r.is_prior]
+    parts = [f"data: {len(instance)} usable photos in {label}"]
+    if n_prior:
+        parts.append(f"{n_prior} class images")
+    if scan.skipped:
+        counts = ", ".join(f"{n} {reason}" for reason, n in scan.reason_counts().items())
+        examples = ", ".join(f"{s.name} ({s.reason})" for s in scan.skipped[:3])
+        more = ", ..." if len(scan.skipped) > 3 else ""
+        parts.append(
+            f"skipped {len(scan.skipped)} files ({counts}: {examples}{more}; `tune data check` lists all)"
+        )
+    uncaptioned = sum(1 for r in instance if not r.caption)
+    if uncaptioned:
+        parts.append(f"{uncaptioned} without a caption train with the empty caption")
+    if scan.sidecars_ignored:
+        parts.append(f"{scan.sidecars_ignored} caption sidecars ignored in favour of the instance prompt")
+    return "; ".join(parts)
+
+
+def _source_roots(sources: Sequence[Any]) -> list[Path]:
+    roots = []
+    for s in sources:
+        if isinstance(s, (str, Path)) and not str(s).startswith("hf:"):
+            roots.append(Path(s).expanduser().resolve())
+    return roots
+
+
+def build_dataset(
+    source: str | Path | Concept | datasets.Dataset | datasets.DatasetDict,
+    cfg: DataConfig,
+    *,
+    instance_prompt: str | None = None,
+    class_source: str | Path | None = None,
+    class_prompt: str | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> PhotoDataset:
+    """Check every photo of `source` (and of `class_source`) and return the training dataset.
+
+    source: a photo folder, a metadata.jsonl folder, a saved dataset folder, `hf:NAME`, a `datasets`
+        object, or a `Concept` (its photos, instance prompt, and class images when its prior
+        preservation is enabled and has a `class_dir`).
+    instance_prompt: the caption of every instance photo; None means sidecars / the caption column.
+    class_source, class_prompt: class images for prior preservation and their caption.
+    cache_dir: overrides `cfg.cache_dir` (default `$TUNE_CACHE_DIR` or `~/.cache/tune`).
+
+    Logs one summary line (usable photos, skipped files by reason). Raises `DataError` when fewer than
+    `cfg.min_images` instance photos are usable, naming the folder and the reasons.
+    """
+    if isinstance(source, Concept):
+        concept = source
+        source = concept.instance_dir
+        if instance_prompt is None:
+            instance_prompt = concept.instance_caption
+        prior = concept.prior_preservation
+        if class_source is None and prior.enabled and prior.class_dir is not None:
+            class_source = prior.class_dir
+        if class_prompt is None and class_source is not None:
+            class_prompt = concept.class_caption
+    resolved_cache = resolve_cache_dir(cache_dir, cfg.cache_dir)
+    for root in _source_roots([source, class_source]):
+        if resolved_cache == root or resolved_cache.is_relative_to(root):
+            raise DataError(
+                f"cache dir {resolved_cache} is inside the photo folder {root}; the photo folder is only "
+                "ever read: set data.cache_dir or TUNE_CACHE_DIR elsewhere"
+            )
+    label = str(source) if not hasattr(source, "column_names") else "dataset"
+    scan = scan_source(source, cfg, cache_dir=resolved_cache, instance_prompt=instance_prompt)
+    usable = len(scan.records)
+    if usable < cfg.min_images:
+        counts = ", ".join(f"{n} {reason}" for reason, n in scan.reason_counts().items()) or "none skipped"
+        raise DataError(
+            f"{label}: {usable} usable image{'s' if usable != 1 else ''}, need at least {cfg.min_images} "
+            f"(skipped {len(scan.skipped)}: {counts}); run `tune data check {label}` for the list"
+        )
+    n_prior = 0
+    if class_source is not None:
+        prior_scan = scan_source(
+            class_source, cfg, cache_dir=resolved_cache, instance_prompt=class_prompt, is_prior=True
+        )
+        n_prior = len(prior_scan.records)
+        scan.extend(prior_scan)
+    skipped_any = bool(scan.skipped)
+    logger.log(logging.WARNING if skipped_any else logging.INFO, _summary_line(label, scan, n_prior))
+    return PhotoDataset(scan, cfg, seed=seed, cache_dir=resolved_cache, label=label)
+
+
+# --------------------------------------------------------------------------------------------- caches
+
+
+def _shard(jobs: list[Any], accelerator: Any) -> list[Any]:
+    if accelerator is None:
+        return jobs
+    return jobs[accelerator.process_index :: accelerator.num_processes]
+
+
+def _vae_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = vae.encode(pixels)
+    dist = getattr(out, "latent_dist", None)
+    if dist is not None:
+        return dist.mean, dist.std
+    # Deterministic encoders (AutoencoderTiny) return latents directly: a posterior with zero spread.
+    latents = out.latents if hasattr(out, "latents") else out[0]
+    return latents, torch.zeros_like(latents)
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset: PhotoDataset,
+    vae: torch.nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    accelerator: Any = None,
+) -> CacheStats:
+    """Encode every photo variant the run needs once; later runs on the same photos load from disk.
+
+    Afterwards the dataset yields `latents` (scaled by the VAE's shift/scaling factors) instead of
+    `pixel_values`. Returns (and logs) how many entries were encoded vs loaded. With an accelerator,
+    each process encodes its share, then all wait for each other.
+    """
+    cache_dir = dataset.cache_dir
+    model_fp = fingerprint_model(vae)
+    cfg = dataset.cfg
+    jobs = dataset.required_latents()
+    paths: dict[tuple[int, Bucket, bool], str] = {}
+    todo = []
+    stats = CacheStats("latent")
+    for job in jobs:
+        index, bucket, flip = job
+        record = dataset.records[index]
+        box = crop_box(record.width, record.height, bucket, mode="center")
+        key = make_key(
+            kind="latent",
+            model=model_fp,
+            image=record.sha256,
+            resolution=cfg.resolution,
+            bucket=list(bucket),
+            box=list(box),
+            flip=flip,
+        )
+        path = entry_path(cache_dir, "latents", model_fp, key)
+        paths[job] = str(path)
+        if is_readable(path):
+            stats.loaded += 1
+        else:
+            todo.append((job, box, path))
+    mine = _shard(todo, accelerator)
+    if mine:
+        vae_device = torch.device(device)
+        vae_dtype = dtype or next(vae.parameters()).dtype
+        by_bucket: dict[Bucket, list[Any]] = {}
+        for item in mine:
+            by_bucket.setdefault(item[0][1], []).append(item)
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with (
+            tqdm(total=len(mine), desc="caching latents", unit="img") as bar,
+            concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool,
+        ):
+            for items in by_bucket.values():
+                for start in range(0, len(items), batch_size):
+                    chunk = items[start : start + batch_size]
+                    pixels = list(
+                        pool.map(lambda it: dataset.load_pixels(it[0][0], it[0][1], it[1], it[0][2]), chunk)
+                    )
+                    batch = torch.stack(pixels).to(vae_device, vae_dtype)
+                    mean, std = _vae_posterior(vae, batch)
+                    for (_, _, path), m, s in zip(chunk, mean.float().cpu(), std.float().cpu(), strict=True):
+                        save_entry(path, {"mean": m, "std": s}, {"format": "tune-latent"})
+                    stats.encoded += len(chunk)
+                    bar.update(len(chunk))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    config = getattr(vae, "config", None)
+    dataset.latent_scale = float(getattr(config, "scaling_factor", None) or 1.0)
+    dataset.latent_shift = float(getattr(config, "shift_factor", None) or 0.0)
+    dataset.latent_files = paths
+    dataset.cache_stats["latent"] = stats
+    logger.info(str(stats))
+    return stats
+
+
+def _tokenize(tokenizer: Callable[..., Any], texts: list[str], max_length: int | None) -> torch.Tensor:
+    length = max_length or getattr(tokenizer, "model_max_length", None) or 77
+    out = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    if isinstance(out, torch.Tensor):
+        return out
+    # BatchEncoding and plain dicts both index by name.
+    return out["input_ids"]
+
+
+@torch.no_grad()
+def cache_text(
+    dataset: PhotoDataset,
+    text_encoder: torch.nn.Module,
+    tokenizer: Callable[..., Any],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    max_length: int | None = None,
+    accelerator: Any = None,
+) -> CacheStats:
+    """Encode each distinct caption once (`text_encoder(input_ids)[0]`, the `encoder_hidden_states`).
+
+    With caption dropout the empty caption is cached too (one entry per variant). With
+    `shuffle_captions` nothing is cached (every step is new text): the stats say so and batches keep
+    `input_ids` for the recipe to encode.
+    """
+    stats = CacheStats("text")
+    if dataset.cfg.shuffle_captions:
+        stats.note = "off: shuffle_captions makes new text every step"
+        dataset.text_files = None
+        dataset.cache_stats["text"] = stats
+        logger.info(str(stats))
+        return stats
+    captions = sorted(
+        {r.caption for r in dataset.records} | ({""} if dataset.cfg.caption_dropout > 0 else set())
+    )
+    model_fp = fingerprint_model(text_encoder)
+    ids = _tokenize(tokenizer, captions, max_length)
+    paths: dict[str, str] = {}
+    todo = []
+    for caption, row in zip(captions, ids, strict=True):
+        key = make_key(kind="text", model=model_fp, input_ids=[int(t) for t in row])
+        path = entry_path(dataset.cache_dir, "text", model_fp, key)
+        paths[caption] = str(path)
+        if is_readable(path):
+            stats.loaded += 1
+        else:
+            todo.append((row, path))
+    mine = _shard(todo, accelerator)
+    with tqdm(total=len(mine), desc="caching text", unit="caption", disable=not mine) as bar:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            input_ids = torch.stack([row for row, _ in chunk]).to(device)
+            hidden = text_encoder(input_ids)[0]
+            for (_, path), h in zip(chunk, hidden.float().cpu(), strict=True):
+                save_entry(path, {"encoder_hidden_states": h}, {"format": "tune-text"})
+            stats.encoded += len(chunk)
+            bar.update(len(chunk))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    dataset.text_files = paths
+    dataset.cache_stats["text"] = stats
+    logger.info(str(stats))
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """One batch, the same type for every recipe. Images of a batch share one bucket (size)."""
+
+    captions: list[str]
+    """Captions after shuffle / dropout, one per sample."""
+    is_prior: torch.Tensor
+    """bool [B]: class images for prior preservation (they follow the instance photos)."""
+    original_sizes: torch.Tensor
+    """long [B, 2]: (height, width) of each photo before cropping (SDXL micro-conditioning)."""
+    crop_top_lefts: torch.Tensor
+    """long [B, 2]: (top, left) of the crop in resized-photo pixels (SDXL micro-conditioning)."""
+    target_size: tuple[int, int]
+    """(height, width) of this batch's images."""
+    pixel_values: torch.Tensor | None = None
+    """float32 [B, 3, H, W] in [-1, 1]; None when latents are cached."""
+    latents: torch.Tensor | None = None
+    """[B, C, H/f, W/f], already shifted and scaled by the VAE's factors; None when not cached."""
+    input_ids: torch.Tensor | None = None
+    """long [B, L] token ids, when a tokenizer was given and text is not cached."""
+    encoder_hidden_states: torch.Tensor | None = None
+    """[B, L, D] text-encoder outputs, when text is cached."""
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def to(
+        self, device: str | torch.device, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> Batch:
+        """A copy on `device`; `dtype` applies to the floating-point image/text tensors only."""
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                cast = dtype if (dtype is not None and value.is_floating_point()) else None
+                changes[f.name] = value.to(device=device, dtype=cast, non_blocking=non_blocking)
+            else:
+                changes[f.name] = value
+        return Batch(**changes)
+
+
+def collate(
+    items: list[dict[str, Any]],
+    *,
+    tokenizer: Callable[..., Any] | None = None,
+    max_length: int | None = None,
+) -> Batch:
+    """Stack dataset items into a `Batch`; tokenizes captions when a tokenizer is given and text is not cached."""
+    captions = [it["caption"] for it in items]
+    batch = Batch(
+        captions=captions,
+        is_prior=torch.tensor([it["is_prior"] for it in items], dtype=torch.bool),
+        original_sizes=torch.tensor([it["original_size"] for it in items], dtype=torch.long),
+        crop_top_lefts=torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long),
+        target_size=items[0]["target_size"],
+    )
+    if "latents" in items[0]:
+        batch.latents = torch.stack([it["latents"] for it in items])
+    else:
+        batch.pixel_values = torch.stack([it["pixel_values"] for it in items])
+    if "encoder_hidden_states" in items[0]:
+        batch.encoder_hidden_states = torch.stack([it["encoder_hidden_states"] for it in items])
+    elif tokenizer is not None:
+        batch.input_ids = _tokenize(tokenizer, captions, max_length)
+    return batch
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[ItemKey]]):
+    """Same-bucket batches, deterministic per (seed, epoch), sharded across processes, resumable.
+
+    Iterating yields this process's batches of epoch `start_epoch` from batch `start_position` on;
+    `PhotoLoader` sets those and counts what it hands out.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[Bucket],
+        is_prior: Sequence[bool],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        repeats: int = 1,
+        drop_last: bool = False,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1; got {batch_size}")
+        if not 0 <= process_index < num_processes:
+            raise DataError(f"process_index must be in [0, {num_processes}); got {process_index}")
+        self.buckets = list(buckets)
+        self.instance = [i for i, p in enumerate(is_prior) if not p]
+        self.prior = [i for i, p in enumerate(is_prior) if p]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.repeats = repeats
+        self.drop_last = drop_last
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.start_epoch = 0
+        self.start_position = 0
+        if not self.global_batches(0):
+            raise DataError(
+                f"no full batch of {batch_size} in any bucket with drop_last on; lower the batch size or turn "
+                "drop_last off"
+            )
+
+    def global_batches(self, epoch: int) -> list[list[ItemKey]]:
+        """Every process's batches of `epoch`, before sharding."""
+        rng = random.Random(f"{self.seed}:order:{epoch}")
+        draws = [(i, r) for r in range(self.repeats) for i in self.instance]
+        rng.shuffle(draws)
+        per_bucket: dict[Bucket, list[tuple[int, int]]] = {}
+        for i, r in draws:
+            per_bucket.setdefault(self.buckets[i], []).append((i, r))
+        batches: list[list[ItemKey]] = []
+        for bucket in sorted(per_bucket):
+            items = per_bucket[bucket]
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                if self.drop_last and len(chunk) < self.batch_size:
+                    continue
+                batches.append([ItemKey(i, epoch, r, bucket) for i, r in chunk])
+        rng.shuffle(batches)
+        if self.prior:
+            # Pair each instance batch with as many class images, cycling a per-epoch shuffle of them.
+            order = list(self.prior)
+            random.Random(f"{self.seed}:prior:{epoch}").shuffle(order)
+            n = 0
+            for batch in batches:
+                bucket = batch[0].bucket
+                for _ in range(len(batch)):
+                    batch.append(ItemKey(order[n % len(order)], epoch, n // len(order), bucket))
+                    n += 1
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[ItemKey]]:
+        """This process's batches of `epoch`."""
+        batches = self.global_batches(epoch)
+        total = math.ceil(len(batches) / self.num_processes) * self.num_processes
+        padded = [batches[i % len(batches)] for i in range(total)] if batches else []
+        return padded[self.process_index :: self.num_processes]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.global_batches(0)) / self.num_processes)
+
+    def __iter__(self) -> Iterator[list[ItemKey]]:
+        yield from self.epoch_batches(self.start_epoch)[self.start_position :]
+
+
+@dataclass
+class PhotoLoader:
+    """A torch DataLoader plus the position it has reached, for exact resume.
+
+    Iterate it once per epoch; `state_dict()` is {"epoch", "position", "seed"} where position is how
+    many batches of that epoch have been handed out. Breaking out of the loop and iterating again
+    continues the same epoch.
+    """
+
+    dataloader: torch.utils.data.DataLoader
+    sampler: BucketBatchSampler
+    epoch: int = 0
+    position: int = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.sampler.start_epoch, self.sampler.start_position = self.epoch, self.position
+        for batch in self.dataloader:
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.sampler.seed) != self.sampler.seed:
+            raise DataError(
+                f"resume state was saved with data seed {state['seed']}, this run uses {self.sampler.seed}; "
+                "resume with the same seed"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def build_dataloader(
+    dataset: PhotoDataset,
+    *,
+    batch_size: int,
+    tokenizer: Callable[..., Any] | None = None,
+    max_length: int | None = None,
+    seed: int | None = None,
+    accelerator: Any = None,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> PhotoLoader:
+    """Batches of `batch_size` same-bucket samples (plus as many class images with prior preservation).
+
+    tokenizer: any HF-style tokenizer / callable `(texts, padding="max_length", max_length=...,
+        truncation=True, return_tensors="pt")`; batches then carry `input_ids` (unless text is cached).
+    seed: the order's seed; defaults to the dataset's.
+    accelerator / num_processes, process_index: shard across processes (see the module docstring).
+    """
+    if accelerator is not None:
+        num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    sampler = BucketBatchSampler(
+        [r.bucket for r in dataset.records],
+        [r.is_prior for r in dataset.records],
+        batch_size=batch_size,
+        seed=dataset.seed if seed is None else seed,
+        repeats=dataset.cfg.repeats,
+        drop_last=dataset.cfg.drop_last,
+        num_processes=num_processes,
+        process_index=process_index,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, tokenizer=tokenizer, max_length=max_length),
+        num_workers=dataset.cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    return PhotoLoader(dataloader, sampler)
