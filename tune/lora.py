@@ -1,0 +1,535 @@
+"""LoRA files: read kohya / diffusers / PEFT safetensors and merge them into a pipeline's weights.
+
+This module is organised in layers so that export, conversion, merging and inspection can be added
+next to reading without touching it:
+
+    read_lora_file(path)          -> (tensors, metadata)           raw safetensors I/O, nothing else
+    parse_lora(tensors, targets)  -> Lora                          key mapping into OUR module names
+    load_lora(path, pipe)         -> Lora                          the two above, plus the PEFT config
+    LoraStack(pipe).add(lora, s)                                   merge into weights, rescale, remove
+
+The normalized representation is `Lora.modules`: `"<component>.<module path>" -> LoraModule(down, up,
+alpha)`, where component is `unet` or `text_encoder` and the module path is exactly what
+`named_modules()` of the *loaded* component reports (so under transformers 5 a text-encoder path is
+`encoder.layers.0.self_attn.q_proj`, without the `text_model.` level files usually carry).
+
+Key forms understood (see /work/shared/reference/lora-formats.md):
+
+    kohya      lora_unet_<path with . -> _>.{lora_down.weight, lora_up.weight, alpha}
+               lora_te_text_model_encoder_layers_<i>_<self_attn_q_proj|...|mlp_fc2>.{...}  (also lora_te1_)
+    diffusers  unet.<path>.lora_A.weight / .lora_B.weight            (current, PEFT-based)
+               unet.<path>.lora.down.weight / .lora.up.weight        (older)
+               text_encoder.<path>.lora_linear_layer.down.weight     (older text encoder)
+               unet.<...>.attn1.processor.to_q_lora.down.weight      (oldest, attention processors)
+    PEFT       base_model.model.<path>.lora_A.weight, or <path>.lora_A.weight without a prefix; the
+               scale comes from adapter_config.json beside the file (or diffusers'
+               `lora_adapter_metadata`), since PEFT keeps alpha out of the tensors.
+
+The key mapping is written by hand on purpose: no library maps kohya text-encoder keys onto
+transformers 5's flattened CLIPTextModel (kohya's LoRANetwork and diffusers' converter both assume
+the `text_model.` level), so we resolve every name against the model's own `named_modules()`,
+accepting both the `text_model.`-prefixed and the flattened spelling.
+
+Merging: W <- W0 + sum_i scale_i * (alpha_i / r_i) * up_i @ down_i, computed in float32 from a saved copy
+of W0, so changing a scale or removing a LoRA restores the original weights bit-identically. For a
+Conv2d target the product is `up.flatten(1) @ down.flatten(1)` reshaped to [out, in, kh, kw]: for
+1x1 convs that is the linear case, for 3x3 convs it equals kohya's `conv2d(down.permute(1,0,2,3),
+up).permute(1,0,2,3)` (up is always 1x1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from tune.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+Component = Literal["unet", "text_encoder"]
+COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder")
+LoraFormat = Literal["kohya", "diffusers", "peft"]
+AlphaRule = Callable[[str, int], "float | None"]
+"""alpha_for(key stem, rank) -> alpha, for files whose alphas live outside the tensors (PEFT)."""
+
+# How many unmatched keys an error message lists before saying "and N more".
+_MAX_LISTED = 5
+
+# (key suffix, role). Checked in order; the first match wins. The attention-processor form
+# `...processor.to_q_lora.down.weight` is the `_lora.` entries.
+_ROLE_SUFFIXES: tuple[tuple[str, Literal["down", "up", "alpha"]], ...] = (
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    ("_lora.down.weight", "down"),
+    ("_lora.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+
+# kohya prefix -> component. `lora_te1_` is what diffusers' convert_state_dict_to_kohya writes even
+# for SD1.x; A1111 and ComfyUI accept it there, so we do too. `lora_te2_` (SDXL's second encoder)
+# maps to a component we do not have and therefore ends up in the "unmatched" error.
+_KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?)_(.+)$")
+_KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+_DOTTED_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+_PEFT_PREFIX = "base_model.model."
+
+# Old diffusers attention-processor names -> module names of today's diffusers / transformers.
+_PATH_REWRITES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\.processor\.(to_[qkv])$"), r".\1"),
+    (re.compile(r"\.processor\.to_out$"), r".to_out.0"),
+    (re.compile(r"\.self_attn\.to_([qkv])$"), r".self_attn.\1_proj"),
+    (re.compile(r"\.self_attn\.to_out$"), r".self_attn.out_proj"),
+)
+
+# transformers < 5 (and every LoRA file) nests CLIPTextModel's modules under `text_model.`;
+# transformers >= 5 does not. Text-encoder names are indexed in both spellings.
+_TEXT_MODEL_LEVEL = "text_model."
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank pair for one Linear or Conv2d weight."""
+
+    down: torch.Tensor
+    """[r, in] for Linear, [r, in, kh, kw] for Conv2d (a 2-D down is accepted for 1x1 convs)."""
+    up: torch.Tensor
+    """[out, r] for Linear, [out, r, 1, 1] for Conv2d."""
+    alpha: float
+    """The file's alpha; the merged update is (alpha / rank) * up @ down."""
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self, shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+        """(alpha / rank) * up @ down in float32, shaped like the target weight."""
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)
+        return (up @ down).reshape(shape) * (self.alpha / self.rank)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA file mapped onto our modules."""
+
+    modules: dict[str, LoraModule]
+    """`"unet.<module path>"` / `"text_encoder.<module path>"` -> the pair for that module's weight."""
+    formats: frozenset[LoraFormat]
+    """The key styles found in the file (usually one)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The safetensors header metadata, as stored."""
+    source: str = ""
+    """Where it was read from (for messages)."""
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source else "lora"
+
+
+# ---------------------------------------------------------------------------------------------------
+# File I/O
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a LoRA `.safetensors` file, as stored."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        # .ckpt/.pt/.bin LoRAs are pickles that can run code when loaded; convert them first.
+        raise ModelError(f"LoRA files must be .safetensors; got {path.name}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"cannot read LoRA file {path}: {err}") from err
+    if not tensors:
+        raise ModelError(f"LoRA file {path} holds no tensors")
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------------
+# Key mapping
+# ---------------------------------------------------------------------------------------------------
+
+
+class _ModuleIndex:
+    """Names under which a LoRA file may refer to one component's Linear/Conv2d modules."""
+
+    def __init__(self, component: str, root: nn.Module) -> None:
+        self.component = component
+        self.dotted: dict[str, str] = {}
+        self.underscored: dict[str, str | None] = {}  # None: two modules share the underscored name
+        self.weights: dict[str, torch.Tensor] = {}
+        for name, module in root.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            parts = name.split(".")
+            # A PEFT-injected model: patch the wrapped base layer, never the adapter's own layers.
+            if any(part.startswith("lora_") for part in parts):
+                continue
+            path = name.removesuffix(".base_layer")
+            self.weights[path] = module.weight
+            aliases = [path]
+            if component.startswith("text_encoder"):
+                if path.startswith(_TEXT_MODEL_LEVEL):
+                    aliases.append(path[len(_TEXT_MODEL_LEVEL) :])
+                else:
+                    aliases.append(_TEXT_MODEL_LEVEL + path)
+            for alias in aliases:
+                self.dotted[alias] = path
+                flat = alias.replace(".", "_")
+                if self.underscored.get(flat, path) != path:
+                    self.underscored[flat] = None
+                else:
+                    self.underscored[flat] = path
+
+    def find(self, name: str, *, underscored: bool) -> str | None:
+        if underscored:
+            return self.underscored.get(name)
+        for pattern, replacement in _PATH_REWRITES:
+            name = pattern.sub(replacement, name)
+        return self.dotted.get(name)
+
+
+def _split_role(key: str) -> tuple[str, Literal["down", "up", "alpha"]] | None:
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _resolve_stem(stem: str, indexes: Mapping[str, _ModuleIndex]) -> tuple[LoraFormat, str | None]:
+    """(key style, "<component>.<module path>" or None when nothing in the model matches)."""
+    kohya = _KOHYA_PREFIX.match(stem)
+    if kohya:
+        index = indexes.get(_KOHYA_COMPONENTS[kohya.group(1)])
+        path = index.find(kohya.group(2), underscored=True) if index else None
+        return "kohya", f"{index.component}.{path}" if index and path else None
+    for prefix in _DOTTED_PREFIXES:
+        if stem.startswith(prefix):
+            index = indexes.get(prefix[:-1])
+            path = index.find(stem[len(prefix) :], underscored=False) if index else None
+            return "diffusers", f"{index.component}.{path}" if index and path else None
+    # PEFT files name paths relative to the model they were made from, so the component is
+    # whichever one has a module of that name.
+    style: LoraFormat = "peft"
+    name = stem.removeprefix(_PEFT_PREFIX)
+    for index in indexes.values():
+        path = index.find(name, underscored=False)
+        if path:
+            return style, f"{index.component}.{path}"
+    return style, None
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return shown + (f", and {more} more" if more > 0 else "")
+
+
+def _check_shape(target: str, pair: LoraModule, weight: torch.Tensor) -> str | None:
+    """A one-line complaint when the pair cannot produce a delta of the weight's shape, else None."""
+    down, up, shape = pair.down, pair.up, tuple(weight.shape)
+    if up.ndim not in (2, 4) or down.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
+        return f"{target}: up {tuple(up.shape)} and down {tuple(down.shape)} are no low-rank pair"
+    if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
+        return f"{target}: up must be 1x1; got {tuple(up.shape)}"
+    kernel = tuple(down.shape[2:]) if down.ndim == 4 else (1, 1)
+    expected = (up.shape[0], down.shape[1]) + ((kernel) if len(shape) == 4 else ())
+    if len(shape) == 2 and kernel != (1, 1):
+        return f"{target}: conv LoRA {tuple(down.shape)} for a Linear weight {shape}"
+    if expected != shape:
+        return f"{target}: LoRA gives {expected} but the model's weight is {shape}"
+    return None
+
+
+def parse_lora(
+    tensors: Mapping[str, torch.Tensor],
+    targets: Mapping[str, nn.Module],
+    *,
+    alpha_for: AlphaRule | None = None,
+    metadata: Mapping[str, str] | None = None,
+    source: str = "",
+) -> Lora:
+    """Map a LoRA state dict of any supported style onto `targets` ({"unet": ..., "text_encoder": ...}).
+
+    `alpha_for(stem, rank) -> float | None` supplies alphas the tensors do not carry (PEFT configs).
+    Raises ModelError when any key does not map onto a Linear/Conv2d of the targets, when a module
+    lacks its down or up half, or when shapes disagree with the model's weights.
+    """
+    where = source or "LoRA"
+    indexes = {name: _ModuleIndex(name, module) for name, module in targets.items() if module is not None}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    first_key: dict[str, str] = {}
+    formats: set[LoraFormat] = set()
+    unmatched: list[str] = []
+    for key in sorted(tensors):
+        split = _split_role(key)
+        if split is None:
+            unmatched.append(key)
+            continue
+        stem, role = split
+        style, target = _resolve_stem(stem, indexes)
+        if target is None:
+            unmatched.append(key)
+            continue
+        formats.add(style)
+        slot = parts.setdefault(target, {})
+        if role in slot:
+            raise ModelError(f"{where}: two keys give the {role} of {target} (second: {key})")
+        slot[role] = tensors[key]
+        first_key.setdefault(target, stem)
+    if unmatched:
+        raise ModelError(
+            f"{where}: {len(unmatched)} of {len(tensors)} keys match no module of this model's "
+            f"{' or '.join(indexes)}: {_listing(unmatched)}; is the LoRA for another architecture "
+            "(SDXL, SD2) or a LoRA variant we do not read (LoHa, LoKr, DoRA)?"
+        )
+
+    modules: dict[str, LoraModule] = {}
+    problems: list[str] = []
+    for target, slot in parts.items():
+        if "down" not in slot or "up" not in slot:
+            missing = "up" if "down" in slot else "down"
+            problems.append(f"{first_key[target]} has no {missing} weight")
+            continue
+        rank = int(slot["down"].shape[0])
+        alpha: float | None = float(slot["alpha"].float().item()) if "alpha" in slot else None
+        if alpha is None and alpha_for is not None:
+            alpha = alpha_for(first_key[target], rank)
+        # kohya: a missing or zero alpha means alpha = rank (scale 1).
+        pair = LoraModule(down=slot["down"], up=slot["up"], alpha=alpha or float(rank))
+        component, path = target.split(".", 1)
+        complaint = _check_shape(target, pair, indexes[component].weights[path])
+        if complaint:
+            problems.append(complaint)
+            continue
+        modules[target] = pair
+    if problems:
+        raise ModelError(
+            f"{where}: {len(problems)} of {len(parts)} modules do not fit this model: {_listing(problems)}"
+        )
+    return Lora(modules=modules, formats=frozenset(formats), metadata=dict(metadata or {}), source=source)
+
+
+def _peft_alpha_rule(path: Path, metadata: Mapping[str, str]) -> AlphaRule | None:
+    """alpha_for(stem, rank) from a PEFT adapter_config.json beside the file or diffusers'
+    `lora_adapter_metadata`, or None when the file has neither (then alpha = rank)."""
+    configs: dict[str, dict[str, Any]] = {}
+    config_file = path.with_name("adapter_config.json")
+    try:
+        if config_file.is_file():
+            configs[""] = json.loads(config_file.read_text())
+        if "lora_adapter_metadata" in metadata:
+            # diffusers: {"unet.r": 4, "unet.lora_alpha": 4, "text_encoder.alpha_pattern": {...}, ...}
+            flat = json.loads(metadata["lora_adapter_metadata"])
+            for key, value in flat.items():
+                prefix, _, name = key.rpartition(".")
+                configs.setdefault(prefix + "." if prefix else "", {})[name] = value
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the PEFT config of {path}: {err}") from err
+    if not configs:
+        return None
+    for config in configs.values():
+        if config.get("use_dora"):
+            raise ModelError(f"{path}: DoRA adapters are not supported; merge it with PEFT first")
+
+    def alpha_for(stem: str, rank: int) -> float | None:
+        prefix = next((p for p in configs if p and stem.startswith(p)), "")
+        config = configs.get(prefix)
+        if config is None:
+            return None
+        name = stem[len(prefix) :].removeprefix(_PEFT_PREFIX)
+        alpha = config.get("lora_alpha")
+        # PEFT matches pattern keys against the end of the module name.
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
+                alpha = value
+        if alpha is None:
+            return None
+        # rsLoRA scales by alpha / sqrt(r); express that as an alpha for our alpha / r.
+        return float(alpha) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
+
+    return alpha_for
+
+
+def lora_targets(pipe: Any) -> dict[str, nn.Module]:
+    """The components a LoRA may patch: {"unet": pipe.unet, "text_encoder": pipe.text_encoder}."""
+    return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def load_lora(path: str | Path, pipe: Any) -> Lora:
+    """Read a LoRA `.safetensors` file (kohya, diffusers or PEFT keys) and map it onto `pipe`."""
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    lora = parse_lora(
+        tensors,
+        lora_targets(pipe),
+        alpha_for=_peft_alpha_rule(path, metadata),
+        metadata=metadata,
+        source=str(path),
+    )
+    logger.info("read LoRA %s: %d modules (%s keys)", path, len(lora.modules), "/".join(sorted(lora.formats)))
+    return lora
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` (the CLI's --lora) -> (path, scale); scale defaults to 1.0."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail:
+        # No scale given (a colon that belongs to the path, as in C:\dir\x.safetensors, is kept).
+        path, tail = spec, ""
+    if not path:
+        raise ConfigError(f"bad --lora {spec!r}: expected FILE[:SCALE], e.g. style.safetensors:0.8")
+    if not tail:
+        return Path(path), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise ConfigError(
+            f"bad --lora {spec!r}: SCALE must be a number, e.g. {path}:0.8; got {tail!r}"
+        ) from None
+    if not math.isfinite(scale):
+        raise ConfigError(f"bad --lora {spec!r}: SCALE must be finite; got {tail!r}")
+    return Path(path), scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# Merging into weights
+# ---------------------------------------------------------------------------------------------------
+
+# Which LoraStack currently owns a patched module, so two stacks never save each other's merged
+# weights as "originals" (removing them in the wrong order would then corrupt the model). Keyed by
+# module, not by weight tensor (tensors compare elementwise, which weak dictionaries cannot use), and
+# holding the stack weakly so this registry never keeps a model alive. A stack dropped while patched
+# leaves its LoRAs fused into the weights for good.
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[LoraStack]] = weakref.WeakKeyDictionary()
+
+
+class LoraStack:
+    """LoRAs merged into one pipeline's weights, each at its own scale.
+
+    The first LoRA touching a weight saves a copy of it; every change recomputes
+    W = W0 + sum(scale * delta) from that copy, and removing the last LoRA on a weight copies W0 back,
+    so the model returns bit-identical. Keep the stack while LoRAs are applied: it holds the originals.
+
+        stack = LoraStack(pipe)
+        stack.add(load_lora("style.safetensors", pipe), scale=0.8)
+        stack.set_scale("style", 0.3)
+        stack.clear()
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self._targets = lora_targets(pipe)
+        self._entries: dict[str, tuple[Lora, float]] = {}
+        self._originals: dict[str, torch.Tensor] = {}
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """Applied LoRAs by name, with their scales, in the order they were added."""
+        return {name: scale for name, (_, scale) in self._entries.items()}
+
+    def add(self, lora: Lora, scale: float = 1.0, name: str | None = None) -> str:
+        """Merge `lora` at `scale`; returns the name to rescale or remove it by (default: file stem)."""
+        name = name or lora.name
+        if name in self._entries:
+            raise ConfigError(f"a LoRA named {name!r} is already applied; give this one another name")
+        for target, pair in lora.modules.items():
+            layer = self._layer(target)
+            complaint = _check_shape(target, pair, layer.weight)
+            if complaint:
+                raise ModelError(f"{lora.source or name}: {complaint}")
+            owner = _OWNERS.get(layer, lambda: None)()
+            if owner is not None and owner is not self:
+                raise RuntimeError(f"{target} is already patched by another LoraStack; use that one")
+        self._entries[name] = (lora, float(scale))
+        self._refresh(lora.modules)
+        return name
+
+    def set_scale(self, name: str, scale: float) -> None:
+        """Re-merge one applied LoRA at a new scale (from the saved originals: no drift)."""
+        lora, _ = self._get(name)
+        self._entries[name] = (lora, float(scale))
+        self._refresh(lora.modules)
+
+    def remove(self, name: str) -> None:
+        """Take one LoRA out; weights no other LoRA touches become bit-identical to the originals."""
+        lora, _ = self._get(name)
+        del self._entries[name]
+        self._refresh(lora.modules)
+
+    def clear(self) -> None:
+        """Remove every LoRA: all weights bit-identical to before the first `add`."""
+        touched = list(self._originals)
+        self._entries.clear()
+        self._refresh(touched)
+
+    def _get(self, name: str) -> tuple[Lora, float]:
+        if name not in self._entries:
+            applied = ", ".join(self._entries) or "none"
+            raise ConfigError(f"no LoRA named {name!r} is applied (applied: {applied})")
+        return self._entries[name]
+
+    def _layer(self, target: str) -> nn.Module:
+        component, path = target.split(".", 1)
+        try:
+            module = self._targets[component].get_submodule(path)
+        except (KeyError, AttributeError):
+            raise ModelError(
+                f"this model has no module {target}; was the LoRA read for another model?"
+            ) from None
+        return getattr(module, "base_layer", module)  # PEFT-injected model: patch the wrapped layer
+
+    @torch.no_grad()
+    def _refresh(self, targets: Iterable[str]) -> None:
+        for target in targets:
+            layer = self._layer(target)
+            weight = layer.weight
+            active = [
+                (lora.modules[target], s) for lora, s in self._entries.values() if target in lora.modules
+            ]
+            if not active:
+                if target in self._originals:
+                    weight.copy_(self._originals.pop(target))
+                    _OWNERS.pop(layer, None)
+                continue
+            if target not in self._originals:
+                self._originals[target] = weight.detach().clone()
+                _OWNERS[layer] = weakref.ref(self)
+            merged = self._originals[target].to(torch.float32)
+            for pair, scale in active:
+                merged = merged + scale * pair.delta(weight.shape, device=weight.device)
+            weight.copy_(merged.to(weight.dtype))
+
+
+def apply_loras(pipe: Any, specs: Iterable[tuple[str | Path | Lora, float]]) -> LoraStack:
+    """Load (if given paths) and merge several LoRAs, each at its own scale; returns the stack."""
+    stack = LoraStack(pipe)
+    for spec, scale in specs:
+        lora = spec if isinstance(spec, Lora) else load_lora(spec, pipe)
+        name = lora.name
+        suffix = 2
+        while name in stack.scales:  # the same file twice, or two files with one stem
+            name, suffix = f"{lora.name}-{suffix}", suffix + 1
+        stack.add(lora, scale, name=name)
+    return stack

@@ -1,0 +1,605 @@
+"""The shared sampler: prompts x seeds -> images, grids and denoising trajectories.
+
+Every recipe (validation samples), `tune eval`, the dashboard and `tune sample` generate through
+`generate()`, which runs diffusers' own StableDiffusionPipeline (or StableDiffusionImg2ImgPipeline for
+an init image), so what we show is what diffusers users get from the same weights and settings.
+
+Reproducibility: image (prompt i, seed s) starts from `torch.Generator("cpu").manual_seed(s)`, so on a
+CPU the same settings give the bit-identical image, and a seed means the same image whatever other
+prompts or seeds are in the call (one image per pipeline call unless `batch_size` > 1, which is
+faster on a GPU but may change the lowest bits).
+
+Files written by `sample_grid(pipe, prompts, seeds, out_dir)` (recipes call it for validation into
+`<run>/samples/step_XXXXXX/`, and the dashboard reads that folder):
+
+    p{i:02d}_s{seed}.png             one image: prompt index i (0-based), seed as given (e.g. p00_s0.png)
+    p{i:02d}_s{seed}_trajectory.png  its film strip, only with trajectory_every > 0
+    grid.png                         all images: one row per prompt, one column per seed, labelled
+    prompts.json                     index: {"prompts": [...], "seeds": [...], every generate()
+                                     setting ("negative_prompt", "steps", "guidance", "scheduler" (the
+                                     class name when the model's own), "width", "height", "init_image",
+                                     "strength" (null without init image), "trajectory_every",
+                                     "batch_size"), "grid": "grid.png", "images": [{"file",
+                                     "prompt_index", "prompt", "seed", "trajectory" (file or null)}]}
+
+Trajectories (`trajectory_every=K`): every K denoising steps the callback decodes the scheduler's
+prediction of the *clean* latents x0 (`pred_original_sample`; for DPM-Solver++ its x0 model output)
+rather than the current noisy latents x_t: x0 shows what the model is converging to at each step,
+while x_t looks like noise until the last few steps. Schedulers that expose no x0 fall back to x_t.
+The strip holds ceil(n / K) frames for n denoising steps, left (early, noisy) to right, and the last
+frame is always the final image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import logging
+import math
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    SchedulerMixin,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from tune.errors import ConfigError, DataError, ModelError
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+"""Scheduler names accepted everywhere (CLI, configs, dashboard) -> diffusers classes. Each is built
+`from_config(pipe.scheduler.config)`, so it keeps the model's noise schedule and prediction type."""
+
+DEFAULT_MODEL = "models/shapes-base"
+IMAGE_NAME = "p{i:02d}_s{seed}.png"
+TRAJECTORY_NAME = "p{i:02d}_s{seed}_trajectory.png"
+GRID_NAME = "grid.png"
+INDEX_NAME = "prompts.json"
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated image and how it was made."""
+
+    prompt: str
+    seed: int
+    prompt_index: int
+    image: Image.Image
+    frames: tuple[Image.Image, ...] = field(default=(), repr=False)
+    """Trajectory frames, early to late, the last one equal to `image`; empty without a trajectory."""
+
+    def film_strip(self) -> Image.Image | None:
+        """The frames side by side (None without a trajectory)."""
+        return make_film_strip(self.frames) if self.frames else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_scheduler(pipe: StableDiffusionPipeline, name: str | None = None) -> SchedulerMixin:
+    """A fresh scheduler: `name` from SCHEDULERS, or the pipeline's own class when None.
+
+    Always a new instance, so sampling never changes the state or class of `pipe.scheduler`.
+    """
+    if name is None:
+        cls: type[SchedulerMixin] = type(pipe.scheduler)
+    elif name in SCHEDULERS:
+        cls = SCHEDULERS[name]
+    else:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return cls.from_config(pipe.scheduler.config)
+
+
+def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
+    """(width, height) the model was trained at: unet sample size x the VAE's downsampling factor."""
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return side, side
+
+
+def check_size(pipe: StableDiffusionPipeline, width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height) with None replaced by the native size; both must be multiples of the latent
+    grid (the VAE factor) and of 8 (diffusers' own requirement)."""
+    native_w, native_h = native_size(pipe)
+    width = native_w if width is None else int(width)
+    height = native_h if height is None else int(height)
+    multiple = math.lcm(8, int(pipe.vae_scale_factor))
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % multiple:
+            raise ConfigError(f"{name} must be a positive multiple of {multiple}; got {value}")
+    return width, height
+
+
+def load_init_image(image: Image.Image | str | Path, width: int, height: int) -> Image.Image:
+    """An init image for img2img as RGB at (width, height), resized if needed."""
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"init image not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except OSError as err:
+            raise DataError(f"cannot read init image {path}: {err}") from err
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def _sampling_pipeline(
+    pipe: StableDiffusionPipeline, scheduler: SchedulerMixin, *, img2img: bool
+) -> StableDiffusionPipeline:
+    """A pipeline object sharing `pipe`'s modules but with its own scheduler (and class for img2img).
+
+    Built directly rather than with `from_pipe`: `from_pipe` ends with `.to(torch_dtype or float32)`,
+    which would cast the caller's shared (say fp16) modules in place. Constructing is cheap (no copies).
+    """
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    expected = inspect.signature(cls.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in expected}
+    components["scheduler"] = scheduler
+    # requires_safety_checker only controls a warning about a missing checker; the caller already
+    # decided about that when building `pipe`. A present checker still runs.
+    view = cls(**components, requires_safety_checker=False)
+    view.set_progress_bar_config(
+        **getattr(pipe, "_progress_bar_config", {})
+    )  # e.g. the caller's disable=True
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trajectories
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Trajectory:
+    """Records x0 predictions from the scheduler and decodes every `every`-th step into frames."""
+
+    def __init__(self, every: int, scheduler: SchedulerMixin) -> None:
+        self.every = every
+        self.frames: list[list[Image.Image]] = []
+        self._x0: torch.Tensor | None = None
+        original = scheduler.step
+
+        # Wrapping (not replacing) `step` on our private scheduler instance: diffusers discards the
+        # step's pred_original_sample. functools.wraps keeps the signature visible to
+        # inspect.signature, which the pipeline uses to decide whether to pass `generator`/`eta`.
+        @functools.wraps(original)
+        def step(*args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+            out = original(*args, return_dict=True, **kwargs)
+            self._x0 = getattr(out, "pred_original_sample", None)
+            if self._x0 is None and getattr(scheduler.config, "algorithm_type", "") in (
+                "dpmsolver++",
+                "sde-dpmsolver++",
+            ):
+                self._x0 = scheduler.model_outputs[-1]  # DPM-Solver++ works on x0 predictions
+            return out if return_dict else (out.prev_sample,)
+
+        scheduler.step = step  # type: ignore[method-assign]
+
+    def reset(self, batch: int) -> None:
+        self.frames = [[] for _ in range(batch)]
+        self._x0 = None
+
+    def __call__(
+        self, pipe: StableDiffusionPipeline, i: int, t: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        done = i + 1
+        # The last step's frame is the final image, which the caller appends after decoding.
+        if done % self.every == 0 and done < pipe.num_timesteps:
+            latents = self._x0 if self._x0 is not None else callback_kwargs["latents"]
+            vae = pipe.vae
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            for frames, image in zip(
+                self.frames, pipe.image_processor.postprocess(decoded, output_type="pil"), strict=True
+            ):
+                frames.append(image)
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------
+
+
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: str | Sequence[str],
+    seeds: int | Sequence[int],
+    *,
+    negative_prompt: str | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    scheduler: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    init_image: Image.Image | str | Path | None = None,
+    strength: float = 0.75,
+    trajectory_every: int = 0,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[Sample]:
+    """Images for every prompt x seed, prompt-major: result[i * len(seeds) + j] is (prompts[i], seeds[j]).
+
+    - guidance: classifier-free guidance scale; <= 1 turns guidance (and the negative prompt) off.
+    - scheduler: a SCHEDULERS name, or None for the pipeline's own scheduler class.
+    - width/height: default to the model's native size; the init image is resized to them.
+    - init_image + strength: img2img; `int(steps * strength)` denoising steps are run (at least 1).
+    - trajectory_every: K > 0 also records a frame every K steps (see the module docstring).
+    - batch_size: seeds per pipeline call; 1 keeps each image independent of the others in the call.
+
+    `pipe` is not modified: the scheduler is a fresh instance on a pipeline object that shares its
+    modules. With more than one image, our own progress bar replaces the pipeline's per-step bar.
+    """
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    seed_list = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not prompt_list or not seed_list:
+        raise ConfigError("need at least one prompt and one seed")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1; got {steps}")
+    if trajectory_every < 0:
+        raise ConfigError(f"trajectory every K steps needs K >= 1 (0 = off); got {trajectory_every}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    width, height = check_size(pipe, width, height)
+    img2img = init_image is not None
+    call_args: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pil")
+    if img2img:
+        if not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"strength must be in [0, 1]; got {strength}")
+        if int(steps * strength) < 1:
+            raise ConfigError(
+                f"strength {strength} with {steps} steps runs no denoising step; "
+                f"use strength >= {1 / steps:.3g} or more steps"
+            )
+        call_args.update(image=load_init_image(init_image, width, height), strength=strength)  # type: ignore[arg-type]
+    else:
+        call_args.update(width=width, height=height)
+
+    sampler = _sampling_pipeline(pipe, build_scheduler(pipe, scheduler), img2img=img2img)
+    trajectory = _Trajectory(trajectory_every, sampler.scheduler) if trajectory_every else None
+    if trajectory is not None:
+        call_args.update(callback_on_step_end=trajectory, callback_on_step_end_tensor_inputs=["latents"])
+    total = len(prompt_list) * len(seed_list)
+    ours = progress and total > 1
+    if ours or not progress:
+        sampler.set_progress_bar_config(disable=True)
+
+    samples: list[Sample] = []
+    with tqdm(total=total, desc="sampling", unit="image", disable=not ours) as bar:
+        for i, prompt in enumerate(prompt_list):
+            for start in range(0, len(seed_list), batch_size):
+                chunk = seed_list[start : start + batch_size]
+                n = len(chunk)
+                if trajectory is not None:
+                    trajectory.reset(n)
+                batch_args = dict(call_args)
+                if img2img:
+                    batch_args["image"] = [call_args["image"]] * n
+                images = sampler(
+                    prompt=[prompt] * n,
+                    negative_prompt=[negative_prompt] * n if negative_prompt is not None else None,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                    **batch_args,
+                ).images
+                for k, (seed, image) in enumerate(zip(chunk, images, strict=True)):
+                    frames = (*trajectory.frames[k], image) if trajectory is not None else ()
+                    samples.append(Sample(prompt, seed, i, image, frames))
+                bar.update(n)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures of pictures
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_film_strip(frames: Sequence[Image.Image]) -> Image.Image:
+    """Frames side by side, left to right, on one row."""
+    return make_grid(frames, 1, len(frames))
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `max_width` pixels; at most `max_lines` lines, the last cut with '...'."""
+
+    def width(s: str) -> float:
+        return draw.textlength(s, font=font)
+
+    lines: list[str] = []
+    for word in text.split():
+        pieces = []
+        while width(word) > max_width and len(word) > 1:  # a word longer than a line: split it
+            cut = 1
+            while cut < len(word) - 1 and width(word[: cut + 1]) <= max_width:
+                cut += 1
+            pieces.append(word[:cut])
+            word = word[cut:]
+        pieces.append(word)
+        for piece in pieces:
+            if lines and width(f"{lines[-1]} {piece}") <= max_width:
+                lines[-1] = f"{lines[-1]} {piece}"
+            else:
+                lines.append(piece)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and width(last + "...") > max_width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last + "..."]
+    return lines
+
+
+def make_grid(
+    images: Sequence[Image.Image],
+    rows: int,
+    cols: int,
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """Images in row-major order on a white RGB canvas, cells sized to the largest image.
+
+    Optional labels use PIL's default font: row labels in a left margin (wrapped, cut to the cell
+    height), column labels above each column.
+    """
+    if rows < 1 or cols < 1 or len(images) != rows * cols:
+        raise ValueError(f"a {rows}x{cols} grid needs {rows * cols} images; got {len(images)}")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"need {rows} row labels; got {len(row_labels)}")
+    if col_labels is not None and len(col_labels) != cols:
+        raise ValueError(f"need {cols} column labels; got {len(col_labels)}")
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=font)
+    line_h = int(bottom - top) + 3
+    pad = 4
+
+    row_lines: list[list[str]] = []
+    margin_left = 0
+    if row_labels is not None:
+        # Wide enough for short labels, capped so long prompts wrap instead of dwarfing the images.
+        limit = max(cell_w, 160)
+        longest = max(draw.textlength(label, font=font) for label in row_labels)
+        text_w = int(min(longest, limit)) + 1
+        max_lines = max(1, (cell_h - pad) // line_h)
+        row_lines = [_fit_text(draw, label, font, text_w, max_lines) for label in row_labels]
+        margin_left = text_w + 2 * pad
+    col_lines: list[list[str]] = []
+    margin_top = 0
+    if col_labels is not None:
+        col_lines = [_fit_text(draw, label, font, max(cell_w - 2, 1), 2) for label in col_labels]
+        margin_top = max(len(lines) for lines in col_lines) * line_h + 2 * pad
+
+    canvas = Image.new("RGB", (margin_left + cols * cell_w, margin_top + rows * cell_h), "white")
+    for index, image in enumerate(images):
+        r, c = divmod(index, cols)
+        canvas.paste(image.convert("RGB"), (margin_left + c * cell_w, margin_top + r * cell_h))
+    draw = ImageDraw.Draw(canvas)
+    for r, lines in enumerate(row_lines):
+        for k, line in enumerate(lines):
+            draw.text((pad, margin_top + r * cell_h + pad + k * line_h), line, fill="black", font=font)
+    for c, lines in enumerate(col_lines):
+        for k, line in enumerate(lines):
+            draw.text((margin_left + c * cell_w + 1, pad + k * line_h), line, fill="black", font=font)
+    return canvas
+
+
+def sample_grid(
+    pipe: StableDiffusionPipeline,
+    prompts: str | Sequence[str],
+    seeds: int | Sequence[int],
+    out_dir: str | Path,
+    **kwargs: Any,
+) -> list[Sample]:
+    """`generate(pipe, prompts, seeds, **kwargs)` and write the images, `grid.png` and `prompts.json`
+    into `out_dir` (created if missing; see the module docstring for the names)."""
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    seed_list = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+    samples = generate(pipe, prompt_list, seed_list, **kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for sample in samples:
+        name = IMAGE_NAME.format(i=sample.prompt_index, seed=sample.seed)
+        sample.image.save(out / name, format="PNG")
+        strip = sample.film_strip()
+        strip_name = None
+        if strip is not None:
+            strip_name = TRAJECTORY_NAME.format(i=sample.prompt_index, seed=sample.seed)
+            strip.save(out / strip_name, format="PNG")
+        entries.append(
+            {
+                "file": name,
+                "prompt_index": sample.prompt_index,
+                "prompt": sample.prompt,
+                "seed": sample.seed,
+                "trajectory": strip_name,
+            }
+        )
+    grid = make_grid(
+        [s.image for s in samples],
+        len(prompt_list),
+        len(seed_list),
+        row_labels=[textwrap.shorten(p, 200) for p in prompt_list],
+        col_labels=[f"seed {s}" for s in seed_list],
+    )
+    grid.save(out / GRID_NAME, format="PNG")
+    # Every generate() setting, defaults included, so the folder alone says how it was sampled.
+    settings = {
+        name: kwargs.get(name, param.default)
+        for name, param in inspect.signature(generate).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "progress"
+    }
+    init_image = settings.pop("init_image")
+    if init_image is None:
+        settings["strength"] = None
+    first = samples[0].image
+    index = {
+        "prompts": prompt_list,
+        "seeds": seed_list,
+        **settings,
+        "scheduler": settings["scheduler"] or type(pipe.scheduler).__name__,
+        "width": first.width,
+        "height": first.height,
+        "init_image": None if init_image is None else str(getattr(init_image, "filename", "") or init_image),
+        "grid": GRID_NAME,
+        "images": entries,
+    }
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    logger.debug("wrote %d samples to %s", len(samples), out)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: tune sample
+# ---------------------------------------------------------------------------------------------------
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `tune sample` (the lead's tune/cli.py calls this)."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"diffusers folder or checkpoint (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--config", default=None, metavar="DIR", help="diffusers config folder for a single-file checkpoint"
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (repeatable; scale default 1)",
+    )
+    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    parser.add_argument(
+        "--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the model's own)"
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)"
+    )
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    parser.add_argument("--init-image", default=None, metavar="FILE", help="start from this image (img2img)")
+    parser.add_argument(
+        "--strength", type=float, default=0.75, help="img2img noise strength in [0, 1] (default: 0.75)"
+    )
+    parser.add_argument(
+        "--trajectory",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also write a film strip with a frame every K steps",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run (default: cuda if available)",
+    )
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
+
+
+def _check_png_target(path: Path) -> None:
+    """Refuse targets we could clobber by mistake: non-.png names, folders, existing non-PNG files."""
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file; got {path}")
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; name a .png file inside it")
+    if path.exists():
+        with path.open("rb") as f:
+            if f.read(len(_PNG_MAGIC)) != _PNG_MAGIC:
+                raise ConfigError(f"--out {path} exists and is not a PNG image; refusing to overwrite it")
+        logger.info("%s exists; it will be overwritten", path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`tune sample`: one image (plus an optional trajectory strip) from a model and optional LoRAs."""
+    from tune import lora as lora_io
+    from tune import models
+
+    out = Path(args.out)
+    strip_out = out.with_name(f"{out.stem}_trajectory.png")
+    _check_png_target(out)
+    if args.trajectory:
+        _check_png_target(strip_out)
+    lora_specs = [lora_io.parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in lora_specs:
+        if not path.is_file():
+            raise ModelError(f"LoRA file not found: {path}")
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise DataError(f"init image not found: {args.init_image}")
+    device = _device(args.device)
+
+    model_path = models.resolve_model_path(args.model)
+    if args.model == DEFAULT_MODEL and not Path(model_path).exists():
+        # Other paths are load_pipeline's to judge (it raises ModelError with its own message).
+        raise ModelError(
+            f"the default model {DEFAULT_MODEL} does not exist yet; train it first or pass --model PATH "
+            "(a diffusers folder or a single-file checkpoint)"
+        )
+    pipe = models.load_pipeline(str(model_path), config=args.config)
+    pipe.to(device)
+    if lora_specs:
+        lora_io.apply_loras(pipe, lora_specs)
+
+    [sample] = generate(
+        pipe,
+        args.prompt,
+        args.seed,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        init_image=args.init_image,
+        strength=args.strength,
+        trajectory_every=args.trajectory,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample.image.save(out, format="PNG")
+    strip = sample.film_strip()
+    if strip is not None:
+        strip.save(strip_out, format="PNG")
+        logger.info("wrote %s (%d frames) and %s", strip_out, len(sample.frames), out)
+    else:
+        logger.info("wrote %s", out)
+    return 0
