@@ -155,3 +155,9 @@ def test_ls_lists_recipes_and_does_not_import_torch(fake_recipe):
     )
     assert "fakerecipe" in out.stdout and "A fake recipe for CLI tests" in out.stdout
     assert "torch imported: False" in out.stdout
+
+
+def test_bad_option_value_is_not_called_a_command(capsys):
+    assert main(["sample", "--scheduler", "dpmpp2m", "--prompt", "x", "--out", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown value for --scheduler 'dpmpp2m' (did you mean 'dpmpp_2m'?)" in err

@@ -33,10 +33,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors, exit code 2 and a 'did you mean' for unknown choices."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        m = re.search(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
-            choices = re.findall(r"'([^']*)'", m.group(2))
-            message = f"unknown command '{m.group(1)}'{suggest(m.group(1), choices)}; choose from {', '.join(choices)}"
+            argument, value = m.group(1), m.group(2)
+            choices = re.findall(r"'([^']*)'", m.group(3))
+            what = "command" if argument in ("COMMAND", "command") else f"value for {argument}"
+            message = f"unknown {what} '{value}'{suggest(value, choices)}; choose from {', '.join(choices)}"
         raise TuneError(f"{message} (see '{self.prog} --help')")
 
 
@@ -64,15 +66,23 @@ def recipe_configs(name: str) -> list[Path]:
     return sorted(folder.glob("*.toml")) if folder.is_dir() else []
 
 
-def _summary(module_doc: str | None) -> str:
-    return (module_doc or "").strip().splitlines()[0] if module_doc else ""
+def recipe_summary(name: str) -> str:
+    """First line of a recipe's docstring, read without importing it (recipes import torch)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"recipes.{name}")  # locates the file; does not run it
+    if spec is None or spec.origin is None:
+        return ""
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     print("recipes:")
     for name in recipe_names():
-        module = importlib.import_module(f"recipes.{name}")
-        print(f"  {name:<20} {_summary(module.__doc__)}")
+        print(f"  {name:<20} {recipe_summary(name)}")
         for cfg in recipe_configs(name):
             print(f"  {'':<20}   config: {cfg.relative_to(PROJECT_ROOT)}")
     print("concepts:")
@@ -116,6 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("tune.sampling", "generate images (prompt, seed, scheduler, LoRA, img2img, trajectory)"),
+    "export": ("tune.export_cli", "export a run's LoRA as kohya or diffusers files"),
+    "lora": ("tune.lora_cli", "inspect, convert and merge LoRA files (kohya, diffusers, PEFT)"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("tune.data.check", "check a photo folder: usable images, skipped files, captions, buckets"),
@@ -124,7 +136,6 @@ DATA_COMMANDS: dict[str, tuple[str, str]] = {
 # Commands whose implementation arrives with a later issue: they exist so that `tune --help` shows
 # the whole tool, and say plainly that they are not available yet.
 PLANNED_COMMANDS: dict[str, str] = {
-    "export": "export a run's LoRA as kohya or diffusers files",
     "eval": "evaluate a run: subject and prompt fidelity per checkpoint",
     "dashboard": "open the Streamlit dashboard over a runs folder",
 }
