@@ -1,12 +1,16 @@
-"""LoRA files: read kohya / diffusers / PEFT safetensors and merge them into a pipeline's weights.
+"""LoRA files: read kohya / diffusers / PEFT safetensors, write kohya and diffusers files that load
+everywhere, convert, inspect, and merge them into a pipeline's weights.
 
-This module is organised in layers so that export, conversion, merging and inspection can be added
-next to reading without touching it:
+Layers (reading was there first; writing, conversion and inspection sit on the same normalized form):
 
     read_lora_file(path)          -> (tensors, metadata)           raw safetensors I/O, nothing else
     parse_lora(tensors, targets)  -> Lora                          key mapping into OUR module names
     load_lora(path, pipe)         -> Lora                          the two above, plus the PEFT config
+    read_lora(path)               -> Lora                          the same onto SD1.x names, no model
     LoraStack(pipe).add(lora, s)                                   merge into weights, rescale, remove
+    save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write (+ sshs_model_hash)
+    save_adapter(unet, text_encoder, path, metadata)               a PEFT-injected adapter -> file
+    export_run(run_dir, format, ...) / convert_lora_file / merge_loras / inspect_lora   the commands
 
 The normalized representation is `Lora.modules`: `"<component>.<module path>" -> LoraModule(down, up,
 alpha)`, where component is `unet` or `text_encoder` and the module path is exactly what
@@ -30,6 +34,46 @@ transformers 5's flattened CLIPTextModel (kohya's LoRANetwork and diffusers' con
 the `text_model.` level), so we resolve every name against the model's own `named_modules()`,
 accepting both the `text_model.`-prefixed and the flattened spelling.
 
+Files we write (SD1.x only):
+
+    kohya      lora_unet_<diffusers path, . -> _> and lora_te_text_model_encoder_layers_<i>_<...>
+               (canonical `text_model.` names whatever transformers calls the modules); per module
+               .lora_down.weight [r, in] or [r, in, kh, kw], .lora_up.weight [out, r] or [out, r, 1, 1]
+               (1x1 proj_in/proj_out are convs in SD1.x, so 4-D), .alpha (0-dim), in the file dtype.
+               delta W = (alpha / r) * up @ down. ONE alpha per file, the most common one: a module
+               with another alpha gets alpha_i / alpha folded into its up, because diffusers applies
+               only the most common alpha to attention projections and (transformers 5) to the
+               whole text encoder. Metadata: ss_network_module/dim/alpha(/args), ss_base_model_version
+               sd_v1, ss_v2 False, modelspec.* (sai_model_spec, architecture stable-diffusion-v1/lora,
+               title, trigger_phrase), ss_output_name, ss_training_comment, tune_* and
+               sshs_model_hash = sha256 of the bytes after the header (A1111 trusts it).
+    diffusers  unet.<path>.lora_A.weight / .lora_B.weight and
+               text_encoder.text_model.encoder.layers.<i>....lora_A.weight, one style per file, the
+               scale alpha / r baked into lora_B (alpha = r), and `lora_adapter_metadata` (JSON of
+               unet.r, unet.lora_alpha, unet.target_modules, unet.rank_pattern, ... as diffusers'
+               save_lora_weights writes it; text-encoder names there go without `text_model.` so PEFT
+               matches them under transformers 4 and 5). `pipe.load_lora_weights(dir, weight_name=)`.
+
+Run directory contract of LoRA runs (the lora recipe writes, `tune export` and the dashboard read):
+
+    <run>/config.toml, <run>/run.json         via tune.runs; run.json carries "recipe", "base_model"
+                                              (path or hub id), "instance_prompt" and/or "trigger", and
+                                              optionally "base_model_hash" (= base_model_hash(unet,
+                                              text_encoder) before injection; else export computes it)
+    <run>/checkpoints/step_NNNNNN/lora.safetensors     the adapter at step N (diffusers format above),
+                                              written with save_adapter(...) before the COMPLETE marker
+    <run>/export/pytorch_lora_weights.safetensors      the final adapter, save_adapter(...) at the end
+    <run>/export/<run name>[-step_NNNNNN].safetensors  `tune export` (kohya, the default)
+    <run>/export/diffusers[-step_NNNNNN]/pytorch_lora_weights.safetensors   `tune export --format diffusers`
+
+    A recipe does:  save_adapter(unet, text_encoder, run.checkpoint_dir(step) / CHECKPOINT_ADAPTER,
+                                 {"tune_step": str(step)})   # text_encoder=None if not trained
+                    save_adapter(unet, text_encoder, final_adapter_path(run.path))
+    and, optionally, export_run(run.path, "kohya") for a ready-to-share file.
+
+`tune_base_model_hash` is `base_model_hash()`: sha256 over the U-Net and text-encoder weight values
+(name, shape, float32 little-endian bytes, in name order), independent of file layout and load dtype.
+
 Merging: W <- W0 + sum_i scale_i * (alpha_i / r_i) * up_i @ down_i, computed in float32 from a saved copy
 of W0, so changing a scale or removing a LoRA restores the original weights bit-identically. For a
 Conv2d target the product is `up.flatten(1) @ down.flatten(1)` reshaped to [out, in, kh, kw]: for
@@ -39,11 +83,15 @@ up).permute(1,0,2,3)` (up is always 1x1).
 
 from __future__ import annotations
 
+import datetime as _dt
+import functools
+import hashlib
 import json
 import logging
 import math
 import re
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +101,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tune.errors import ConfigError, ModelError
+from tune.errors import ConfigError, ModelError, TuneError
 
 logger = logging.getLogger(__name__)
 
 Component = Literal["unet", "text_encoder"]
 COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder")
 LoraFormat = Literal["kohya", "diffusers", "peft"]
+ExportFormat = Literal["kohya", "diffusers"]
 AlphaRule = Callable[[str, int], "float | None"]
 """alpha_for(key stem, rank) -> alpha, for files whose alphas live outside the tensors (PEFT)."""
 
@@ -241,14 +290,33 @@ def _resolve_stem(stem: str, indexes: Mapping[str, _ModuleIndex]) -> tuple[LoraF
     return style, None
 
 
+def _architecture_hint(keys: Iterable[str]) -> str | None:
+    """What unmatched keys suggest the file was made for, when they say it clearly."""
+    keys = list(keys)
+    if any("lora_te2_" in k or k.startswith("text_encoder_2.") for k in keys):
+        return "SDXL (it has a second text encoder)"
+    if any(re.match(r"lora_unet_(input_blocks|output_blocks|middle_block)_", k) for k in keys):
+        return (
+            "a U-Net with LDM/SGM names (input_blocks...): SDXL, or SD1.x from a trainer that neither "
+            "we nor diffusers read"
+        )
+    if any(re.search(r"(hada|lokr)_w\d|\.oft_|dora_scale|lora_mid", k) for k in keys):
+        return "a LoRA variant we do not read (LoHa, LoKr, OFT, DoRA, LoCon mid weights)"
+    return None
+
+
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
     return shown + (f", and {more} more" if more > 0 else "")
 
 
-def _check_shape(target: str, pair: LoraModule, weight: torch.Tensor) -> str | None:
-    """A one-line complaint when the pair cannot produce a delta of the weight's shape, else None."""
+def _check_shape(target: str, pair: LoraModule, weight: torch.Tensor, *, widths: bool = True) -> str | None:
+    """A one-line complaint when the pair cannot produce a delta of the weight's shape, else None.
+
+    `widths=False` checks only what the module names imply (rank agreement, Linear vs conv kernel),
+    for files mapped onto SD1.x's module names without a model of known widths.
+    """
     down, up, shape = pair.down, pair.up, tuple(weight.shape)
     if up.ndim not in (2, 4) or down.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
         return f"{target}: up {tuple(up.shape)} and down {tuple(down.shape)} are no low-rank pair"
@@ -258,9 +326,27 @@ def _check_shape(target: str, pair: LoraModule, weight: torch.Tensor) -> str | N
     expected = (up.shape[0], down.shape[1]) + ((kernel) if len(shape) == 4 else ())
     if len(shape) == 2 and kernel != (1, 1):
         return f"{target}: conv LoRA {tuple(down.shape)} for a Linear weight {shape}"
+    if not widths:
+        if len(shape) == 4 and kernel != shape[2:]:
+            return f"{target}: LoRA kernel {kernel} but the module's kernel is {shape[2:]}"
+        return None
     if expected != shape:
         return f"{target}: LoRA gives {expected} but the model's weight is {shape}"
     return None
+
+
+def _fit_pair(pair: LoraModule, weight: torch.Tensor) -> LoraModule:
+    """The pair in the layout of its target: 4-D for Conv2d (kohya writes 2-D for 1x1 convs at times),
+    2-D for Linear (some tools write [r, in, 1, 1] for them), so writers need no model."""
+    down, up = pair.down, pair.up
+    if weight.ndim == 4:
+        down = down if down.ndim == 4 else down[:, :, None, None]
+        up = up if up.ndim == 4 else up[:, :, None, None]
+    else:
+        down, up = down.flatten(1), up.flatten(1)
+    if down is pair.down and up is pair.up:
+        return pair
+    return LoraModule(down=down, up=up, alpha=pair.alpha)
 
 
 def parse_lora(
@@ -270,12 +356,15 @@ def parse_lora(
     alpha_for: AlphaRule | None = None,
     metadata: Mapping[str, str] | None = None,
     source: str = "",
+    check_shapes: bool = True,
 ) -> Lora:
     """Map a LoRA state dict of any supported style onto `targets` ({"unet": ..., "text_encoder": ...}).
 
     `alpha_for(stem, rank) -> float | None` supplies alphas the tensors do not carry (PEFT configs).
     Raises ModelError when any key does not map onto a Linear/Conv2d of the targets, when a module
-    lacks its down or up half, or when shapes disagree with the model's weights.
+    lacks its down or up half, or when shapes disagree with the model's weights (with
+    `check_shapes=False` only ranks and kernels are checked: targets of the same topology but other
+    widths, such as `sd1_module_skeleton()`). Conv pairs come back 4-D and Linear pairs 2-D.
     """
     where = source or "LoRA"
     indexes = {name: _ModuleIndex(name, module) for name, module in targets.items() if module is not None}
@@ -300,10 +389,16 @@ def parse_lora(
         slot[role] = tensors[key]
         first_key.setdefault(target, stem)
     if unmatched:
+        guess = _architecture_hint(unmatched)
+        question = (
+            f"it looks like a LoRA for {guess}"
+            if guess
+            else "is the LoRA for another architecture (SDXL, SD2) or a LoRA variant we do not read "
+            "(LoHa, LoKr, DoRA)?"
+        )
         raise ModelError(
             f"{where}: {len(unmatched)} of {len(tensors)} keys match no module of this model's "
-            f"{' or '.join(indexes)}: {_listing(unmatched)}; is the LoRA for another architecture "
-            "(SDXL, SD2) or a LoRA variant we do not read (LoHa, LoKr, DoRA)?"
+            f"{' or '.join(indexes)}: {_listing(unmatched)}; {question}"
         )
 
     modules: dict[str, LoraModule] = {}
@@ -320,11 +415,12 @@ def parse_lora(
         # kohya: a missing or zero alpha means alpha = rank (scale 1).
         pair = LoraModule(down=slot["down"], up=slot["up"], alpha=alpha or float(rank))
         component, path = target.split(".", 1)
-        complaint = _check_shape(target, pair, indexes[component].weights[path])
+        weight = indexes[component].weights[path]
+        complaint = _check_shape(target, pair, weight, widths=check_shapes)
         if complaint:
             problems.append(complaint)
             continue
-        modules[target] = pair
+        modules[target] = _fit_pair(pair, weight)
     if problems:
         raise ModelError(
             f"{where}: {len(problems)} of {len(parts)} modules do not fit this model: {_listing(problems)}"
@@ -533,3 +629,891 @@ def apply_loras(pipe: Any, specs: Iterable[tuple[str | Path | Lora, float]]) -> 
             name, suffix = f"{lora.name}-{suffix}", suffix + 1
         stack.add(lora, scale, name=name)
     return stack
+
+
+# ---------------------------------------------------------------------------------------------------
+# SD1.x module names without a model
+# ---------------------------------------------------------------------------------------------------
+
+# CLIP ViT-L/14's text tower, SD1.x's text encoder. Only module names, kinds and kernels are used.
+_SD1_TEXT_ENCODER = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+# Cross-attention widths that name another architecture than SD1.x (SD1.x is 768; tune's own presets
+# are narrower, so narrower is fine).
+_OTHER_ARCHITECTURES = {1024: "SD2.x (1024-wide OpenCLIP-H text)", 2048: "SDXL (2048-wide text)"}
+
+
+@functools.cache
+def sd1_module_skeleton() -> dict[str, nn.Module]:
+    """SD1.5's U-Net and CLIP-L text encoder at real size on the meta device (no memory, ~0.2 s).
+
+    What files are mapped onto when no model is loaded (export, convert, inspect): SD1.x has one
+    module topology whatever the widths, so its names, Linear/Conv2d kinds and kernels are all a
+    file needs to match. Treat the modules as read-only: they are shared between callers.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tune.models.presets import Preset, build_unet
+
+    sd15 = Preset(
+        resolution=512,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_norm_num_groups=32,
+        unet_block_out_channels=(320, 640, 1280, 1280),
+        unet_norm_num_groups=32,
+        unet_attention_heads=8,
+        text_hidden_size=768,
+        text_num_layers=12,
+        text_num_heads=12,
+        vocab_size=49408,
+    )
+    with torch.device("meta"):
+        unet = build_unet(sd15)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_SD1_TEXT_ENCODER))
+    return {"unet": unet, "text_encoder": text_encoder}
+
+
+def _declared_architecture(metadata: Mapping[str, str]) -> str | None:
+    """What the file's metadata says it is for, when that is not SD1.x."""
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return "SDXL"
+    if (
+        metadata.get("ss_v2") == "True"
+        or version.startswith("sd_v2")
+        or architecture.startswith("stable-diffusion-v2")
+    ):
+        return "SD2.x"
+    return None
+
+
+def _cross_attention_width(lora: Lora) -> int | None:
+    for target, pair in sorted(lora.modules.items()):
+        if target.startswith("unet.") and target.endswith((".attn2.to_k", ".attn2.to_v")):
+            return int(pair.down.shape[1])
+    return None
+
+
+def read_lora(path: str | Path) -> Lora:
+    """Read a LoRA file (any style `load_lora` reads) onto SD1.x's module names, without a model.
+
+    For export, conversion and inspection: names and kinds are checked, widths are not (any SD1.x
+    topology model, from tune's tiny preset to SD1.5). Raises ModelError for files made for SD2.x or
+    SDXL, by their metadata or their 1024/2048-wide cross-attention.
+    """
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    declared = _declared_architecture(metadata)
+    if declared:
+        raise ModelError(f"{path} is a {declared} LoRA (by its metadata); tune reads SD1.x LoRAs only")
+    lora = parse_lora(
+        tensors,
+        sd1_module_skeleton(),
+        alpha_for=_peft_alpha_rule(path, metadata),
+        metadata=metadata,
+        source=str(path),
+        check_shapes=False,
+    )
+    width = _cross_attention_width(lora)
+    if width in _OTHER_ARCHITECTURES:
+        raise ModelError(
+            f"{path} looks like a {_OTHER_ARCHITECTURES[width]} LoRA; tune reads SD1.x LoRAs only"
+        )
+    return lora
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: kohya and diffusers files
+# ---------------------------------------------------------------------------------------------------
+# Key naming is written by hand: diffusers' `convert_state_dict_to_kohya` writes `lora_te1_` for SD1.x
+# (kohya's SD1 loader ignores those keys) and, under transformers 5, text-encoder names without the
+# `text_model.` level that ComfyUI and A1111 require; kohya's own LoRANetwork has the same problem.
+
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""File dtypes by the names the CLI takes."""
+FORMATS: tuple[ExportFormat, ...] = ("kohya", "diffusers")
+SSHS_HASH_KEY = "sshs_model_hash"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+# Metadata the writers compute; stale copies carried over from a source file are dropped. The legacy
+# hash is computed by kohya on an ss_*-only serialization, so it cannot be reproduced: never written.
+_WRITER_KEYS = frozenset(
+    {
+        SSHS_HASH_KEY,
+        "sshs_legacy_hash",
+        ADAPTER_METADATA_KEY,
+        "format",
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_network_args",
+        "ss_base_model_version",
+        "ss_v2",
+        "modelspec.sai_model_spec",
+        "modelspec.architecture",
+        "modelspec.implementation",
+    }
+)
+_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def canonical_path(target: str) -> tuple[str, str]:
+    """("unet" | "text_encoder", module path as files spell it): text-encoder paths always carry
+    `text_model.`, whatever transformers version named the loaded modules."""
+    component, path = target.split(".", 1)
+    if component == "text_encoder" and not path.startswith(_TEXT_MODEL_LEVEL):
+        path = _TEXT_MODEL_LEVEL + path
+    return component, path
+
+
+def kohya_stem(target: str) -> str:
+    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`;
+    `text_encoder.encoder.layers.0.mlp.fc1` -> `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
+    component, path = canonical_path(target)
+    if component not in _KOHYA_PREFIXES:
+        raise ValueError(f"no kohya name for component {component!r}")
+    return _KOHYA_PREFIXES[component] + path.replace(".", "_")
+
+
+def diffusers_stem(target: str) -> str:
+    """`<component>.<canonical module path>`, the stem of diffusers' `.lora_A.weight` keys."""
+    return ".".join(canonical_path(target))
+
+
+def _config_path(target: str) -> str:
+    """A module path for PEFT's target_modules / rank_pattern / alpha_pattern that matches under both
+    transformers generations: PEFT matches these as suffixes, so the text encoder's paths go without
+    `text_model.` (a `text_model.` name raises NoMatchingPeftModuleError under transformers 5)."""
+    path = target.split(".", 1)[1]
+    return path.removeprefix(_TEXT_MODEL_LEVEL) if target.startswith("text_encoder.") else path
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    """The most frequent value; ties go to the one met first (callers iterate in sorted key order)."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def _fmt(value: float) -> str:
+    return str(float(value))
+
+
+def _checked(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    out = tensor.to(dtype).contiguous()
+    if not torch.isfinite(out).all():
+        raise ModelError(f"{what} does not fit in {dtype} (overflow); write it with --dtype fp32 or bf16")
+    return out
+
+
+def _is_3x3(pair: LoraModule) -> bool:
+    return pair.down.ndim == 4 and tuple(pair.down.shape[2:]) != (1, 1)
+
+
+def to_kohya_state_dict(
+    lora: Lora, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """kohya tensors for `lora` and the `ss_network_*` metadata describing them.
+
+    The file gets ONE alpha (the most common one, as the file dtype stores it): diffusers keeps only the
+    most common alpha for attention projections, and under transformers 5 for every text-encoder
+    module (reference §4.4), so a module whose own alpha differs gets alpha_i / alpha folded into its
+    up weight. Every tool then computes the same delta W = (alpha / r) * up @ down.
+    """
+    modules = dict(sorted(lora.modules.items()))
+    nonzero = [pair.alpha for pair in modules.values() if pair.alpha != 0]
+    # kohya reads alpha 0 as alpha = rank, so 0 is never written; zero-scale modules get a zero up.
+    alpha = float(torch.tensor(_most_common(nonzero) if nonzero else 1.0, dtype=dtype))
+    tensors: dict[str, torch.Tensor] = {}
+    folded = 0
+    for target, pair in modules.items():
+        stem = kohya_stem(target)
+        factor = pair.alpha / alpha
+        folded += factor != 1.0
+        up = pair.up.to(torch.float32) * factor if factor != 1.0 else pair.up
+        tensors[f"{stem}.lora_down.weight"] = _checked(pair.down, dtype, f"{target} down")
+        tensors[f"{stem}.lora_up.weight"] = _checked(up, dtype, f"{target} up")
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)  # 0-dim, as kohya saves it
+    if folded:
+        logger.info(
+            "one alpha (%s) for the kohya file: folded their own alpha into %d modules", alpha, folded
+        )
+    linear = [pair.rank for pair in modules.values() if not _is_3x3(pair)]
+    convs = [pair.rank for pair in modules.values() if _is_3x3(pair)]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(_most_common(linear or convs)),
+        "ss_network_alpha": _fmt(alpha),
+    }
+    if convs:  # kohya's LoCon settings (3x3 convs of resnets and samplers)
+        metadata["ss_network_args"] = json.dumps(
+            {"conv_dim": str(_most_common(convs)), "conv_alpha": _fmt(alpha)}
+        )
+    return tensors, metadata
+
+
+def to_diffusers_state_dict(
+    lora: Lora, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers/PEFT tensors (`unet.<path>.lora_A.weight`, `text_encoder.text_model.<path>...`) and
+    the `lora_adapter_metadata` that `load_lora_weights` turns into a LoraConfig.
+
+    Each module's scale alpha / r is baked into lora_B, so alpha = r everywhere: ComfyUI (which reads
+    the non-attention modules of such files and ignores the metadata) and readers without the
+    metadata get the same delta W as diffusers. The metadata lists only long-standing LoraConfig
+    fields (r, lora_alpha, target_modules, rank_pattern, alpha_pattern, ...): a full
+    `LoraConfig.to_dict()` carries this PEFT version's newest fields, which older PEFT rejects.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_metadata: dict[str, Any] = {}
+    for component in COMPONENTS:
+        modules = {t: p for t, p in sorted(lora.modules.items()) if t.split(".", 1)[0] == component}
+        if not modules:
+            continue
+        for target, pair in modules.items():
+            stem = diffusers_stem(target)
+            scale = pair.alpha / pair.rank
+            up = pair.up.to(torch.float32) * scale if scale != 1.0 else pair.up
+            tensors[f"{stem}.lora_A.weight"] = _checked(pair.down, dtype, f"{target} down")
+            tensors[f"{stem}.lora_B.weight"] = _checked(up, dtype, f"{target} up")
+        ranks = {_config_path(target): pair.rank for target, pair in modules.items()}
+        rank = _most_common(ranks.values())
+        others = {path: r for path, r in ranks.items() if r != rank}
+        config = {
+            "r": rank,
+            "lora_alpha": rank,
+            "target_modules": sorted(ranks),
+            "rank_pattern": others,
+            "alpha_pattern": others,  # alpha = r for every module: the scale lives in lora_B
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+        }
+        adapter_metadata.update({f"{component}.{key}": value for key, value in config.items()})
+    metadata = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def safetensors_data_hash(data: bytes | str | Path) -> str:
+    """sha256 of a safetensors file's tensor data: the bytes after the 8-byte length and the JSON
+    header. This is kohya's `sshs_model_hash` and A1111's `addnet_hash_safetensors`; it does not
+    depend on the metadata, so it can be stored in the file it describes."""
+    if isinstance(data, bytes):
+        header = int.from_bytes(data[:8], "little")
+        return hashlib.sha256(memoryview(data)[8 + header :]).hexdigest()
+    digest = hashlib.sha256()
+    with open(data, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_lora_file(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | Path
+) -> str:
+    """Write tensors + metadata (plus `sshs_model_hash`) atomically; returns the hash."""
+    from safetensors.torch import save
+
+    from tune.runs import write_atomic
+
+    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata values must be str; not for {', '.join(bad)}")
+    tensors = dict(tensors)
+    digest = safetensors_data_hash(
+        save(tensors, metadata={k: v for k, v in metadata.items() if k != SSHS_HASH_KEY})
+    )
+    data = save(tensors, metadata={**metadata, SSHS_HASH_KEY: digest})
+    if safetensors_data_hash(data) != digest:  # the data region must not depend on the header
+        raise RuntimeError("safetensors data changed with its metadata; cannot record sshs_model_hash")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    return digest
+
+
+def save_lora(
+    lora: Lora,
+    path: str | Path,
+    format: ExportFormat,
+    *,
+    dtype: torch.dtype = torch.float16,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `lora` as a kohya or diffusers `.safetensors` file (see the module docstring).
+
+    `metadata` (strings) is stored as given, except the keys the writer owns (network dim/alpha,
+    hashes, architecture, adapter config), which are computed. Overwrites `path`.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"LoRA files are written as .safetensors; got {path.name}")
+    if not lora.modules:
+        raise ModelError(f"{lora.source or 'the LoRA'} has no modules to write")
+    meta = {key: value for key, value in (metadata or {}).items() if key not in _WRITER_KEYS}
+    if format == "kohya":
+        tensors, own = to_kohya_state_dict(lora, dtype)
+        meta.setdefault("ss_output_name", path.stem)
+        meta.setdefault("modelspec.title", path.stem)
+        own.update(
+            {
+                "ss_base_model_version": "sd_v1",
+                "ss_v2": "False",
+                "modelspec.sai_model_spec": "1.0.1",
+                "modelspec.architecture": "stable-diffusion-v1/lora",
+                "modelspec.implementation": "diffusers",
+            }
+        )
+    elif format == "diffusers":
+        tensors, own = to_diffusers_state_dict(lora, dtype)
+    else:
+        raise ConfigError(f"LoRA format must be one of {', '.join(FORMATS)}; got {format!r}")
+    digest = write_lora_file(tensors, {**meta, **own}, path)
+    logger.info(
+        "wrote %s LoRA %s: %d modules, %s, sshs %s", format, path, len(lora.modules), dtype, digest[:12]
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a PEFT-injected model
+# ---------------------------------------------------------------------------------------------------
+
+
+def lora_from_peft(
+    unet: nn.Module | None, text_encoder: nn.Module | None = None, adapter_name: str = "default"
+) -> Lora:
+    """The adapter `adapter_name` of PEFT-injected models (`unet.add_adapter`, `text_encoder.add_adapter`,
+    `inject_adapter_in_model` or `get_peft_model`) as a Lora, each module at its effective scale
+    (the layer's own `scaling`, so rank_pattern, alpha_pattern and rsLoRA are all honoured)."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    modules: dict[str, LoraModule] = {}
+    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        configs = getattr(model, "peft_config", None) or {}
+        if adapter_name not in configs:
+            have = ", ".join(configs) or "none"
+            raise ModelError(f"the {component} has no LoRA adapter named {adapter_name!r} (adapters: {have})")
+        state = {
+            key.removeprefix(_PEFT_PREFIX): tensor
+            for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
+        }
+        used: set[str] = set()
+        for name, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+                continue
+            if layer.use_dora.get(adapter_name):
+                raise ModelError(f"{component}.{name} is a DoRA adapter; plain LoRA files cannot carry it")
+            path = name.removeprefix(_PEFT_PREFIX)
+            keys = (f"{path}.lora_A.weight", f"{path}.lora_B.weight")
+            down, up = (state[key].detach().to("cpu", torch.float32).clone() for key in keys)
+            used.update(keys)
+            scale = float(layer.scaling[adapter_name])
+            modules[f"{component}.{path}"] = LoraModule(down=down, up=up, alpha=scale * down.shape[0])
+        extra = sorted(set(state) - used)
+        if extra:
+            raise ModelError(
+                f"the {component}'s adapter holds tensors a LoRA file cannot carry ({_listing(extra)}): "
+                "LoRA biases, DoRA magnitudes or modules_to_save"
+            )
+    if not modules:
+        raise ModelError(f"no LoRA layers of adapter {adapter_name!r} found; was the adapter injected?")
+    return Lora(modules=modules, formats=frozenset({"peft"}), source=f"adapter {adapter_name!r}")
+
+
+def save_adapter(
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None,
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    adapter_name: str = "default",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a PEFT-injected adapter as the run directory's diffusers-format adapter file.
+
+    The recipe calls it for `checkpoints/step_NNNNNN/lora.safetensors` and
+    `export/pytorch_lora_weights.safetensors` (see the module docstring); either model may be None
+    when only the other one was trained. fp32 by default: `tune export` picks the shipping dtype.
+    Each module's scale is baked into lora_B (alpha = r), so the file is for sampling, export and
+    sharing; resume training from the accelerate state, not by loading this file into the adapter.
+    """
+    lora = lora_from_peft(unet, text_encoder, adapter_name)
+    return save_lora(lora, path, "diffusers", dtype=dtype, metadata=metadata)
+
+
+def base_model_hash(unet: nn.Module, text_encoder: nn.Module | None = None) -> str:
+    """`tune_base_model_hash`: sha256 over the U-Net's and text encoder's weights (not the VAE's: a
+    LoRA never touches it, and VAEs are swapped freely).
+
+    Hashed per tensor in name order: the name (text-encoder names in the canonical `text_model.`
+    spelling), the shape, then the values as little-endian float32. So the hash names the weights
+    themselves, whatever file layout (diffusers folder, single file) or load dtype they came from
+    (fp16 -> fp32 is exact), and whatever transformers version named the modules. PEFT adapter
+    tensors are skipped and `.base_layer` is dropped, so an injected model hashes as its base.
+    """
+    digest = hashlib.sha256()
+    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        state = {}
+        for key, tensor in model.state_dict().items():
+            if "lora_" in key:
+                continue
+            name = key.replace(".base_layer.", ".")
+            if component == "text_encoder" and not name.startswith(_TEXT_MODEL_LEVEL):
+                name = _TEXT_MODEL_LEVEL + name
+            state[f"{component}.{name}"] = tensor
+        for name in sorted(state):
+            tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directories: the adapter files a LoRA recipe writes, and exporting them
+# ---------------------------------------------------------------------------------------------------
+
+CHECKPOINT_ADAPTER = "lora.safetensors"
+FINAL_ADAPTER = "pytorch_lora_weights.safetensors"
+
+
+def checkpoint_adapter_path(run_dir: str | Path, step: int) -> Path:
+    """`<run>/checkpoints/step_NNNNNN/lora.safetensors`."""
+    from tune.runs import step_dir_name
+
+    return Path(run_dir) / "checkpoints" / step_dir_name(step) / CHECKPOINT_ADAPTER
+
+
+def final_adapter_path(run_dir: str | Path) -> Path:
+    """`<run>/export/pytorch_lora_weights.safetensors`."""
+    return Path(run_dir) / "export" / FINAL_ADAPTER
+
+
+def find_run_adapter(run_dir: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(adapter file, its step; None for the final adapter) of a LoRA run.
+
+    With `step`: that checkpoint's adapter. Without: the final adapter, else the newest complete
+    checkpoint's. Only checkpoints with their COMPLETE marker count.
+    """
+    from tune.runs import read_run
+
+    run = read_run(run_dir)
+    available = [s for s in run.checkpoint_steps if checkpoint_adapter_path(run.path, s).is_file()]
+    listed = ", ".join(map(str, available)) or "none"
+    if step is not None:
+        path = checkpoint_adapter_path(run.path, step)
+        if step not in available:
+            why = "is not complete" if path.is_file() else "has no LoRA adapter"
+            raise ConfigError(f"checkpoint step {step} of {run.path} {why}; steps with an adapter: {listed}")
+        return path, step
+    if final_adapter_path(run.path).is_file():
+        return final_adapter_path(run.path), None
+    if available:
+        return checkpoint_adapter_path(run.path, available[-1]), available[-1]
+    raise ModelError(
+        f"{run.path} has no trained LoRA adapter yet (no export/{FINAL_ADAPTER} and no complete "
+        f"checkpoints/step_*/{CHECKPOINT_ADAPTER}); is it a LoRA run that saved a checkpoint?"
+    )
+
+
+def default_export_path(run_dir: str | Path, format: ExportFormat, step: int | None) -> Path:
+    """Where `tune export` writes without --out.
+
+    kohya:     <run>/export/<run name>[-step_NNNNNN].safetensors  (the name A1111 and ComfyUI list)
+    diffusers: <run>/export/diffusers[-step_NNNNNN]/pytorch_lora_weights.safetensors  (a folder, so
+               `pipe.load_lora_weights(folder)` finds it; never the final adapter itself)
+    """
+    from tune.runs import step_dir_name
+
+    run = Path(run_dir)
+    suffix = f"-{step_dir_name(step)}" if step is not None else ""
+    if format == "kohya":
+        return run / "export" / f"{run.resolve().name}{suffix}.safetensors"
+    return run / "export" / f"diffusers{suffix}" / FINAL_ADAPTER
+
+
+def _find_value(config: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+    """The first of `names` in a config, searched top-level first, then one table deep."""
+    for name in names:
+        if name in config:
+            return config[name]
+    for value in config.values():
+        if isinstance(value, Mapping):
+            for name in names:
+                if name in value:
+                    return value[name]
+    return None
+
+
+def _run_base_hash(info: Mapping[str, Any]) -> str | None:
+    """run.json's `base_model_hash`, else computed by loading `base_model` (None if that fails)."""
+    if info.get("base_model_hash"):
+        return str(info["base_model_hash"])
+    base = info.get("base_model")
+    if not base:
+        return None
+    from tune.models import load_pipeline
+
+    logger.info("hashing base model %s (recipes can store base_model_hash in run.json to skip this)", base)
+    try:
+        pipe = load_pipeline(str(base))
+    except TuneError as err:
+        logger.warning("no tune_base_model_hash: cannot load the base model (%s)", err)
+        return None
+    return base_model_hash(pipe.unet, pipe.text_encoder)
+
+
+def run_metadata(run_dir: str | Path, *, output_name: str, step: int | None) -> dict[str, str]:
+    """The descriptive metadata `tune export` writes (A1111 shows ss_*; modelspec.* is Stability's
+    ModelSpec; tune_* are ours): name, trigger, recipe, resolved config and base model hash."""
+    from tune import __version__
+    from tune.runs import read_run
+
+    run = read_run(run_dir)
+    config, info = run.config, run.info
+    trigger = (
+        info.get("trigger")
+        or info.get("instance_prompt")
+        or _find_value(config, ("trigger", "instance_prompt"))
+    )
+    base = str(info.get("base_model") or _find_value(config, ("base_model", "pretrained_model")) or "")
+    title = run.path.resolve().name + (f" step {step}" if step is not None else "")
+    comment = f"trained with tune ({run.recipe} recipe)" + (f"; trigger: {trigger}" if trigger else "")
+    metadata = {
+        "ss_output_name": output_name,
+        "ss_training_comment": comment,
+        "modelspec.title": title,
+        "modelspec.date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "tune_recipe": run.recipe,
+        "tune_config": (run.path / "config.toml").read_text(encoding="utf-8"),
+        "tune_step": "final" if step is None else str(step),
+        "tune_version": __version__,
+    }
+    if trigger:
+        metadata["modelspec.trigger_phrase"] = str(trigger)
+    if base:
+        metadata["ss_sd_model_name"] = Path(base).name
+        metadata["tune_base_model"] = base
+    resolution = _find_value(config, ("resolution",))
+    if isinstance(resolution, int):
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
+    base_hash = _run_base_hash(info | {"base_model": base})
+    if base_hash:
+        metadata["tune_base_model_hash"] = base_hash
+    return metadata
+
+
+def _check_target(path: Path, force: bool, *, source: Path | None = None) -> None:
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; name a .safetensors file")
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"--out must name a .safetensors file; got {path}")
+    if path.exists() and not force:
+        same = " (the file being read)" if source is not None and path.resolve() == source.resolve() else ""
+        raise ConfigError(f"{path} exists{same}; pass --force to overwrite it, or --out to write elsewhere")
+
+
+def export_run(
+    run_dir: str | Path,
+    format: ExportFormat = "kohya",
+    *,
+    dtype: torch.dtype = torch.float16,
+    step: int | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """`tune export`: a run's adapter (final, else newest checkpoint, or `step`) as a kohya or
+    diffusers file, with the run's metadata. Never overwrites an existing file unless `force`."""
+    source, step = find_run_adapter(run_dir, step)
+    target = Path(out) if out is not None else default_export_path(run_dir, format, step)
+    _check_target(target, force, source=source)
+    lora = read_lora(source)
+    metadata = run_metadata(run_dir, output_name=target.stem, step=step)
+    return save_lora(lora, target, format, dtype=dtype, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converting files, merging into a base model
+# ---------------------------------------------------------------------------------------------------
+
+
+def _file_dtype(lora: Lora) -> torch.dtype:
+    dtypes = {t.dtype for pair in lora.modules.values() for t in (pair.down, pair.up)}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(DTYPES.values()) else torch.float32
+
+
+def convert_lora_file(
+    source: str | Path,
+    to: ExportFormat,
+    out: str | Path | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
+    """`tune lora convert`: any LoRA file we read -> kohya or diffusers, same deltas.
+
+    Default out: `<stem>_<format>.safetensors` beside the source; default dtype: the source's. The
+    source's descriptive metadata (names, trigger, tune_*) is kept; the format's own is recomputed.
+    """
+    if to not in FORMATS:
+        raise ConfigError(f"--to must be one of {', '.join(FORMATS)}; got {to!r}")
+    source = Path(source)
+    target = Path(out) if out is not None else source.with_name(f"{source.stem}_{to}.safetensors")
+    _check_target(target, force, source=source)
+    lora = read_lora(source)
+    return save_lora(lora, target, to, dtype=dtype or _file_dtype(lora), metadata=lora.metadata)
+
+
+def merge_loras(
+    base: str | Path,
+    specs: Iterable[tuple[str | Path, float]],
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> Path:
+    """`tune lora merge`: a base model with LoRAs merged in at their scales, written as a diffusers
+    folder (`save_pretrained`; dtype as loaded unless given) or, for a `.safetensors` out, as one
+    SD1.x checkpoint (`tune.models.save_single_file`; fp16 unless given)."""
+    from tune.models import load_pipeline, resolve_model_path, save_single_file
+
+    out = Path(out)
+    specs = [(Path(path), float(scale)) for path, scale in specs]
+    if not specs:
+        raise ConfigError("name at least one LoRA to merge: LORA[:SCALE]")
+    single_file = out.suffix == ".safetensors"
+    if out.suffix and not single_file:
+        raise ConfigError(f"--out must be a folder or a .safetensors file; got {out}")
+    if out.resolve() == resolve_model_path(base).resolve():
+        raise ConfigError(f"--out {out} is the base model; write the merged model elsewhere")
+    if single_file and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a .safetensors file or a folder without suffix")
+    if not single_file and out.is_file():
+        raise ConfigError(f"--out {out} is a file; name a folder, or a .safetensors file")
+    if out.exists() and (single_file or any(out.iterdir())) and not force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it, or --out to write elsewhere")
+    for path, _ in specs:
+        if not path.is_file():
+            raise ModelError(f"LoRA file not found: {path}")
+    pipe = load_pipeline(base, config=config)
+    apply_loras(pipe, specs)
+    if single_file:
+        save_single_file(pipe, out, dtype or torch.float16)
+    else:
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+        pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("merged %d LoRA(s) into %s -> %s", len(specs), base, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inspecting files
+# ---------------------------------------------------------------------------------------------------
+
+_BLOCK_PREFIX = re.compile(
+    r"^(?:(?:down|up)_blocks\.\d+\.(?:attentions|resnets|downsamplers|upsamplers)\.\d+\."
+    r"|mid_block\.(?:attentions|resnets)\.\d+\.|(?:text_model\.)?encoder\.layers\.\d+\.)"
+    r"(?:transformer_blocks\.\d+\.)?"
+)
+
+
+def module_group(target: str) -> str:
+    """The row `tune lora inspect` reports a module in: unet attn1 / attn2 / ff / proj / resnets /
+    samplers / other, text_encoder self_attn / mlp."""
+    component, path = target.split(".", 1)
+    if component == "text_encoder":
+        return "text_encoder self_attn" if ".self_attn." in path else "text_encoder mlp"
+    for part, group in ((".attn1.", "attn1"), (".attn2.", "attn2"), (".ff.", "ff"), (".resnets.", "resnets")):
+        if part in path:
+            return f"unet {group}"
+    if path.endswith(("proj_in", "proj_out")):
+        return "unet proj"
+    if "samplers." in path:
+        return "unet samplers"
+    return "unet other"
+
+
+def module_leaf(target: str) -> str:
+    """`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` -> `attn1.to_q`: the
+    name a module has inside its block (what PEFT's target_modules usually lists)."""
+    return _BLOCK_PREFIX.sub("", target.split(".", 1)[1])
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """Modules of one kind (see `module_group`) and their ranks, alphas and scales alpha / r."""
+
+    name: str
+    modules: int
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+    scales: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    """What `tune lora inspect` prints about a file."""
+
+    path: Path
+    format: str
+    architecture: str
+    keys: int
+    dtypes: tuple[str, ...]
+    modules: dict[str, int]
+    """Modules per component."""
+    groups: tuple[LoraGroup, ...]
+    targets: dict[str, tuple[str, ...]]
+    """Module names inside their blocks (`module_leaf`), per component."""
+    trigger: str | None
+    metadata: dict[str, str]
+    data_hash: str
+    recorded_hash: str | None
+    notes: tuple[str, ...]
+    problem: str | None = None
+    """Why the file does not map onto SD1.x, when it does not."""
+
+    @property
+    def hash_ok(self) -> bool | None:
+        """sshs_model_hash == the data's hash; None when the file records none."""
+        return None if self.recorded_hash is None else self.recorded_hash == self.data_hash
+
+
+def _raw_format(keys: Iterable[str]) -> str:
+    styles = set()
+    for key in keys:
+        if _KOHYA_PREFIX.match(key):
+            styles.add("kohya")
+        elif key.startswith(_DOTTED_PREFIXES):
+            styles.add("diffusers")
+        else:
+            styles.add("peft")
+    return "+".join(sorted(styles))
+
+
+def _compatibility_notes(
+    lora: Lora, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> list[str]:
+    notes = []
+    if "kohya" in lora.formats:
+        attention = {
+            p.alpha for t, p in lora.modules.items() if module_group(t) in ("unet attn1", "unet attn2")
+        }
+        text = {p.alpha for t, p in lora.modules.items() if t.startswith("text_encoder.")}
+        if len(attention) > 1 or len(text) > 1:
+            notes.append(
+                "alphas differ between attention or text-encoder modules: diffusers loads them at the wrong "
+                "scale; `tune lora convert FILE --to kohya` writes one alpha with the scales folded in"
+            )
+        if any(key.startswith(("lora_te_encoder_", "lora_te1_encoder_")) for key in tensors):
+            notes.append(
+                "text-encoder keys lack `text_model` (written under transformers 5): ComfyUI and A1111 skip "
+                "them; `tune lora convert FILE --to kohya` writes canonical names"
+            )
+        if any(key.startswith("lora_te1_") for key in tensors):
+            notes.append(
+                "`lora_te1_` text-encoder keys: kohya's SD1 loader ignores them (A1111, ComfyUI read them)"
+            )
+    else:
+        notes.append(
+            "diffusers/PEFT keys: A1111 loads none of them and ComfyUI skips the U-Net attention modules; "
+            "share `tune lora convert FILE --to kohya` with those tools"
+        )
+        if "peft" in lora.formats and ADAPTER_METADATA_KEY not in metadata and lora.source:
+            if not Path(lora.source).with_name("adapter_config.json").is_file():
+                notes.append(
+                    "no adapter_config.json or lora_adapter_metadata: alpha = rank (scale 1) assumed"
+                )
+    return notes
+
+
+def inspect_lora(path: str | Path) -> LoraReport:
+    """Read a LoRA file and describe it (format, architecture, modules per group, ranks, alphas,
+    targets, trigger, metadata, hash check). Files we cannot map onto SD1.x are still described,
+    with `problem` saying why."""
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    data_hash = safetensors_data_hash(path)
+    dtypes = tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+    declared = " / ".join(
+        v for v in (metadata.get("modelspec.architecture"), metadata.get("ss_base_model_version")) if v
+    )
+    trigger = metadata.get("modelspec.trigger_phrase") or None
+    common: dict[str, Any] = {
+        "path": path,
+        "keys": len(tensors),
+        "dtypes": dtypes,
+        "trigger": trigger,
+        "metadata": metadata,
+        "data_hash": data_hash,
+        "recorded_hash": metadata.get(SSHS_HASH_KEY),
+    }
+    try:
+        lora = read_lora(path)
+    except ModelError as err:
+        keys = list(tensors)
+        guess = _architecture_hint(keys) or declared or "unknown"
+        return LoraReport(
+            format=_raw_format(keys),
+            architecture=f"not SD1.x: {guess}",
+            modules={},
+            groups=(),
+            targets={},
+            notes=(),
+            problem=str(err),
+            **common,
+        )
+
+    width = _cross_attention_width(lora)
+    if width == 768:
+        architecture = "SD1.x (cross-attention 768: CLIP ViT-L/14)"
+    elif width:
+        architecture = f"SD1.x topology, cross-attention width {width}"
+    else:
+        architecture = "SD1.x (no cross-attention module to tell the width by)"
+    if declared:
+        architecture += f"; declared {declared}"
+    rows: dict[str, list[LoraModule]] = {}
+    for target, pair in sorted(lora.modules.items()):
+        rows.setdefault(module_group(target), []).append(pair)
+    groups = tuple(
+        LoraGroup(
+            name=name,
+            modules=len(pairs),
+            ranks=tuple(sorted({p.rank for p in pairs})),
+            alphas=tuple(sorted({p.alpha for p in pairs})),
+            scales=tuple(sorted({p.alpha / p.rank for p in pairs})),
+        )
+        for name, pairs in sorted(rows.items())
+    )
+    modules: dict[str, int] = {}
+    targets: dict[str, set[str]] = {}
+    for target in lora.modules:
+        component = target.split(".", 1)[0]
+        modules[component] = modules.get(component, 0) + 1
+        targets.setdefault(component, set()).add(module_leaf(target))
+    return LoraReport(
+        format="/".join(sorted(lora.formats)),
+        architecture=architecture,
+        modules=modules,
+        groups=groups,
+        targets={component: tuple(sorted(names)) for component, names in targets.items()},
+        notes=tuple(_compatibility_notes(lora, tensors, metadata)),
+        **common,
+    )

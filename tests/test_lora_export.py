@@ -1,0 +1,729 @@
+"""LoRA files that load everywhere: kohya and diffusers exports, checked against the tools that read them.
+
+The adapter under test is PEFT-injected into the tiny SD1.5-topology pipeline with random non-zero
+weights, non-uniform ranks and non-uniform alphas, over every module kind a LoRA touches: attn1/attn2
+q/k/v/out, ff, proj_in/proj_out (1x1 convs), resnet conv1/conv2 (3x3) and conv_shortcut (1x1),
+time_emb_proj, down/upsampler convs, and the text encoder's q/k/v/out_proj/fc1/fc2. The truth a file
+must reproduce is PEFT's own `get_delta_weight` of the in-memory adapter.
+
+What diffusers 0.42.1 + transformers 5.23 do with kohya text-encoder keys (measured, see the report):
+they load at the right scale when the file has one alpha, which is what we write; with per-module
+alphas diffusers mis-scales attention projections and, under transformers 5, every text-encoder
+module (its alpha_pattern keeps the `text_model.` level). So the text encoder is checked through
+diffusers here too, and through our own loader as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+from tune import lora as lora_io
+from tune import sampling
+from tune.cli import main
+from tune.models import load_pipeline
+from tune.models.single_file import convert_to_ldm
+from tune.runs import RunDir
+
+PROMPT = "a photo of sks shape"
+STEPS = 4
+# Not a short adapter name like "t": transformers 5's load report counts every key containing the
+# adapter name as an adapter key, and then lists the base weights as MISSING.
+ADAPTER = "exported"
+KOHYA_STEM = re.compile(
+    r"lora_unet_\w+|lora_te_text_model_encoder_layers_\d+_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])"
+)
+UNET_LORA = LoraConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=[
+        "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+        "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv",
+    ],
+    rank_pattern={"conv1": 2, "ff.net.2": 8, "downsamplers.0.conv": 2},
+    alpha_pattern={"to_k": 3, "attn2.to_q": 1, "proj_in": 0.5, "conv2": 16},
+)  # fmt: skip
+TEXT_LORA = LoraConfig(
+    r=4,
+    lora_alpha=2,
+    target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    rank_pattern={"fc1": 2},
+    alpha_pattern={"k_proj": 6, "fc2": 1},
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_pipeline_dir: str) -> StableDiffusionPipeline:
+    """The tiny pipeline with a trained-looking LoRA injected (read-only for the tests)."""
+    pipe = load_pipeline(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(UNET_LORA)
+    pipe.text_encoder.add_adapter(TEXT_LORA)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn_like(param) * 0.1)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def truth(adapted: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
+    """'<component>.<module path>' -> the delta W the in-memory adapter adds (PEFT's own math)."""
+    deltas = {}
+    for component in ("unet", "text_encoder"):
+        for name, layer in getattr(adapted, component).named_modules():
+            if isinstance(layer, LoraLayer):
+                deltas[f"{component}.{name}"] = layer.get_delta_weight("default").detach().float()
+    return deltas
+
+
+@pytest.fixture(scope="module")
+def run_dir(adapted: StableDiffusionPipeline, tiny_pipeline_dir: str, tmp_path_factory) -> Path:
+    """A finished LoRA run as the recipe will leave it (tune.lora's run directory contract)."""
+    path = tmp_path_factory.mktemp("runs") / "sks-lora"
+    config = f'base_model = "{tiny_pipeline_dir}"\ninstance_prompt = "{PROMPT}"\n\n[data]\nresolution = 32\n'
+    run = RunDir.create(path, "lora", config)
+    run.update_info(base_model=tiny_pipeline_dir, instance_prompt=PROMPT)
+    lora_io.save_adapter(
+        adapted.unet, adapted.text_encoder, lora_io.checkpoint_adapter_path(path, 5), {"tune_step": "5"}
+    )
+    run.mark_checkpoint_complete(5)
+    lora_io.save_adapter(adapted.unet, adapted.text_encoder, lora_io.final_adapter_path(path))
+    run.finish()
+    return path
+
+
+def kohya_delta(down: torch.Tensor, up: torch.Tensor, alpha: float, shape: torch.Size) -> torch.Tensor:
+    """kohya's LoRAInfModule.merge_to, written independently of tune.lora."""
+    down, up, rank = down.float(), up.float(), down.shape[0]
+    if down.ndim == 2:
+        product = up @ down
+    elif down.shape[2:] == (1, 1):
+        product = (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    else:
+        product = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    return product.reshape(shape) * (alpha / rank)
+
+
+def weight_shape(pair: lora_io.LoraModule) -> tuple[int, ...]:
+    """The target weight's shape (read pairs are 4-D for convs, 2-D for Linear)."""
+    return (pair.up.shape[0], *pair.down.shape[1:])
+
+
+def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm())
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata())
+
+
+def weights(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
+    return {
+        f"{component}.{name}": param.detach().clone()
+        for component in ("unet", "text_encoder", "vae")
+        for name, param in getattr(pipe, component).named_parameters()
+    }
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def no_library_warnings() -> Iterator[None]:
+    """Fail on any warning diffusers, PEFT or transformers log or warn while the block runs (unloaded,
+    unexpected or missing keys, unmatched alpha_pattern entries, load reports)."""
+    capture = _Capture()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(capture)
+        logger.setLevel(logging.WARNING)  # conftest silences them to ERROR
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(capture)
+            logger.setLevel(level)
+    logged = [f"{r.name}: {r.getMessage()[:300]}" for r in capture.records]
+    warned = [
+        f"{w.category.__name__}: {str(w.message)[:300]}"
+        for w in caught
+        if issubclass(w.category, (RuntimeWarning, UserWarning))
+    ]
+    assert not logged and not warned, "\n".join(logged + warned)
+
+
+def fuse_with_diffusers(tiny_pipeline_dir: str, file: Path) -> tuple[dict, dict]:
+    """Weights before and after diffusers' own load_lora_weights + fuse_lora(1.0) of `file`."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    before = weights(pipe)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER)
+    pipe.fuse_lora(lora_scale=1.0, components=["unet", "text_encoder"], adapter_names=[ADAPTER])
+    pipe.unload_lora_weights()
+    return before, weights(pipe)
+
+
+def check_fused(before: dict, after: dict, expected: dict[str, torch.Tensor], bound: float) -> float:
+    """Every targeted weight moved by its expected delta (relative error < bound), nothing else moved."""
+    worst = 0.0
+    for target, delta in expected.items():
+        key = f"{target}.weight"
+        worst = max(worst, rel_error(after[key] - before[key], delta))
+    assert worst < bound
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+    assert moved == {f"{target}.weight" for target in expected}
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusers loads our files at every module's scale
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_adapter_is_non_uniform(adapted: StableDiffusionPipeline, truth: dict) -> None:
+    lora = lora_io.lora_from_peft(adapted.unet, adapted.text_encoder)
+    assert set(lora.modules) == set(truth) and len(truth) > 250
+    assert len({p.rank for p in lora.modules.values()}) >= 3
+    assert len({p.alpha for p in lora.modules.values()}) >= 5
+    for target, pair in lora.modules.items():
+        torch.testing.assert_close(pair.delta(truth[target].shape), truth[target], rtol=1e-5, atol=1e-7)
+
+
+def test_kohya_file_loads_in_diffusers_at_the_right_scale(
+    adapted: StableDiffusionPipeline, truth: dict, tiny_pipeline_dir: str, tmp_path: Path, no_library_warnings
+) -> None:
+    file = lora_io.save_lora(
+        lora_io.lora_from_peft(adapted.unet, adapted.text_encoder), tmp_path / "k.safetensors", "kohya"
+    )
+    tensors, metadata = read(file)
+
+    # The layout every tool reads: 3 tensors per module, canonical names, 4-D convs, fp16, one alpha.
+    stems = {key.split(".", 1)[0] for key in tensors}
+    assert len(stems) == len(truth) and len(tensors) == 3 * len(truth)
+    assert all(KOHYA_STEM.fullmatch(stem) for stem in stems)
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert {float(tensors[f"{s}.alpha"]) for s in stems} == {float(metadata["ss_network_alpha"])}
+    assert all(tensors[f"{s}.alpha"].ndim == 0 for s in stems)
+    proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert tensors[f"{proj_in}.lora_down.weight"].shape[2:] == (1, 1)
+    assert tensors[f"{proj_in}.lora_up.weight"].ndim == 4
+    assert tensors["lora_unet_down_blocks_1_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
+
+    # The file's own math (kohya's merge_to) equals the in-memory adapter's deltas ...
+    file_deltas = {}
+    for target, delta in truth.items():
+        stem = lora_io.kohya_stem(target)
+        down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+        file_deltas[target] = kohya_delta(down, up, float(tensors[f"{stem}.alpha"]), delta.shape)
+        assert rel_error(file_deltas[target], delta) < 1e-2, target
+
+    # ... and diffusers applies exactly that, text encoder included, and nothing else.
+    before, after = fuse_with_diffusers(tiny_pipeline_dir, file)
+    file_error = check_fused(before, after, file_deltas, 1e-4)
+    truth_error = check_fused(before, after, truth, 1e-2)
+    print(
+        f"kohya fp16 through diffusers: max rel delta error {truth_error:.2e} (vs file math {file_error:.2e})"
+    )
+
+    # Our own loader reads the same file (kohya text-encoder keys onto transformers 5 names) the same way.
+    ours = load_pipeline(tiny_pipeline_dir)
+    mine_before = weights(ours)
+    lora_io.apply_loras(ours, [(file, 1.0)])
+    check_fused(mine_before, weights(ours), truth, 1e-2)
+
+
+def test_diffusers_file_loads_in_diffusers_at_the_right_scale(
+    adapted: StableDiffusionPipeline, truth: dict, tiny_pipeline_dir: str, tmp_path: Path, no_library_warnings
+) -> None:
+    lora = lora_io.lora_from_peft(adapted.unet, adapted.text_encoder)
+    file = lora_io.save_lora(lora, tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
+    tensors, metadata = read(file)
+    assert all(
+        re.fullmatch(r"unet\.[\w.]+\.lora_[AB]\.weight", k)
+        or re.fullmatch(r"text_encoder\.text_model\.encoder\.layers\.\d+\.[\w.]+\.lora_[AB]\.weight", k)
+        for k in tensors
+    )
+    assert len(tensors) == 2 * len(truth) and {t.dtype for t in tensors.values()} == {torch.float16}
+    config = json.loads(metadata["lora_adapter_metadata"])
+    assert config["unet.r"] == config["unet.lora_alpha"] == 4 and config["text_encoder.r"] == 4
+    assert config["unet.alpha_pattern"] == config["unet.rank_pattern"] != {}
+    assert all(not name.startswith("text_model.") for name in config["text_encoder.target_modules"])
+
+    before, after = fuse_with_diffusers(tiny_pipeline_dir, file)
+    error = check_fused(before, after, truth, 1e-2)
+    print(f"diffusers fp16 through diffusers: max rel delta error {error:.2e}")
+
+    ours = load_pipeline(tiny_pipeline_dir)
+    mine_before = weights(ours)
+    lora_io.apply_loras(ours, [(file, 1.0)])
+    check_fused(mine_before, weights(ours), truth, 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ComfyUI's and AUTOMATIC1111's key rules, transcribed from their sources
+# ---------------------------------------------------------------------------------------------------
+# ComfyUI comfy/utils.py unet_to_diffusers + comfy/lora.py model_lora_keys_unet/_clip and load_lora.
+
+UNET_MAP_ATTENTIONS = {
+    "proj_in.weight",
+    "proj_in.bias",
+    "proj_out.weight",
+    "proj_out.bias",
+    "norm.weight",
+    "norm.bias",
+}
+TRANSFORMER_BLOCKS = {
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias",
+    "attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight", "attn1.to_out.0.bias",
+    "attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias",
+    "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight", "ff.net.2.bias",
+}  # fmt: skip
+UNET_MAP_RESNET = {
+    "in_layers.2.weight": "conv1.weight", "in_layers.2.bias": "conv1.bias",
+    "emb_layers.1.weight": "time_emb_proj.weight", "emb_layers.1.bias": "time_emb_proj.bias",
+    "out_layers.3.weight": "conv2.weight", "out_layers.3.bias": "conv2.bias",
+    "skip_connection.weight": "conv_shortcut.weight", "skip_connection.bias": "conv_shortcut.bias",
+    "in_layers.0.weight": "norm1.weight", "in_layers.0.bias": "norm1.bias",
+    "out_layers.0.weight": "norm2.weight", "out_layers.0.bias": "norm2.bias",
+}  # fmt: skip
+UNET_MAP_BASIC = {
+    ("input_blocks.0.0.weight", "conv_in.weight"), ("input_blocks.0.0.bias", "conv_in.bias"),
+    ("out.0.weight", "conv_norm_out.weight"), ("out.0.bias", "conv_norm_out.bias"),
+    ("out.2.weight", "conv_out.weight"), ("out.2.bias", "conv_out.bias"),
+    ("time_embed.0.weight", "time_embedding.linear_1.weight"), ("time_embed.0.bias", "time_embedding.linear_1.bias"),
+    ("time_embed.2.weight", "time_embedding.linear_2.weight"), ("time_embed.2.bias", "time_embedding.linear_2.bias"),
+}  # fmt: skip
+# ComfyUI's detected unet_config for SD1.x (the widths do not enter the names).
+SD1_COMFY_UNET_CONFIG = {
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+}
+LORA_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def comfy_unet_to_diffusers(unet_config: dict) -> dict[str, str]:
+    num_res_blocks = unet_config["num_res_blocks"]
+    channel_mult = unet_config["channel_mult"]
+    transformer_depth = unet_config["transformer_depth"][:]
+    transformer_depth_output = unet_config["transformer_depth_output"][:]
+    num_blocks = len(channel_mult)
+    transformers_mid = unet_config.get("transformer_depth_middle", None)
+    diffusers_unet_map = {}
+    for x in range(num_blocks):
+        n = 1 + (num_res_blocks[x] + 1) * x
+        for i in range(num_res_blocks[x]):
+            for b in UNET_MAP_RESNET:
+                diffusers_unet_map[f"down_blocks.{x}.resnets.{i}.{UNET_MAP_RESNET[b]}"] = (
+                    f"input_blocks.{n}.0.{b}"
+                )
+            num_transformers = transformer_depth.pop(0)
+            if num_transformers > 0:
+                for b in UNET_MAP_ATTENTIONS:
+                    diffusers_unet_map[f"down_blocks.{x}.attentions.{i}.{b}"] = f"input_blocks.{n}.1.{b}"
+                for t in range(num_transformers):
+                    for b in TRANSFORMER_BLOCKS:
+                        diffusers_unet_map[f"down_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = (
+                            f"input_blocks.{n}.1.transformer_blocks.{t}.{b}"
+                        )
+            n += 1
+        for k in ["weight", "bias"]:
+            diffusers_unet_map[f"down_blocks.{x}.downsamplers.0.conv.{k}"] = f"input_blocks.{n}.0.op.{k}"
+    i = 0
+    for b in UNET_MAP_ATTENTIONS:
+        diffusers_unet_map[f"mid_block.attentions.{i}.{b}"] = f"middle_block.1.{b}"
+    for t in range(transformers_mid):
+        for b in TRANSFORMER_BLOCKS:
+            diffusers_unet_map[f"mid_block.attentions.{i}.transformer_blocks.{t}.{b}"] = (
+                f"middle_block.1.transformer_blocks.{t}.{b}"
+            )
+    for i, n in enumerate([0, 2]):
+        for b in UNET_MAP_RESNET:
+            diffusers_unet_map[f"mid_block.resnets.{i}.{UNET_MAP_RESNET[b]}"] = f"middle_block.{n}.{b}"
+    num_res_blocks = list(reversed(num_res_blocks))
+    for x in range(num_blocks):
+        n = (num_res_blocks[x] + 1) * x
+        length = num_res_blocks[x] + 1
+        for i in range(length):
+            c = 0
+            for b in UNET_MAP_RESNET:
+                diffusers_unet_map[f"up_blocks.{x}.resnets.{i}.{UNET_MAP_RESNET[b]}"] = (
+                    f"output_blocks.{n}.0.{b}"
+                )
+            c += 1
+            num_transformers = transformer_depth_output.pop()
+            if num_transformers > 0:
+                c += 1
+                for b in UNET_MAP_ATTENTIONS:
+                    diffusers_unet_map[f"up_blocks.{x}.attentions.{i}.{b}"] = f"output_blocks.{n}.1.{b}"
+                for t in range(num_transformers):
+                    for b in TRANSFORMER_BLOCKS:
+                        diffusers_unet_map[f"up_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = (
+                            f"output_blocks.{n}.1.transformer_blocks.{t}.{b}"
+                        )
+            if i == length - 1:
+                for k in ["weight", "bias"]:
+                    diffusers_unet_map[f"up_blocks.{x}.upsamplers.0.conv.{k}"] = (
+                        f"output_blocks.{n}.{c}.conv.{k}"
+                    )
+            n += 1
+    for ldm, diffusers in UNET_MAP_BASIC:
+        diffusers_unet_map[diffusers] = ldm
+    return diffusers_unet_map
+
+
+def comfy_key_map(model_keys: set[str]) -> dict[str, str]:
+    """model_lora_keys_unet + model_lora_keys_clip for an SD1.x model with these state-dict keys."""
+    key_map = {}
+    for k in model_keys:
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            key_map["lora_unet_{}".format(k[len("diffusion_model.") : -len(".weight")].replace(".", "_"))] = k
+    diffusers_keys = comfy_unet_to_diffusers(SD1_COMFY_UNET_CONFIG)
+    for k, ldm in diffusers_keys.items():
+        if k.endswith(".weight"):
+            unet_key = f"diffusion_model.{ldm}"
+            key_map["lora_unet_{}".format(k[: -len(".weight")].replace(".", "_"))] = unet_key
+            for p in ["", "unet."]:
+                diffusers_lora_key = "{}{}".format(p, k[: -len(".weight")].replace(".to_", ".processor.to_"))
+                if diffusers_lora_key.endswith(".to_out.0"):
+                    diffusers_lora_key = diffusers_lora_key[:-2]
+                key_map[diffusers_lora_key] = unet_key
+    for b in range(32):
+        for c in LORA_CLIP_MAP:
+            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in model_keys:
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
+                key_map[f"lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
+                key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
+    return key_map
+
+
+def comfy_load(file_keys: set[str], key_map: dict[str, str]) -> tuple[dict[str, str], set[str]]:
+    """load_lora's LoRA branch: (model key -> stem patched, file keys 'not loaded')."""
+    patches, loaded = {}, set()
+    for x in key_map:
+        if f"{x}.lora_up.weight" in file_keys:
+            loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
+            if f"{x}.alpha" in file_keys:
+                loaded.add(f"{x}.alpha")
+            patches[key_map[x]] = x
+    return patches, file_keys - loaded
+
+
+# AUTOMATIC1111 extensions-builtin/Lora/networks.py: convert_diffusers_name_to_compvis and load_network.
+re_digits = re.compile(r"\d+")
+re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
+suffix_conversion = {
+    "attentions": {},
+    "resnets": {
+        "conv1": "in_layers_2",
+        "conv2": "out_layers_3",
+        "norm1": "in_layers_0",
+        "norm2": "out_layers_0",
+        "time_emb_proj": "emb_layers_1",
+        "conv_shortcut": "skip_connection",
+    },
+}
+
+
+def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
+    def match(match_list: list, regex_text: str) -> bool:
+        r = re.match(regex_text, key)
+        if not r:
+            return False
+        match_list.clear()
+        match_list.extend([int(x) if re.match(re_digits, x) else x for x in r.groups()])
+        return True
+
+    m: list = []
+    if match(m, r"lora_unet_conv_in(.*)"):
+        return f"diffusion_model_input_blocks_0_0{m[0]}"
+    if match(m, r"lora_unet_conv_out(.*)"):
+        return f"diffusion_model_out_2{m[0]}"
+    if match(m, r"lora_unet_time_embedding_linear_(\d+)(.*)"):
+        return f"diffusion_model_time_embed_{m[0] * 2 - 2}{m[1]}"
+    if match(m, r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = suffix_conversion.get(m[1], {}).get(m[3], m[3])
+        return (
+            f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
+        )
+    if match(m, r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = suffix_conversion.get(m[0], {}).get(m[2], m[2])
+        return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_{suffix}"
+    if match(m, r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = suffix_conversion.get(m[1], {}).get(m[3], m[3])
+        return f"diffusion_model_output_blocks_{m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
+    if match(m, r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"):
+        return f"diffusion_model_input_blocks_{3 + m[0] * 3}_0_op"
+    if match(m, r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):
+        return f"diffusion_model_output_blocks_{2 + m[0] * 3}_{2 if m[0] > 0 else 1}_conv"
+    if match(m, r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
+        if is_sd2:
+            raise AssertionError("SD1 only here")
+        return f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"
+    return key
+
+
+def a1111_load(file_keys: set[str], network_layer_mapping: set[str]) -> tuple[dict[str, set[str]], list[str]]:
+    """load_network's matching: (A1111 module -> network parts found, keys failed to match)."""
+    matched: dict[str, set[str]] = {}
+    failed = []
+    for key_network in sorted(file_keys):
+        base, _, network_part = key_network.partition(".")
+        key = convert_diffusers_name_to_compvis(base, False)
+        found = key in network_layer_mapping
+        if not found:
+            m = re_x_proj.match(key)
+            if m and m.group(1) in network_layer_mapping:
+                key, found = m.group(1), True
+        if not found and "lora_unet" in base:
+            key = base.replace("lora_unet", "diffusion_model")
+            found = key in network_layer_mapping
+        elif not found and "lora_te1_text_model" in base:
+            key = base.replace("lora_te1_text_model", "0_transformer_text_model")
+            found = key in network_layer_mapping
+            if not found:
+                key = base.replace("lora_te1_text_model", "transformer_text_model")
+                found = key in network_layer_mapping
+        if not found:
+            failed.append(key_network)
+            continue
+        matched.setdefault(key, set()).add(network_part)
+    return matched, failed
+
+
+def model_names(unet: nn.Module, text_encoder: nn.Module) -> tuple[set[str], set[str]]:
+    """(ComfyUI state-dict keys, A1111 network_layer_mapping names) of an SD1.x model in LDM layout.
+
+    The LDM names come from tune's diffusers->LDM converter (the single-file export), an independent
+    mapping from ComfyUI's unet_to_diffusers above, so agreement checks both.
+    """
+    ldm = convert_to_ldm(unet.state_dict(), unet.config, {}, {}, {})
+    unet_keys = {key.removeprefix("model.") for key in ldm}
+    text_keys = set()
+    for key in text_encoder.state_dict():
+        text_keys.add(key if key.startswith("text_model.") else f"text_model.{key}")
+    comfy = unet_keys | {f"clip_l.transformer.{key}" for key in text_keys}
+    a1111 = {key.rsplit(".", 1)[0].replace(".", "_") for key in unet_keys}
+    a1111 |= {f"transformer.{key}".rsplit(".", 1)[0].replace(".", "_") for key in text_keys}
+    return comfy, a1111
+
+
+def check_tools_load(file: Path, unet: nn.Module, text_encoder: nn.Module) -> tuple[int, int]:
+    """Every key of the kohya file maps in ComfyUI and A1111; returns (ComfyUI, A1111) modules."""
+    tensors, _ = read(file)
+    file_keys = set(tensors)
+    modules = {key.split(".", 1)[0] for key in file_keys}
+    comfy_keys, a1111_names = model_names(unet, text_encoder)
+
+    patches, not_loaded = comfy_load(file_keys, comfy_key_map(comfy_keys))
+    assert not not_loaded, f"ComfyUI: lora key not loaded: {sorted(not_loaded)[:5]}"
+    assert set(patches) <= comfy_keys and set(patches.values()) == modules
+
+    matched, failed = a1111_load(file_keys, a1111_names)
+    assert not failed, f"A1111: didn't match keys: {failed[:5]}"
+    assert all(parts == {"lora_up.weight", "lora_down.weight", "alpha"} for parts in matched.values())
+    assert len(matched) == len(modules)  # one A1111 module per file module, none shared
+    return len(patches), len(matched)
+
+
+def test_comfyui_and_a1111_map_every_key_of_the_tiny_export(
+    adapted: StableDiffusionPipeline, tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    file = lora_io.save_lora(
+        lora_io.lora_from_peft(adapted.unet, adapted.text_encoder), tmp_path / "k.safetensors", "kohya"
+    )
+    base = load_pipeline(tiny_pipeline_dir)
+    comfy, a1111 = check_tools_load(file, base.unet, base.text_encoder)
+    unet_modules = sum(1 for key in read(file)[0] if key.startswith("lora_unet_") and key.endswith(".alpha"))
+    print(f"tiny export: ComfyUI {comfy}/{comfy}, A1111 {a1111}/{a1111} modules ({unet_modules} U-Net)")
+
+
+def kohya_targets(skeleton: dict[str, nn.Module], *, conv: bool) -> list[str]:
+    """kohya LoRANetwork.create_modules: Linear/Conv2d children of its target classes."""
+    classes: tuple[type, ...] = (Transformer2DModel,) + (
+        (ResnetBlock2D, Downsample2D, Upsample2D) if conv else ()
+    )
+    targets = []
+    for component, model in skeleton.items():
+        wanted = classes if component == "unet" else ()
+        for name, module in model.named_modules():
+            is_text = component == "text_encoder" and type(module).__name__ in ("CLIPAttention", "CLIPMLP")
+            if not (isinstance(module, wanted) or is_text):
+                continue
+            for child, leaf in module.named_modules():
+                if child and isinstance(leaf, (nn.Linear, nn.Conv2d)):
+                    targets.append(f"{component}.{name}.{child}")
+    return targets
+
+
+@pytest.mark.parametrize("conv, unet_count", [(False, 192), (True, 278)])
+def test_real_sd15_module_list_maps_in_comfyui_and_a1111(conv: bool, unet_count: int, tmp_path: Path) -> None:
+    skeleton = lora_io.sd1_module_skeleton()  # SD1.5 at real size, on the meta device
+    targets = kohya_targets(skeleton, conv=conv)
+    assert sum(t.startswith("unet.") for t in targets) == unet_count
+    assert sum(t.startswith("text_encoder.") for t in targets) == 72
+    generator = torch.Generator().manual_seed(0)
+    modules = {}
+    for target in targets:
+        component, path = target.split(".", 1)
+        shape = skeleton[component].get_submodule(path).weight.shape
+        down = torch.randn(1, *shape[1:], generator=generator)
+        up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=generator)
+        modules[target] = lora_io.LoraModule(down=down, up=up, alpha=1.0)
+    lora = lora_io.Lora(modules=modules, formats=frozenset({"peft"}))
+    file = lora_io.save_lora(lora, tmp_path / "sd15.safetensors", "kohya")
+    assert lora_io.read_lora(file).modules.keys() == modules.keys()
+    comfy, a1111 = check_tools_load(file, skeleton["unet"], skeleton["text_encoder"])
+    assert comfy == a1111 == unet_count + 72
+    print(
+        f"real SD1.5 ({'LoCon' if conv else 'attention-only'}): ComfyUI {comfy}, A1111 {a1111} of {len(modules)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run directory, tune export, sampling with the file, merging
+# ---------------------------------------------------------------------------------------------------
+
+
+def image(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float64)
+
+
+def sample(model: str, out: Path, *extra: str) -> np.ndarray:
+    argv = ["sample", "--model", model, "--prompt", PROMPT, "--steps", str(STEPS), "--seed", "0"]
+    assert main([*argv, "--device", "cpu", "--out", str(out), *extra]) == 0
+    return image(out)
+
+
+def test_export_samples_and_merges_like_the_in_memory_adapter(
+    adapted: StableDiffusionPipeline, run_dir: Path, tiny_pipeline_dir: str, tmp_path: Path, capsys
+) -> None:
+    assert main(["export", str(run_dir)]) == 0
+    exported = Path(capsys.readouterr().out.strip())
+    assert exported == run_dir / "export" / "sks-lora.safetensors"
+    tensors, metadata = read(exported)
+    assert metadata["sshs_model_hash"] == lora_io.safetensors_data_hash(exported)
+    base = load_pipeline(tiny_pipeline_dir)
+    assert metadata["tune_base_model_hash"] == lora_io.base_model_hash(base.unet, base.text_encoder)
+    # The hash names the base weights: PEFT's wrappers and adapter tensors do not change it.
+    assert metadata["tune_base_model_hash"] == lora_io.base_model_hash(adapted.unet, adapted.text_encoder)
+    assert metadata["modelspec.trigger_phrase"] == PROMPT and metadata["tune_recipe"] == "lora"
+    assert metadata["tune_config"] == (run_dir / "config.toml").read_text()
+    assert metadata["ss_output_name"] == "sks-lora" and metadata["modelspec.resolution"] == "32x32"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["ss_network_module"] == "networks.lora" and "conv_dim" in metadata["ss_network_args"]
+
+    [in_memory] = sampling.generate(adapted, PROMPT, 0, steps=STEPS, guidance=7.5, progress=False)
+    expected = np.asarray(in_memory.image, dtype=np.float64)
+    with_file = sample(tiny_pipeline_dir, tmp_path / "lora.png", "--lora", str(exported))
+    plain = sample(tiny_pipeline_dir, tmp_path / "plain.png")
+    file_diff = np.abs(with_file - expected).mean()
+    assert file_diff < 1.0
+    assert np.abs(plain - expected).mean() > 5.0  # the LoRA does change the image
+
+    merged = tmp_path / "merged"
+    assert main(["lora", "merge", tiny_pipeline_dir, f"{exported}:1", "--out", str(merged)]) == 0
+    merge_diff = np.abs(sample(str(merged), tmp_path / "merged.png") - with_file).mean()
+    assert merge_diff < 1.0
+    print(f"sample --lora vs in-memory adapter: {file_diff:.3f}/255; merged vs --lora: {merge_diff:.3f}/255")
+
+
+def test_run_adapter_choice_and_export_targets(run_dir: Path, tmp_path: Path) -> None:
+    assert lora_io.find_run_adapter(run_dir) == (lora_io.final_adapter_path(run_dir), None)
+    assert lora_io.find_run_adapter(run_dir, 5) == (lora_io.checkpoint_adapter_path(run_dir, 5), 5)
+    step_file = lora_io.export_run(run_dir, "diffusers", step=5, dtype=torch.float32)
+    assert step_file == run_dir / "export" / "diffusers-step_000005" / "pytorch_lora_weights.safetensors"
+    tensors, metadata = read(step_file)
+    assert metadata["tune_step"] == "5" and {t.dtype for t in tensors.values()} == {torch.float32}
+    # The checkpoint and the final adapter hold the same weights here: same deltas, to fp32 precision.
+    final = lora_io.read_lora(lora_io.final_adapter_path(run_dir))
+    for target, pair in lora_io.read_lora(step_file).modules.items():
+        shape = weight_shape(pair)
+        torch.testing.assert_close(pair.delta(shape), final.modules[target].delta(shape))
+
+    # A run that has only checkpoints exports the newest complete one; an incomplete one never counts.
+    partial = tmp_path / "partial"
+    run = RunDir.create(partial, "lora", "seed = 0\n")
+    for step in (10, 20, 30):
+        lora_io.write_lora_file(
+            *read(lora_io.checkpoint_adapter_path(run_dir, 5)), lora_io.checkpoint_adapter_path(partial, step)
+        )
+    run.mark_checkpoint_complete(10)
+    run.mark_checkpoint_complete(20)
+    run.close()
+    assert lora_io.find_run_adapter(partial) == (lora_io.checkpoint_adapter_path(partial, 20), 20)
+    assert (
+        lora_io.default_export_path(partial, "kohya", 20)
+        == partial / "export" / "partial-step_000020.safetensors"
+    )
+
+
+def test_convert_round_trip_keeps_every_delta(run_dir: Path, tmp_path: Path, capsys) -> None:
+    source = lora_io.final_adapter_path(run_dir)
+    reference = lora_io.read_lora(source)
+    kohya = tmp_path / "a.safetensors"
+    assert (
+        main(["lora", "convert", str(source), "--to", "kohya", "--out", str(kohya), "--dtype", "fp32"]) == 0
+    )
+    assert main(["lora", "convert", str(kohya), "--to", "diffusers", "--dtype", "fp32"]) == 0
+    back = tmp_path / "a_diffusers_kohya.safetensors"
+    assert main(["lora", "convert", str(tmp_path / "a_diffusers.safetensors"), "--to", "kohya"]) == 0
+    assert capsys.readouterr().out.split() == [
+        str(kohya),
+        str(tmp_path / "a_diffusers.safetensors"),
+        str(back),
+    ]
+    round_trip = lora_io.read_lora(back)
+    assert round_trip.formats == {"kohya"} and round_trip.modules.keys() == reference.modules.keys()
+    for target, pair in reference.modules.items():
+        shape = weight_shape(pair)
+        torch.testing.assert_close(
+            round_trip.modules[target].delta(shape), pair.delta(shape), rtol=1e-5, atol=1e-7
+        )
+    assert {t.dtype for t in read(back)[0].values()} == {torch.float32}  # the source's dtype by default
