@@ -40,16 +40,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeAlias
 
 import numpy as np
-from PIL import Image
 
 from tune.data.example_concept import TOY_BAND_RGB, TOY_BODY_RGB
+from tune.data.imageops import ImageLike, box3, dilate, erode, reconstruct, rgb_to_lab, to_array
 from tune.data.shapes import COLORS, PALETTE, Color
 from tune.data.shapes_detect import detect
-
-ImageLike: TypeAlias = "Image.Image | np.ndarray"
 
 WORK_RESOLUTION = 64
 """Inputs are resampled to this short side, the scale the thresholds were checked at."""
@@ -95,26 +92,8 @@ _MAX_REGIONS = 64
 # ---------------------------------------------------------------------------------------------
 
 
-def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in 0-255 (..., 3) -> CIELAB (D65) (..., 3)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ np.array(
-        [
-            [0.4124564, 0.2126729, 0.0193339],
-            [0.3575761, 0.7151522, 0.1191920],
-            [0.1804375, 0.0721750, 0.9503041],
-        ]
-    )
-    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack(
-        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1
-    )
-
-
 def _hue_degrees(rgb: Sequence[int]) -> float:
-    lab = _rgb_to_lab(np.asarray(rgb, dtype=np.float64))
+    lab = rgb_to_lab(np.asarray(rgb, dtype=np.float64))
     return math.degrees(math.atan2(lab[2], lab[1])) % 360
 
 
@@ -140,68 +119,6 @@ def _hue_classes(lab: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_array(image: ImageLike) -> np.ndarray:
-    """RGB float32 in 0-255, resampled to `WORK_RESOLUTION` on the short side.
-
-    Arrays may be uint8 (0-255) or float (0-1), HxWx3, HxWx4 (alpha dropped) or HxW (grey).
-    """
-    if isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    else:
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        if array.ndim != 3 or array.shape[-1] not in (3, 4):
-            raise ValueError(f"expected an HxWx3 image array; got shape {array.shape}")
-        array = array[..., :3]
-        if array.dtype != np.uint8:
-            array = np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255)
-        pil = Image.fromarray(array.astype(np.uint8), mode="RGB")
-    width, height = pil.size
-    if min(width, height) < MIN_RESOLUTION:
-        raise ValueError(
-            f"detect_concept needs images at least {MIN_RESOLUTION}px on a side; got {width}x{height}"
-        )
-    scale = WORK_RESOLUTION / min(width, height)
-    if scale != 1:
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-        pil = pil.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
-    return np.asarray(pil, dtype=np.float32)
-
-
-def _box3(a: np.ndarray) -> np.ndarray:
-    """3x3 mean filter (edges replicated) over the first two axes."""
-    p = np.pad(a, [(1, 1), (1, 1)] + [(0, 0)] * (a.ndim - 2), mode="edge")
-    h, w = a.shape[:2]
-    return sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """3x3 (8-connected) binary dilation."""
-    tall = mask.copy()
-    tall[1:] |= mask[:-1]
-    tall[:-1] |= mask[1:]
-    out = tall.copy()
-    out[:, 1:] |= tall[:, :-1]
-    out[:, :-1] |= tall[:, 1:]
-    return out
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary erosion (outside the image counts as set, so the border does not eat regions)."""
-    return ~_dilate(~mask)
-
-
-def _reconstruct(seed: np.ndarray, within: np.ndarray) -> np.ndarray:
-    """The pixels of `within` 8-connected to `seed` (morphological reconstruction)."""
-    region = seed & within
-    while True:
-        grown = _dilate(region) & within
-        if np.array_equal(grown, region):
-            return region
-        region = grown
-
-
 def _regions(mask: np.ndarray, count: int) -> list[np.ndarray]:
     """The `count` largest 8-connected regions of `mask` (among the first `_MAX_REGIONS` found)."""
     remaining = mask.copy()
@@ -209,7 +126,7 @@ def _regions(mask: np.ndarray, count: int) -> list[np.ndarray]:
     while remaining.any() and len(found) < _MAX_REGIONS:
         seed = np.zeros_like(mask)
         seed.flat[int(np.argmax(remaining))] = True
-        region = _reconstruct(seed, remaining)
+        region = reconstruct(seed, remaining)
         found.append(region)
         remaining &= ~region
     found.sort(key=lambda r: -int(r.sum()))
@@ -220,14 +137,14 @@ def _outside(mask: np.ndarray) -> np.ndarray:
     """Non-mask pixels connected to the image border."""
     edge = np.zeros_like(mask)
     edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
-    return _reconstruct(edge, ~mask)
+    return reconstruct(edge, ~mask)
 
 
 def _core(region: np.ndarray) -> np.ndarray:
     """`region` eroded up to `_CORE_EROSIONS` times, stopping before it would all but vanish."""
     core = region
     for _ in range(_CORE_EROSIONS):
-        eroded = _erode(core)
+        eroded = erode(core)
         if eroded.sum() < _MIN_CORE_PIXELS:
             break
         core = eroded
@@ -276,13 +193,13 @@ def concept_measurements(image: ImageLike) -> dict[str, float]:
 
     With no candidate at all (a flat image), the score is 0.
     """
-    pixels = _box3(_to_array(image))
+    pixels = box3(to_array(image, WORK_RESOLUTION, MIN_RESOLUTION, "detect_concept"))
     height, width = pixels.shape[:2]
     ring = max(1, round(min(height, width) / 32))
     border = np.ones((height, width), dtype=bool)
     border[ring:-ring, ring:-ring] = False
-    lab = _rgb_to_lab(pixels)
-    bg_lab = _rgb_to_lab(np.median(pixels[border], axis=0))
+    lab = rgb_to_lab(pixels)
+    bg_lab = rgb_to_lab(np.median(pixels[border], axis=0))
     weights = np.array([_LIGHTNESS_WEIGHT, 1.0, 1.0])
     distance = np.linalg.norm((lab - bg_lab) * weights, axis=-1)
     threshold = float(np.clip(_RELATIVE_DISTANCE * np.percentile(distance, 99), MIN_DISTANCE, MAX_DISTANCE))
@@ -294,7 +211,7 @@ def concept_measurements(image: ImageLike) -> dict[str, float]:
     objects = (distance > threshold) | (pink & (bg_class != _PINK)) | (teal & (bg_class != _TEAL))
     # Closing: the blurred seams between pink and teal are lavender-blue, near a blue-grey
     # background, and would cut the ring into pieces.
-    objects = _erode(_dilate(objects))
+    objects = erode(dilate(objects))
     clutter = float(objects[border].mean())
 
     best: dict[str, float] | None = None

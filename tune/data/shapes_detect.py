@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal
 
 import numpy as np
-from PIL import Image
 
+from tune.data.imageops import ImageLike, box3, dilate, reconstruct, rgb_to_lab, to_array
 from tune.data.shapes import (
     COLORS,
     PALETTE,
@@ -51,7 +51,6 @@ from tune.data.shapes import (
     Size,
 )
 
-ImageLike: TypeAlias = "Image.Image | np.ndarray"
 Unknown = Literal["unknown"]
 ATTRIBUTES: tuple[str, ...] = ("bg", "color", "shape", "size", "position")
 
@@ -123,30 +122,12 @@ class DetectionScore:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in 0-255 (..., 3) -> CIELAB (D65) (..., 3)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ np.array(
-        [
-            [0.4124564, 0.2126729, 0.0193339],
-            [0.3575761, 0.7151522, 0.1191920],
-            [0.1804375, 0.0721750, 0.9503041],
-        ]
-    )
-    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack(
-        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1
-    )
-
-
-_PALETTE_LAB = _rgb_to_lab(np.array([PALETTE[c] for c in COLORS], dtype=np.float64))
+_PALETTE_LAB = rgb_to_lab(np.array([PALETTE[c] for c in COLORS], dtype=np.float64))
 
 
 def _palette_distances(rgb: np.ndarray) -> np.ndarray:
     """CIELAB distance from each colour in `rgb` (..., 3) to each palette entry (..., 8)."""
-    return np.linalg.norm(_rgb_to_lab(rgb)[..., None, :] - _PALETTE_LAB, axis=-1)
+    return np.linalg.norm(rgb_to_lab(rgb)[..., None, :] - _PALETTE_LAB, axis=-1)
 
 
 def _margin(distances: np.ndarray) -> float:
@@ -169,65 +150,6 @@ def nearest_color(rgb: Sequence[float] | np.ndarray, exclude: Color | None = Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_array(image: ImageLike) -> np.ndarray:
-    """An RGB float32 array in 0-255 at most WORK_RESOLUTION on its short side.
-
-    Arrays may be uint8 (0-255) or float (0-1), HxWx3, HxWx4 (alpha dropped) or HxW (grey).
-    """
-    if isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    else:
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        if array.ndim != 3 or array.shape[-1] not in (3, 4):
-            raise ValueError(f"expected an HxWx3 image array; got shape {array.shape}")
-        array = array[..., :3]
-        if array.dtype != np.uint8:
-            array = np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255)
-        pil = Image.fromarray(array.astype(np.uint8), mode="RGB")
-    width, height = pil.size
-    if min(width, height) < MIN_RESOLUTION:
-        raise ValueError(
-            f"the detector needs images at least {MIN_RESOLUTION}px on a side; got {width}x{height}"
-        )
-    scale = WORK_RESOLUTION / min(width, height)
-    if scale != 1:
-        # Down: a box filter averages (and so denoises). Up: bilinear keeps the edges' soft
-        # coverage, which the shape features measure, smooth instead of blocky.
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-        pil = pil.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
-    return np.asarray(pil, dtype=np.float32)
-
-
-def _box3(a: np.ndarray) -> np.ndarray:
-    """3x3 mean filter (edges replicated) over the first two axes."""
-    p = np.pad(a, [(1, 1), (1, 1)] + [(0, 0)] * (a.ndim - 2), mode="edge")
-    h, w = a.shape[:2]
-    return sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """3x3 (8-connected) binary dilation, as a vertical then a horizontal 3-pixel max."""
-    tall = mask.copy()
-    tall[1:] |= mask[:-1]
-    tall[:-1] |= mask[1:]
-    out = tall.copy()
-    out[:, 1:] |= tall[:, :-1]
-    out[:, :-1] |= tall[:, 1:]
-    return out
-
-
-def _reconstruct(seed: np.ndarray, within: np.ndarray) -> np.ndarray:
-    """The pixels of `within` 8-connected to `seed` (morphological reconstruction)."""
-    region = seed & within
-    while True:
-        grown = _dilate(region) & within
-        if np.array_equal(grown, region):
-            return region
-        region = grown
-
-
 def _largest_blob(mask: np.ndarray, priority: np.ndarray, tries: int = 4) -> np.ndarray:
     """The largest 8-connected blob of `mask` among the first `tries`, seeded at high `priority`."""
     remaining = mask.copy()
@@ -237,7 +159,7 @@ def _largest_blob(mask: np.ndarray, priority: np.ndarray, tries: int = 4) -> np.
             break
         seed = np.zeros_like(mask)
         seed.flat[int(np.argmax(np.where(remaining, priority, -np.inf)))] = True
-        blob = _reconstruct(seed, remaining)
+        blob = reconstruct(seed, remaining)
         if blob.sum() > best.sum():
             best = blob
         remaining &= ~blob
@@ -256,7 +178,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     edge = np.zeros_like(box)
     edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
     filled = mask.copy()
-    filled[y0:y1, x0:x1] = ~_reconstruct(edge, ~box)
+    filled[y0:y1, x0:x1] = ~reconstruct(edge, ~box)
     return filled
 
 
@@ -311,7 +233,7 @@ def _classify_shape(features: Mapping[str, float]) -> tuple[Shape, float]:
 
 def detect(image: ImageLike) -> Detection:
     """Find the background colour and the object's colour, shape, size and position."""
-    pixels = _to_array(image)
+    pixels = to_array(image, WORK_RESOLUTION, MIN_RESOLUTION)
     height, width = pixels.shape[:2]
 
     # Background: the palette colour most of a thin border ring is nearest to.
@@ -329,7 +251,7 @@ def detect(image: ImageLike) -> Detection:
     # so that pixel noise neither seeds the blob nor inflates it.
     offset = pixels - bg_rgb
     distance = np.linalg.norm(offset, axis=-1)
-    smooth = np.linalg.norm(_box3(pixels) - bg_rgb, axis=-1)
+    smooth = np.linalg.norm(box3(pixels) - bg_rgb, axis=-1)
     peak = float(smooth.max())
     contrast = float(np.median(smooth[smooth >= 0.5 * peak])) if peak > 0 else 0.0
     unknown = Detection(
@@ -368,7 +290,7 @@ def detect(image: ImageLike) -> Detection:
     direction = (object_rgb - bg_rgb).astype(np.float32)
     coverage = offset @ direction / float(direction @ direction)
     coverage = np.clip((coverage - 0.5) * _EDGE_GAIN + 0.5, 0.0, 1.0)
-    coverage = np.where(_dilate(_dilate(blob)), coverage, 0.0)
+    coverage = np.where(dilate(dilate(blob)), coverage, 0.0)
     shape, shape_confidence = _classify_shape(shape_features(coverage))
 
     return Detection(
