@@ -1,0 +1,335 @@
+"""Train the base model's U-Net from scratch on the shapes dataset (cached VAE latents and CLIP text).
+
+    tune data shapes data/shapes-train --count 10000 --split train
+    tune run unet --config default vae=runs/base-vae/export/vae clip=runs/base-clip/export/clip
+
+Inputs are the `vae` recipe's AutoencoderKL folder and the `clip` recipe's export (its text tower is
+the frozen text encoder). The U-Net keeps SD1.5's module topology at small widths. Training uses
+cached latents and text, caption dropout (for classifier-free guidance), v-prediction with min-SNR
+weighting by default, and an EMA of the weights: the EMA weights are sampled, exported and evaluated.
+
+Writes `export/pipeline/` (a complete StableDiffusionPipeline folder with a DDIM scheduler, loadable
+by plain diffusers) and `eval/unet.json` (shapes-detector accuracy on held-out and training prompts).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tune.data.config import DataConfig
+from tune.data.loader import build_dataloader, build_dataset, cache_latents, cache_text
+from tune.data.shapes import EvalPrompt, make_eval_prompts
+from tune.data.shapes_detect import score
+from tune.diffusion import DiffusionConfig, diffusion_step
+from tune.errors import ConfigError, DataError, ModelError
+from tune.models.presets import PRESETS, build_unet
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.runs import RunDir
+from tune.sampling import generate, make_grid, sample_grid
+from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the `unet` recipe."""
+
+    vae: str = "runs/base-vae/export/vae"
+    """AutoencoderKL folder (the `vae` recipe's export/vae); its scaling_factor scales the latents."""
+    clip: str = "runs/base-clip/export/clip"
+    """The `clip` recipe's export: a CLIPModel folder (or text_encoder/ subfolder) plus tokenizer/."""
+    data_dir: str = "data/shapes-train"
+    """Shapes imagefolder (metadata.jsonl with captions), written by `tune data shapes`."""
+    output_dir: str = ""
+    """Run directory; empty means runs/unet-<timestamp>."""
+    seed: int = 0
+    """Seed of weights, data order, noise and timesteps."""
+    resume: str = ""
+    """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
+    resolution: int = 64
+    """Image side in pixels; the U-Net's sample_size is this over the VAE's downsampling factor."""
+    unet_block_out_channels: tuple[int, ...] = (24, 48, 96, 96)
+    """Widths of SD1.5's four U-Net levels (keep the 1:2:4:4 ratio for single-file export)."""
+    unet_attention_heads: int = 2
+    """Attention heads per transformer block (diffusers' `attention_head_dim`, as in SD1.5)."""
+    unet_norm_num_groups: int = 8
+    """GroupNorm groups; must divide every width."""
+    beta_schedule: Literal["scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    """Noise schedule: SD1.5's scaled_linear, or the cosine one, whose last step is (almost) pure noise
+    as at sampling time, so flat backgrounds are not biased by leftover signal."""
+    diffusion: DiffusionConfig = DiffusionConfig(prediction_type="v_prediction", snr_gamma=5.0)
+    """Loss: prediction type (auto means v_prediction here), min-SNR gamma, noise offset."""
+    caption_dropout: float = 0.1
+    """Share of samples trained with the empty caption, for classifier-free guidance."""
+    ema_decay: float = 0.999
+    """Largest EMA decay of the U-Net weights (the EMA weights are sampled and exported)."""
+    ema_power: float = 0.75
+    """EMA warmup: decay at step n is min(ema_decay, 1 - (1 + n) ** -ema_power)."""
+    max_steps: int = 1800
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Images per step."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """bf16/fp16 autocast on a GPU; CPUs train in fp32."""
+    optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100)
+    """Optimizer and learning-rate schedule."""
+    sample_every: int = 600
+    """Validation (samples and detector accuracy, with the EMA weights) every this many steps and at the end."""
+    checkpoint_every: int = 600
+    """Checkpoint every this many steps and at the end."""
+    checkpoints_keep: int = 2
+    """Newest checkpoints kept (0 keeps all)."""
+    sample_prompts: tuple[str, ...] = (
+        "a large red circle on a blue background",
+        "a small yellow star on a purple background in the top left",
+        "a large green circle on a black background",
+        "a small white star on a green background in the bottom right",
+    )
+    """Validation prompts (the last two are held-out colour/shape pairs), written as a prompts x seeds grid."""
+    sample_seeds: tuple[int, ...] = (0, 1)
+    """Validation seeds."""
+    val_prompts: int = 16
+    """Held-out prompts generated and judged by the shapes detector at each validation (0 = off)."""
+    sample_steps: int = 25
+    """DDIM steps for validation and evaluation images."""
+    guidance: float = 6.0
+    """Classifier-free guidance scale for validation and evaluation images."""
+    eval_prompts: int = 200
+    """Final evaluation: this many held-out and this many training-split prompts, one image each (0 = off)."""
+
+    def __post_init__(self) -> None:
+        for key in _POSITIVE:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0; got {getattr(self, key)}")
+        for key in _NON_NEGATIVE:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+        if not (0 <= self.caption_dropout < 1 and 0 < self.ema_decay < 1 and self.ema_power > 0):
+            raise ConfigError("need 0 <= caption_dropout < 1, 0 < ema_decay < 1 and ema_power > 0")
+        if not (self.sample_prompts and self.sample_seeds):
+            raise ConfigError("sample_prompts and sample_seeds need at least one entry each")
+        groups, heads = self.unet_norm_num_groups, self.unet_attention_heads
+        widths = self.unet_block_out_channels
+        ok = len(widths) == 4 and min(groups, heads) > 0
+        if not ok or any(w <= 0 or w % math.lcm(groups, heads) for w in widths):
+            raise ConfigError(
+                "unet_block_out_channels must be 4 widths divisible by unet_norm_num_groups and "
+                f"unet_attention_heads; got {list(widths)}"
+            )
+        if self.diffusion.prediction_type == "epsilon" and self.beta_schedule == "squaredcos_cap_v2":
+            raise ConfigError(
+                "diffusion.prediction_type epsilon cannot start sampling from squaredcos_cap_v2's pure noise "
+                "(x0 = x / ~0); use v_prediction or beta_schedule scaled_linear"
+            )
+
+
+_POSITIVE = ("resolution", "max_steps", "batch_size", "sample_every", "checkpoint_every", "sample_steps")
+_NON_NEGATIVE = ("checkpoints_keep", "val_prompts", "eval_prompts")
+
+
+def check_inputs(cfg: Config) -> None:
+    """Say what to run when the VAE, the CLIP export or the data is missing (before a run dir exists)."""
+    if not (Path(cfg.vae) / "config.json").is_file():
+        raise ModelError(
+            f"vae: no AutoencoderKL folder at {cfg.vae}; train one with `tune run vae` or set vae=PATH"
+        )
+    text_dir, tokenizer_dir = clip_paths(cfg.clip)
+    has_tokenizer = any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "vocab.json"))
+    if not (text_dir / "config.json").is_file() or not has_tokenizer:
+        raise ModelError(
+            f"clip: no CLIP model and tokenizer at {cfg.clip}; train one with `tune run clip` or set clip=PATH"
+        )
+    if not Path(cfg.data_dir).is_dir():
+        res = "" if cfg.resolution == 64 else f" --resolution {cfg.resolution}"
+        raise DataError(
+            f"no shapes data at {cfg.data_dir}; write it with "
+            f"`tune data shapes {cfg.data_dir} --count 10000 --split train{res}` or set data_dir=PATH"
+        )
+
+
+def clip_paths(clip: str) -> tuple[Path, Path]:
+    """The text tower's folder (text_encoder/ if there, else the CLIPModel folder) and the tokenizer's.
+
+    CLIPTextModel also loads from a whole CLIPModel folder: the text weights have the same names."""
+    root = Path(clip)
+    text_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+    return text_dir, root / "tokenizer" if (root / "tokenizer").is_dir() else root
+
+
+def judge(
+    pipe: StableDiffusionPipeline, prompts: list[EvalPrompt], seed0: int, cfg: Config
+) -> tuple[dict[str, float], list[Image.Image]]:
+    """One image per prompt (seed seed0 + i) and the shapes detector's accuracy per attribute; position
+    is scored over small objects only, since large ones are always centred."""
+    kwargs = dict(steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
+    images = [generate(pipe, p.prompt, seed0 + i, **kwargs)[0].image for i, p in enumerate(prompts)]
+    specs = [p.spec for p in prompts]
+    result = score(images, specs)
+    out = {**result.accuracy, "all_correct": result.all_correct, "found": result.found, "count": result.count}
+    del out["position"]
+    small = [(image, spec) for image, spec in zip(images, specs, strict=True) if spec.size == "small"]
+    if small:
+        out["position_small"] = score(*zip(*small, strict=True)).accuracy["position"]
+    return out, images
+
+
+def evaluate(pipe: StableDiffusionPipeline, cfg: Config, out_dir: Path, report: dict) -> dict:
+    """Held-out and training-split prompts, one image each: `unet.json` and a grid of the first 32."""
+    t0 = time.perf_counter()
+    report["settings"] = {"steps": cfg.sample_steps, "guidance": cfg.guidance, "scheduler": "DDIMScheduler"}
+    shown: list[Image.Image] = []
+    # Fresh seeds: neither validation's (1000 + i) nor each other's.
+    for split, seed0 in (("heldout", 10_000), ("train", 20_000)):
+        report[split], images = judge(pipe, make_eval_prompts(cfg.eval_prompts, split), seed0, cfg)
+        shown = shown or images[:32]
+    report["eval_time_s"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "unet.json").write_text(json.dumps(report, indent=2) + "\n")
+    cols = min(8, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    shown += [Image.new("RGB", shown[0].size, "white")] * (rows * cols - len(shown))
+    make_grid(shown, rows, cols).save(out_dir / "unet_grid.png")
+    return report
+
+
+def main(cfg: Config) -> RunDir:
+    # ---- run dir & seed -----------------------------------------------------------------------------
+    check_inputs(cfg)
+    run, cfg = start_run("unet", cfg)
+    accelerator = build_accelerator(cfg.mixed_precision)
+    device = accelerator.device
+
+    # ---- models -------------------------------------------------------------------------------------
+    vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False).eval().to(device)
+    text_dir, tokenizer_dir = clip_paths(cfg.clip)
+    text_encoder = CLIPTextModel.from_pretrained(text_dir).requires_grad_(False).eval().to(device)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    vae_levels = tuple(vae.config.block_out_channels)
+    if cfg.resolution % 2 ** (len(vae_levels) - 1):
+        raise ConfigError(f"resolution must be a multiple of the VAE's factor {2 ** (len(vae_levels) - 1)}")
+    # SD1.5's topology at our widths; the preset's latent size (the U-Net's sample_size) follows the VAE.
+    preset = dataclasses.replace(
+        PRESETS["small"],
+        resolution=cfg.resolution,
+        vae_block_out_channels=vae_levels,
+        unet_block_out_channels=tuple(cfg.unet_block_out_channels),
+        unet_attention_heads=cfg.unet_attention_heads,
+        unet_norm_num_groups=cfg.unet_norm_num_groups,
+    )
+    unet = build_unet(preset, cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
+    pred_type = "v_prediction" if cfg.diffusion.prediction_type == "auto" else cfg.diffusion.prediction_type
+    noise_scheduler = DDPMScheduler(
+        beta_schedule=cfg.beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=pred_type
+    )
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # holds the EMA weights to sample and export
+    # "trailing" spacing starts sampling at t = 999, where the cosine schedule is pure noise, as in training.
+    sampling = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, **sampling)
+    no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(vae, text_encoder, tokenizer, ema_unet, scheduler, **no_checker)
+    pipe.set_progress_bar_config(disable=True)
+    n_params = sum(p.numel() for p in unet.parameters())
+    log.info("unet: %.2fM parameters, %dx%d latents", n_params / 1e6, preset.latent_size, preset.latent_size)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    data_cfg = DataConfig(
+        resolution=cfg.resolution,
+        bucketing=False,
+        min_side=cfg.resolution,
+        caption_dropout=cfg.caption_dropout,
+        cache_latents=True,
+        cache_text=True,
+    )
+    t0 = time.perf_counter()
+    dataset = build_dataset(cfg.data_dir, data_cfg, seed=cfg.seed)
+    cache_latents(dataset, vae, device=device, batch_size=64, accelerator=accelerator)
+    cache_text(dataset, text_encoder, tokenizer, device=device, accelerator=accelerator)
+    loader = build_dataloader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, accelerator=accelerator)
+    data_time_s = time.perf_counter() - t0  # scanning and caching: slow once, then cache hits
+    val_set = make_eval_prompts(cfg.val_prompts, "heldout") if cfg.val_prompts else []
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    optimizer = build_optimizer(unet.parameters(), cfg.optim)
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    accelerator.register_for_checkpointing(loader)
+    accelerator.register_for_checkpointing(ema)
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    run.update_info(vae=cfg.vae, clip=cfg.clip, unet_params=n_params, max_steps=cfg.max_steps)
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    started = last = time.perf_counter()
+    start_step = step
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="unet", unit="step")
+    while step < cfg.max_steps:
+        for batch in loader:
+            batch = batch.to(device)
+            # Noise and timesteps depend on (seed, step) only: each new DataLoader iterator draws from the
+            # global RNG, so after a resume it would not repeat the uninterrupted run's draws.
+            generator = torch.Generator().manual_seed(cfg.seed * 2**32 + step)
+            loss = diffusion_step(
+                unet, noise_scheduler, batch.latents, batch.encoder_hidden_states, cfg.diffusion, generator
+            )
+            accelerator.backward(loss)
+            if cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(accelerator.unwrap_model(unet).parameters())
+            step += 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optim.lr")
+            seconds = round(time.perf_counter() - last, 4)  # data + compute; validation is not counted
+            run.log_metrics(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+                ema.copy_to(ema_unet.parameters())
+                prompts, seeds, out = list(cfg.sample_prompts), list(cfg.sample_seeds), run.sample_dir(step)
+                sample_grid(
+                    pipe, prompts, seeds, out, steps=cfg.sample_steps, guidance=cfg.guidance, progress=False
+                )
+                if val_set:
+                    metrics, _ = judge(pipe, val_set, 1000, cfg)
+                    run.log_metrics(step, **{f"val_{k}": v for k, v in metrics.items() if k != "count"})
+                    log.info(
+                        "step %d held-out: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+                    )
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
+            if step >= cfg.max_steps:
+                break
+            last = time.perf_counter()
+    bar.close()
+    train_time_s = time.perf_counter() - started
+
+    # ---- save/export --------------------------------------------------------------------------------
+    ema.copy_to(ema_unet.parameters())
+    pipe.save_pretrained(run.export_dir / "pipeline")
+    log.info("exported the pipeline (EMA U-Net) to %s", run.export_dir / "pipeline")
+    if cfg.eval_prompts:
+        # Times of this process (a resumed run trained from start_step on).
+        times = {"data_time_s": data_time_s, "train_time_s": train_time_s}
+        report: dict = {"step": step, "start_step": start_step, "unet_params": n_params}
+        report = evaluate(pipe, cfg, run.eval_dir, report | {k: round(v, 1) for k, v in times.items()})
+        log.info("eval: held-out %s; train %s", report["heldout"], report["train"])
+    run.finish()
+    return run

@@ -1,0 +1,195 @@
+"""The unet recipe end to end on tiny stand-ins: run-dir contract, determinism, resume, export, configs."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+from recipes import unet as recipe
+from tune import PROJECT_ROOT
+from tune.config import load_config
+from tune.data.shapes import write_imagefolder
+from tune.errors import ConfigError, DataError, ModelError
+from tune.runs import read_metrics, read_run
+
+CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "unet"
+TINY_VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32
+)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, str]:
+    """Stand-ins in the layouts the data, vae and clip recipes write (32 px, VAE factor 4)."""
+    root = tmp_path_factory.mktemp("unet-inputs")
+    data = write_imagefolder(root / "shapes", count=12, split="train", resolution=32, seed=0)
+    tiny = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    tiny.vae.save_pretrained(root / "vae")
+    # The clip recipe's export: a whole CLIPModel, its text tower in text_encoder/, and tokenizer/.
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=tiny.text_encoder.config.to_dict(), vision_config=TINY_VISION))
+    clip.save_pretrained(root / "clip")
+    clip.text_model.save_pretrained(root / "clip" / "text_encoder")
+    tiny.tokenizer.save_pretrained(root / "clip" / "tokenizer")
+    return {"data_dir": str(data), "vae": str(root / "vae"), "clip": str(root / "clip")}
+
+
+def tiny_config(inputs: dict[str, str], out: Path, *extra: str) -> recipe.Config:
+    overrides = [f"{k}={v}" for k, v in inputs.items()] + [f"output_dir={out}", *extra]
+    return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
+
+
+def losses(run_path: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_path / "metrics.jsonl") if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def first_run(inputs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recipe.main(tiny_config(inputs, tmp_path_factory.mktemp("runs") / "a")).path
+
+
+def test_run_directory_contract(first_run: Path) -> None:
+    info = read_run(first_run)
+    assert info.status == "done" and (first_run / "config.toml").is_file()
+    assert sorted(losses(first_run)) == [1, 2, 3, 4]
+    numbers = [v for m in info.metrics for k, v in m.items() if k not in ("step", "time")]
+    assert numbers and all(math.isfinite(v) for v in numbers)
+    val = [m for m in info.metrics if "val_color" in m]
+    assert [m["step"] for m in val] == [2, 4]
+    assert {"val_bg", "val_shape", "val_size", "val_all_correct"} <= set(val[0])
+    assert info.sample_steps == [2, 4]
+    assert (info.samples_at(4) / "grid.png").is_file() and (info.samples_at(4) / "p01_s0.png").is_file()
+    assert info.checkpoint_steps == [2, 4]
+    assert all((first_run / "checkpoints" / f"step_{s:06d}" / "COMPLETE").is_file() for s in (2, 4))
+    report = json.loads((first_run / "eval" / "unet.json").read_text())
+    for split in ("heldout", "train"):
+        assert report[split]["count"] == 2
+        assert {"color", "shape", "bg", "size", "all_correct"} <= set(report[split])
+        assert all(0 <= report[split][k] <= 1 for k in ("color", "shape", "bg", "size", "all_correct"))
+    assert report["train_time_s"] > 0 and (first_run / "eval" / "unet_grid.png").is_file()
+
+
+def test_export_loads_in_plain_diffusers(first_run: Path) -> None:
+    path = first_run / "export" / "pipeline"
+    index = json.loads((path / "model_index.json").read_text())
+    # Only diffusers/transformers classes (or nothing): loadable without tune installed.
+    libraries = {v[0] for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    assert libraries <= {"diffusers", "transformers", None}
+    assert index["safety_checker"] == [None, None]
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert pipe.unet.config.sample_size == 8 and pipe.unet.config.cross_attention_dim == 32
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a large red circle on a blue background",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (32, 32) and np.asarray(image).std() > 0
+
+
+def test_exported_unet_holds_the_ema_weights(first_run: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    exported = UNet2DConditionModel.from_pretrained(first_run / "export" / "pipeline" / "unet")
+    ckpt = first_run / "checkpoints" / "step_000004"
+    trained = load_file(str(next(ckpt.glob("model*.safetensors"))))
+    ema = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)["shadow_params"]
+    names = [n for n, _ in exported.named_parameters()]
+    exported_params = dict(exported.named_parameters())
+    assert all(torch.equal(exported_params[n], e) for n, e in zip(names, ema, strict=True))
+    # ...and not the raw weights (the EMA lags behind them).
+    assert any(not torch.equal(exported_params[n], trained[n]) for n in names)
+
+
+def test_same_seed_same_numbers(first_run: Path, inputs: dict[str, str], tmp_path: Path) -> None:
+    again = recipe.main(tiny_config(inputs, tmp_path / "b"))
+    assert losses(again.path) == losses(first_run)
+    other = recipe.main(tiny_config(inputs, tmp_path / "c", "seed=1", "eval_prompts=0"))
+    assert losses(other.path) != losses(first_run)
+
+
+def test_resume_latest_continues_exactly(
+    first_run: Path, inputs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_step = recipe.diffusion_step
+
+    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(tiny_config(inputs, tmp_path / "r"))
+    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
+    monkeypatch.setattr(recipe, "diffusion_step", real_step)
+    assert read_run(tmp_path / "r").checkpoint_steps == [2]
+    resumed = recipe.main(tiny_config(inputs, tmp_path / "r", "resume=latest"))
+    assert read_run(resumed.path).status == "done"
+    whole, parts = losses(first_run), losses(resumed.path)
+    assert parts == whole  # steps 1-2 from the first attempt, 3-4 after the resume
+    assert (resumed.path / "export" / "pipeline" / "model_index.json").is_file()
+
+
+def test_shipped_configs_load_strictly() -> None:
+    for name in ("tiny", "default"):
+        cfg = load_config(recipe.Config, CONFIGS / f"{name}.toml")
+        assert cfg.max_steps > 0
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        load_config(recipe.Config, CONFIGS / "tiny.toml", ["max_step=3"])
+    with pytest.raises(ConfigError, match="unet_block_out_channels"):
+        recipe.Config(unet_block_out_channels=(30, 60, 120, 120))
+    with pytest.raises(ConfigError, match="v_prediction"):
+        load_config(recipe.Config, None, ["diffusion.prediction_type=epsilon"])
+
+
+def test_missing_inputs_say_what_to_do_and_leave_no_run(inputs: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"tune data shapes .*nowhere --count \d+ --split train"):
+        recipe.main(tiny_config({**inputs, "data_dir": str(tmp_path / "nowhere")}, tmp_path / "d"))
+    with pytest.raises(ModelError, match="tune run vae"):
+        recipe.main(tiny_config({**inputs, "vae": str(tmp_path / "novae")}, tmp_path / "v"))
+    with pytest.raises(ModelError, match="tune run clip"):
+        recipe.main(tiny_config({**inputs, "clip": str(tmp_path / "noclip")}, tmp_path / "t"))
+    assert not any((tmp_path / name).exists() for name in "dvt")
+
+
+def test_text_tower_loads_from_a_bare_clipmodel_folder(inputs: dict[str, str], tmp_path: Path) -> None:
+    """Without text_encoder/, the text tower is read out of the CLIPModel folder itself, weights intact."""
+    torch.manual_seed(1)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=1280,
+            ),
+            vision_config=TINY_VISION,
+        )
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    text_dir, tokenizer_dir = recipe.clip_paths(str(tmp_path / "clip"))
+    assert text_dir == tokenizer_dir == tmp_path / "clip"
+    loaded = CLIPTextModel.from_pretrained(text_dir)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.parameters(), clip.text_model.parameters(), strict=True)
+    )
+    assert recipe.clip_paths(inputs["clip"]) == (
+        Path(inputs["clip"]) / "text_encoder",
+        Path(inputs["clip"]) / "tokenizer",
+    )
