@@ -118,3 +118,26 @@ def test_docs_are_read_from_the_class_and_printed():
     text = to_toml(load_config(Config), comments=True)
     assert "# Random seed.\nseed = 0" in text
     assert "# Learning rate.\nlr = " in text
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    seed: int = 0
+    """Seed."""
+    optim: Optim = field(default_factory=lambda: Optim(name="adamw8bit", lr=1e-3))
+    """This recipe's own optimizer defaults."""
+
+
+def test_partial_table_keeps_the_recipes_own_nested_defaults(tmp_path):
+    assert load_config(RecipeConfig).optim == Optim(name="adamw8bit", lr=1e-3)
+    assert load_config(RecipeConfig, None, ["optim.lr=5e-4"]).optim == Optim(name="adamw8bit", lr=5e-4)
+    f = write(tmp_path, "[optim]\nlr = 0.5\n")
+    assert load_config(RecipeConfig, f).optim == Optim(name="adamw8bit", lr=0.5)
+    cfg = load_config(Config, None, ["base_model=x"])
+    assert load_config(Config, write(tmp_path, to_toml(cfg))) == cfg
+
+
+def test_whole_table_override():
+    assert load_config(RecipeConfig, None, ["optim={lr = 2.0}"]).optim == Optim(name="adamw8bit", lr=2.0)
+    with pytest.raises(ConfigError, match="optim is a table of settings"):
+        load_config(RecipeConfig, None, ["optim=3"])

@@ -95,6 +95,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be one of {names}; got {value!r}{hint}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -132,12 +134,27 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r}")
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     for name in values:
         if name not in fields:
             raise ConfigError(f"unknown key '{prefix}{name}'{suggest(name, fields)}")
+    values = dict(values)
+    for name, value in values.items():
+        # A partial table (`optim.lr=...`) overrides the recipe's own default for that table
+        # (e.g. its OptimConfig(lr=1e-3, schedule="cosine")), not the sub-config class defaults.
+        default = _field_default(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            values[name] = {**_plain(default), **value}
     kwargs = {name: _convert(v, hints[name], prefix + name) for name, v in values.items()}
     try:
         return cls(**kwargs)
@@ -194,9 +211,14 @@ def load_config(cls: type[T], file: str | Path | None = None, overrides: typing.
     for item in overrides:
         key, value = parse_override(item)
         if key not in hints_by_key:
-            raise ConfigError(f"unknown key '{key}'{suggest(key, all_keys(cls))}")
+            if key not in all_keys(cls):
+                raise ConfigError(f"unknown key '{key}'{suggest(key, all_keys(cls))}")
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{key} is a table of settings: set {key}.<name>=value or {key}={{name=value}}"
+                )
         # A value typed on the command line for a text field is text, even if it looks like a number.
-        if _accepts_str(hints_by_key[key]) and not isinstance(value, str):
+        elif _accepts_str(hints_by_key[key]) and not isinstance(value, str):
             value = item.partition("=")[2].strip()
         *parents, leaf = key.split(".")
         table = values
@@ -230,6 +252,14 @@ def _accepts_str(tp: Any) -> bool:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return str in typing.get_args(tp)
     return False
+
+
+def _plain(instance: Any) -> dict[str, Any]:
+    """A dataclass instance as the plain values a TOML table would hold (None kept)."""
+    return {
+        f.name: _plain(v) if dataclasses.is_dataclass(v := getattr(instance, f.name)) else v
+        for f in dataclasses.fields(instance)
+    }
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

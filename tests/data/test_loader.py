@@ -332,3 +332,17 @@ def test_batch_to_casts_only_floats() -> None:
     assert moved.input_ids is not None and moved.input_ids.dtype == torch.long
     assert moved.is_prior.dtype == torch.bool and moved.pixel_values is None
     assert b.latents is not None and b.latents.dtype == torch.float32  # a copy, the original is unchanged
+
+
+def test_iterating_the_loader_leaves_the_global_rng_alone(photos):
+    from tune.data.config import DataConfig
+    from tune.data.loader import build_dataloader, build_dataset
+
+    dataset = build_dataset(photos, DataConfig(resolution=64, bucketing=False), instance_prompt="a photo")
+    loader = build_dataloader(dataset, batch_size=2, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    for _ in loader:
+        break
+    assert torch.equal(torch.rand(3), expected)

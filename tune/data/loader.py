@@ -689,5 +689,8 @@ def build_dataloader(
         num_workers=dataset.cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        # Every `iter()` of a DataLoader draws a base seed; from its own generator that draw leaves the
+        # global torch RNG alone, so recipes drawing noise from it resume exactly after a checkpoint.
+        generator=torch.Generator().manual_seed(sampler.seed),
     )
     return PhotoLoader(dataloader, sampler)
