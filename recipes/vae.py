@@ -1,0 +1,321 @@
+"""Train our own AutoencoderKL from scratch on the built-in shapes dataset (stage 1 of the base model).
+
+    tune data shapes data/shapes-train --count 10000 --split train
+    tune run vae --config default
+
+SD's AutoencoderKL layout (4 latent channels, a mid-block attention) at small widths; three levels
+downsample 64 px images by 4 to 16x16 latents. The loss is L1 on pixels (flat colours must come back
+exactly; MSE and an L1 on image gradients are optional) plus SD's small KL term; no GAN. At the end
+the run measures `scaling_factor` = 1 / std of the latents so the U-Net trains on unit-variance
+latents, exports `export/vae/` (diffusers, safetensors) and scores reconstructions of held-out images
+with the shapes detector into `eval/vae.json` (PSNR, detected colour / background / shape accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm.auto import tqdm
+
+from tune.data.config import DataConfig
+from tune.data.loader import build_dataloader, build_dataset
+from tune.data.shapes import MIN_RESOLUTION, ShapeSpec, build_sample
+from tune.data.shapes_detect import score
+from tune.errors import ConfigError, DataError
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.runs import RunDir, write_atomic
+from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+
+log = logging.getLogger(__name__)
+
+MAX_PSNR_DB = 100.0
+"""PSNR of a pixel-exact reconstruction (its MSE is 0), so that means stay finite."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the `vae` recipe."""
+
+    output_dir: str = ""
+    """Run directory; empty means runs/vae-<timestamp>."""
+    seed: int = 0
+    """Seed for weights, data order and posterior samples."""
+    resume: str = ""
+    """'' (start fresh), 'latest' (newest complete checkpoint in output_dir) or a checkpoint folder."""
+    data_dir: str = "data/shapes-train"
+    """Training images: an imagefolder written by `tune data shapes DIR --split train`."""
+    resolution: int = 64
+    """Training and evaluation image side in pixels."""
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    """VAE widths, one per level; the VAE downsamples by 2 ** (levels - 1) (three levels: 64 px -> 16x16)."""
+    layers_per_block: int = 1
+    """ResNet layers per encoder level (the decoder has one more, as in diffusers)."""
+    norm_num_groups: int = 1
+    """GroupNorm groups; must divide every width. Few groups keep flat colours: GroupNorm takes away each
+    group's per-image mean and scale, so with 2 channels per group a flat region keeps little more than
+    the sign of their difference (in short runs 1 group led 8 by 1-3 dB over the first 500 steps)."""
+    max_steps: int = 3200
+    """Optimizer steps (the data loader runs as many epochs as that takes)."""
+    batch_size: int = 16
+    """Images per step. For a fixed CPU budget 16 beat 32 in short runs: more, cheaper steps."""
+    l1_weight: float = 1.0
+    """Weight of the mean absolute pixel error (in [-1, 1] units): keeps flat colours exact."""
+    mse_weight: float = 0.0
+    """Weight of the mean squared pixel error."""
+    edge_weight: float = 0.0
+    """Weight of the L1 error of horizontal and vertical pixel differences (outlines); 0 = off. At 1 it
+    slowed the first few hundred steps and gained no PSNR in our short runs."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term, summed over the latent and divided by the image's pixel values (SD's scale)."""
+    sample_every: int = 400
+    """Steps between validation grids (originals over reconstructions) and PSNR; the last step always."""
+    val_images: int = 64
+    """Held-out images the validation PSNR is measured on (the grid shows the first 8)."""
+    checkpoint_every: int = 800
+    """Steps between checkpoints; the last step always gets one."""
+    checkpoint_keep: int = 2
+    """Newest checkpoints kept (0 keeps all)."""
+    scaling_images: int = 512
+    """Training images whose sampled latents give scaling_factor = 1 / std."""
+    eval_images: int = 500
+    """Fresh held-out-split images reconstructed and scored at the end."""
+    eval_seed: int = 1000
+    """Seed of the evaluation (and validation) images; keep it apart from the training set's seed."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """bf16/fp16 autocast on a GPU; CPU trains in fp32."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0)
+    )
+    """Optimizer and learning-rate schedule."""
+
+    def __post_init__(self) -> None:
+        positive = ("resolution", "layers_per_block", "norm_num_groups", "max_steps", "batch_size")
+        positive += ("sample_every", "val_images", "checkpoint_every", "scaling_images", "eval_images")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
+        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight", "checkpoint_keep"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.l1_weight == 0 and self.mse_weight == 0:
+            raise ConfigError("l1_weight or mse_weight must be > 0; got both 0")
+        if not self.block_out_channels or any(w <= 0 for w in self.block_out_channels):
+            raise ConfigError(
+                f"block_out_channels must be positive widths; got {list(self.block_out_channels)}"
+            )
+        if any(w % self.norm_num_groups for w in self.block_out_channels):
+            raise ConfigError(
+                f"norm_num_groups must divide every width in block_out_channels "
+                f"{list(self.block_out_channels)}; got {self.norm_num_groups}"
+            )
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.resolution % factor or self.resolution < MIN_RESOLUTION:
+            raise ConfigError(
+                f"resolution must be a multiple of the VAE factor {factor} and >= {MIN_RESOLUTION}; "
+                f"got {self.resolution}"
+            )
+
+
+def build_vae(cfg: Config) -> AutoencoderKL:
+    """SD's AutoencoderKL layout (4 latent channels, mid-block attention) at the configured widths."""
+    levels = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.resolution,
+    )
+
+
+def edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the images' horizontal and vertical pixel differences (outlines, not colours)."""
+    dx = (recon.diff(dim=-1) - target.diff(dim=-1)).abs().mean()
+    dy = (recon.diff(dim=-2) - target.diff(dim=-2)).abs().mean()
+    return (dx + dy) / 2
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Decode the posterior mode of each image (what an encode/decode round trip gives), in [-1, 1]."""
+    device = next(vae.parameters()).device
+    outs = [
+        vae.decode(vae.encode(chunk.to(device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
+        for chunk in pixels.split(batch_size)
+    ]
+    return torch.cat(outs)
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] BCHW tensors -> 8-bit RGB images (what a user would save and see)."""
+    arrays = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arrays]
+
+
+def psnr_db(originals: list[Image.Image], recons: list[Image.Image]) -> list[float]:
+    """Per-image PSNR of 8-bit images, capped at MAX_PSNR_DB."""
+    out = []
+    for a, b in zip(originals, recons, strict=True):
+        mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)) / 255.0**2
+        out.append(min(MAX_PSNR_DB, 10 * math.log10(1 / mse)) if mse > 0 else MAX_PSNR_DB)
+    return out
+
+
+def heldout_images(count: int, resolution: int, seed: int) -> tuple[list[Image.Image], list[ShapeSpec]]:
+    """`count` fresh images (and their specs) of the held-out split: never in the training folder."""
+    samples = [build_sample(i, split="heldout", resolution=resolution, seed=seed) for i in range(count)]
+    return [s.image for s in samples], [s.spec for s in samples]
+
+
+def pixels_of(images: list[Image.Image]) -> torch.Tensor:
+    """8-bit RGB images -> a BCHW float tensor in [-1, 1], as the data loader gives them."""
+    array = np.stack([np.asarray(img, dtype=np.float32) for img in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def save_grid(originals: list[Image.Image], recons: list[Image.Image], path: Path) -> None:
+    """Originals on the top row, their reconstructions below."""
+    side = originals[0].width
+    grid = Image.new("RGB", (side * len(originals), side * 2), "white")
+    for i, (a, b) in enumerate(zip(originals, recons, strict=True)):
+        grid.paste(a, (i * side, 0))
+        grid.paste(b, (i * side, side))
+    grid.save(path)
+
+
+def main(cfg: Config) -> RunDir:
+    # ---- run dir & seed ---------------------------------------------------------------------
+    if not Path(cfg.data_dir).exists():
+        raise DataError(
+            f"no training images at {cfg.data_dir}; write them with "
+            f"`tune data shapes {cfg.data_dir} --count 10000 --split train`"
+        )
+    run, cfg = start_run("vae", cfg)
+    accelerator = build_accelerator(cfg.mixed_precision)
+
+    # ---- models -------------------------------------------------------------------------------
+    vae = build_vae(cfg)
+    param_count = sum(p.numel() for p in vae.parameters())
+    log.info("vae: %.2fM parameters, widths %s", param_count / 1e6, list(cfg.block_out_channels))
+
+    # ---- data ---------------------------------------------------------------------------------
+    data_cfg = DataConfig(resolution=cfg.resolution, bucketing=False, min_side=MIN_RESOLUTION)
+    dataset = build_dataset(cfg.data_dir, data_cfg, seed=cfg.seed)
+    loader = build_dataloader(dataset, batch_size=cfg.batch_size)
+    val_originals, _ = heldout_images(cfg.val_images, cfg.resolution, cfg.eval_seed)
+    val_pixels = pixels_of(val_originals)
+
+    # ---- optimizer ----------------------------------------------------------------------------
+    optimizer = build_optimizer(list(vae.parameters()), cfg.optim)
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    vae, optimizer, lr_schedule = accelerator.prepare(vae, optimizer, lr_schedule)
+    accelerator.register_for_checkpointing(loader)
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    run.update_info(max_steps=cfg.max_steps, param_count=param_count)
+
+    # ---- loop ---------------------------------------------------------------------------------
+    pixel_values_per_image = 3 * cfg.resolution**2
+    started = time.perf_counter()
+    progress = tqdm(total=cfg.max_steps, initial=step, desc="vae", unit="step")
+    while step < cfg.max_steps:
+        for batch in loader:
+            pixels = batch.pixel_values.to(accelerator.device)
+            # Posterior noise from (seed, step) alone, not the global RNG, which the data loader also
+            # draws from each time it starts an epoch (once more on resume than in an unbroken run).
+            noise = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1_000_003 + step)
+            with accelerator.autocast():
+                posterior = vae.encode(pixels).latent_dist
+                recon = vae.decode(posterior.sample(noise)).sample.float()
+            l1 = (recon - pixels).abs().mean()
+            mse = F.mse_loss(recon, pixels)
+            edge = edge_l1(recon, pixels)
+            kl = posterior.kl().mean() / pixel_values_per_image
+            loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
+            accelerator.backward(loss)
+            if cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            metrics = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
+            run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
+            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+                vae.eval()
+                recons = to_images(reconstruct(accelerator.unwrap_model(vae), val_pixels))
+                val_psnr = float(np.mean(psnr_db(val_originals, recons)))
+                save_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
+                run.log_metrics(step, val_psnr_db=val_psnr)
+                log.info("step %d: loss %.4f, held-out PSNR %.2f dB", step, loss.item(), val_psnr)
+                vae.train()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_checkpoint(accelerator, run, step, keep=cfg.checkpoint_keep)
+            if step >= cfg.max_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    # ---- save/export --------------------------------------------------------------------------
+    vae = accelerator.unwrap_model(vae).eval()
+    # SD's recipe: scale latents to unit variance, measured on sampled posteriors of training images.
+    count = min(cfg.scaling_images, len(dataset))
+    train_pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
+    generator = torch.Generator(accelerator.device).manual_seed(cfg.seed)
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(c).latent_dist.sample(generator) for c in train_pixels.split(64)]
+        ).float()
+    latent_mean, latent_std = latents.mean().item(), latents.std().item()
+    vae.register_to_config(scaling_factor=1.0 / latent_std)
+    vae.save_pretrained(run.export_dir / "vae", safe_serialization=True)
+    log.info("latents: mean %.3f, std %.3f -> scaling_factor %.4f", latent_mean, latent_std, 1 / latent_std)
+
+    # Held-out images: (colour, shape) pairs the training split never has, from a fresh seed.
+    originals, specs = heldout_images(cfg.eval_images, cfg.resolution, cfg.eval_seed)
+    recons = to_images(reconstruct(vae, pixels_of(originals)))
+    detected = score(recons, specs).accuracy
+    report = {
+        "psnr_db": float(np.mean(psnr_db(originals, recons))),
+        "color_accuracy": detected["color"],
+        "bg_accuracy": detected["bg"],
+        "shape_accuracy": detected["shape"],
+        # The detector's own accuracy on the originals: what the reconstructions can at best match.
+        "detector_color_accuracy_on_originals": score(originals, specs).accuracy["color"],
+        "eval_images": cfg.eval_images,
+        "eval_split": "heldout",
+        "eval_seed": cfg.eval_seed,
+        "train_seconds": round(train_seconds, 1),
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "param_count": param_count,
+        "scaling_factor": 1.0 / latent_std,
+        "latent_mean": latent_mean,
+        "latent_std": latent_std,
+        "latent_shape": list(latents.shape[1:]),
+    }
+    write_atomic(run.eval_dir / "vae.json", json.dumps(report, indent=2) + "\n")
+    accuracy = ", ".join(f"{k} {100 * detected[k]:.1f}%" for k in ("color", "bg", "shape"))
+    log.info("held-out (%d images): PSNR %.2f dB, %s", cfg.eval_images, report["psnr_db"], accuracy)
+    log.info("%d steps of %d in %.0f s, %d parameters", step, cfg.batch_size, train_seconds, param_count)
+    run.update_info(steps=step, train_seconds=report["train_seconds"], psnr_db=report["psnr_db"])
+    run.finish()
+    return run

@@ -1,0 +1,117 @@
+"""The vae recipe end to end on tiny widths and 32 px shapes: run-dir contract, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from diffusers import AutoencoderKL
+from PIL import Image
+
+import recipes.vae as vae_recipe
+from tune import PROJECT_ROOT
+from tune.config import load_config
+from tune.data.shapes import write_imagefolder
+from tune.errors import ConfigError, DataError
+from tune.runs import read_run
+
+CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "vae"
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_imagefolder(tmp_path_factory.mktemp("shapes") / "train", 32, resolution=32, seed=0))
+
+
+def run_tiny(shapes_dir: str, out, *overrides: str):
+    cfg = load_config(
+        vae_recipe.Config, CONFIGS / "tiny.toml", [f"data_dir={shapes_dir}", f"output_dir={out}", *overrides]
+    )
+    return vae_recipe.main(cfg)
+
+
+def losses(run_path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_run(run_path).metrics if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def first_run(shapes_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    return run_tiny(shapes_dir, tmp_path_factory.mktemp("runs") / "a")
+
+
+def test_run_directory_contract(first_run) -> None:
+    info = read_run(first_run.path)
+    assert info.status == "done" and (first_run.path / "config.toml").is_file()
+    train_rows = [m for m in info.metrics if "loss" in m]
+    assert [m["step"] for m in train_rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(m[k]) for m in train_rows for k in ("loss", "l1", "edge", "kl", "lr"))
+    psnr = [m["val_psnr_db"] for m in info.metrics if "val_psnr_db" in m]
+    assert len(psnr) == 2 and all(math.isfinite(p) and p > 0 for p in psnr)
+    assert info.sample_steps == [2, 4]
+    with Image.open(info.samples_at(4) / "recon.png") as grid:
+        assert grid.size == (8 * 32, 2 * 32)  # 8 originals over their 8 reconstructions
+    assert info.checkpoint_steps == [2, 4]
+
+    vae = AutoencoderKL.from_pretrained(first_run.path / "export" / "vae")
+    assert (first_run.path / "export" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert tuple(vae.config.block_out_channels) == (8, 16, 16) and vae.config.latent_channels == 4
+
+    report = json.loads((first_run.path / "eval" / "vae.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert vae.config.scaling_factor != pytest.approx(0.18215)
+    assert report["scaling_factor"] == pytest.approx(1 / report["latent_std"])
+    assert report["latent_shape"] == [4, 8, 8]  # 32 px / factor 4
+    for key in ("psnr_db", "color_accuracy", "bg_accuracy", "shape_accuracy", "train_seconds"):
+        assert math.isfinite(report[key])
+    for key in ("color_accuracy", "bg_accuracy", "shape_accuracy"):
+        assert 0 <= report[key] <= 1
+    assert report["steps"] == 4 and report["batch_size"] == 4 and report["eval_images"] == 16
+    assert report["param_count"] == sum(p.numel() for p in vae.parameters())
+
+
+def test_same_seed_same_losses_and_exact_resume(shapes_dir, first_run, tmp_path, monkeypatch) -> None:
+    again = run_tiny(shapes_dir, tmp_path / "again")
+    assert losses(again.path) == losses(first_run.path)
+
+    class Crash(Exception):
+        pass
+
+    real_save = vae_recipe.save_checkpoint
+
+    def save_then_crash(accelerator, run, step, keep=0):
+        real_save(accelerator, run, step, keep=keep)
+        run.close()  # the lock a dead process would have left behind is released by the kernel
+        raise Crash
+
+    monkeypatch.setattr(vae_recipe, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run_tiny(shapes_dir, tmp_path / "crashed")
+    monkeypatch.setattr(vae_recipe, "save_checkpoint", real_save)
+    assert read_run(tmp_path / "crashed").checkpoint_steps == [2]
+
+    resumed = run_tiny(shapes_dir, tmp_path / "crashed", "resume=latest")
+    assert read_run(resumed.path).status == "done"
+    # Steps 3 and 4 come from the resumed process and match the uninterrupted run exactly.
+    assert losses(resumed.path) == losses(first_run.path)
+
+
+def test_shipped_configs_load_strictly() -> None:
+    for name in ("tiny", "default"):
+        cfg = load_config(vae_recipe.Config, CONFIGS / f"{name}.toml")
+        assert cfg.optim.schedule == "cosine"
+    default = load_config(vae_recipe.Config, CONFIGS / "default.toml")
+    assert default.resolution == 64 and len(default.block_out_channels) == 3  # 64 px -> 16x16 latents
+
+
+def test_bad_settings_and_missing_data(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="norm_num_groups must divide"):
+        vae_recipe.Config(block_out_channels=(8, 12), norm_num_groups=8)
+    with pytest.raises(ConfigError, match="resolution must be a multiple"):
+        vae_recipe.Config(resolution=50)
+    with pytest.raises(ConfigError, match="max_steps must be > 0"):
+        vae_recipe.Config(max_steps=0)
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=f"tune data shapes {missing} --count 10000 --split train"):
+        vae_recipe.main(vae_recipe.Config(data_dir=str(missing), output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()  # refused before a run directory was made
