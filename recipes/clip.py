@@ -1,0 +1,366 @@
+"""CLIP: train a text tower and an image tower contrastively on the shapes captions, from scratch.
+
+    tune data shapes data/shapes-train --count 10000 --split train
+    tune run clip --config default
+
+The text tower is SD1.5's CLIP text transformer at our base model's width; it becomes the frozen
+text encoder of the U-Net, which cross-attends to its per-token `last_hidden_state`. Each image is
+trained with its canonical caption or a random paraphrase, so the tower learns every phrasing.
+Other images of the same spec in a batch are not counted as negatives. An auxiliary linear head per
+tower predicts the five attributes (shape, colour, background, size, position) from the embedding:
+a dense signal that speeds up learning and keeps the attributes linearly separable, so held-out
+(colour, shape) pairs compose; the heads are not exported.
+
+Exports `export/clip/` (CLIPModel, tokenizer and image-processor files), `export/clip/text_encoder/`
+(CLIPTextModel) and `export/clip/tokenizer/`; writes text-to-image and image-to-text top-1 retrieval
+among 100 held-out and 100 training specs to `eval/clip.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+from tune.data import shapes
+from tune.data.config import DataConfig
+from tune.data.images import to_tensor
+from tune.data.loader import build_dataloader, build_dataset
+from tune.errors import ConfigError, DataError
+from tune.models import build_clip_tokenizer
+from tune.models.tokenizer import MIN_VOCAB_SIZE
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.runs import RunDir
+from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+
+log = logging.getLogger(__name__)
+
+# The attributes the auxiliary heads predict: metadata.jsonl column -> its values (label order).
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": shapes.SHAPES,
+    "color": shapes.COLORS,
+    "bg": shapes.COLORS,
+    "size": shapes.SIZES,
+    "position": shapes.POSITIONS,
+}
+# Fixed (not cfg.seed) so that every run is scored on the same images; the training folder's images
+# come from `tune data shapes --seed` (0 by default), so these jitters are new.
+EVAL_SEED = 1_000_003
+VAL_SEED = 2_000_003
+EVAL_COUNT = 100
+"""Distinct specs per retrieval test (validation, final held-out, final train): ranks 100 images."""
+_POSITIVE = ("max_steps", "sample_every", "checkpoint_every", "resolution", "patch_size", "projection_dim")
+_POSITIVE += tuple(f"{t}_{k}" for t in ("text", "vision") for k in ("hidden_size", "num_layers", "num_heads"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the clip recipe."""
+
+    output_dir: str = ""
+    """Run directory; empty means runs/clip-<timestamp>."""
+    seed: int = 0
+    """Seed of the weights, the batch order and the caption choice."""
+    resume: str = ""
+    """'' to start fresh, 'latest' for output_dir's newest complete checkpoint, or a checkpoint folder."""
+    data_dir: str = "data/shapes-train"
+    """Shapes imagefolder (metadata.jsonl with text, paraphrases and attribute columns), written by
+    `tune data shapes data/shapes-train --count 10000 --split train`."""
+    resolution: int = 64
+    """Image side in pixels: the training size and the vision tower's input size."""
+    paraphrase_prob: float = 0.5
+    """Probability of training an image with a random paraphrase instead of its canonical caption."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 128
+    """Image-caption pairs per step; each is contrasted against the rest of its batch."""
+    sample_every: int = 100
+    """Validate every N steps: retrieval on a fixed held-out set, logged to metrics.jsonl (no images)."""
+    checkpoint_every: int = 250
+    """Save a resumable checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0 keeps all)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision on a GPU; CPU always trains in fp32."""
+    vocab_size: int = 1024
+    """Upper bound on the BPE vocabulary learned from the captions (they run out of merges far below)."""
+    text_hidden_size: int = 128
+    """Text tower width: the U-Net's cross_attention_dim (the "small" preset's 128)."""
+    text_num_layers: int = 4
+    """Text transformer layers."""
+    text_num_heads: int = 4
+    """Text attention heads."""
+    vision_hidden_size: int = 128
+    """Vision tower (ViT) width."""
+    vision_num_layers: int = 4
+    """Vision transformer layers."""
+    vision_num_heads: int = 4
+    """Vision attention heads."""
+    patch_size: int = 16
+    """ViT patch side in pixels (resolution must be a multiple); 16 learned as fast per step as 8 did,
+    at half the cost."""
+    projection_dim: int = 128
+    """Width of the shared embedding space."""
+    aux_weight: float = 1.0
+    """Weight of the auxiliary attribute-classification loss on both towers' embeddings (0: off)."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=100)
+    )
+    """Optimizer and schedule. A partial [optim] table starts from OptimConfig's defaults, not these."""
+
+    def __post_init__(self) -> None:
+        checks = [(k, getattr(self, k) > 0, "must be > 0") for k in _POSITIVE] + [
+            ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0"),
+            ("batch_size", self.batch_size >= 2, "must be >= 2 (pairs need in-batch negatives)"),
+            (
+                "resolution",
+                self.resolution % self.patch_size == 0,
+                f"must be a multiple of patch_size ({self.patch_size})",
+            ),
+            (
+                "text_hidden_size",
+                self.text_hidden_size % self.text_num_heads == 0,
+                "must be a multiple of text_num_heads",
+            ),
+            (
+                "vision_hidden_size",
+                self.vision_hidden_size % self.vision_num_heads == 0,
+                "must be a multiple of vision_num_heads",
+            ),
+            ("paraphrase_prob", 0 <= self.paraphrase_prob <= 1, "must be in [0, 1]"),
+            ("aux_weight", self.aux_weight >= 0, "must be >= 0"),
+            ("vocab_size", self.vocab_size >= MIN_VOCAB_SIZE, f"must be >= {MIN_VOCAB_SIZE}"),
+        ]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{key} {rule}; got {getattr(self, key)!r}")
+
+
+def read_captions(data_dir: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """canonical caption -> (its training captions, canonical first; its attribute labels)."""
+    meta = Path(data_dir) / "metadata.jsonl"
+    command = f"tune data shapes {data_dir} --count 10000 --split train"
+    if not meta.is_file():
+        raise DataError(f"no shapes dataset in {data_dir}; write one with `{command}`")
+    table = {}
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            try:
+                labels = tuple(values.index(row[key]) for key, values in ATTRIBUTES.items())
+                table[row["text"]] = ((row["text"], *row["paraphrases"]), labels)
+            except (KeyError, ValueError) as err:
+                raise DataError(
+                    f"{meta} line {n} is not a shapes row ({err}); write one with `{command}`"
+                ) from None
+    return table
+
+
+def build_model(cfg: Config, tokenizer: CLIPTokenizer) -> CLIPModel:
+    # The text tower's settings are presets.build_text_encoder's, so it drops into the base model.
+    text = dict(
+        hidden_size=cfg.text_hidden_size,
+        num_hidden_layers=cfg.text_num_layers,
+        num_attention_heads=cfg.text_num_heads,
+        intermediate_size=4 * cfg.text_hidden_size,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=cfg.vision_hidden_size,
+        num_hidden_layers=cfg.vision_num_layers,
+        num_attention_heads=cfg.vision_num_heads,
+        intermediate_size=4 * cfg.vision_hidden_size,
+        image_size=cfg.resolution,
+        patch_size=cfg.patch_size,
+        hidden_act="quick_gelu",
+    )
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+
+
+def contrastive_loss(logits_per_text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE; pairs of the same spec (`same`, off the diagonal) are false negatives: masked."""
+    eye = torch.eye(len(same), dtype=torch.bool, device=same.device)
+    logits = logits_per_text.masked_fill(same & ~eye, float("-inf"))
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def attribute_loss(head: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the five attribute classifiers sharing one linear head."""
+    # Unit-norm embeddings have coordinates of size 1/sqrt(d): rescale them to unit variance, or a
+    # freshly initialised head needs hundreds of steps to grow confident logits.
+    logits = head(embeds * math.sqrt(embeds.shape[-1])).split([len(v) for v in ATTRIBUTES.values()], dim=-1)
+    return sum(F.cross_entropy(x, labels[:, k]) for k, x in enumerate(logits)) / len(logits)
+
+
+def retrieval_set(
+    split: shapes.Split, count: int, resolution: int, seed: int
+) -> tuple[torch.Tensor, list[shapes.ShapeSpec]]:
+    """`count` distinct specs of a split, rendered with fresh jitter: (pixels in [-1, 1], specs)."""
+    prompts = shapes.make_eval_prompts(count, split, seed=seed)
+    images = [
+        shapes.render(p.spec, resolution, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)
+    ]
+    return torch.stack([to_tensor(im) for im in images]), [p.spec for p in prompts]
+
+
+@torch.no_grad()
+def retrieval(
+    model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, specs: list[shapes.ShapeSpec]
+) -> dict:
+    """Top-1 text-to-image and image-to-text accuracy, canonical captions padded to 77 as the U-Net's."""
+    was_training, device = model.training, model.device
+    ids = tokenizer(
+        [shapes.caption(s) for s in specs], padding="max_length", truncation=True, return_tensors="pt"
+    )
+    model.eval()
+    logits = model(input_ids=ids.input_ids.to(device), pixel_values=pixels.to(device)).logits_per_text.float()
+    model.train(was_training)
+    picked = logits.argmax(dim=1)
+    # For each wrong text-to-image pick, which attributes tell the picked image from the right one.
+    wrong = [(specs[i], specs[j]) for i, j in enumerate(picked.tolist()) if i != j]
+    errors = {key: sum(getattr(a, key) != getattr(b, key) for a, b in wrong) for key in ATTRIBUTES}
+    target = torch.arange(len(specs), device=logits.device)
+    return {
+        "t2i_top1": (picked == target).float().mean().item(),
+        "i2t_top1": (logits.argmax(dim=0) == target).float().mean().item(),
+        "t2i_errors_by_attribute": errors,
+    }
+
+
+def main(cfg: Config) -> RunDir:
+    # --- run dir & seed ----------------------------------------------------------------------
+    captions = read_captions(cfg.data_dir)  # before start_run: a missing dataset leaves no run folder
+    run, cfg = start_run("clip", cfg)
+    accelerator = build_accelerator(cfg.mixed_precision)
+    device = accelerator.device
+    run.update_info(max_steps=cfg.max_steps, data_dir=cfg.data_dir)
+
+    # --- models --------------------------------------------------------------------------------
+    texts = sorted({text for caps, _ in captions.values() for text in caps})
+    with tempfile.TemporaryDirectory(prefix="tune-clip-tokenizer-") as tmp:
+        tokenizer = build_clip_tokenizer(texts, cfg.vocab_size, tmp)  # deterministic: rebuilt at export
+    model = build_model(cfg, tokenizer)
+    n_labels = sum(len(v) for v in ATTRIBUTES.values())
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(cfg.projection_dim, n_labels) for k in ("text", "image")})
+    log.info("clip: %.2fM parameters; vocabulary %d tokens", model.num_parameters() / 1e6, len(tokenizer))
+
+    # --- data ----------------------------------------------------------------------------------
+    data_cfg = DataConfig(resolution=cfg.resolution, bucketing=False, flip=False, min_side=cfg.resolution)
+    dataset = build_dataset(cfg.data_dir, data_cfg, seed=cfg.seed)
+    loader = build_dataloader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, accelerator=accelerator)
+    val_pixels, val_specs = retrieval_set("heldout", EVAL_COUNT, cfg.resolution, VAL_SEED)
+
+    # --- optimizer -----------------------------------------------------------------------------
+    # No weight decay on gains, biases and the logit scale (decay would pull the temperature to 1).
+    params = [p for m in (model, heads) for p in m.parameters()]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = build_optimizer(groups, cfg.optim)
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    model, heads, optimizer, lr_schedule = accelerator.prepare(model, heads, optimizer, lr_schedule)
+    accelerator.register_for_checkpointing(loader)
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+
+    # --- loop ----------------------------------------------------------------------------------
+    unwrapped = accelerator.unwrap_model(model)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="clip", unit="step")
+    while step < cfg.max_steps:
+        for batch in loader:
+            # Caption choice depends on (seed, step) only, so a resumed run picks the same ones.
+            rng = random.Random(f"{cfg.seed}:captions:{step}")
+            rows = [captions[c] for c in batch.captions]
+            chosen = [
+                c[0] if len(c) == 1 or rng.random() >= cfg.paraphrase_prob else rng.choice(c[1:])
+                for c, _ in rows
+            ]
+            # Padding to the batch's longest caption rather than to 77 gives the same gradients at a
+            # fifth of the text tower's cost: attention is causal and the losses read the first EOS.
+            ids = tokenizer(chosen, padding="longest", truncation=True, return_tensors="pt").input_ids
+            labels = torch.tensor([lab for _, lab in rows], device=device)
+            same = torch.tensor([[a == b for b in batch.captions] for a in batch.captions], device=device)
+
+            out = model(input_ids=ids.to(device), pixel_values=batch.pixel_values.to(device))
+            loss_clip = contrastive_loss(out.logits_per_text.float(), same)
+            loss_attr = (
+                attribute_loss(heads["text"], out.text_embeds, labels)
+                + attribute_loss(heads["image"], out.image_embeds, labels)
+            ) / 2
+            loss = loss_clip + cfg.aux_weight * loss_attr
+            accelerator.backward(loss)
+            if cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # CLIP's cap on the logit scale (100), which keeps training stable
+                unwrapped.logit_scale.clamp_(max=math.log(100))
+            step += 1
+
+            values = {"loss": loss.item(), "loss_clip": loss_clip.item(), "loss_attr": loss_attr.item()}
+            run.log_metrics(
+                step,
+                **values,
+                lr=lr_schedule.get_last_lr()[0],
+                logit_scale=unwrapped.logit_scale.exp().item(),
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+                val = retrieval(unwrapped, tokenizer, val_pixels, val_specs)
+                run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
+                log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_checkpoint(accelerator, run, step, keep=cfg.keep_checkpoints)
+            if step >= cfg.max_steps:
+                break
+    bar.close()
+
+    # --- save / export -------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        clip_dir = run.export_dir / "clip"
+        unwrapped.save_pretrained(clip_dir)
+        unwrapped.text_model.save_pretrained(clip_dir / "text_encoder")  # loads with no unused-weights report
+        build_clip_tokenizer(texts, cfg.vocab_size, clip_dir / "tokenizer")
+        for f in (clip_dir / "tokenizer").iterdir():
+            shutil.copy2(f, clip_dir / f.name)
+        # Pixels in [-1, 1] at the training size, so CLIPProcessor.from_pretrained(clip_dir) feeds it right.
+        CLIPImageProcessorPil(
+            size={"shortest_edge": cfg.resolution},
+            crop_size=cfg.resolution,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        ).save_pretrained(clip_dir)
+
+        report: dict = {"step": step, "specs": EVAL_COUNT}
+        for split in ("heldout", "train"):
+            r = report[split] = retrieval(
+                unwrapped, tokenizer, *retrieval_set(split, EVAL_COUNT, cfg.resolution, EVAL_SEED)
+            )
+            log.info(
+                "eval %s: text->image top-1 %.3f, image->text top-1 %.3f", split, r["t2i_top1"], r["i2t_top1"]
+            )
+        (run.eval_dir / "clip.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+    run.finish()
+    return run
