@@ -1009,7 +1009,11 @@ def lora_from_peft(
             raise ModelError(f"the {component} has no LoRA adapter named {adapter_name!r} (adapters: {have})")
         state = {
             key.removeprefix(_PEFT_PREFIX): tensor
-            for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
+            # save_embedding_layers=False: no LoRA file holds an embedding matrix, and "auto" would read the
+            # base folder's config (maybe from the hub) and add the matrix after a vocabulary resize.
+            for key, tensor in get_peft_model_state_dict(
+                model, adapter_name=adapter_name, save_embedding_layers=False
+            ).items()
         }
         used: set[str] = set()
         for name, layer in model.named_modules():
