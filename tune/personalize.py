@@ -1,0 +1,718 @@
+"""What the personalization recipes (lora, dreambooth, textual_inversion) share, so it is written once.
+
+    tune run lora base_model=PATH instance_dir=PATH instance_prompt="a photo of sks toy" output_dir=PATH
+    tune run lora concept=concepts/sks-toy
+
+- `PersonalizeConfig`: the keys every personalization command takes (each recipe's `Config`
+  subclasses it, adds its own keys and may change defaults), with the `[data]`, `[sample]` and
+  `[prior]` tables defined here.
+- `resolve_subject`: the subject from `concept=concepts/<name>` (photos, prompts, token, class word,
+  validation prompts, prior-preservation settings) or from `instance_dir` / `instance_prompt`;
+  keys given explicitly win over the concept's.
+- `load_base`: the base model (a diffusers folder or single file), with a clear error while the
+  default `models/shapes-base` does not exist yet.
+- `build_photo_loader`: photos (plus class images) to batches through the shared loader, with cached
+  VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
+- `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
+  model) and every `sample_every` steps, through the shared sampler.
+- `checkpoint_trainable_only`: accelerate checkpoints hold the trained weights only (a LoRA
+  checkpoint is megabytes, not the whole U-Net).
+
+The training loops themselves stay in the recipes, written out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from tune import PROJECT_ROOT
+from tune.diffusion import DiffusionConfig
+from tune.errors import ConfigError, DataError, ModelError, TuneError
+from tune.optim import OptimConfig
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from tune.data.concepts import Concept
+    from tune.data.loader import Batch, PhotoDataset, PhotoLoader
+    from tune.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "models/shapes-base"
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config tables
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhotoOptions:
+    """How the subject's photos become batches (the `[data]` table)."""
+
+    bucketing: bool = False
+    """Aspect-ratio buckets instead of square centre crops (worth it at 512 px and up, not at 64)."""
+    crop: Literal["center", "random"] = "center"
+    """Where the crop that fits a photo to its square (or bucket) sits; random crops cannot be cached."""
+    flip: bool = False
+    """Random horizontal flips (p = 0.5). Leave off for subjects with writing or asymmetric marks."""
+    repeats: int = 1
+    """Times each photo appears per epoch (class images excepted)."""
+    cache_latents: bool = True
+    """Encode each photo with the VAE once and reuse the latents, in this run and the next ones (only with
+    crop = "center"; random crops are encoded every step)."""
+    cache_dir: str = ""
+    """Where the latent, text and class-image caches live; "" means $TUNE_CACHE_DIR, else ~/.cache/tune."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 loads in the training process, which is right for cached latents)."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"data.repeats must be >= 1 and data.num_workers >= 0; got {self.repeats}, {self.num_workers}"
+            )
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Validation images (the `[sample]` table): the same prompts x seeds at step 0 (the base model) and
+    every `sample_every` steps, into samples/step_XXXXXX/ where the dashboard shows them."""
+
+    prompts: tuple[str, ...] = ()
+    """Prompts ({token} and {class} are filled in); empty means the concept's validation prompts, else
+    the instance prompt and, when set, the class prompt."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds: one column of the grid each."""
+    steps: int = 20
+    """Denoising steps per image."""
+    guidance: float = 6.0
+    """Classifier-free guidance scale."""
+    scheduler: str = ""
+    """Sampler (ddim, ddpm, euler, euler_a, dpmpp_2m); "" means the base model's own."""
+    negative_prompt: str = ""
+    """Negative prompt ("" for none)."""
+    batch_size: int = 2
+    """Seeds per sampler call: 2 samples about twice as fast on a CPU as 1; a seed's image then depends on
+    its batch-mates in the lowest bits (the same in every grid of a run)."""
+
+    def __post_init__(self) -> None:
+        from tune.sampling import SCHEDULERS
+
+        if not self.seeds:
+            raise ConfigError("sample.seeds needs at least one seed")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"sample.steps and sample.batch_size must be >= 1; got {self.steps}, {self.batch_size}"
+            )
+        if self.scheduler and self.scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"sample.scheduler must be one of {', '.join(SCHEDULERS)} or ''; got {self.scheduler!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Prior preservation (the `[prior]` table): class images drawn by the base model for the class prompt
+    are trained alongside the photos, so the class word keeps its meaning (DreamBooth)."""
+
+    enabled: bool | None = None
+    """On or off; unset follows the concept's [prior_preservation] (without a concept: on when class_prompt
+    is given)."""
+    num_class_images: int | None = None
+    """How many class images; unset means the concept's num_class_images, else 100."""
+    loss_weight: float | None = None
+    """Weight of the class-image loss; unset means the concept's prior_loss_weight, else 1.0."""
+    class_dir: str = ""
+    """Folder of ready-made class images; "" means the concept's class_dir, else images generated by the
+    base model (cached by base model, prompt, seeds and sampler settings, and reused by the next run)."""
+    seed: int = 0
+    """Seed of the first generated class image (image i uses seed + i)."""
+    steps: int = 25
+    """Denoising steps per generated class image."""
+    guidance: float = 6.0
+    """Classifier-free guidance scale of generated class images."""
+    batch_size: int = 4
+    """Class images per sampler call (faster; part of the cache key, since batching changes the lowest bits)."""
+
+    def __post_init__(self) -> None:
+        if self.num_class_images is not None and self.num_class_images < 1:
+            raise ConfigError(f"prior.num_class_images must be >= 1; got {self.num_class_images}")
+        if self.loss_weight is not None and self.loss_weight < 0:
+            raise ConfigError(f"prior.loss_weight must be >= 0; got {self.loss_weight}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"prior.steps and prior.batch_size must be >= 1; got {self.steps}, {self.batch_size}"
+            )
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """Keys every personalization recipe takes. A recipe's `Config` subclasses this."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    """Base model: a diffusers folder or a single .safetensors/.ckpt file (relative paths are tried
+    against the current folder, then the tune checkout)."""
+    concept: str = ""
+    """Concept folder (concepts/<name> with concept.toml): photos, prompts, token, class word, validation
+    prompts and prior-preservation settings. Keys given here win over the concept's."""
+    instance_dir: str = ""
+    """Folder of photos of the subject (5 to 20 is plenty); "" means the concept's."""
+    instance_prompt: str = ""
+    """Caption of every photo, naming the subject with its token, e.g. "a photo of sks toy"; "" means the
+    concept's."""
+    class_prompt: str = ""
+    """The subject's class without the token, e.g. "a photo of toy": prior preservation's class images and
+    a validation prompt that shows the class keeps its meaning; "" means the concept's (or none)."""
+    token: str = ""
+    """The word that names the subject in prompts (the trigger), e.g. "sks"; "" means the concept's token."""
+    output_dir: str = ""
+    """Run directory; "" means runs/<recipe>-<timestamp>."""
+    seed: int = 0
+    """Seed of initial weights, data order, noise and timesteps."""
+    resume: str = ""
+    """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
+    resolution: int = 0
+    """Training size in pixels (square); 0 means the base model's native size (64 for shapes-base)."""
+    max_steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Photos per micro-batch (prior preservation adds as many class images)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    mixed_precision: MixedPrecision = "auto"
+    """bf16/fp16 autocast with frozen weights in that type, on a GPU; "auto" picks bf16 where the GPU has
+    it, else fp16, and fp32 on a CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less GPU memory, about 20% slower."""
+    sample_every: int = 200
+    """Validation grid every this many steps, at the last step and at step 0 (the base model); 0 = never."""
+    checkpoint_every: int = 200
+    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
+    checkpoints_keep: int = 2
+    """Newest checkpoints kept (0 keeps all)."""
+    report_to: ReportTo = "none"
+    """Also log metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases through accelerate."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    diffusion: DiffusionConfig = DiffusionConfig()
+    """Loss: prediction type (auto follows the base model's scheduler), min-SNR gamma, noise offset."""
+    data: PhotoOptions = PhotoOptions()
+    """Photo loading: crop, flip, repeats, buckets, latent cache."""
+    sample: SampleConfig = SampleConfig()
+    """Validation prompts, seeds and sampler settings."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}")
+        for key in ("resolution", "sample_every", "checkpoint_every", "checkpoints_keep"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The subject
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a personalization run teaches, resolved from a concept and/or explicit keys."""
+
+    photos: Path
+    instance_prompt: str
+    class_prompt: str
+    """"" when there is none."""
+    token: str
+    """The trigger word; "" when neither a concept nor `token` named one."""
+    class_word: str
+    """"" without a concept."""
+    validation_prompts: tuple[str, ...]
+    """Rendered validation prompts (the concept's; the recipe may replace them)."""
+    concept: Concept | None = None
+
+    def render(self, template: str) -> str:
+        """Fill {token} and {class} (other braces are left alone)."""
+        return template.replace("{token}", self.token).replace("{class}", self.class_word)
+
+
+def find_path(name: str) -> Path:
+    """A user path as given when it exists, else under the tune checkout (concepts/ and models/ ship there)."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path
+
+
+def resolve_subject(cfg: PersonalizeConfig) -> Subject:
+    """The subject from `cfg.concept` and/or `instance_dir`, `instance_prompt`, `class_prompt`, `token`."""
+    from tune.data.concepts import load_concept
+
+    concept = load_concept(find_path(cfg.concept)) if cfg.concept else None
+    if concept is None:
+        if not cfg.instance_dir:
+            raise ConfigError(
+                "instance_dir is required: a folder of photos of the subject (or concept=concepts/<name>)"
+            )
+        if not cfg.instance_prompt:
+            raise ConfigError(
+                'instance_prompt is required: the caption of the photos, e.g. instance_prompt="a photo of sks dog"'
+            )
+    photos = find_path(cfg.instance_dir) if cfg.instance_dir else concept.instance_dir  # type: ignore[union-attr]
+    if not photos.is_dir():
+        raise DataError(
+            f"instance_dir {photos} is not a folder; pass the folder that holds the subject's photos"
+        )
+    token = cfg.token or (concept.token if concept else "")
+    class_word = concept.class_word if concept else ""
+    subject = Subject(
+        photos=photos,
+        instance_prompt=cfg.instance_prompt or concept.instance_caption,  # type: ignore[union-attr]
+        class_prompt=cfg.class_prompt or (concept.class_caption if concept else ""),
+        token=token,
+        class_word=class_word,
+        validation_prompts=(),
+        concept=concept,
+    )
+    if concept is not None:
+        rendered = tuple(subject.render(t) for t in concept.validation_prompts)
+        subject = dataclasses.replace(subject, validation_prompts=rendered)
+    if token and token not in subject.instance_prompt.split():
+        log.warning("the token %r does not appear in the instance prompt %r", token, subject.instance_prompt)
+    return subject
+
+
+def validation_prompts(subject: Subject, sample: SampleConfig) -> list[str]:
+    """`sample.prompts` (rendered), else the concept's, else the instance prompt and the class prompt."""
+    if sample.prompts:
+        return [subject.render(p) for p in sample.prompts]
+    if subject.validation_prompts:
+        return list(subject.validation_prompts)
+    return [subject.instance_prompt] + ([subject.class_prompt] if subject.class_prompt else [])
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Resolved prior-preservation settings."""
+
+    class_prompt: str
+    num_class_images: int
+    loss_weight: float
+    class_dir: Path | None
+    """Ready-made class images, or None to generate them."""
+
+
+def resolve_prior(prior: PriorConfig, subject: Subject) -> Prior | None:
+    """Prior preservation for this run (explicit keys, then the concept's settings, then defaults), or None."""
+    concept_prior = subject.concept.prior_preservation if subject.concept is not None else None
+    if prior.enabled is not None:
+        enabled = prior.enabled
+    elif concept_prior is not None:
+        enabled = concept_prior.enabled
+    else:
+        enabled = bool(subject.class_prompt)
+    if not enabled:
+        return None
+    if not subject.class_prompt:
+        raise ConfigError(
+            'prior preservation needs a class prompt: class_prompt="a photo of dog" (the subject\'s class), '
+            "or turn it off with prior.enabled=false"
+        )
+    class_dir = (
+        find_path(prior.class_dir)
+        if prior.class_dir
+        else (concept_prior.class_dir if concept_prior else None)
+    )
+    if class_dir is not None and not class_dir.is_dir():
+        raise DataError(f"prior class_dir {class_dir} is not a folder of class images")
+    count = prior.num_class_images or (concept_prior.num_class_images if concept_prior else 100)
+    weight = (
+        prior.loss_weight
+        if prior.loss_weight is not None
+        else (concept_prior.prior_loss_weight if concept_prior else 1.0)
+    )
+    return Prior(subject.class_prompt, max(1, count), weight, class_dir)
+
+
+def prepare_class_images(
+    pipe: StableDiffusionPipeline,
+    prior: Prior,
+    settings: PriorConfig,
+    *,
+    base_hash: str,
+    cache_dir: str,
+    accelerator: Any,
+) -> Path:
+    """The folder of class images: the ready-made one, or the base model's (generated once, cached)."""
+    from tune.data.class_images import generate_class_images
+
+    if prior.class_dir is not None:
+        return prior.class_dir
+    result = generate_class_images(
+        pipe,
+        prior.class_prompt,
+        prior.num_class_images,
+        base_hash=base_hash,
+        seed=settings.seed,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        batch_size=settings.batch_size,
+        cache_dir=cache_dir or None,
+        accelerator=accelerator,
+    )
+    return result.folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and precision
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_base(path: str) -> StableDiffusionPipeline:
+    """The base pipeline (progress bars off); a missing default model says how to get one."""
+    from tune.models import load_pipeline, resolve_model_path
+
+    if path == DEFAULT_BASE_MODEL and not resolve_model_path(path).exists():
+        raise ModelError(
+            f"the default base model {DEFAULT_BASE_MODEL} does not exist yet; train it (tune run vae, clip, "
+            "unet) or pass base_model=PATH (a diffusers folder or a single-file SD1.x checkpoint)"
+        )
+    pipe = load_pipeline(str(resolve_model_path(path)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """ "auto" -> bf16 on GPUs that have it, fp16 on other GPUs, "no" on CPUs; other names unchanged."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def weight_dtype(accelerator: Any) -> torch.dtype:
+    """The dtype frozen weights are kept in: the mixed-precision type (trained weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        str(accelerator.mixed_precision), torch.float32
+    )
+
+
+def build_trackers(report_to: str, run: RunDir) -> list[Any] | None:
+    """accelerate tracker objects for `report_to` (None for "none"); a missing package is a clear error."""
+    if report_to == "none":
+        return None
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"report_to={report_to} needs the {package} package: pip install {package}")
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    # Tracker objects rather than names: accelerate wants a logging_dir for names, which
+    # tune.training.build_accelerator does not pass.
+    if report_to == "tensorboard":
+        return [TensorBoardTracker(run.path.name, run.path / "tensorboard")]
+    return [WandBTracker(run.path.name)]
+
+
+def enable_gradient_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> None:
+    """Recompute activations in the backward pass of the U-Net (and of a trained text encoder)."""
+    unet.enable_gradient_checkpointing()  # type: ignore[operator]
+    if text_encoder is not None:
+        # transformers 5 renamed it (the old name warns); 4.x only has the old one.
+        enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+        (enable or text_encoder.gradient_checkpointing_enable)()  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+
+def latent_multiple(pipe: StableDiffusionPipeline) -> int:
+    """Image sides must be multiples of this: the VAE factor times the U-Net's total downsampling."""
+    levels = len(pipe.unet.config.block_out_channels)
+    return int(pipe.vae_scale_factor) * 2 ** (levels - 1)
+
+
+def resolve_resolution(resolution: int, pipe: StableDiffusionPipeline) -> int:
+    from tune.sampling import native_size
+
+    side = resolution or native_size(pipe)[0]
+    multiple = latent_multiple(pipe)
+    if side % multiple:
+        raise ConfigError(f"resolution must be a multiple of {multiple} for this base model; got {side}")
+    return side
+
+
+def build_photo_loader(
+    photos: Path,
+    instance_prompt: str,
+    options: PhotoOptions,
+    *,
+    pipe: StableDiffusionPipeline,
+    resolution: int,
+    batch_size: int,
+    seed: int,
+    accelerator: Any,
+    class_dir: Path | None = None,
+    class_prompt: str | None = None,
+    cache_text: bool = False,
+) -> tuple[PhotoDataset, PhotoLoader]:
+    """The shared loader over the photos (plus class images), with cached latents when the crop allows.
+
+    cache_text: also cache the (frozen) text encoder's outputs; batches then carry
+    `encoder_hidden_states` instead of `input_ids`.
+    """
+    from tune.data import loader as photo_loader
+    from tune.data.config import DataConfig
+
+    cache = options.cache_latents and options.crop == "center"
+    if options.cache_latents and not cache:
+        log.info("data.crop = random: latents are encoded every step instead of cached")
+    data_cfg = DataConfig(
+        resolution=resolution,
+        bucketing=options.bucketing,
+        bucket_step=latent_multiple(pipe),
+        crop=options.crop,
+        flip=options.flip,
+        repeats=options.repeats,
+        cache_latents=cache,
+        cache_text=cache_text,
+        cache_dir=options.cache_dir or None,
+        num_workers=options.num_workers,
+        # Class images come at the model's native size, which may be below the loader's default minimum.
+        min_side=min(DataConfig.min_side, resolution),
+    )
+    dataset = photo_loader.build_dataset(
+        photos,
+        data_cfg,
+        instance_prompt=instance_prompt,
+        class_source=class_dir,
+        class_prompt=class_prompt if class_dir is not None else None,
+        seed=seed,
+    )
+    device = accelerator.device
+    if cache:
+        photo_loader.cache_latents(dataset, pipe.vae, device=device, accelerator=accelerator)
+    if cache_text:
+        photo_loader.cache_text(
+            dataset, pipe.text_encoder, pipe.tokenizer, device=device, accelerator=accelerator
+        )
+    loader = photo_loader.build_dataloader(
+        dataset, batch_size=batch_size, tokenizer=pipe.tokenizer, seed=seed, accelerator=accelerator
+    )
+    return dataset, loader
+
+
+def cache_info(dataset: PhotoDataset) -> dict[str, Any]:
+    """The caching passes' stats for run.json, e.g. {"latent": {"encoded": 0, "loaded": 10}}."""
+    return {
+        kind: {"encoded": s.encoded, "loaded": s.loaded, **({"note": s.note} if s.note else {})}
+        for kind, s in dataset.cache_stats.items()
+    }
+
+
+def forever(loader: PhotoLoader) -> Iterator[Batch]:
+    """Batches across epochs; the loader's state_dict stays exact for resume."""
+    while True:
+        yield from loader
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The generator of one micro-step's noise and timesteps: a function of (seed, micro-step) only, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 2**32 + micro_step)
+
+
+def encode_batch(
+    batch: Batch,
+    *,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, encoder_hidden_states) of a batch: cached ones as they are, the rest encoded now."""
+    if batch.latents is not None:
+        latents = batch.latents.to(dtype)
+    else:
+        assert batch.pixel_values is not None
+        pixels = batch.pixel_values.to(vae.device, vae.dtype)
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+        sample = dist.mean.float() + dist.std.float() * noise
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((sample - shift) * vae.config.scaling_factor).to(dtype)
+    if batch.encoder_hidden_states is not None:
+        hidden = batch.encoder_hidden_states
+    else:
+        assert batch.input_ids is not None
+        hidden = text_encoder(batch.input_ids.to(text_encoder.device))[0]
+    return latents, hidden
+
+
+# ---------------------------------------------------------------------------------------------------
+# During training
+# ---------------------------------------------------------------------------------------------------
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a periodic action (sampling, checkpoint) runs after `step`: every N steps and at the end."""
+    return every > 0 and (step % every == 0 or step == max_steps)
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} at step {step}; lower optim.lr (or turn off mixed precision)"
+        )
+
+
+def sample_validation(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    sample: SampleConfig,
+    out_dir: Path,
+    *,
+    accelerator: Any,
+    modules: Iterable[torch.nn.Module],
+) -> None:
+    """A prompts x seeds grid of `pipe` as it is now into `out_dir`; `modules` are put in eval mode
+    meanwhile (LoRA dropout off) and back afterwards."""
+    from tune.sampling import sample_grid
+
+    modes = [(m, m.training) for m in modules]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with accelerator.autocast():
+            sample_grid(
+                pipe,
+                prompts,
+                list(sample.seeds),
+                out_dir,
+                steps=sample.steps,
+                guidance=sample.guidance,
+                scheduler=sample.scheduler or None,
+                negative_prompt=sample.negative_prompt or None,
+                batch_size=sample.batch_size,
+                progress=False,
+            )
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+def checkpoint_trainable_only(accelerator: Any) -> None:
+    """Make accelerate checkpoints hold each prepared model's trainable parameters only.
+
+    accelerate saves whole models; for a LoRA or a few embedding rows that is the frozen base model over
+    and over. Its save hook writes `trainable_<i>.safetensors` instead, and its load hook restores them
+    (and checks that the checkpoint was made with the same trainable set).
+    """
+    from safetensors.torch import load_file, save_file
+
+    def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        inner = accelerator.unwrap_model(model)
+        return {n: p for n, p in inner.named_parameters() if p.requires_grad}
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                state = {n: p.detach().to("cpu").contiguous() for n, p in trainable(model).items()}
+                save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()  # accelerate then writes no whole-model files
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"trainable_{i}.safetensors"
+            if not path.is_file():
+                raise TuneError(f"{input_dir} has no {path.name}; it was not written by this recipe")
+            saved, params = load_file(str(path)), trainable(model)
+            if set(saved) != set(params):
+                diff = sorted(set(saved) ^ set(params))
+                raise TuneError(
+                    f"checkpoint {input_dir} trained other weights than this run (e.g. {diff[0]}); resume with "
+                    "the settings it was made with (lora.targets, lora.rank, ...)"
+                )
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+        models.clear()  # loaded here; accelerate must not look for whole-model files
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def on_checkpoint(accelerator: Any, write: Callable[[Path, int], None]) -> None:
+    """Call `write(checkpoint_dir, step)` inside every checkpoint save, before its COMPLETE marker (for the
+    files other tools read from a checkpoint: LoRA adapters, learned embeddings)."""
+
+    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            path = Path(output_dir)
+            write(path, int(path.name.removeprefix("step_")))
+
+    accelerator.register_save_state_pre_hook(hook)
+
+
+def log_step(run: RunDir, accelerator: Any, step: int, **values: float) -> None:
+    """One metrics.jsonl row, and the trackers' when report_to is set."""
+    if accelerator.is_main_process:
+        run.log_metrics(step, **values)
+    if accelerator.trackers:
+        accelerator.log(values, step=step)
+
+
+def tracker_config(cfg: Any) -> dict[str, Any]:
+    """The config as flat `a.b` -> scalar pairs (what TensorBoard's hparams and W&B accept)."""
+    from tune.config import to_dict
+
+    flat: dict[str, Any] = {}
+
+    def walk(table: dict[str, Any], prefix: str) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, bool | int | float | str):
+                flat[prefix + key] = value
+            else:
+                flat[prefix + key] = str(value)
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def run_info(
+    subject: Subject, cfg: PersonalizeConfig, base_hash: str, dataset: PhotoDataset
+) -> dict[str, Any]:
+    """The facts run.json carries for eval, export and the dashboard."""
+    return {
+        "base_model": cfg.base_model,
+        "base_model_hash": base_hash,
+        "concept": str(find_path(cfg.concept).resolve()) if cfg.concept else "",
+        "concept_name": subject.concept.name if subject.concept else "",
+        "instance_dir": str(subject.photos),
+        "instance_prompt": subject.instance_prompt,
+        "class_prompt": subject.class_prompt,
+        "trigger": subject.token,
+        "photos": len(dataset.instance_indices),
+        "class_images": len(dataset.prior_indices),
+        "max_steps": cfg.max_steps,
+        "cache": cache_info(dataset),
+    }
