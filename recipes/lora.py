@@ -1,0 +1,288 @@
+"""LoRA: teach a base model a subject from a few photos with small low-rank adapters (a few MB).
+
+    tune run lora --config default concept=concepts/sks-toy
+    tune run lora base_model=PATH instance_dir=PATH instance_prompt="a photo of sks toy" output_dir=PATH
+
+Adapters (peft) go on the U-Net's cross-attention projections (attn2 to_q, to_k, to_v, to_out.0) by
+default; `lora.targets` adds self-attention, feed-forward, transformer projections, resnet convs or
+the text encoder. Zero-initialised up-projections make the adapter a no-op at step 0, so the step-0
+grid is the base model's. Optionally (`pivotal.enabled`) the trigger word becomes a new token whose
+embedding trains alongside (pivotal tuning); its embedding is exported too.
+
+Writes checkpoints/step_N/lora.safetensors (the adapter at step N), export/pytorch_lora_weights.safetensors
+(diffusers: `pipe.load_lora_weights(path)`), export/<run name>.safetensors (kohya: A1111, ComfyUI) and,
+with pivotal tuning, export/learned_embeds.safetensors (`pipe.load_textual_inversion(path, token=...)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from tune import lora as lora_io
+from tune import personalize as p
+from tune.diffusion import diffusion_step
+from tune.errors import ConfigError
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.runs import RunDir
+from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
+from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+
+log = logging.getLogger(__name__)
+
+LoraTarget = Literal["attn2", "attn1", "ff", "proj", "resnets", "text_encoder"]
+# Module-name patterns (peft matches them against the full name) of each target group.
+UNET_TARGETS: dict[str, str] = {
+    "attn2": r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "attn1": r".*\.attn1\.(to_q|to_k|to_v|to_out\.0)",
+    "ff": r".*\.ff\.net\.(0\.proj|2)",
+    "proj": r".*\.attentions\.\d+\.(proj_in|proj_out)",
+    "resnets": r".*\.resnets\.\d+\.(conv1|conv2|conv_shortcut)",
+}
+TEXT_ENCODER_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The adapters (the `[lora]` table)."""
+
+    rank: int = 8
+    """Rank r of each adapter."""
+    alpha: float | None = None
+    """Scale numerator: the update is (alpha / rank) * up @ down; unset means alpha = rank (scale 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    targets: tuple[LoraTarget, ...] = ("attn2",)
+    """Module groups that get adapters: attn2 (cross-attention), attn1 (self-attention), ff (feed-forward),
+    proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or (self.alpha is not None and self.alpha <= 0) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"need lora.rank >= 1, lora.alpha > 0, 0 <= lora.dropout < 1; got {self}")
+        if not self.targets:
+            raise ConfigError("lora.targets needs at least one group, e.g. ['attn2']")
+
+
+@dataclass(frozen=True)
+class PivotalOptions:
+    """Pivotal tuning (the `[pivotal]` table): the trigger word becomes a new token trained with the LoRA."""
+
+    enabled: bool = False
+    """Add the token (`token`, or the concept's) as a new embedding and train it too."""
+    initializer_token: str = ""
+    """Word the new embedding starts from; "" means the concept's class word."""
+    num_vectors: int = 1
+    """Embedding vectors behind the token."""
+    lr: float = 1e-3
+    """Learning rate of the embedding (the adapters use optim.lr)."""
+
+
+@dataclass(frozen=True)
+class Config(p.PersonalizeConfig):
+    """Settings of the `lora` recipe."""
+
+    max_steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 2
+    """Photos per micro-batch (prior preservation adds as many class images)."""
+    optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=1e-4, schedule="constant", warmup_steps=20)
+    """Optimizer and learning-rate schedule (of the adapters)."""
+    lora: LoraOptions = LoraOptions()
+    """Adapter rank, alpha, dropout and targets."""
+    pivotal: PivotalOptions = PivotalOptions()
+    """Pivotal tuning: also train the trigger as a new token."""
+    prior: p.PriorConfig = p.PriorConfig(enabled=False)
+    """Prior preservation; off unless enabled here (LoRA changes the model less than DreamBooth)."""
+    export_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """dtype of the exported adapter files (checkpoints keep fp32)."""
+
+
+def main(cfg: Config) -> RunDir:
+    # ---- run dir & seed -----------------------------------------------------------------------------
+    subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
+    prior = p.resolve_prior(cfg.prior, subject)
+    if cfg.pivotal.enabled and subject.token not in subject.instance_prompt.split():
+        raise ConfigError(
+            f"pivotal tuning trains the trigger word, which must be in the instance prompt: token=sks and "
+            f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
+        )
+    pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    run, cfg = start_run("lora", cfg)
+    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    accelerator = build_accelerator(mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run))
+    device = accelerator.device
+
+    # ---- models -------------------------------------------------------------------------------------
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    base_hash = lora_io.base_model_hash(unet, text_encoder)
+    train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
+    dtype = p.weight_dtype(accelerator)
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    unet.to(device, dtype)
+    vae.to(device, dtype)
+    text_encoder.to(device, torch.float32 if train_text else dtype)  # a trained text encoder stays fp32
+    class_dir = None
+    if prior is not None:  # drawn by the base model, before any adapter exists
+        class_dir = p.prepare_class_images(
+            pipe, prior, cfg.prior, base_hash=base_hash, cache_dir=cfg.data.cache_dir, accelerator=accelerator
+        )
+    new_tokens = None
+    if cfg.pivotal.enabled:
+        initializer = cfg.pivotal.initializer_token or subject.class_word
+        new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.pivotal.num_vectors)
+    rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
+    unet_groups = [UNET_TARGETS[t] for t in cfg.lora.targets if t in UNET_TARGETS]
+    if not unet_groups:
+        raise ConfigError(
+            "lora.targets must include at least one U-Net group (attn2, attn1, ff, proj, resnets)"
+        )
+    adapter = dict(r=rank, lora_alpha=alpha, lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian")
+    unet.add_adapter(LoraConfig(target_modules="(?:" + "|".join(unet_groups) + ")", **adapter))
+    if "text_encoder" in cfg.lora.targets:
+        text_encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **adapter))
+    if new_tokens is not None:
+        new_tokens.train_rows_only()  # after add_adapter, which freezes everything but the adapters
+    embedding = {id(new_tokens.weight)} if new_tokens else set()
+    lora_params = [
+        q for m in (unet, text_encoder) for q in m.parameters() if q.requires_grad and id(q) not in embedding
+    ]
+    for q in lora_params:
+        q.data = q.data.float()  # trained weights stay fp32 under mixed precision
+    if cfg.gradient_checkpointing:
+        p.enable_gradient_checkpointing(unet, text_encoder if train_text else None)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    log.info("lora: %d trainable adapter tensors, rank %d, alpha %g", len(lora_params), rank, alpha)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    resolution = p.resolve_resolution(cfg.resolution, pipe)
+    instance_prompt = new_tokens.expand(subject.instance_prompt) if new_tokens else subject.instance_prompt
+    dataset, loader = p.build_photo_loader(
+        subject.photos,
+        instance_prompt,
+        cfg.data,
+        pipe=pipe,
+        resolution=resolution,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        accelerator=accelerator,
+        class_dir=class_dir,
+        class_prompt=prior.class_prompt if prior else None,
+        cache_text=not train_text,
+    )
+    prompts = p.validation_prompts(subject, cfg.sample)
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    groups: list[dict] = [{"params": lora_params}]
+    if new_tokens is not None:
+        groups.append({"params": [new_tokens.weight], "lr": cfg.pivotal.lr, "weight_decay": 0.0})
+    optimizer = build_optimizer(groups, cfg.optim)
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    trained = [unet, text_encoder] if train_text else [unet]
+    *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
+    # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
+    # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
+    unet_model, text_model = trained[0], (trained[1] if train_text else text_encoder)
+    accelerator.register_for_checkpointing(loader)
+    p.checkpoint_trainable_only(accelerator)
+
+    def write_adapter(folder: Path, step: int) -> None:  # called inside each checkpoint save
+        te = text_encoder if "text_encoder" in cfg.lora.targets else None
+        meta = {"tune_step": str(step)}
+        lora_io.save_adapter(unet, te, folder / lora_io.CHECKPOINT_ADAPTER, meta)
+        if new_tokens is not None:
+            save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, meta)
+
+    p.on_checkpoint(accelerator, write_adapter)
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    run.update_info(**p.run_info(subject, cfg, base_hash, dataset), lora_tensors=len(lora_params))
+    if cfg.report_to != "none":
+        accelerator.init_trackers("lora", config=p.tracker_config(cfg))
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    sampled_modules = [unet, text_encoder]
+    if step == 0 and cfg.sample_every:  # the base model (the adapter is still a no-op)
+        p.sample_validation(
+            pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=sampled_modules
+        )
+    unet.train()
+    text_encoder.train(train_text)
+    batches = p.forever(loader)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="lora", unit="step")
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            micro = step * cfg.grad_accum + k
+            torch.manual_seed(cfg.seed * 2**32 + micro)  # LoRA dropout: the same masks after a resume
+            batch = next(batches).to(device)
+            with accelerator.accumulate(*trained), accelerator.autocast():
+                generator = p.step_generator(cfg.seed, micro)
+                latents, hidden = p.encode_batch(
+                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
+                )
+                loss = diffusion_step(
+                    unet_model,
+                    noise_scheduler,
+                    latents,
+                    hidden,
+                    cfg.diffusion,
+                    generator,
+                    is_prior=batch.is_prior,
+                    prior_loss_weight=prior.loss_weight if prior else 1.0,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    params = lora_params + ([new_tokens.weight] if new_tokens else [])
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+        if new_tokens is not None:
+            new_tokens.restore_frozen_rows()
+        step += 1
+        loss_value = loss_sum / cfg.grad_accum
+        p.check_finite(loss_value, step)
+        seconds = round(time.perf_counter() - t0, 4)
+        p.log_step(
+            run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+            p.sample_validation(
+                pipe,
+                prompts,
+                cfg.sample,
+                run.sample_dir(step),
+                accelerator=accelerator,
+                modules=sampled_modules,
+            )
+        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+            save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
+    bar.close()
+
+    # ---- save/export --------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        te = text_encoder if "text_encoder" in cfg.lora.targets else None
+        file_dtype = EXPORT_DTYPES[cfg.export_dtype]
+        lora_io.save_adapter(
+            unet, te, lora_io.final_adapter_path(run.path), {"tune_step": "final"}, dtype=file_dtype
+        )
+        kohya = lora_io.export_run(run.path, "kohya", dtype=file_dtype, force=True)
+        if new_tokens is not None:
+            save_embeddings(new_tokens, run.export_dir / EMBEDDINGS_FILE, {"tune_base_model_hash": base_hash})
+        log.info("exported %s and %s", lora_io.final_adapter_path(run.path), kohya)
+    accelerator.end_training()
+    run.finish()
+    return run

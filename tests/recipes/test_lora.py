@@ -1,0 +1,251 @@
+"""The lora recipe end to end on the tiny pipeline: run-dir contract, zero-init no-op, trainable set,
+exports that diffusers loads, exact resume, latent cache reuse, pivotal tuning, prior preservation."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from recipes import lora as recipe
+from tune import PROJECT_ROOT
+from tune import lora as lora_io
+from tune.config import load_config
+from tune.data.example_concept import render_photo
+from tune.errors import ConfigError, ModelError
+from tune.models import load_pipeline
+from tune.runs import read_metrics, read_run
+from tune.sampling import sample_grid
+
+CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "lora"
+ATTN2 = re.compile(r".+\.attn2\.(to_q|to_k|to_v|to_out\.0)\.lora_[AB]\.default\.weight")
+
+
+def make_concept(root: Path, count: int = 4) -> Path:
+    """A concept folder: `count` small photos of the example toy and a concept.toml."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for i in range(count):
+        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
+        image.save(photos / f"toy_{i}.jpg", quality=90)
+    (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, Path | str]:
+    root = tmp_path_factory.mktemp("lora")
+    return {"concept": make_concept(root / "concept"), "cache": root / "cache", "base": tiny_pipeline_dir}
+
+
+def config(setup: dict, out: Path, *extra: str) -> recipe.Config:
+    overrides = [
+        f"base_model={setup['base']}",
+        f"concept={setup['concept']}",
+        f"output_dir={out}",
+        f"data.cache_dir={setup['cache']}",
+        *extra,
+    ]
+    return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def first_run(setup: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recipe.main(config(setup, tmp_path_factory.mktemp("runs") / "a")).path
+
+
+def test_run_directory_contract(first_run: Path, setup: dict) -> None:
+    run = read_run(first_run)
+    assert run.status == "done" and run.recipe == "lora" and (first_run / "config.toml").is_file()
+    assert sorted(losses(first_run)) == [1, 2, 3, 4]
+    numbers = [v for m in run.metrics for k, v in m.items() if k in ("loss", "lr", "s_per_step")]
+    assert len(numbers) == 12 and all(math.isfinite(v) for v in numbers)
+    assert run.sample_steps == [0, 2, 4]
+    index = json.loads((run.samples_at(2) / "prompts.json").read_text())
+    assert index["prompts"] == ["a photo of sks toy", "a photo of toy"] and index["seeds"] == [0]
+    assert run.checkpoint_steps == [2, 4]
+    for step in (2, 4):
+        assert (lora_io.checkpoint_adapter_path(first_run, step)).is_file()
+    export = first_run / "export"
+    assert {p.name for p in export.iterdir()} == {
+        "pytorch_lora_weights.safetensors",
+        f"{first_run.name}.safetensors",
+    }
+    assert all(
+        t.dtype == torch.float16 for t in load_file(str(export / "pytorch_lora_weights.safetensors")).values()
+    )
+    base = load_pipeline(setup["base"])
+    info = run.info
+    assert info["base_model_hash"] == lora_io.base_model_hash(base.unet, base.text_encoder)
+    assert (info["instance_prompt"], info["trigger"], info["max_steps"]) == ("a photo of sks toy", "sks", 4)
+    assert info["concept"] == str(Path(setup["concept"]).resolve()) and info["photos"] == 4
+
+
+def test_step0_grid_is_the_base_model(first_run: Path, setup: dict, tmp_path: Path) -> None:
+    base = load_pipeline(setup["base"])
+    base.set_progress_bar_config(disable=True)
+    sample_grid(
+        base, ["a photo of sks toy", "a photo of toy"], [0], tmp_path, steps=2, guidance=6.0, progress=False
+    )
+    for name in ("p00_s0.png", "p01_s0.png"):
+        step0 = pixels(first_run / "samples" / "step_000000" / name)
+        assert np.array_equal(step0, pixels(tmp_path / name))  # the zero-initialised adapter is a no-op
+        assert not np.array_equal(
+            step0, pixels(first_run / "samples" / "step_000004" / name)
+        )  # ...then learns
+
+
+def test_only_cross_attention_adapters_train(first_run: Path, setup: dict) -> None:
+    checkpoint = first_run / "checkpoints" / "step_000004"
+    trained = set(load_file(str(checkpoint / "trainable_0.safetensors")))
+    assert not (checkpoint / "trainable_1.safetensors").exists()  # the text encoder is not trained
+    assert not list(checkpoint.glob("model*.safetensors"))  # no copy of the frozen U-Net
+    unet = load_pipeline(setup["base"]).unet
+    attn2 = [n for n, _ in unet.named_modules() if re.fullmatch(r".+\.attn2\.(to_q|to_k|to_v|to_out\.0)", n)]
+    assert len(attn2) == 64 and all(ATTN2.fullmatch(n) for n in trained)
+    assert {n.rsplit(".lora_", 1)[0] for n in trained} == set(attn2) and len(trained) == 2 * len(attn2)
+
+
+def test_exports_load_in_diffusers(first_run: Path, setup: dict) -> None:
+    trained = lora_io.read_lora(lora_io.checkpoint_adapter_path(first_run, 4))
+    for path in (
+        first_run / "export" / "pytorch_lora_weights.safetensors",
+        first_run / "export" / f"{first_run.name}.safetensors",
+    ):
+        shipped = lora_io.read_lora(path)
+        assert set(shipped.modules) == set(trained.modules)
+        for name, pair in trained.modules.items():
+            shape = (pair.up.shape[0], pair.down.shape[1])
+            torch.testing.assert_close(
+                shipped.modules[name].delta(shape), pair.delta(shape), atol=2e-4, rtol=1e-2
+            )
+    pipe = load_pipeline(setup["base"])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    before = pipe.unet(latents, 500, hidden).sample
+    pipe.load_lora_weights(str(first_run / "export"), weight_name="pytorch_lora_weights.safetensors")
+    assert not torch.equal(pipe.unet(latents, 500, hidden).sample, before)
+
+
+def test_resume_is_exact_and_reuses_the_latent_cache(
+    first_run: Path, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_step = recipe.diffusion_step
+
+    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(config(setup, tmp_path / "r"))
+    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
+    monkeypatch.setattr(recipe, "diffusion_step", real_step)
+    assert read_run(tmp_path / "r").checkpoint_steps == [2]
+    resumed = recipe.main(config(setup, tmp_path / "r", "resume=latest")).path
+    assert losses(resumed) == losses(first_run)  # steps 1-2 before the crash, 3-4 after the resume
+    final = "checkpoints/step_000004/trainable_0.safetensors"
+    whole, parts = load_file(str(first_run / final)), load_file(str(resumed / final))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert (
+        read_run(resumed).status == "done"
+        and (resumed / "export" / "pytorch_lora_weights.safetensors").is_file()
+    )
+    # The photos were encoded by the first run: later runs on them load every latent from the cache.
+    assert read_run(first_run).info["cache"]["latent"] == {"encoded": 4, "loaded": 0}
+    assert read_run(resumed).info["cache"]["latent"] == {"encoded": 0, "loaded": 4}
+
+
+def test_pivotal_text_encoder_accumulation_checkpointing(
+    first_run: Path, setup: dict, tmp_path: Path
+) -> None:
+    # The command contract without a concept: photos, prompt and token given explicitly.
+    run = recipe.main(
+        config(
+            setup,
+            tmp_path / "p",
+            "concept=",
+            f"instance_dir={Path(setup['concept']) / 'photos'}",
+            "instance_prompt=a photo of sks toy",
+            "token=sks",
+            "pivotal.enabled=true",
+            "pivotal.initializer_token=toy",
+            'lora.targets=["attn2", "text_encoder"]',
+            "grad_accum=2",
+            "gradient_checkpointing=true",
+            "seed=1",
+        )
+    ).path
+    assert sorted(losses(run)) == [1, 2, 3, 4] and losses(run) != losses(first_run)
+    checkpoint = run / "checkpoints" / "step_000004"
+    text_trained = set(load_file(str(checkpoint / "trainable_1.safetensors")))
+    assert "embeddings.token_embedding.weight" in {n.removeprefix("text_model.") for n in text_trained}
+    assert any(".self_attn.q_proj.lora_A." in n for n in text_trained)
+    # Each optimizer step consumed two micro-batches of the 4-photo epoch: 4 steps = 4 epochs.
+    position = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    assert position == {"epoch": 3, "position": 2, "seed": 1}
+    pipe = load_pipeline(setup["base"])
+    toy = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("toy</w>")]
+    pipe.load_textual_inversion(str(run / "export" / "learned_embeds.safetensors"))
+    learned = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sks")]
+    assert not torch.equal(learned, toy) and torch.allclose(learned, toy, atol=0.05)
+    assert len(lora_io.read_lora(run / "export" / "pytorch_lora_weights.safetensors").modules) == 64 + 2 * 6
+
+
+def test_prior_preservation_generates_and_reuses_class_images(
+    first_run: Path, setup: dict, tmp_path: Path
+) -> None:
+    extra = (
+        "prior.enabled=true",
+        "prior.num_class_images=2",
+        "prior.steps=1",
+        "max_steps=2",
+        "sample_every=0",
+        "optim.name=lion8bit",
+    )
+    first = read_run(recipe.main(config(setup, tmp_path / "c1", *extra)).path)
+    again = read_run(recipe.main(config(setup, tmp_path / "c2", *extra)).path)
+    assert first.info["class_images"] == 2 and first.info["class_prompt"] == "a photo of toy"
+    assert first.info["cache"]["latent"]["encoded"] == 2  # the photos' latents were cached by earlier runs
+    assert again.info["cache"]["latent"] == {"encoded": 0, "loaded": 6}
+    assert losses(first.path) == losses(again.path) and first.sample_steps == []
+    assert len(list((Path(setup["cache"]) / "class_images").rglob("*.png"))) == 2  # generated once
+
+
+def test_shipped_configs_load_strictly() -> None:
+    for name in ("tiny", "default"):
+        cfg = load_config(recipe.Config, CONFIGS / f"{name}.toml")
+        assert cfg.max_steps > 0 and cfg.lora.targets == ("attn2",)
+    with pytest.raises(ConfigError, match="did you mean 'lora.rank'"):
+        load_config(recipe.Config, CONFIGS / "tiny.toml", ["lora.rnak=3"])
+    with pytest.raises(ConfigError, match="lora.targets"):
+        load_config(recipe.Config, None, ['lora.targets=["attn3"]'])
+
+
+def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="instance_dir is required"):
+        recipe.main(load_config(recipe.Config, None, [f"output_dir={tmp_path / 'x'}"]))
+    with pytest.raises(ConfigError, match="must be in the instance prompt"):
+        recipe.main(config(setup, tmp_path / "x", "pivotal.enabled=true", "token=zwx"))
+    with pytest.raises(ModelError, match="no model file or folder"):
+        recipe.main(config({**setup, "base": str(tmp_path / "no-model")}, tmp_path / "x"))
+    assert not (tmp_path / "x").exists()  # all checked before the run directory is made
