@@ -1,0 +1,190 @@
+"""Textual inversion: teach a base model a subject as a new word, training only that word's embedding.
+
+    tune run textual_inversion --config default concept=concepts/sks-toy
+    tune run textual_inversion base_model=PATH instance_dir=PATH instance_prompt="a photo of sks toy" \\
+        token=sks initializer_token=toy output_dir=PATH
+
+The token (`token`, or the concept's) is added to the tokenizer with `num_vectors` embedding rows,
+each starting from `initializer_token`'s embedding (the concept's class word by default); every other
+weight of the model stays as it was, bit for bit (tune.tokens). The result is a few hundred bytes:
+export/learned_embeds.safetensors, which `pipe.load_textual_inversion(path, token="sks")` loads in
+diffusers (A1111 and ComfyUI read it too, under its file name). Each checkpoint folder holds the
+embedding at that step under the same name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from tune import lora as lora_io
+from tune import personalize as p
+from tune.diffusion import diffusion_step
+from tune.errors import ConfigError
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.runs import RunDir
+from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
+from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config(p.PersonalizeConfig):
+    """Settings of the `textual_inversion` recipe."""
+
+    initializer_token: str = ""
+    """Word the new embedding starts from (the subject's class, e.g. "toy"); "" means the concept's class word."""
+    num_vectors: int = 1
+    """Embedding vectors behind the token (more can hold more detail, and overfit sooner)."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 2
+    """Photos per micro-batch."""
+    optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20)
+    """Optimizer and learning-rate schedule of the embedding (no weight decay: it would shrink the vector)."""
+    sample_every: int = 250
+    """Validation grid every this many steps, at the last step and at step 0; 0 = never."""
+    checkpoint_every: int = 250
+    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_vectors < 1:
+            raise ConfigError(f"num_vectors must be >= 1; got {self.num_vectors}")
+
+
+def main(cfg: Config) -> RunDir:
+    # ---- run dir & seed -----------------------------------------------------------------------------
+    subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
+    if not subject.token:
+        raise ConfigError(
+            "textual inversion needs the new word: token=sks (one the tokenizer lacks), or a concept"
+        )
+    if subject.token not in subject.instance_prompt.split():
+        raise ConfigError(
+            f"instance_prompt {subject.instance_prompt!r} must contain the token {subject.token!r}: its embedding "
+            "is the only thing trained"
+        )
+    initializer = cfg.initializer_token or subject.class_word
+    if not initializer:
+        raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
+    pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    run, cfg = start_run("textual_inversion", cfg)
+    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    accelerator = build_accelerator(mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run))
+    device = accelerator.device
+
+    # ---- models -------------------------------------------------------------------------------------
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    base_hash = lora_io.base_model_hash(unet, text_encoder)
+    dtype = p.weight_dtype(accelerator)
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    unet.to(device, dtype)
+    vae.to(device, dtype)
+    text_encoder.to(device, torch.float32)  # the trained embedding stays fp32
+    new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.num_vectors)
+    new_tokens.train_rows_only()
+    if cfg.gradient_checkpointing:
+        p.enable_gradient_checkpointing(unet, text_encoder)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    resolution = p.resolve_resolution(cfg.resolution, pipe)
+    dataset, loader = p.build_photo_loader(
+        subject.photos,
+        new_tokens.expand(subject.instance_prompt),  # "sks" -> "sks sks_1 ..." for several vectors
+        cfg.data,
+        pipe=pipe,
+        resolution=resolution,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        accelerator=accelerator,
+    )
+    prompts = p.validation_prompts(subject, cfg.sample)
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    optimizer = build_optimizer([new_tokens.weight], cfg.optim)
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    # The prepared text encoder (a DDP wrapper on several GPUs) runs the training forward; `text_encoder`
+    # stays the plain module that the pipeline samples with.
+    text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
+    accelerator.register_for_checkpointing(loader)
+    p.checkpoint_trainable_only(accelerator)
+    p.on_checkpoint(
+        accelerator,
+        lambda folder, step: save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, {"tune_step": str(step)}),
+    )
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    run.update_info(
+        **p.run_info(subject, cfg, base_hash, dataset),
+        initializer_token=initializer,
+        token_ids=list(new_tokens.ids),
+    )
+    if cfg.report_to != "none":
+        accelerator.init_trackers("textual_inversion", config=p.tracker_config(cfg))
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    if step == 0 and cfg.sample_every:  # the base model, with the token at its initializer's embedding
+        p.sample_validation(
+            pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=[text_encoder]
+        )
+    text_encoder.train()
+    batches = p.forever(loader)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="textual_inversion", unit="step")
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            micro = step * cfg.grad_accum + k
+            batch = next(batches).to(device)
+            with accelerator.accumulate(text_model), accelerator.autocast():
+                generator = p.step_generator(cfg.seed, micro)
+                latents, hidden = p.encode_batch(
+                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
+                )
+                loss = diffusion_step(unet, noise_scheduler, latents, hidden, cfg.diffusion, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_([new_tokens.weight], cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+        new_tokens.restore_frozen_rows()  # weight decay and 8-bit state would move the other rows
+        step += 1
+        loss_value = loss_sum / cfg.grad_accum
+        p.check_finite(loss_value, step)
+        norm = float(new_tokens.vectors().norm(dim=1).mean())
+        seconds = round(time.perf_counter() - t0, 4)
+        lr = lr_schedule.get_last_lr()[0]
+        p.log_step(run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+            p.sample_validation(
+                pipe,
+                prompts,
+                cfg.sample,
+                run.sample_dir(step),
+                accelerator=accelerator,
+                modules=[text_encoder],
+            )
+        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+            save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
+    bar.close()
+
+    # ---- save/export --------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        meta = {"tune_step": "final", "tune_base_model_hash": base_hash, "initializer_token": initializer}
+        path = save_embeddings(new_tokens, run.export_dir / EMBEDDINGS_FILE, meta)
+        log.info("exported %s: pipe.load_textual_inversion(%r, token=%r)", path, str(path), subject.token)
+    accelerator.end_training()
+    run.finish()
+    return run

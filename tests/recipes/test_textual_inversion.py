@@ -1,0 +1,184 @@
+"""The textual_inversion recipe end to end on the tiny pipeline: run-dir contract, only the new rows
+train, embeddings that diffusers loads and our sampler reproduces, exact resume, several vectors."""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from recipes import textual_inversion as recipe
+from tune import PROJECT_ROOT
+from tune import lora as lora_io
+from tune.config import load_config
+from tune.data.example_concept import render_photo
+from tune.errors import ConfigError
+from tune.models import load_pipeline
+from tune.runs import read_metrics, read_run
+from tune.sampling import sample_grid
+from tune.tokens import load_embeddings
+
+CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "textual_inversion"
+EMBEDDING = "embeddings.token_embedding.weight"
+
+
+def make_concept(root: Path, count: int = 4) -> Path:
+    """A concept folder: `count` small photos of the example toy and a concept.toml."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for i in range(count):
+        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
+        image.save(photos / f"toy_{i}.jpg", quality=90)
+    (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, Path | str]:
+    root = tmp_path_factory.mktemp("ti")
+    return {"concept": make_concept(root / "concept"), "cache": root / "cache", "base": tiny_pipeline_dir}
+
+
+def config(setup: dict, out: Path, *extra: str) -> recipe.Config:
+    overrides = [
+        f"base_model={setup['base']}",
+        f"concept={setup['concept']}",
+        f"output_dir={out}",
+        f"data.cache_dir={setup['cache']}",
+        *extra,
+    ]
+    return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
+
+
+def trained_matrix(run: Path, step: int) -> torch.Tensor:
+    state = load_file(str(run / "checkpoints" / f"step_{step:06d}" / "trainable_0.safetensors"))
+    [(name, matrix)] = state.items()  # the embedding matrix is the only trainable tensor
+    assert name.removeprefix("text_model.") == EMBEDDING
+    return matrix
+
+
+@pytest.fixture(scope="module")
+def first_run(setup: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recipe.main(config(setup, tmp_path_factory.mktemp("runs") / "a")).path
+
+
+def test_run_directory_contract(first_run: Path, setup: dict) -> None:
+    run = read_run(first_run)
+    assert run.status == "done" and run.recipe == "textual_inversion"
+    assert sorted(losses(first_run)) == [1, 2, 3, 4]
+    rows = [m for m in run.metrics if "loss" in m]
+    assert all(math.isfinite(m[k]) for m in rows for k in ("loss", "lr", "embedding_norm", "s_per_step"))
+    assert run.sample_steps == [0, 2, 4] and run.checkpoint_steps == [2, 4]
+    for step in (2, 4):
+        assert (first_run / "checkpoints" / f"step_{step:06d}" / "learned_embeds.safetensors").is_file()
+    assert [p.name for p in (first_run / "export").iterdir()] == ["learned_embeds.safetensors"]
+    base = load_pipeline(setup["base"])
+    assert run.info["base_model_hash"] == lora_io.base_model_hash(base.unet, base.text_encoder)
+    assert (run.info["trigger"], run.info["initializer_token"], run.info["max_steps"]) == ("sks", "toy", 4)
+    assert run.info["cache"]["latent"]["encoded"] + run.info["cache"]["latent"]["loaded"] == 4
+
+
+def test_only_the_new_row_trains(first_run: Path, setup: dict) -> None:
+    base = load_pipeline(setup["base"]).text_encoder.get_input_embeddings().weight.detach()
+    toy = load_pipeline(setup["base"]).tokenizer.convert_tokens_to_ids("toy</w>")
+    previous = base[toy]
+    for step in (2, 4):
+        matrix = trained_matrix(first_run, step)
+        assert matrix.shape == (len(base) + 1, base.shape[1])
+        assert torch.equal(matrix[: len(base)], base)  # every other row bit-identical
+        assert not torch.equal(matrix[len(base)], previous)  # the new row moved (from "toy" at step 0)
+        previous = matrix[len(base)]
+
+
+def test_embeddings_load_in_diffusers_and_sample_like_the_run(
+    first_run: Path, setup: dict, tmp_path: Path
+) -> None:
+    path = first_run / "export" / "learned_embeds.safetensors"
+    token, vectors = load_embeddings(path)
+    assert token == "sks" and vectors.shape == (1, 32)
+    assert torch.equal(vectors[0], trained_matrix(first_run, 4)[-1])
+    pipe = load_pipeline(setup["base"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(path), token="sks")
+    sample_grid(
+        pipe, ["a photo of sks toy", "a photo of toy"], [0], tmp_path, steps=2, guidance=6.0, progress=False
+    )
+    for name in ("p00_s0.png", "p01_s0.png"):
+        ours = np.asarray(Image.open(first_run / "samples" / "step_000004" / name))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), ours)
+    step0 = np.asarray(Image.open(first_run / "samples" / "step_000000" / "p00_s0.png"))
+    assert not np.array_equal(step0, np.asarray(Image.open(tmp_path / "p00_s0.png")))
+
+
+def test_resume_is_exact(
+    first_run: Path, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_step = recipe.diffusion_step
+
+    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(config(setup, tmp_path / "r"))
+    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
+    monkeypatch.setattr(recipe, "diffusion_step", real_step)
+    assert read_run(tmp_path / "r").checkpoint_steps == [2]
+    resumed = recipe.main(config(setup, tmp_path / "r", "resume=latest")).path
+    assert losses(resumed) == losses(first_run)
+    assert torch.equal(trained_matrix(resumed, 4), trained_matrix(first_run, 4))
+    whole = load_embeddings(first_run / "export" / "learned_embeds.safetensors")[1]
+    assert torch.equal(load_embeddings(resumed / "export" / "learned_embeds.safetensors")[1], whole)
+    assert read_run(resumed).info["cache"]["latent"] == {"encoded": 0, "loaded": 4}
+
+
+def test_several_vectors_all_train(setup: dict, tmp_path: Path) -> None:
+    run = recipe.main(
+        config(
+            setup, tmp_path / "v", "num_vectors=2", "max_steps=2", "sample_every=0", "optim.name=adamw8bit"
+        )
+    ).path
+    token, vectors = load_embeddings(run / "export" / "learned_embeds.safetensors")
+    pipe = load_pipeline(setup["base"])
+    toy = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("toy</w>")]
+    # Both rows moved: the captions said "sks sks_1", so the second vector was trained too.
+    assert vectors.shape == (2, 32) and all(not torch.equal(v, toy) for v in vectors)
+    pipe.load_textual_inversion(str(run / "export" / "learned_embeds.safetensors"))
+    assert pipe.maybe_convert_prompt("a photo of sks toy", pipe.tokenizer) == "a photo of sks sks_1 toy"
+
+
+def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
+    for name in ("tiny", "default"):
+        assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
+    with pytest.raises(ConfigError, match="did you mean 'initializer_token'"):
+        load_config(recipe.Config, None, ["initialiser_token=toy"])
+    with pytest.raises(ConfigError, match="num_vectors"):
+        load_config(recipe.Config, None, ["num_vectors=0"])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    explicit = [
+        f"instance_dir={photos}",
+        "instance_prompt=a photo of sks toy",
+        f"output_dir={tmp_path / 'x'}",
+    ]
+    with pytest.raises(ConfigError, match="needs the new word"):
+        recipe.main(load_config(recipe.Config, None, explicit))
+    with pytest.raises(ConfigError, match="initializer_token is required"):
+        recipe.main(load_config(recipe.Config, None, [*explicit, "token=sks"]))
+    with pytest.raises(ConfigError, match="must contain the token"):
+        recipe.main(load_config(recipe.Config, None, [*explicit, "token=zwx", "initializer_token=toy"]))
+    assert not (tmp_path / "x").exists()
