@@ -1,0 +1,234 @@
+"""DreamBooth: fine-tune the whole U-Net (text encoder optional) on a few photos of a subject.
+
+    tune run dreambooth --config default concept=concepts/sks-toy
+    tune run dreambooth base_model=PATH instance_dir=PATH instance_prompt="a photo of sks toy" \\
+        class_prompt="a photo of toy" output_dir=PATH
+
+Photos are captioned "a photo of {token} {class}". With prior preservation (on when the concept says
+so, or when class_prompt is given), the base model first draws `num_class_images` images of the class
+prompt with the shared sampler (cached under the cache dir by base model, prompt, seeds and sampler
+settings, so the next run reuses them); every batch then pairs the photos with as many class images,
+and the loss is instance loss + prior.loss_weight * class loss, so the class word keeps its meaning.
+An exponential moving average of the U-Net weights (diffusers' EMAModel) is what the validation
+grids show and what is exported.
+
+Writes export/pipeline/ (a complete diffusers StableDiffusionPipeline folder) and, by default,
+export/<run name>.safetensors (one SD1.x checkpoint file for A1111 and ComfyUI).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from tune import lora as lora_io
+from tune import personalize as p
+from tune.diffusion import diffusion_step
+from tune.errors import ConfigError
+from tune.models import save_single_file
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
+from tune.runs import RunDir
+from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config(p.PersonalizeConfig):
+    """Settings of the `dreambooth` recipe."""
+
+    train_text_encoder: bool = False
+    """Also fine-tune the text encoder (stronger subject, more language drift, more memory)."""
+    max_steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Photos per micro-batch (prior preservation adds as many class images)."""
+    optim: OptimConfig = OptimConfig(lr=5e-5, weight_decay=1e-2, warmup_steps=20)
+    """Optimizer and learning-rate schedule; adamw8bit keeps about a quarter of adamw's state."""
+    prior: p.PriorConfig = p.PriorConfig()
+    """Prior preservation: class images, their count and loss weight."""
+    ema: bool = True
+    """Keep an exponential moving average of the U-Net weights; grids and export use it."""
+    ema_decay: float = 0.999
+    """Largest EMA decay; with warmup the decay at step n is min(ema_decay, 1 - (1 + n) ** -ema_power)."""
+    ema_power: float = 0.75
+    """EMA warmup exponent (short fine-tunes need the average to follow early steps closely)."""
+    sample_every: int = 150
+    """Validation grid every this many steps, at the last step and at step 0; 0 = never."""
+    checkpoint_every: int = 150
+    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
+    checkpoints_keep: int = 1
+    """Newest checkpoints kept (0 keeps all); each holds the U-Net, its EMA and the optimizer state."""
+    export_single_file: bool = True
+    """Also write export/<run name>.safetensors, one fp16 SD1.x checkpoint for A1111 and ComfyUI."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.ema_decay < 1 and self.ema_power > 0):
+            raise ConfigError(
+                f"need 0 < ema_decay < 1 and ema_power > 0; got {self.ema_decay}, {self.ema_power}"
+            )
+
+
+def main(cfg: Config) -> RunDir:
+    # ---- run dir & seed -----------------------------------------------------------------------------
+    subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
+    prior = p.resolve_prior(cfg.prior, subject)
+    pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    run, cfg = start_run("dreambooth", cfg)
+    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    accelerator = build_accelerator(mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run))
+    device = accelerator.device
+
+    # ---- models -------------------------------------------------------------------------------------
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    base_hash = lora_io.base_model_hash(unet, text_encoder)
+    dtype = p.weight_dtype(accelerator)
+    vae.requires_grad_(False).to(device, dtype)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    text_encoder.to(device, torch.float32 if cfg.train_text_encoder else dtype)  # trained weights stay fp32
+    unet.requires_grad_(True).to(device, torch.float32)
+    class_dir = None
+    if prior is not None:  # drawn by the base model, before training changes it
+        class_dir = p.prepare_class_images(
+            pipe, prior, cfg.prior, base_hash=base_hash, cache_dir=cfg.data.cache_dir, accelerator=accelerator
+        )
+    ema = ema_unet = None
+    if cfg.ema:
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+        ema_unet = (
+            copy.deepcopy(unet).requires_grad_(False).eval()
+        )  # holds the EMA weights to sample and export
+    if cfg.gradient_checkpointing:
+        p.enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    sample_pipe = StableDiffusionPipeline(
+        **{**pipe.components, "unet": ema_unet or unet}, requires_safety_checker=False
+    )
+    sample_pipe.set_progress_bar_config(disable=True)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    dataset, loader = p.build_photo_loader(
+        subject.photos,
+        subject.instance_prompt,
+        cfg.data,
+        pipe=pipe,
+        resolution=p.resolve_resolution(cfg.resolution, pipe),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        accelerator=accelerator,
+        class_dir=class_dir,
+        class_prompt=prior.class_prompt if prior else None,
+        cache_text=not cfg.train_text_encoder,
+    )
+    prompts = p.validation_prompts(subject, cfg.sample)
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    optimizer = build_optimizer(params, cfg.optim)
+    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
+    *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
+    # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
+    # `text_encoder` stay the plain modules that are averaged, sampled and exported.
+    unet_model, text_model = trained[0], (trained[1] if cfg.train_text_encoder else text_encoder)
+    accelerator.register_for_checkpointing(loader)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    run.update_info(
+        **p.run_info(subject, cfg, base_hash, dataset), unet_params=sum(q.numel() for q in unet.parameters())
+    )
+    if cfg.report_to != "none":
+        accelerator.init_trackers("dreambooth", config=p.tracker_config(cfg))
+
+    def validate(at: int) -> None:
+        if ema is not None and ema_unet is not None:
+            ema.copy_to(ema_unet.parameters())
+        p.sample_validation(
+            sample_pipe,
+            prompts,
+            cfg.sample,
+            run.sample_dir(at),
+            accelerator=accelerator,
+            modules=[unet, text_encoder],
+        )
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    if step == 0 and cfg.sample_every:  # the base model
+        validate(0)
+    unet.train()
+    text_encoder.train(cfg.train_text_encoder)
+    batches = p.forever(loader)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="dreambooth", unit="step")
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            micro = step * cfg.grad_accum + k
+            batch = next(batches).to(device)
+            with accelerator.accumulate(*trained), accelerator.autocast():
+                generator = p.step_generator(cfg.seed, micro)
+                latents, hidden = p.encode_batch(
+                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
+                )
+                loss = diffusion_step(
+                    unet_model,
+                    noise_scheduler,
+                    latents,
+                    hidden,
+                    cfg.diffusion,
+                    generator,
+                    is_prior=batch.is_prior,
+                    prior_loss_weight=prior.loss_weight if prior else 1.0,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach())
+        if ema is not None:
+            ema.step(unet.parameters())
+        step += 1
+        loss_value = loss_sum / cfg.grad_accum
+        p.check_finite(loss_value, step)
+        seconds = round(time.perf_counter() - t0, 4)
+        p.log_step(
+            run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+            validate(step)
+        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+            save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
+    bar.close()
+    run.update_info(optimizer=cfg.optim.name, optimizer_state_bytes=optimizer_state_bytes(optimizer))
+
+    # ---- save/export --------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        if ema is not None and ema_unet is not None:
+            ema.copy_to(ema_unet.parameters())
+        final_unet = ema_unet or unet
+        if dtype != torch.float32:  # the frozen parts were cast for training: export the base's own weights
+            pipe = p.load_base(cfg.base_model)
+        components = {**pipe.components, "unet": final_unet.to(torch.float32)}
+        if cfg.train_text_encoder:
+            components["text_encoder"] = text_encoder.to(torch.float32)
+        export = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        export.save_pretrained(run.export_dir / "pipeline")
+        if cfg.export_single_file:
+            save_single_file(export, run.export_dir / f"{run.path.resolve().name}.safetensors")
+        log.info("exported %s", run.export_dir / "pipeline")
+    accelerator.end_training()
+    run.finish()
+    return run

@@ -1,0 +1,214 @@
+"""The dreambooth recipe end to end on the tiny pipeline: run-dir contract, class images generated once
+and reused, EMA export that plain diffusers loads and samples like the run, exact resume, 8-bit state."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from recipes import dreambooth as recipe
+from tune import PROJECT_ROOT
+from tune import lora as lora_io
+from tune.config import load_config
+from tune.data.example_concept import render_photo
+from tune.errors import ConfigError
+from tune.models import build_pipeline, load_pipeline
+from tune.runs import read_metrics, read_run
+from tune.sampling import sample_grid
+
+CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "dreambooth"
+
+
+def make_concept(root: Path, count: int = 4) -> Path:
+    """A concept folder: `count` small photos of the example toy and a concept.toml."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for i in range(count):
+        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
+        image.save(photos / f"toy_{i}.jpg", quality=90)
+    (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, Path | str]:
+    root = tmp_path_factory.mktemp("dreambooth")
+    return {"concept": make_concept(root / "concept"), "cache": root / "cache", "base": tiny_pipeline_dir}
+
+
+def config(setup: dict, out: Path, *extra: str, base: str | None = None) -> recipe.Config:
+    overrides = [
+        f"base_model={base or setup['base']}",
+        f"concept={setup['concept']}",
+        f"output_dir={out}",
+        f"data.cache_dir={setup['cache']}",
+        *extra,
+    ]
+    return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:06d}"
+
+
+@pytest.fixture(scope="module")
+def first_run(setup: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recipe.main(config(setup, tmp_path_factory.mktemp("runs") / "a")).path
+
+
+def test_run_directory_contract(first_run: Path, setup: dict) -> None:
+    run = read_run(first_run)
+    assert run.status == "done" and run.recipe == "dreambooth"
+    assert sorted(losses(first_run)) == [1, 2, 3, 4]
+    assert all(math.isfinite(m[k]) for m in run.metrics if "loss" in m for k in ("loss", "lr", "s_per_step"))
+    assert run.sample_steps == [0, 2, 4] and run.checkpoint_steps == [2, 4]
+    assert (first_run / "export" / "pipeline" / "model_index.json").is_file()
+    assert (first_run / "export" / f"{first_run.name}.safetensors").is_file()
+    base = load_pipeline(setup["base"])
+    info = run.info
+    assert info["base_model_hash"] == lora_io.base_model_hash(base.unet, base.text_encoder)
+    assert (info["instance_prompt"], info["class_prompt"], info["trigger"]) == (
+        "a photo of sks toy",
+        "a photo of toy",
+        "sks",
+    )
+    assert (info["photos"], info["class_images"], info["max_steps"]) == (4, 2, 4)
+    assert info["optimizer_state_bytes"] == 2 * 4 * info["unet_params"] + 4 * len(
+        list(base.unet.parameters())
+    )
+
+
+def test_class_images_are_the_base_models_and_cached(first_run: Path, setup: dict, tmp_path: Path) -> None:
+    [folder] = (Path(setup["cache"]) / "class_images").glob("*/*")
+    index = json.loads((folder / "index.json").read_text())
+    assert (index["prompt"], index["seeds"], index["steps"]) == ("a photo of toy", [0, 1], 2)
+    assert index["base_model_hash"] == read_run(first_run).info["base_model_hash"]
+    base = load_pipeline(setup["base"])
+    base.set_progress_bar_config(disable=True)
+    sample_grid(base, "a photo of toy", [0, 1], tmp_path, steps=2, guidance=6.0, batch_size=4, progress=False)
+    for seed in (0, 1):
+        ours = np.asarray(Image.open(folder / f"s{seed}.png"))
+        assert np.array_equal(ours, np.asarray(Image.open(tmp_path / f"p00_s{seed}.png")))
+
+
+def test_export_is_the_ema_unet_and_samples_like_the_run(first_run: Path, tmp_path: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(first_run / "export" / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    ema = torch.load(checkpoint(first_run, 4) / "custom_checkpoint_1.pkl", weights_only=False)[
+        "shadow_params"
+    ]
+    raw = load_file(str(checkpoint(first_run, 4) / "model.safetensors"))
+    exported = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(q, e) for q, e in zip(exported.values(), ema, strict=True))
+    assert any(not torch.equal(q, raw[n]) for n, q in exported.items())  # the average lags the raw weights
+    with torch.no_grad():  # weights loaded by mmap sit unaligned, which moves CPU kernels' last bits
+        for q in pipe.unet.parameters():
+            q.data = q.data.clone()
+    sample_grid(
+        pipe, ["a photo of sks toy", "a photo of toy"], [0], tmp_path, steps=2, guidance=6.0, progress=False
+    )
+    for name in ("p00_s0.png", "p01_s0.png"):
+        ours = np.asarray(Image.open(first_run / "samples" / "step_000004" / name))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), ours)
+
+
+def test_resume_is_exact(
+    first_run: Path, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_step = recipe.diffusion_step
+
+    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(config(setup, tmp_path / "r"))
+    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
+    monkeypatch.setattr(recipe, "diffusion_step", real_step)
+    assert read_run(tmp_path / "r").checkpoint_steps == [2]
+    resumed = recipe.main(config(setup, tmp_path / "r", "resume=latest")).path
+    assert losses(resumed) == losses(first_run)
+    whole, parts = (load_file(str(checkpoint(r, 4) / "model.safetensors")) for r in (first_run, resumed))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    whole_ema, parts_ema = (
+        torch.load(checkpoint(r, 4) / "custom_checkpoint_1.pkl", weights_only=False)["shadow_params"]
+        for r in (first_run, resumed)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(whole_ema, parts_ema, strict=True))
+    # The second run drew no class images and encoded no latents: both caches were warm.
+    assert len(list((Path(setup["cache"]) / "class_images").rglob("*.png"))) == 2
+    assert read_run(resumed).info["cache"]["latent"] == {"encoded": 0, "loaded": 6}
+
+
+def test_text_encoder_training_without_ema_min_snr_offset(setup: dict, tmp_path: Path) -> None:
+    extra = (
+        "train_text_encoder=true",
+        "ema=false",
+        "max_steps=2",
+        "sample_every=0",
+        "export_single_file=false",
+        "diffusion.snr_gamma=5.0",  # exercised here, not judged
+        "diffusion.noise_offset=0.05",
+    )
+    run = recipe.main(config(setup, tmp_path / "t", *extra)).path
+    raw = load_file(str(checkpoint(run, 2) / "model.safetensors"))
+    text = load_file(str(checkpoint(run, 2) / "model_1.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(run / "export" / "pipeline")
+    assert all(
+        torch.equal(q, raw[n]) for n, q in pipe.unet.named_parameters()
+    )  # without EMA: the raw weights
+    base = load_pipeline(setup["base"]).text_encoder.state_dict()
+    exported = pipe.text_encoder.state_dict()
+    assert set(text) and any(not torch.equal(exported[n], base[n]) for n in base)
+
+
+def test_adamw8bit_state_is_a_fraction_of_adamw(setup: dict, tmp_path: Path) -> None:
+    # The "small" preset: bitsandbytes keeps tensors under 4096 elements in 32-bit state, so the tiny
+    # U-Net would show little saving; the small one's 8.8M parameters are mostly in big tensors.
+    base = tmp_path / "small"
+    build_pipeline("small", seed=0).save_pretrained(base)
+    figures = {}
+    for name in ("adamw", "adamw8bit"):
+        extra = ("prior.enabled=false", "resolution=64", "max_steps=1", "sample_every=0", "ema=false")
+        cfg = config(
+            setup, tmp_path / name, *extra, f"optim.name={name}", "export_single_file=false", base=str(base)
+        )
+        figures[name] = read_run(recipe.main(cfg).path).info["optimizer_state_bytes"]
+    ratio = figures["adamw8bit"] / figures["adamw"]
+    print(f"dreambooth optimizer state on the small U-Net: {figures} ({ratio:.1%})")
+    assert 0 < ratio <= 0.30
+
+
+def test_shipped_configs_load_strictly(setup: dict, tmp_path: Path) -> None:
+    for name in ("tiny", "default"):
+        assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
+    with pytest.raises(ConfigError, match="did you mean 'train_text_encoder'"):
+        load_config(recipe.Config, None, ["train_text_encoders=true"])
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_config(recipe.Config, None, ["ema_decay=1.5"])
+    photos = Path(setup["concept"]) / "photos"
+    explicit = [
+        f"instance_dir={photos}",
+        "instance_prompt=a photo of sks toy",
+        f"output_dir={tmp_path / 'x'}",
+    ]
+    with pytest.raises(ConfigError, match="needs a class prompt"):
+        recipe.main(load_config(recipe.Config, None, [*explicit, "prior.enabled=true"]))
+    assert not (tmp_path / "x").exists()
