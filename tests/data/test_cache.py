@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_testkit import make_tiny_text_encoder, make_tiny_vae, save_photo, tree_hashes
 from safetensors.torch import load_file
 
 from tune.data.cache import CACHE_ENV, default_cache_dir, fingerprint_model
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents, cache_text
+
+from data_testkit import make_tiny_text_encoder, make_tiny_vae, save_photo, tree_hashes
 
 CFG = DataConfig(resolution=64, bucket_step=8, cache_latents=True)
 

@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 import pytest
-from data_testkit import BAD_FILES, GOOD_FILES, tree_hashes
 
 from tune.data.check import check_data, configure_cli, format_report, run_cli
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import DataError
+
+from data_testkit import BAD_FILES, GOOD_FILES, tree_hashes
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -69,9 +70,9 @@ def test_run_cli_on_an_empty_or_missing_folder(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_folder_is_byte_identical_after_loading_and_caching(corpus: Path, tmp_path: Path) -> None:
-    from data_testkit import make_tiny_vae
-
     from tune.data.loader import cache_latents
+
+    from data_testkit import make_tiny_vae
 
     before = tree_hashes(corpus)
     cfg = DataConfig(resolution=64, bucket_step=8, flip=True, cache_latents=True)

@@ -6,12 +6,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from data_testkit import save_photo
 
 from tune.data.concepts import Concept, PriorPreservation, load_concept, load_concepts
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError
+
+from data_testkit import save_photo
 
 FULL = """
 token = "sks"

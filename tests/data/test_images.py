@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_testkit import BAD_FILES, GOOD_FILES, png_header_only, rotated_jpeg, save_photo
 from PIL import Image, ImageFile
 
 from tune.data.config import DataConfig
 from tune.data.images import BadImage, decode_image, probe_image, read_bytes, to_rgb, to_tensor
 from tune.data.sources import scan_folder
+
+from data_testkit import BAD_FILES, GOOD_FILES, png_header_only, rotated_jpeg, save_photo
 
 MAX = DataConfig().max_pixels
 

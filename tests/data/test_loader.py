@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_testkit import BAD_FILES, save_photo, tree_hashes
 
 from tune.data.buckets import candidate_buckets, choose_bucket, crop_box
 from tune.data.captions import transform_caption
 from tune.data.config import DataConfig
 from tune.data.loader import Batch, BucketBatchSampler, ItemKey, build_dataloader, build_dataset
 from tune.errors import ConfigError, DataError
+
+from data_testkit import BAD_FILES, save_photo, tree_hashes
 
 SMALL = DataConfig(resolution=64, bucket_step=8)
 

@@ -3,7 +3,6 @@ exports that diffusers loads, exact resume, latent cache reuse, pivotal tuning, 
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import re
@@ -19,25 +18,15 @@ from recipes import lora as recipe
 from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.config import load_config
-from tune.data.example_concept import render_photo
 from tune.errors import ConfigError, ModelError
 from tune.models import load_pipeline
-from tune.runs import read_metrics, read_run
+from tune.runs import read_run
 from tune.sampling import sample_grid
+
+from recipe_testkit import crash_then_resume, losses, make_concept
 
 CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "lora"
 ATTN2 = re.compile(r".+\.attn2\.(to_q|to_k|to_v|to_out\.0)\.lora_[AB]\.default\.weight")
-
-
-def make_concept(root: Path, count: int = 4) -> Path:
-    """A concept folder: `count` small photos of the example toy and a concept.toml."""
-    photos = root / "photos"
-    photos.mkdir(parents=True)
-    for i in range(count):
-        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
-        image.save(photos / f"toy_{i}.jpg", quality=90)
-    (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +44,6 @@ def config(setup: dict, out: Path, *extra: str) -> recipe.Config:
         *extra,
     ]
     return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
-
-
-def losses(path: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -146,22 +131,11 @@ def test_exports_load_in_diffusers(first_run: Path, setup: dict) -> None:
 def test_resume_is_exact_and_reuses_the_latent_cache(
     first_run: Path, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    real_step = recipe.diffusion_step
-
-    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(config(setup, tmp_path / "r"))
-    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
-    monkeypatch.setattr(recipe, "diffusion_step", real_step)
-    assert read_run(tmp_path / "r").checkpoint_steps == [2]
-    resumed = recipe.main(config(setup, tmp_path / "r", "resume=latest")).path
+    left, resumed = crash_then_resume(
+        recipe, monkeypatch, lambda out, *extra: config(setup, out, *extra), tmp_path / "r"
+    )
+    assert left == [2]
+    resumed = resumed.path
     assert losses(resumed) == losses(first_run)  # steps 1-2 before the crash, 3-4 after the resume
     final = "checkpoints/step_000004/trainable_0.safetensors"
     whole, parts = load_file(str(first_run / final)), load_file(str(resumed / final))

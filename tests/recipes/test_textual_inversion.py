@@ -3,7 +3,6 @@ train, embeddings that diffusers loads and our sampler reproduces, exact resume,
 
 from __future__ import annotations
 
-import gc
 import math
 from pathlib import Path
 
@@ -17,26 +16,16 @@ from recipes import textual_inversion as recipe
 from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.config import load_config
-from tune.data.example_concept import render_photo
 from tune.errors import ConfigError
 from tune.models import load_pipeline
-from tune.runs import read_metrics, read_run
+from tune.runs import read_run
 from tune.sampling import sample_grid
 from tune.tokens import load_embeddings
 
+from recipe_testkit import crash_then_resume, losses, make_concept
+
 CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "textual_inversion"
 EMBEDDING = "embeddings.token_embedding.weight"
-
-
-def make_concept(root: Path, count: int = 4) -> Path:
-    """A concept folder: `count` small photos of the example toy and a concept.toml."""
-    photos = root / "photos"
-    photos.mkdir(parents=True)
-    for i in range(count):
-        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
-        image.save(photos / f"toy_{i}.jpg", quality=90)
-    (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +43,6 @@ def config(setup: dict, out: Path, *extra: str) -> recipe.Config:
         *extra,
     ]
     return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
-
-
-def losses(path: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(path / "metrics.jsonl") if "loss" in m}
 
 
 def trained_matrix(run: Path, step: int) -> torch.Tensor:
@@ -123,22 +108,11 @@ def test_embeddings_load_in_diffusers_and_sample_like_the_run(
 def test_resume_is_exact(
     first_run: Path, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    real_step = recipe.diffusion_step
-
-    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(config(setup, tmp_path / "r"))
-    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
-    monkeypatch.setattr(recipe, "diffusion_step", real_step)
-    assert read_run(tmp_path / "r").checkpoint_steps == [2]
-    resumed = recipe.main(config(setup, tmp_path / "r", "resume=latest")).path
+    left, resumed = crash_then_resume(
+        recipe, monkeypatch, lambda out, *extra: config(setup, out, *extra), tmp_path / "r"
+    )
+    assert left == [2]
+    resumed = resumed.path
     assert losses(resumed) == losses(first_run)
     assert torch.equal(trained_matrix(resumed, 4), trained_matrix(first_run, 4))
     whole = load_embeddings(first_run / "export" / "learned_embeds.safetensors")[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,9 @@ from tune import PROJECT_ROOT
 from tune.config import load_config
 from tune.data.shapes import write_imagefolder
 from tune.errors import ConfigError, DataError, ModelError
-from tune.runs import read_metrics, read_run
+from tune.runs import read_run
+
+from recipe_testkit import crash_then_resume, losses
 
 CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "unet"
 TINY_VISION = dict(
@@ -45,10 +46,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> 
 def tiny_config(inputs: dict[str, str], out: Path, *extra: str) -> recipe.Config:
     overrides = [f"{k}={v}" for k, v in inputs.items()] + [f"output_dir={out}", *extra]
     return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
-
-
-def losses(run_path: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_path / "metrics.jsonl") if "loss" in m}
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +120,10 @@ def test_same_seed_same_numbers(first_run: Path, inputs: dict[str, str], tmp_pat
 def test_resume_latest_continues_exactly(
     first_run: Path, inputs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    real_step = recipe.diffusion_step
-
-    def crash_at_step_3(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "diffusion_step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        recipe.main(tiny_config(inputs, tmp_path / "r"))
-    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
-    monkeypatch.setattr(recipe, "diffusion_step", real_step)
-    assert read_run(tmp_path / "r").checkpoint_steps == [2]
-    resumed = recipe.main(tiny_config(inputs, tmp_path / "r", "resume=latest"))
+    left, resumed = crash_then_resume(
+        recipe, monkeypatch, lambda out, *extra: tiny_config(inputs, out, *extra), tmp_path / "r"
+    )
+    assert left == [2]
     assert read_run(resumed.path).status == "done"
     whole, parts = losses(first_run), losses(resumed.path)
     assert parts == whole  # steps 1-2 from the first attempt, 3-4 after the resume

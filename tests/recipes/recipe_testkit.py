@@ -1,0 +1,60 @@
+"""Helpers the recipe tests share (a plain module: pytest puts tests/recipes/ on sys.path)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tune.data.example_concept import render_photo
+from tune.runs import RunDir, read_metrics, read_run
+
+
+def losses(run_path: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a resumed run appends the steps it repeats; the last row wins)."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_path / "metrics.jsonl") if "loss" in m}
+
+
+def make_concept(root: Path, count: int = 4) -> Path:
+    """A concept folder: `count` small photos of the example toy and a concept.toml."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for i in range(count):
+        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
+        image.save(photos / f"toy_{i}.jpg", quality=90)
+    (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
+    return root
+
+
+def crash_then_resume(
+    recipe: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: Callable[..., Any],
+    run_dir: Path,
+    crash_at: int = 3,
+) -> tuple[list[int], RunDir]:
+    """Run `recipe` until its `crash_at`-th diffusion step raises, then run it again with resume=latest.
+
+    Returns the complete checkpoint steps the crash left behind and the resumed run.
+    """
+    calls = []
+    real_step = recipe.diffusion_step
+
+    def crashing_step(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "diffusion_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.main(make_config(run_dir))
+    gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
+    monkeypatch.setattr(recipe, "diffusion_step", real_step)
+    left = read_run(run_dir).checkpoint_steps
+    return left, recipe.main(make_config(run_dir, "resume=latest"))
