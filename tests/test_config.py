@@ -141,3 +141,14 @@ def test_whole_table_override():
     assert load_config(RecipeConfig, None, ["optim={lr = 2.0}"]).optim == Optim(name="adamw8bit", lr=2.0)
     with pytest.raises(ConfigError, match="optim is a table of settings"):
         load_config(RecipeConfig, None, ["optim=3"])
+
+
+def test_errors_name_where_the_bad_value_came_from(tmp_path):
+    good = write(tmp_path, "seed = 5\n")
+    with pytest.raises(ConfigError, match=r"max_steps must be > 0; got 0 \(from the command line\)"):
+        load_config(Config, good, ["max_steps=0"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_steps = 0\n")
+    with pytest.raises(ConfigError, match=r"max_steps must be > 0; got 0 \(in .*bad\.toml\)"):
+        load_config(Config, bad, ["seed=1"])
+    assert load_config(Config, bad, ["max_steps=3"]).max_steps == 3  # the command line may fix a file

@@ -13,6 +13,7 @@ Nested dataclass fields are TOML tables (`[optim]` in a file, `optim.lr=...` on 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -207,6 +208,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], file: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then `file` (TOML), then `overrides` (`a.b=value` strings)."""
     values: dict[str, Any] = read_toml(file) if file is not None else {}
+    file_values = copy.deepcopy(values)
     hints_by_key = _leaf_types(cls)
     for item in overrides:
         key, value = parse_override(item)
@@ -230,8 +232,17 @@ def load_config(cls: type[T], file: str | Path | None = None, overrides: typing.
     try:
         return _build(cls, values)
     except ConfigError as err:
-        where = f" (in {file})" if file is not None else ""
-        raise ConfigError(f"{err}{where}") from None
+        if file is None:
+            raise
+        if overrides:
+            # Blame the file only if it is wrong on its own; otherwise a command-line value is.
+            try:
+                _build(cls, file_values)
+            except ConfigError:
+                pass
+            else:
+                raise ConfigError(f"{err} (from the command line)") from None
+        raise ConfigError(f"{err} (in {file})") from None
 
 
 def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
