@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint clean-demo
+.PHONY: install test demo lint clean-demo base
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,31 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tune recipes tests
-	$(VENV)/bin/ruff format --check tune recipes tests
+	$(VENV)/bin/ruff check tune recipes tests dashboard scripts bench
+	$(VENV)/bin/ruff format --check tune recipes tests dashboard scripts bench
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# The default base model from scratch: data, then the vae, clip and unet runs (about 75 minutes on 2 CPU
+# cores), then models/shapes-base and models/shapes-clip in fp16. A stage whose run finished (DONE) is not
+# run again; an interrupted one resumes from its last checkpoint. SHIP_ARGS=--force replaces the models.
+BASE_RUNS ?= runs
+SHAPES    ?= data/shapes-train
+SHIP_ARGS ?=
+
+$(SHAPES)/metadata.jsonl: | $(STAMP)
+	$(TUNE) data shapes $(SHAPES) --count 10000 --split train --seed 0
+
+$(BASE_RUNS)/base-vae/DONE: $(SHAPES)/metadata.jsonl
+	$(TUNE) run vae --config default data_dir=$(SHAPES) output_dir=$(BASE_RUNS)/base-vae resume=latest
+
+$(BASE_RUNS)/base-clip/DONE: $(SHAPES)/metadata.jsonl
+	$(TUNE) run clip --config default data_dir=$(SHAPES) output_dir=$(BASE_RUNS)/base-clip resume=latest
+
+$(BASE_RUNS)/base-unet/DONE: $(BASE_RUNS)/base-vae/DONE $(BASE_RUNS)/base-clip/DONE
+	$(TUNE) run unet --config default data_dir=$(SHAPES) output_dir=$(BASE_RUNS)/base-unet resume=latest \
+		vae=$(BASE_RUNS)/base-vae/export/vae clip=$(BASE_RUNS)/base-clip/export/clip
+
+base: $(BASE_RUNS)/base-unet/DONE
+	$(PY) scripts/ship_base.py --runs $(BASE_RUNS) $(SHIP_ARGS)
