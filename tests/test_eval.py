@@ -1,0 +1,342 @@
+"""tune eval: suites, the best-step/overfit rule, reports of a tiny lora run (in training and after), the
+checkpoint loaders of dreambooth and textual inversion, and one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from recipes import lora as lora_recipe
+from tune import PROJECT_ROOT, evaluation
+from tune.cli import main as cli_main
+from tune.config import load_config
+from tune.errors import ConfigError, ModelError
+from tune.evaluation import decide, load_suite
+from tune.metrics import shapes_spec
+from tune.models import load_pipeline
+
+sys.path.insert(0, str(Path(__file__).parent / "recipes"))  # the recipe tests' testkit
+from test_metrics import save_tiny_clip  # noqa: E402
+
+from recipe_testkit import make_concept  # noqa: E402
+
+METRIC_KEYS = {
+    "label",
+    "step",
+    "subject_fidelity",
+    "prompt_fidelity",
+    "diversity",
+    "dino_fidelity",
+    "concept_present",
+    "background_right",
+    "shapes_accuracy",
+    "images",
+}
+TINY_SUITE = """
+prompts = ["a photo of {token} {class} on a red background", "a photo of {class}"]
+seeds = [0, 1]
+steps = 2
+guidance = 6.0
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "eval").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_suites_load_strictly(path: Path) -> None:
+    suite = load_suite(path)
+    assert suite.name == path.stem and len(suite.seeds) >= 2 and suite.steps >= 1
+    assert any("{token}" in p for p in suite.prompts)
+
+
+def test_shipped_suite_contents() -> None:
+    assert len(load_suite("dreambooth").prompts) == 25 and len(load_suite("dreambooth-live").prompts) == 25
+    assert load_suite("dreambooth").seeds == (0, 1, 2, 3)  # images_per_prompt = 4
+    default = load_suite()
+    assert default.name == "default" and (default.steps, default.guidance, default.seeds) == (20, 6.0, (0, 1))
+    # The shapes suite's prompts without the subject are exact shapes captions (the detector scores them).
+    plain = [p for p in load_suite("shapes").prompts if "{token}" not in p]
+    assert len(plain) == 4 and all(shapes_spec(p) is not None for p in plain)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (TINY_SUITE + "promtps = []\n", "unknown key 'promtps' (did you mean 'prompts'?)"),
+        ('prompts = ["a {token}"]\nseeds = [0]\n', "at least two distinct integer seeds"),
+        ('prompts = ["a {token}"]\nseeds = [0, 1]\nimages_per_prompt = 2\n', "not both"),
+        ('prompts = ["a {token} {style}"]\n', "uses {style}"),
+        (
+            'prompts = ["a {token}"]\nscheduler = "eular"\n',
+            "unknown scheduler 'eular' (did you mean 'euler'?)",
+        ),
+        ('prompts = ["a {token}"]\nsteps = "20"\n', "'steps' has the wrong type"),
+        ("prompts = []\n", "non-empty list"),
+        ("prompts = [", "not valid TOML"),
+    ],
+)
+def test_bad_suites_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "suite.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_suite(path)
+    assert message in str(err.value)
+
+
+def test_missing_suite_suggests_a_shipped_one() -> None:
+    with pytest.raises(ConfigError, match="suite defualt not found \\(did you mean 'default'\\?\\)"):
+        load_suite("defualt")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best step and overfitting (synthetic metrics)
+# ---------------------------------------------------------------------------------------------------
+
+
+def entry(step: int, subject: float, prompt: float, diversity: float = 0.3) -> dict:
+    return {"step": step, "subject_fidelity": subject, "prompt_fidelity": prompt, "diversity": diversity}
+
+
+BASE = entry(0, 0.50, 0.30, 0.40)
+
+
+def test_best_step_is_the_most_faithful_checkpoint_that_keeps_the_prompt() -> None:
+    healthy = [entry(100, 0.60, 0.29), entry(200, 0.70, 0.28), entry(300, 0.72, 0.275)]
+    assert decide(BASE, healthy) == (300, False, None)
+    # Step 300 has the best subject but lost the prompt (0.26 < 0.9 * 0.30): best is 200, overfit.
+    best, overfit, reason = decide(BASE, [*healthy[:2], entry(300, 0.80, 0.26)])
+    assert (best, overfit) == (200, True)
+    assert reason is not None and "prompt fidelity 0.2600 at step 300" in reason and "0.3000" in reason
+    # Exactly 90% of the base still counts as kept.
+    assert decide(BASE, [entry(100, 0.6, 0.27)])[:2] == (100, False)
+
+
+def test_diversity_collapse_is_overfitting() -> None:
+    best, overfit, reason = decide(BASE, [entry(100, 0.6, 0.3, 0.35), entry(200, 0.7, 0.3, 0.19)])
+    assert (best, overfit) == (200, True) and reason is not None and "diversity 0.1900" in reason
+    assert decide(BASE, [entry(100, 0.6, 0.3, 0.21)])[1] is False  # above half of 0.40
+
+
+def test_decide_edge_cases() -> None:
+    assert decide(BASE, []) == (None, False, None)
+    assert decide(BASE, [entry(100, 0.9, 0.1)])[:2] == (None, True)  # no checkpoint keeps the prompt
+    assert decide(None, [entry(100, 0.6, 0.0), entry(200, 0.5, 0.9)]) == (100, False, None)
+    # A negative base cosine: 90% of it is further from zero, not closer.
+    negative = entry(0, 0.1, -0.10, 0.4)
+    assert decide(negative, [entry(100, 0.2, -0.105)])[:2] == (100, False)
+    assert decide(negative, [entry(100, 0.2, -0.12)])[:2] == (None, True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny lora run: evaluated during training (eval_every) and after (tune eval)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, Path | str]:
+    root = tmp_path_factory.mktemp("eval")
+    (root / "suite.toml").write_text(TINY_SUITE)
+    return {
+        "concept": make_concept(root / "concept"),
+        "cache": root / "cache",
+        "base": tiny_pipeline_dir,
+        "clip": save_tiny_clip(root / "clip"),
+        "suite": root / "suite.toml",
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    overrides = [
+        f"base_model={setup['base']}",
+        f"concept={setup['concept']}",
+        f"output_dir={tmp_path_factory.mktemp('runs') / 'lora'}",
+        f"data.cache_dir={setup['cache']}",
+        "eval_every=2",
+        f"eval_suite={setup['suite']}",
+        f"eval_clip={setup['clip']}",
+        "sample_every=0",
+    ]
+    cfg = load_config(lora_recipe.Config, PROJECT_ROOT / "recipes/configs/lora/tiny.toml", overrides)
+    return lora_recipe.main(cfg).path
+
+
+def check_report(report: dict, run: Path, steps: list[int]) -> None:
+    assert set(report) == {
+        "suite",
+        "clip_model",
+        "dino_model",
+        "prompts",
+        "seeds",
+        "steps",
+        "guidance",
+        "base",
+        "checkpoints",
+        "best_step",
+        "overfit",
+        "overfit_reason",
+    }
+    assert report["prompts"] == ["a photo of sks toy on a red background", "a photo of toy"]
+    assert (report["seeds"], report["steps"], report["guidance"], report["dino_model"]) == (
+        [0, 1],
+        2,
+        6.0,
+        None,
+    )
+    entries = [report["base"], *report["checkpoints"]]
+    assert [e["step"] for e in entries] == [0, *steps]
+    assert [e["label"] for e in entries] == ["base"] + [f"step_{s:06d}" for s in steps]
+    for e in entries:
+        assert set(e) == METRIC_KEYS and e["images"] == f"eval/{e['label']}/"
+        assert (
+            -1 <= e["subject_fidelity"] <= 1 and -1 <= e["prompt_fidelity"] <= 1 and 0 <= e["diversity"] <= 2
+        )
+        assert 0 <= e["concept_present"] <= 1  # the concept's photos are the example toy
+        assert e["background_right"] in (0.0, 0.5, 1.0)  # one prompt x two seeds names a background
+        assert e["dino_fidelity"] is None and e["shapes_accuracy"] is None
+        folder = run / e["images"]
+        assert {"p00_s0.png", "p00_s1.png", "p01_s0.png", "p01_s1.png", "grid.png", "prompts.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+    assert (report["best_step"], report["overfit"], report["overfit_reason"]) == decide(
+        report["base"], report["checkpoints"]
+    )
+
+
+def test_eval_every_writes_the_report_and_keeps_the_best_adapter(lora_run: Path) -> None:
+    report = json.loads((lora_run / "eval" / "report.json").read_text())
+    check_report(report, lora_run, [2, 4])
+    assert "| base | 0 |" in (lora_run / "eval" / "report.md").read_text()
+    info = json.loads((lora_run / "run.json").read_text())
+    assert info["best_step"] == report["best_step"]
+    best = lora_run / "export" / "best" / "pytorch_lora_weights.safetensors"
+    assert best.is_file() == (report["best_step"] is not None)
+
+
+def test_tune_eval_scores_base_and_checkpoints(
+    lora_run: Path, setup: dict, capsys: pytest.CaptureFixture
+) -> None:
+    during = json.loads((lora_run / "eval" / "report.json").read_text())
+    args = [
+        "eval",
+        str(lora_run),
+        "--suite",
+        str(setup["suite"]),
+        "--clip",
+        str(setup["clip"]),
+        "--device",
+        "cpu",
+    ]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "best step:" in out and "report.md" in out
+    after = json.loads((lora_run / "eval" / "report.json").read_text())
+    check_report(after, lora_run, [2, 4])
+    # The same base model, prompts and seeds: the same numbers as during training; the checkpoints'
+    # merged adapters match the live PEFT adapters to rounding.
+    for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
+        assert after["base"][key] == pytest.approx(during["base"][key], abs=1e-5)
+        for a, b in zip(after["checkpoints"], during["checkpoints"], strict=True):
+            assert a[key] == pytest.approx(b[key], abs=1e-3)
+    assert cli_main([*args, "--checkpoints", "last"]) == 0
+    last = json.loads((lora_run / "eval" / "report.json").read_text())
+    assert [c["step"] for c in last["checkpoints"]] == [4]
+    assert last["checkpoints"][0]["subject_fidelity"] == after["checkpoints"][1]["subject_fidelity"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint loaders of the other recipes
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_dreambooth_run_evaluated_in_training_and_after(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from recipes import dreambooth
+
+    overrides = [
+        f"base_model={setup['base']}",
+        f"concept={setup['concept']}",
+        f"output_dir={tmp_path / 'db'}",
+        f"data.cache_dir={setup['cache']}",
+        "eval_every=4",
+        f"eval_suite={setup['suite']}",
+        f"eval_clip={setup['clip']}",
+        "sample_every=0",
+        "checkpoint_every=4",
+    ]
+    cfg = load_config(dreambooth.Config, PROJECT_ROOT / "recipes/configs/dreambooth/tiny.toml", overrides)
+    run = dreambooth.main(cfg).path
+    during = json.loads((run / "eval" / "report.json").read_text())
+    check_report(during, run, [4])
+    assert (run / "export" / "best" / "model_index.json").is_file() == (during["best_step"] == 4)
+    # tune eval reads the accelerate checkpoint (U-Net + EMA) and draws what the run drew at step 4.
+    args = ["eval", str(run), "--suite", str(setup["suite"]), "--clip", str(setup["clip"]), "--device", "cpu"]
+    assert cli_main(args) == 0
+    after = json.loads((run / "eval" / "report.json").read_text())
+    for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
+        assert after["checkpoints"][0][key] == pytest.approx(during["checkpoints"][0][key], abs=1e-4)
+
+
+def test_dreambooth_checkpoint_loads_the_ema_unet_and_restores(
+    tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    pipe = load_pipeline(tiny_pipeline_dir)
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    trained = {k: v + 1.0 for k, v in original.items()}
+    save_file(trained, str(tmp_path / "model.safetensors"))
+    ema = [p.detach() + 2.0 for p in pipe.unet.parameters()]
+    torch.save({"decay": 0.999, "shadow_params": ema}, tmp_path / "custom_checkpoint_1.pkl")
+    torch.save({"epoch": 0}, tmp_path / "custom_checkpoint_0.pkl")  # the data loader's state
+    with evaluation.CHECKPOINT_LOADERS["dreambooth"](pipe, tmp_path):
+        for p, e in zip(pipe.unet.parameters(), ema, strict=True):
+            assert torch.equal(p, e)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, original[k])
+    with pytest.raises(ModelError, match="no model.safetensors"):
+        with evaluation.CHECKPOINT_LOADERS["dreambooth"](pipe, tmp_path / "empty"):
+            pass
+
+
+def test_textual_inversion_checkpoint_adds_the_token(tiny_pipeline_dir: str, tmp_path: Path) -> None:
+    pipe = load_pipeline(tiny_pipeline_dir)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    for step, value in ((2, 0.5), (4, -0.25)):
+        folder = tmp_path / f"step_{step}"
+        folder.mkdir()
+        save_file({"<sks>": torch.full((2, width), value)}, str(folder / "learned_embeds.safetensors"))
+        with evaluation.CHECKPOINT_LOADERS["textual_inversion"](pipe, folder):
+            ids = pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])
+            rows = pipe.text_encoder.get_input_embeddings().weight[ids]
+            assert torch.equal(rows, torch.full((2, width), value))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI errors: one line, exit code 2
+# ---------------------------------------------------------------------------------------------------
+
+
+def one_line_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("tune: error:")
+    return err
+
+
+def test_cli_errors_are_one_line(lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "run directory" in one_line_error(["eval", str(tmp_path / "nope")], capsys)
+    assert "not a tune run directory" in one_line_error(["eval", str(tmp_path)], capsys)
+    err = one_line_error(["eval", str(lora_run), "--clip", str(tmp_path / "no-clip")], capsys)
+    assert "CLIP model folder" in err and "--clip" in err
+    assert "suite nope not found" in one_line_error(["eval", str(lora_run), "--suite", "nope"], capsys)
+    assert "unknown value for --checkpoints" in one_line_error(
+        ["eval", str(lora_run), "--checkpoints", "2"], capsys
+    )

@@ -1,0 +1,165 @@
+"""tune.metrics on hand-made images with tiny random CLIP and ViT models saved to disk (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tune import metrics
+from tune.data.example_concept import render_photo
+from tune.data.shapes import PALETTE, ShapeSpec, caption, render
+from tune.errors import ModelError
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A random CLIPModel (32 px images, 1 layer per tower) with a small BPE tokenizer, saved to `folder`."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from tune.models import build_clip_tokenizer
+    from tune.models.tokenizer import DEFAULT_CORPUS
+
+    tokenizer = build_clip_tokenizer(DEFAULT_CORPUS, 700, folder)
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **tiny,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **tiny),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_vit(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> metrics.Clip:
+    return metrics.load_clip(save_tiny_clip(tmp_path_factory.mktemp("clip")), "cpu")
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory: pytest.TempPathFactory) -> metrics.Dino:
+    return metrics.load_dino(save_tiny_vit(tmp_path_factory.mktemp("vit")), "cpu")
+
+
+def shape(color: str, bg: str, kind: str = "circle", size: str = "large") -> Image.Image:
+    return render(ShapeSpec(shape=kind, color=color, bg=bg, size=size, position="center"), 32)  # type: ignore[arg-type]
+
+
+def noise(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def test_identical_images_have_subject_fidelity_1_and_others_less(
+    clip: metrics.Clip, dino: metrics.Dino
+) -> None:
+    photo = render_photo(np.random.default_rng(0), 48, 48, jpeg_quality=None)
+    for encoder in (clip, dino):
+        assert metrics.subject_fidelity([photo, photo], [photo], encoder) == pytest.approx(1.0, abs=1e-5)
+        other = metrics.subject_fidelity([noise(1), shape("red", "blue")], [photo], encoder)
+        assert -1.0 <= other < 0.999
+
+
+def test_embeddings_are_unit_length_and_deterministic(clip: metrics.Clip) -> None:
+    images = [shape("red", "blue"), noise(0), noise(1)]
+    a = clip.image_embeddings(images)
+    assert a.shape == (3, 16) and torch.allclose(a.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.equal(a, clip.image_embeddings(images))
+    t = clip.text_embeddings(["a photo of toy", "a large red circle on a blue background"])
+    assert t.shape == (2, 16) and not torch.allclose(t[0], t[1])
+    # Precomputed embeddings give the same numbers as the images.
+    assert metrics.subject_fidelity(a[:2], a[2:], clip) == pytest.approx(
+        metrics.subject_fidelity(images[:2], images[2:], clip), abs=1e-6
+    )
+
+
+def test_prompt_fidelity_is_the_mean_paired_cosine(clip: metrics.Clip) -> None:
+    images = [shape("red", "blue"), shape("green", "white")]
+    prompts = ["a large red circle on a blue background", "a large green circle on a white background"]
+    value = metrics.prompt_fidelity(images, prompts, clip)
+    expected = (clip.image_embeddings(images) * clip.text_embeddings(prompts)).sum(-1).mean()
+    assert -1.0 <= value <= 1.0 and value == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        metrics.prompt_fidelity(images, prompts[:1], clip)
+
+
+def test_diversity_of_identical_images_is_0_and_of_different_ones_positive(clip: metrics.Clip) -> None:
+    same = shape("red", "blue")
+    assert metrics.diversity({"a": [same, same, same]}, clip) == pytest.approx(0.0, abs=1e-6)
+    varied = metrics.diversity({"a": [noise(0), shape("red", "blue")], "b": [same, same]}, clip)
+    assert 0.0 < varied <= 2.0
+    # A prompt's images are compared only with each other: two collapsed prompts stay at 0.
+    assert metrics.diversity({"a": [same, same], "b": [noise(3), noise(3)]}, clip) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    with pytest.raises(ValueError, match="two seeds"):
+        metrics.diversity({"a": [same]}, clip)
+
+
+def test_missing_or_wrong_model_folders_are_model_errors(tmp_path: Path, clip: metrics.Clip) -> None:
+    with pytest.raises(ModelError, match="CLIP model folder .* not found.*--clip"):
+        metrics.load_clip(tmp_path / "nope")
+    with pytest.raises(ModelError, match="DINO model folder .* not found"):
+        metrics.load_dino(tmp_path / "nope")
+    with pytest.raises(ModelError, match="holds a clip model"):
+        metrics.load_dino(clip.path)
+
+
+def test_preprocessing_follows_the_folder_config(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}, "image_mean": [0.5, 0.5, 0.5],'
+        ' "image_std": [0.5, 0.5, 0.5]}'
+    )
+    prep = metrics._preprocess(tmp_path, 224, metrics.CLIP_MEAN, metrics.CLIP_STD)
+    pixels = prep([Image.new("RGB", (40, 20), (255, 0, 0))])
+    assert pixels.shape == (1, 3, 16, 16)
+    assert torch.allclose(pixels[0, 0], torch.ones(16, 16)) and torch.allclose(
+        pixels[0, 1], -torch.ones(16, 16)
+    )
+
+
+def test_shapes_detectors_on_rendered_shapes() -> None:
+    spec = ShapeSpec(shape="square", color="red", bg="blue", size="large", position="center")
+    good, wrong = render(spec, 64), render(ShapeSpec("circle", "green", "white", "large", "center"), 64)
+    prompt = caption(spec)
+    assert metrics.shapes_spec(prompt) == spec and metrics.shapes_spec("a photo of sks toy") is None
+    assert metrics.shapes_accuracy([good, wrong], [prompt, prompt]) == 0.5
+    assert metrics.shapes_accuracy([good], ["a photo of sks toy"]) is None
+    assert metrics.prompt_background("a photo of sks toy on a orange background") == "orange"
+    assert metrics.prompt_background("a photo of sks toy on a pink background") is None
+    flat_blue = Image.new("RGB", (64, 64), PALETTE["blue"])
+    prompts = ["x on a blue background", "x on a red background", "a photo of x"]
+    assert metrics.background_right([flat_blue, flat_blue, flat_blue], prompts) == 0.5
+    assert metrics.background_right([flat_blue], ["a photo of x"]) is None
+
+
+def test_example_toy_detection() -> None:
+    toys = [render_photo(np.random.default_rng(i), 64, 64, jpeg_quality=None) for i in range(3)]
+    shapes = [shape("red", "blue", size="large").resize((64, 64)) for _ in range(3)]
+    assert metrics.is_example_toy(toys) and not metrics.is_example_toy(shapes)
+    assert metrics.concept_present(toys + shapes) == pytest.approx(0.5)

@@ -1,0 +1,722 @@
+"""`tune eval`: score a personalization run's base model and checkpoints on one suite of prompts.
+
+    tune eval RUN_DIR [--suite default|FILE] [--checkpoints all|last] [--clip PATH] [--dino PATH]
+
+The base model and every complete checkpoint (lora: its adapter; dreambooth: its U-Net, the EMA
+weights where kept; textual_inversion: its embedding) draw the suite's prompts x seeds through the
+shared sampler into `RUN_DIR/eval/<label>/` (`base`, `step_000200`, ...: images, grid.png,
+prompts.json), and are scored with `tune.metrics`:
+
+    subject_fidelity   CLIP-I: mean cosine of the images with the concept's photos (subject prompts only)
+    dino_fidelity      the same with DINO (--dino), else null
+    prompt_fidelity    CLIP-T: mean cosine of each image with its prompt, the token left out
+    diversity          mean pairwise CLIP distance among the seeds of one prompt (0 = collapse)
+    concept_present    example toy only: share of subject images its detector finds it in, else null
+    background_right   share of images on the palette background their prompt named, else null
+    shapes_accuracy    share of plain shapes captions drawn right (shapes detector), else null
+
+"Subject prompts" are the suite's prompts with `{token}`; a prompt without it (a plain shapes
+caption, "a photo of {class}") shows whether the model still draws other things.
+
+Written (atomically): `RUN_DIR/eval/report.json`
+
+    {"suite", "clip_model", "dino_model", "prompts", "seeds", "steps", "guidance",
+     "base": {"label": "base", "step": 0, <metrics>, "images": "eval/base/"},
+     "checkpoints": [{"label": "step_000200", "step": 200, <metrics>, "images": "eval/step_000200/"}],
+     "best_step", "overfit", "overfit_reason"}
+
+and `report.md` (a table and the grids). `best_step` and `overfit` are decided by `decide()`.
+The lora and dreambooth recipes run the same evaluation in-process every `eval_every` steps
+(`TrainingEval`) and keep the best step's weights in export/best/.
+
+Suites are TOML files in eval/ (see eval/default.toml), parsed strictly by `load_suite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import string
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tune import PROJECT_ROOT
+from tune.config import suggest
+from tune.errors import ConfigError, DataError, ModelError, TuneError
+from tune.runs import step_dir_name, write_atomic
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from tune.metrics import Clip, Dino
+    from tune.runs import RunInfo
+
+log = logging.getLogger(__name__)
+
+SUITES_DIR = PROJECT_ROOT / "eval"
+DEFAULT_SUITE = "default"
+PROMPT_KEEP = 0.9
+"""A checkpoint keeps the prompt when its prompt fidelity is at least 90% of the base model's."""
+DIVERSITY_KEEP = 0.5
+"""Diversity has collapsed when it falls below 50% of the base model's."""
+METRICS = (
+    "subject_fidelity",
+    "prompt_fidelity",
+    "diversity",
+    "dino_fidelity",
+    "concept_present",
+    "background_right",
+    "shapes_accuracy",
+)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One evaluation suite (an eval/*.toml file)."""
+
+    name: str
+    """The suite's name: its `name` key, else the file's stem."""
+    prompts: tuple[str, ...]
+    """Prompt templates; {token} and {class} are filled in from the run's subject."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds, one image per prompt each (at least two: diversity compares them). `images_per_prompt = N`
+    in the file means seeds 0 .. N-1."""
+    steps: int = 20
+    """Denoising steps per image."""
+    guidance: float = 6.0
+    """Classifier-free guidance scale."""
+    scheduler: str = ""
+    """Sampler (ddim, ddpm, euler, euler_a, dpmpp_2m); "" means the base model's own."""
+    negative_prompt: str = ""
+    """Negative prompt ("" for none)."""
+    batch_size: int = 2
+    """Seeds per sampler call (faster; the same in every model of a report, so comparisons stay fair)."""
+    description: str = ""
+    """One line about what the suite measures."""
+
+
+_SUITE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "description": str,
+    "prompts": list,
+    "seeds": list,
+    "images_per_prompt": int,
+    "steps": int,
+    "guidance": (int, float),
+    "scheduler": str,
+    "negative_prompt": str,
+    "batch_size": int,
+}
+
+
+def find_suite(name: str | Path) -> Path:
+    """A suite file: the path as given when it exists, else eval/<name>.toml of the tune checkout."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SUITES_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+    raise ConfigError(
+        f"suite {name} not found{suggest(path.stem, names)}; shipped suites: {', '.join(names)}"
+    )
+
+
+def load_suite(name: str | Path = DEFAULT_SUITE) -> Suite:
+    """Read a suite strictly: unknown keys, wrong types and bad values are ConfigErrors naming the key."""
+    from tune.sampling import SCHEDULERS
+
+    path = find_suite(name)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for key, value in table.items():
+        if key not in _SUITE_TYPES:
+            raise ConfigError(f"{path}: unknown key '{key}'{suggest(key, list(_SUITE_TYPES))}")
+        expected = _SUITE_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{path}: '{key}' has the wrong type ({type(value).__name__}); got {value!r}")
+    prompts = table.get("prompts")
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError(f"{path}: 'prompts' must be a non-empty list of prompt strings")
+    for prompt in prompts:
+        _check_template(prompt, path)
+    if "seeds" in table and "images_per_prompt" in table:
+        raise ConfigError(f"{path}: give 'seeds' or 'images_per_prompt', not both")
+    seeds = table.get("seeds", list(range(table.get("images_per_prompt", 2))))
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < 2:
+        raise ConfigError(
+            f"{path}: need at least two distinct integer seeds (diversity compares the images of a prompt); "
+            f"got {seeds!r}"
+        )
+    values = {k: v for k, v in table.items() if k not in ("seeds", "images_per_prompt", "prompts")}
+    suite = Suite(**{"name": path.stem, **values, "prompts": tuple(prompts), "seeds": tuple(seeds)})
+    if suite.steps < 1 or suite.batch_size < 1:
+        raise ConfigError(
+            f"{path}: 'steps' and 'batch_size' must be >= 1; got {suite.steps}, {suite.batch_size}"
+        )
+    if suite.scheduler and suite.scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"{path}: unknown scheduler '{suite.scheduler}'{suggest(suite.scheduler, list(SCHEDULERS))}; "
+            f"choose from {', '.join(SCHEDULERS)} or ''"
+        )
+    return suite
+
+
+def _check_template(template: str, path: Path) -> None:
+    try:
+        names = {n for _, n, _, _ in string.Formatter().parse(template) if n is not None}
+    except ValueError as err:
+        raise ConfigError(f"{path}: prompt {template!r} is not a valid template ({err})") from None
+    unknown = names - {"token", "class"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: prompt {template!r} uses {{{sorted(unknown)[0]}}}; only {{token}} and {{class}} are filled in"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best step and overfitting
+# ---------------------------------------------------------------------------------------------------
+
+
+def _floor(base: float, share: float) -> float:
+    """`share` of a base value, for either sign (a cosine can be negative): base - (1 - share) * |base|."""
+    return base - (1.0 - share) * abs(base)
+
+
+def decide(
+    base: dict[str, Any] | None, checkpoints: Sequence[dict[str, Any]]
+) -> tuple[int | None, bool, str | None]:
+    """(best_step, overfit, overfit_reason) from the base entry and the checkpoint entries.
+
+    - best_step: the checkpoint with the highest subject fidelity among those whose prompt fidelity is
+      at least PROMPT_KEEP (90%) of the base model's; None when no checkpoint qualifies (or none
+      exists). Without a base entry every checkpoint qualifies.
+    - overfit: the last checkpoint's prompt fidelity is below 90% of the base model's, or its
+      diversity below DIVERSITY_KEEP (50%) of the base model's (every seed drawing the same picture);
+      the reason says which, with the numbers. Never without a base entry or checkpoints.
+
+    "x% of the base" is base - (1 - x) * |base|, so a negative base value does not invert the rule.
+    """
+    if not checkpoints:
+        return None, False, None
+    keep = _floor(base["prompt_fidelity"], PROMPT_KEEP) if base is not None else float("-inf")
+    kept = [c for c in checkpoints if c["prompt_fidelity"] >= keep]
+    best = max(kept, key=lambda c: (c["subject_fidelity"], -c["step"]), default=None)
+    best_step = None if best is None else int(best["step"])
+    if base is None:
+        return best_step, False, None
+    last = max(checkpoints, key=lambda c: c["step"])
+    reasons = []
+    if last["prompt_fidelity"] < keep:
+        reasons.append(
+            f"prompt fidelity {last['prompt_fidelity']:.4f} at step {last['step']} is below "
+            f"{PROMPT_KEEP:.0%} of the base model's {base['prompt_fidelity']:.4f}"
+        )
+    if last["diversity"] < _floor(base["diversity"], DIVERSITY_KEEP):
+        reasons.append(
+            f"diversity {last['diversity']:.4f} at step {last['step']} collapsed below "
+            f"{DIVERSITY_KEEP:.0%} of the base model's {base['diversity']:.4f}"
+        )
+    return best_step, bool(reasons), "; ".join(reasons) or None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluator: one suite, one subject, any number of models
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSubject:
+    """What the run taught: its token, class word and photos."""
+
+    token: str
+    class_word: str
+    photos: Path
+
+    def render(self, template: str, *, token: bool = True) -> str:
+        """Fill {token} and {class}; `token=False` leaves the token out (the CLIP-T text)."""
+        text = template.replace("{token}", self.token if token else "").replace("{class}", self.class_word)
+        return " ".join(text.split())
+
+
+def load_photos(folder: Path) -> list[Image.Image]:
+    """The concept's photos as RGB images (EXIF rotation applied)."""
+    from PIL import Image, ImageOps
+
+    if not folder.is_dir():
+        raise DataError(f"the concept photos folder {folder} does not exist; was the run moved?")
+    photos = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            try:
+                with Image.open(path) as image:
+                    photos.append(ImageOps.exif_transpose(image).convert("RGB"))
+            except OSError as err:
+                log.warning("skipping %s: %s", path, err)
+    if not photos:
+        raise DataError(f"no photos in {folder}; subject fidelity compares generated images with them")
+    return photos
+
+
+class Evaluator:
+    """Scores pipelines on one suite for one subject and keeps the report (eval/report.json, report.md)."""
+
+    def __init__(
+        self,
+        suite: Suite,
+        subject: EvalSubject,
+        run_path: Path | None,
+        *,
+        clip: str | Path,
+        dino: str | Path | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        from tune import metrics
+
+        self.suite, self.subject = suite, subject
+        self.run_path = Path(run_path) if run_path is not None else None
+        self.clip: Clip = metrics.load_clip(clip, device)
+        self.dino: Dino | None = metrics.load_dino(dino, device) if dino else None
+        photos = load_photos(subject.photos)
+        self.reference_clip = self.clip.image_embeddings(photos)
+        self.reference_dino = self.dino.image_embeddings(photos) if self.dino else None
+        self.example_toy = metrics.is_example_toy(photos)
+        self.prompts = [subject.render(p) for p in suite.prompts]
+        self.clip_texts = [subject.render(p, token=False) for p in suite.prompts]
+        self.is_subject = ["{token}" in p for p in suite.prompts]
+        if not any(self.is_subject):
+            raise ConfigError(f"suite {suite.name} has no prompt with {{token}}; subject fidelity needs one")
+        self.base: dict[str, Any] | None = None
+        self.checkpoints: list[dict[str, Any]] = []
+
+    @property
+    def eval_dir(self) -> Path:
+        if self.run_path is None:
+            raise RuntimeError("attach(run_path) the evaluator to a run directory first")
+        return self.run_path / "eval"
+
+    def attach(self, run_path: Path, step: int = 0) -> None:
+        """Write into `run_path`/eval/; a run resumed at `step` > 0 keeps its report so far."""
+        self.run_path = Path(run_path)
+        if step > 0:
+            self.resume(step)
+
+    def evaluate(
+        self,
+        pipe: StableDiffusionPipeline,
+        step: int,
+        *,
+        base: bool = False,
+        accelerator: Any = None,
+        modules: Sequence[torch.nn.Module] = (),
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Draw the suite with `pipe` as it is now into eval/<label>/, score it and add it to the report
+        (`base=True`: as the base model). `modules` are put in eval mode meanwhile."""
+        from tune.sampling import sample_grid
+
+        label = "base" if base else step_dir_name(step)
+        folder = self.eval_dir / label
+        modes = [(m, m.training) for m in modules]
+        for m, _ in modes:
+            m.eval()
+        try:
+            autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+            with autocast:
+                samples = sample_grid(
+                    pipe,
+                    self.prompts,
+                    list(self.suite.seeds),
+                    folder,
+                    steps=self.suite.steps,
+                    guidance=self.suite.guidance,
+                    scheduler=self.suite.scheduler or None,
+                    negative_prompt=self.suite.negative_prompt or None,
+                    batch_size=self.suite.batch_size,
+                    progress=progress,
+                )
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+        entry = {"label": label, "step": 0 if base else step, **self.score([s.image for s in samples])}
+        entry["images"] = f"eval/{label}/"
+        if base:
+            self.base = entry
+        else:
+            self.checkpoints = sorted([c for c in self.checkpoints if c["step"] != step] + [entry], key=_step)
+        return entry
+
+    def score(self, images: Sequence[Image.Image]) -> dict[str, float | None]:
+        """The metrics of images drawn prompt-major for the suite (image i*S + j: prompt i, seed j)."""
+        from tune import metrics
+
+        n_seeds = len(self.suite.seeds)
+        prompt_of = [i // n_seeds for i in range(len(images))]
+        subject_images = [im for im, i in zip(images, prompt_of, strict=True) if self.is_subject[i]]
+        embeddings = self.clip.image_embeddings(images)
+        subject_rows = [k for k, i in enumerate(prompt_of) if self.is_subject[i]]
+        groups = {str(i): embeddings[i * n_seeds : (i + 1) * n_seeds] for i in range(len(self.prompts))}
+        result: dict[str, float | None] = {
+            "subject_fidelity": metrics.subject_fidelity(
+                embeddings[subject_rows], self.reference_clip, self.clip
+            ),
+            "prompt_fidelity": metrics.prompt_fidelity(
+                embeddings, [self.clip_texts[i] for i in prompt_of], self.clip
+            ),
+            "diversity": metrics.diversity(groups, self.clip),
+            "dino_fidelity": None,
+            "concept_present": metrics.concept_present(subject_images) if self.example_toy else None,
+            "background_right": metrics.background_right(images, [self.prompts[i] for i in prompt_of]),
+            "shapes_accuracy": metrics.shapes_accuracy(images, [self.prompts[i] for i in prompt_of]),
+        }
+        if self.dino is not None and self.reference_dino is not None:
+            result["dino_fidelity"] = metrics.subject_fidelity(subject_images, self.reference_dino, self.dino)
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
+
+    @property
+    def best_step(self) -> int | None:
+        return decide(self.base, self.checkpoints)[0]
+
+    def report(self) -> dict[str, Any]:
+        best_step, overfit, reason = decide(self.base, self.checkpoints)
+        return {
+            "suite": self.suite.name,
+            "clip_model": str(self.clip.path),
+            "dino_model": str(self.dino.path) if self.dino else None,
+            "prompts": self.prompts,
+            "seeds": list(self.suite.seeds),
+            "steps": self.suite.steps,
+            "guidance": float(self.suite.guidance),
+            "base": self.base,
+            "checkpoints": self.checkpoints,
+            "best_step": best_step,
+            "overfit": overfit,
+            "overfit_reason": reason,
+        }
+
+    def write(self) -> dict[str, Any]:
+        """Write eval/report.json and eval/report.md (atomically); returns the report."""
+        report = self.report()
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.eval_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        write_atomic(self.eval_dir / "report.md", format_markdown(report))
+        return report
+
+    def resume(self, before_step: int) -> None:
+        """Take the base entry and the checkpoints before `before_step` from an existing report of this
+        suite (a resumed training run cannot draw its base model again)."""
+        try:
+            old = json.loads((self.eval_dir / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if old.get("suite") == self.suite.name and old.get("prompts") == self.prompts:
+            self.base = old.get("base")
+            self.checkpoints = [c for c in old.get("checkpoints", []) if c.get("step", 0) < before_step]
+
+
+def _step(entry: dict[str, Any]) -> int:
+    return int(entry["step"])
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """report.md: settings, one table row per model, the verdict, and the grids."""
+    entries = ([report["base"]] if report["base"] else []) + report["checkpoints"]
+    columns = [m for m in METRICS if any(e.get(m) is not None for e in entries)]
+    lines = [
+        f"# Evaluation: suite `{report['suite']}`",
+        "",
+        f"{len(report['prompts'])} prompts x seeds {report['seeds']}, {report['steps']} steps, "
+        f"guidance {report['guidance']}; CLIP `{report['clip_model']}`"
+        + (f", DINO `{report['dino_model']}`" if report["dino_model"] else ""),
+        "",
+        "| model | step | " + " | ".join(columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for e in entries:
+        cells = [f"{e[m]:.4f}" if e.get(m) is not None else "-" for m in columns]
+        mark = " (best)" if e["label"] != "base" and e["step"] == report["best_step"] else ""
+        lines.append(f"| {e['label']}{mark} | {e['step']} | " + " | ".join(cells) + " |")
+    lines += ["", f"- Best step: {report['best_step'] if report['best_step'] is not None else 'none'}"]
+    lines.append(f"- Overfit: {'yes: ' + report['overfit_reason'] if report['overfit'] else 'no'}")
+    lines.append("")
+    for e in entries:
+        lines += [f"## {e['label']}", "", f"![{e['label']}]({e['label']}/grid.png)", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluating a run directory
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_subject(run: RunInfo) -> EvalSubject:
+    """Token, class word and photos of a personalization run (run.json, else config.toml)."""
+    from tune.data.concepts import load_concept
+
+    info, config = run.info, run.config
+    token = str(info.get("trigger") or config.get("token") or "")
+    photos = info.get("instance_dir") or config.get("instance_dir")
+    if not token or not photos:
+        raise TuneError(
+            f"{run.path}/run.json names no trigger word or photos folder; did the run get past its start?"
+        )
+    class_word = ""
+    concept = info.get("concept") or ""
+    if concept and Path(concept, "concept.toml").is_file():
+        class_word = load_concept(concept).class_word
+    if not class_word:
+        class_word = _word_after(
+            token, str(info.get("instance_prompt") or config.get("instance_prompt") or "")
+        )
+    from tune.personalize import find_path
+
+    return EvalSubject(token=token, class_word=class_word, photos=find_path(str(photos)))
+
+
+@contextlib.contextmanager
+def _lora_checkpoint(pipe: StableDiffusionPipeline, folder: Path) -> Iterator[None]:
+    from tune import lora as lora_io
+
+    path = folder / lora_io.CHECKPOINT_ADAPTER
+    if not path.is_file():
+        raise ModelError(f"{folder} has no {lora_io.CHECKPOINT_ADAPTER}; is it a lora run's checkpoint?")
+    _set_embeddings(pipe, folder)  # pivotal tuning: the trigger's embedding at this step
+    stack = lora_io.apply_loras(pipe, [(path, 1.0)])
+    try:
+        yield
+    finally:
+        stack.clear()
+
+
+@contextlib.contextmanager
+def _embedding_checkpoint(pipe: StableDiffusionPipeline, folder: Path) -> Iterator[None]:
+    if not _set_embeddings(pipe, folder):
+        raise ModelError(f"{folder} has no learned_embeds.safetensors; is it a textual_inversion checkpoint?")
+    yield  # the next checkpoint overwrites the rows; the base model was drawn before any was added
+
+
+def _set_embeddings(pipe: StableDiffusionPipeline, folder: Path) -> bool:
+    """Load a checkpoint's learned_embeds.safetensors into the tokenizer and text encoder, if it has one."""
+    import torch
+
+    from tune.tokens import EMBEDDINGS_FILE, load_embeddings
+
+    path = folder / EMBEDDINGS_FILE
+    if not path.is_file():
+        return False
+    token, vectors = load_embeddings(path)
+    tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(weight.device, weight.dtype)
+    return True
+
+
+@contextlib.contextmanager
+def _unet_checkpoint(pipe: StableDiffusionPipeline, folder: Path) -> Iterator[None]:
+    """A dreambooth checkpoint (accelerate state): model.safetensors is the U-Net (model_1 the text
+    encoder when trained); the EMA weights, which its grids and export use, replace the U-Net's."""
+    import torch
+    from safetensors.torch import load_file
+
+    unet_file = folder / "model.safetensors"
+    if not unet_file.is_file():
+        raise ModelError(f"{folder} has no model.safetensors; is it a dreambooth run's checkpoint?")
+    parts = [(pipe.unet, unet_file)]
+    if (folder / "model_1.safetensors").is_file():
+        parts.append((pipe.text_encoder, folder / "model_1.safetensors"))
+    saved = [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m, _ in parts]
+    try:
+        for model, file in parts:
+            model.load_state_dict(load_file(str(file)))
+        for pkl in sorted(folder.glob("custom_checkpoint_*.pkl")):
+            state = torch.load(pkl, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "shadow_params" in state:
+                with torch.no_grad():
+                    for param, ema in zip(pipe.unet.parameters(), state["shadow_params"], strict=True):
+                        param.copy_(ema)
+        yield
+    finally:
+        for model, state in saved:
+            model.load_state_dict(state)
+
+
+CHECKPOINT_LOADERS: dict[str, Callable[[Any, Path], contextlib.AbstractContextManager[None]]] = {
+    "lora": _lora_checkpoint,
+    "dreambooth": _unet_checkpoint,
+    "textual_inversion": _embedding_checkpoint,
+}
+"""recipe -> context manager that puts one checkpoint's weights into the base pipeline, then takes them out."""
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    suite: str | Path = DEFAULT_SUITE,
+    *,
+    checkpoints: str = "all",
+    clip: str | Path | None = None,
+    dino: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's base model and checkpoints; write and return eval/report.json's content."""
+    from tqdm.auto import tqdm
+
+    from tune import metrics
+    from tune.personalize import load_base
+    from tune.runs import read_run
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise TuneError(f"run directory {path} not found")
+    run = read_run(path)
+    if run.recipe not in CHECKPOINT_LOADERS:
+        raise TuneError(
+            f"{path} is a {run.recipe} run; tune eval scores personalization runs ({', '.join(CHECKPOINT_LOADERS)})"
+        )
+    if checkpoints not in ("all", "last"):
+        raise ConfigError(f"--checkpoints must be all or last; got {checkpoints!r}")
+    the_suite = load_suite(suite)
+    subject = run_subject(run)
+    base_model = str(run.info.get("base_model") or run.config.get("base_model") or "")
+    if not base_model:
+        raise TuneError(f"{path} names no base_model in run.json or config.toml")
+    steps = run.checkpoint_steps[-1:] if checkpoints == "last" else run.checkpoint_steps
+    if not steps:
+        log.warning("%s has no complete checkpoint; evaluating the base model only", path)
+    evaluator = Evaluator(
+        the_suite, subject, path, clip=clip or metrics.DEFAULT_CLIP, dino=dino, device=device
+    )
+    pipe = load_base(base_model)
+    pipe.to(evaluator.clip.device)
+    apply = CHECKPOINT_LOADERS[run.recipe]
+    for step in tqdm([None, *steps], desc="eval", unit="model"):
+        if step is None:
+            evaluator.evaluate(pipe, 0, base=True)
+        else:
+            with apply(pipe, run.path / "checkpoints" / step_dir_name(step)):
+                evaluator.evaluate(pipe, step)
+        evaluator.write()  # after every model: a long eval shows its progress in the dashboard
+    report = evaluator.write()
+    log.info(
+        "wrote %s (best step %s, overfit %s)",
+        path / "eval" / "report.json",
+        report["best_step"],
+        report["overfit"],
+    )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# In training: eval_every
+# ---------------------------------------------------------------------------------------------------
+
+
+def start_training_eval(subject: Any, *, every: int, suite: str, clip: str) -> Evaluator | None:
+    """The evaluator a recipe runs every `every` steps (`eval_every`), or None when `every` is 0.
+
+    `subject` is the recipe's `tune.personalize.Subject`. Called before the run directory exists, so a
+    bad suite or a missing CLIP folder fails first; the recipe then calls `attach(run.path, step)`.
+    """
+    if every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0 = never); got {every}")
+    if every == 0:
+        return None
+    class_word = subject.class_word or _word_after(subject.token, subject.instance_prompt)
+    return Evaluator(
+        load_suite(suite), EvalSubject(subject.token, class_word, subject.photos), None, clip=clip
+    )
+
+
+def _word_after(token: str, prompt: str) -> str:
+    """The class word of a prompt without a concept: "a photo of sks dog" -> "dog"."""
+    words = prompt.split()
+    after = words.index(token) + 1 if token in words else len(words)
+    return words[after] if after < len(words) else ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: tune eval
+# ---------------------------------------------------------------------------------------------------
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `tune eval` (tune/cli.py calls this)."""
+    from tune.metrics import DEFAULT_CLIP
+
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a lora, dreambooth or textual_inversion run directory"
+    )
+    parser.add_argument(
+        "--suite",
+        default=DEFAULT_SUITE,
+        metavar="FILE",
+        help="suite file or name in eval/ (default: default)",
+    )
+    parser.add_argument(
+        "--checkpoints", choices=["all", "last"], default="all", help="which checkpoints (default: all)"
+    )
+    parser.add_argument(
+        "--clip", default=DEFAULT_CLIP, metavar="PATH", help=f"CLIPModel folder (default: {DEFAULT_CLIP})"
+    )
+    parser.add_argument("--dino", default=None, metavar="PATH", help="ViT/Dinov2 folder for DINO fidelity")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run (default: cuda if available)",
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`tune eval`: write the report, print its verdict."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    report = evaluate_run(
+        args.run_dir,
+        args.suite,
+        checkpoints=args.checkpoints,
+        clip=args.clip,
+        dino=args.dino,
+        device=None if args.device == "auto" else args.device,
+    )
+    print(format_summary(report))
+    print(Path(args.run_dir) / "eval" / "report.md")
+    return 0
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few lines for the terminal: base vs last, best step, overfit."""
+    rows = ([report["base"]] if report["base"] else []) + report["checkpoints"][-1:]
+    lines = [
+        f"{e['label']:>12}: subject {e['subject_fidelity']:.4f}  prompt {e['prompt_fidelity']:.4f}  "
+        f"diversity {e['diversity']:.4f}"
+        for e in rows
+    ]
+    lines.append(f"best step: {report['best_step']}  overfit: {report['overfit']}")
+    if report["overfit_reason"]:
+        lines.append(f"  ({report['overfit_reason']})")
+    return "\n".join(lines)

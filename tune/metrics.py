@@ -1,0 +1,347 @@
+"""Image metrics for personalization: how much of the subject, how much of the prompt, how varied.
+
+    clip = load_clip("models/shapes-clip")           # any transformers CLIPModel folder
+    dino = load_dino("path/to/dinov2-small")         # optional: any ViT / Dinov2 folder
+    subject_fidelity(images, photos, clip)           # CLIP-I: mean cosine, generated x concept photos
+    subject_fidelity(images, photos, dino)           # DINO: the same with DINO's CLS embedding
+    prompt_fidelity(images, prompts, clip)           # CLIP-T: mean cosine of each image with its prompt
+    diversity({prompt: images}, clip)                # mean pairwise 1 - cosine among one prompt's images
+
+The first three are the DreamBooth paper's CLIP-I, DINO and CLIP-T; `diversity` catches collapse
+(every seed drawing the same picture), a sign of overfitting. Cosines lie in [-1, 1]; identical
+images have subject fidelity 1 and diversity 0.
+
+On our shapes domain the detectors add exact checks: `shapes_accuracy` (the shapes attribute
+detector on plain shapes captions: does the model still draw what it is told?), `background_right`
+(is the background the palette colour the prompt named?) and, for the example toy,
+`concept_present` (does its detector find the toy?).
+
+Models are local folders only; nothing is downloaded. Images are preprocessed by hand the way the
+folder's `preprocessor_config.json` says (shortest side resized bicubic, centre crop, mean/std),
+with the model's own image size and the usual CLIP / ImageNet statistics where the file is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "models/shapes-clip"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_BATCH = 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become pixel values: resize the short side to `size`, centre-crop `crop`, normalise."""
+
+    size: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")
+            scale = self.size / min(image.size)
+            w, h = max(self.crop, round(image.width * scale)), max(self.crop, round(image.height * scale))
+            if (w, h) != image.size:
+                image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            image = image.crop((left, top, left + self.crop, top + self.crop))
+            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+
+def _preprocess(folder: Path, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Preprocess:
+    """The folder's preprocessor_config.json where there is one, else resize and crop to `image_size`."""
+    config: dict[str, Any] = {}
+    file = folder / "preprocessor_config.json"
+    if file.is_file():
+        config = json.loads(file.read_text(encoding="utf-8"))
+
+    def side(value: Any, default: int) -> int:
+        if isinstance(value, dict):  # {"shortest_edge": 64} or {"height": 64, "width": 64}
+            value = value.get("shortest_edge") or value.get("height")
+        return int(value) if value else default
+
+    crop = side(config.get("crop_size"), image_size) if config.get("do_center_crop", True) else image_size
+    size = side(config.get("size"), crop)
+    return Preprocess(
+        size=size,
+        crop=crop,
+        mean=tuple(config.get("image_mean", mean)),  # type: ignore[arg-type]
+        std=tuple(config.get("image_std", std)),  # type: ignore[arg-type]
+    )
+
+
+def _check_folder(path: str | Path, what: str, hint: str) -> Path:
+    from tune.personalize import find_path
+
+    folder = find_path(str(path))
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{what} model folder {folder} not found (no config.json); {hint}")
+    return folder
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Clip:
+    """A CLIP model (both towers) and its tokenizer: unit-length image and text embeddings."""
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        folder = _check_folder(
+            path, "CLIP", "pass --clip PATH, a transformers CLIPModel folder with its tokenizer files"
+        )
+        try:
+            self.model = CLIPModel.from_pretrained(folder).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"cannot load a CLIPModel and tokenizer from {folder}: {first}") from None
+        self.path = folder
+        self.device = _device(device)
+        self.model.to(self.device)
+        self.preprocess = _preprocess(folder, self.model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[n, d] unit-length image embeddings (float32, CPU)."""
+        out = []
+        for start in range(0, len(images), _BATCH):
+            pixels = self.preprocess(images[start : start + _BATCH]).to(self.device)
+            out.append(_features(self.model.get_image_features(pixel_values=pixels)))
+        return _unit(torch.cat(out))
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """[n, d] unit-length text embeddings (float32, CPU)."""
+        out = []
+        for start in range(0, len(texts), _BATCH):
+            ids = self.tokenizer(
+                list(texts[start : start + _BATCH]),
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            )
+            features = self.model.get_text_features(
+                input_ids=ids.input_ids.to(self.device), attention_mask=ids.attention_mask.to(self.device)
+            )
+            out.append(_features(features))
+        return _unit(torch.cat(out))
+
+
+class Dino:
+    """A self-supervised ViT (DINO's ViTModel or Dinov2Model): the CLS token as the image embedding."""
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
+        from transformers import AutoModel
+
+        folder = _check_folder(path, "DINO", "pass --dino PATH, a transformers ViT or Dinov2 model folder")
+        try:
+            self.model = AutoModel.from_pretrained(folder).eval()
+        except (OSError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"cannot load a ViT/Dinov2 model from {folder}: {first}") from None
+        model_type = getattr(self.model.config, "model_type", "")
+        if model_type not in ("vit", "dinov2", "dinov2_with_registers"):
+            raise ModelError(
+                f"{folder} holds a {model_type or 'unknown'} model; DINO needs a vit or dinov2 one"
+            )
+        self.path = folder
+        self.device = _device(device)
+        self.model.to(self.device)
+        self.preprocess = _preprocess(folder, self.model.config.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[n, d] unit-length CLS embeddings (after the final layer norm), float32 on the CPU."""
+        out = []
+        for start in range(0, len(images), _BATCH):
+            pixels = self.preprocess(images[start : start + _BATCH]).to(self.device)
+            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0])
+        return _unit(torch.cat(out))
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 4 returns the projected tensor; 5 may return a model output with pooler_output.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+
+
+def load_clip(path: str | Path = DEFAULT_CLIP, device: str | torch.device | None = None) -> Clip:
+    """A local CLIPModel folder (config.json, weights, tokenizer files); a missing one is a ModelError."""
+    return Clip(path, device)
+
+
+def load_dino(path: str | Path, device: str | torch.device | None = None) -> Dino:
+    """A local ViT or Dinov2 folder (e.g. facebook/dino-vits16 saved with save_pretrained)."""
+    return Dino(path, device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+ImageEncoder = Clip | Dino
+
+
+def _embed(images: Sequence[Image.Image] | torch.Tensor, encoder: ImageEncoder) -> torch.Tensor:
+    """Precomputed embeddings pass through (normalised), so callers can embed reference photos once."""
+    if isinstance(images, torch.Tensor):
+        return _unit(images)
+    if not images:
+        raise ValueError("need at least one image")
+    return encoder.image_embeddings(images)
+
+
+def subject_fidelity(
+    images: Sequence[Image.Image] | torch.Tensor,
+    reference_images: Sequence[Image.Image] | torch.Tensor,
+    encoder: ImageEncoder,
+) -> float:
+    """Mean cosine similarity over every (generated image, reference photo) pair, in [-1, 1].
+
+    With a CLIP encoder this is the DreamBooth paper's CLIP-I, with a DINO encoder its DINO score.
+    Either argument may be a tensor of embeddings instead of images.
+    """
+    a, b = _embed(images, encoder), _embed(reference_images, encoder)
+    return float((a @ b.T).mean())
+
+
+def prompt_fidelity(
+    images: Sequence[Image.Image] | torch.Tensor, prompts: Sequence[str], clip: Clip
+) -> float:
+    """Mean cosine similarity of each image with its own prompt (CLIP-T), in [-1, 1]."""
+    if len(images) != len(prompts):
+        raise ValueError(f"need one prompt per image; got {len(images)} images and {len(prompts)} prompts")
+    a = _embed(images, clip)
+    unique = sorted(set(prompts))
+    texts = clip.text_embeddings(unique)
+    t = texts[[unique.index(p) for p in prompts]]
+    return float((a * t).sum(dim=-1).mean())
+
+
+def diversity(
+    images_by_prompt: Mapping[str, Sequence[Image.Image] | torch.Tensor], encoder: ImageEncoder
+) -> float:
+    """Mean pairwise cosine distance (1 - cosine, in [0, 2]) among the images of each prompt, averaged
+    over the prompts that have at least two images. 0 means every seed drew the same picture."""
+    means = []
+    for group in images_by_prompt.values():
+        if len(group) < 2:
+            continue
+        e = _embed(group, encoder)
+        n = e.shape[0]
+        sims = e @ e.T
+        off_diagonal = (sims.sum() - sims.diagonal().sum()) / (n * (n - 1))
+        means.append(float(1.0 - off_diagonal))
+    if not means:
+        raise ValueError("diversity needs a prompt with at least two images (two seeds)")
+    return max(0.0, sum(means) / len(means))  # rounding can make identical images a hair below 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes-domain detectors
+# ---------------------------------------------------------------------------------------------------
+
+_BACKGROUND = re.compile(r"\bon an? (\w+) background\b")
+
+
+def prompt_background(prompt: str) -> str | None:
+    """The palette colour a prompt asks for as background ("... on a red background"), or None."""
+    from tune.data.shapes import COLORS
+
+    m = _BACKGROUND.search(prompt)
+    return m.group(1) if m and m.group(1) in COLORS else None
+
+
+def shapes_spec(prompt: str) -> Any:
+    """The ShapeSpec whose canonical caption is exactly `prompt`, or None (not a plain shapes caption)."""
+    return _caption_specs().get(prompt.strip())
+
+
+def _caption_specs() -> dict[str, Any]:
+    global _CAPTIONS
+    if _CAPTIONS is None:
+        from tune.data.shapes import caption, enumerate_specs
+
+        _CAPTIONS = {caption(spec): spec for spec in enumerate_specs("all")}
+    return _CAPTIONS
+
+
+_CAPTIONS: dict[str, Any] | None = None
+
+
+def shapes_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> float | None:
+    """Share of images whose every attribute the shapes detector reads as the caption says, over the
+    images whose prompt is a plain shapes caption ("a large red circle on a blue background"); None
+    when no prompt is one."""
+    from tune.data.shapes_detect import score
+
+    pairs = [(im, shapes_spec(p)) for im, p in zip(images, prompts, strict=True)]
+    pairs = [(im, spec) for im, spec in pairs if spec is not None]
+    if not pairs:
+        return None
+    return score([im for im, _ in pairs], [spec for _, spec in pairs]).all_correct
+
+
+def is_example_toy(photos: Sequence[Image.Image]) -> bool:
+    """Whether most of a concept's photos show the example toy (then `concept_present` is meaningful)."""
+    from tune.data.example_concept_detect import detect_concept
+
+    return bool(photos) and sum(detect_concept(p)[0] for p in photos) * 2 > len(photos)
+
+
+def concept_present(images: Sequence[Image.Image]) -> float:
+    """For the example toy: the share of images in which its detector finds it."""
+    from tune.data.example_concept_detect import detect_concept
+
+    return sum(detect_concept(im)[0] for im in images) / len(images)
+
+
+def background_right(images: Sequence[Image.Image], prompts: Sequence[str]) -> float | None:
+    """Share of images whose background (shapes detector) is the palette colour their prompt named, over
+    the prompts that name one; None when none does."""
+    from tune.data.shapes_detect import detect
+
+    pairs = [(im, prompt_background(p)) for im, p in zip(images, prompts, strict=True)]
+    pairs = [(im, bg) for im, bg in pairs if bg is not None]
+    if not pairs:
+        return None
+    return sum(detect(im).bg == bg for im, bg in pairs) / len(pairs)
