@@ -135,9 +135,10 @@ def test_missing_config_file_exit_2(fake_recipe, capsys):
     assert "config file nope.toml not found" in capsys.readouterr().err
 
 
-def test_planned_commands_say_so(capsys):
-    assert main(["dashboard"]) == 2
-    assert "not available" in capsys.readouterr().err
+def test_dashboard_with_a_missing_runs_folder_exits_2(tmp_path, capsys):
+    assert main(["dashboard", "--runs", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
 
 
 def test_ls_lists_recipes_and_does_not_import_torch(fake_recipe):

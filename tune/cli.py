@@ -128,16 +128,12 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("tune.sampling", "generate images (prompt, seed, scheduler, LoRA, img2img, trajectory)"),
     "export": ("tune.export_cli", "export a run's LoRA as kohya or diffusers files"),
     "lora": ("tune.lora_cli", "inspect, convert and merge LoRA files (kohya, diffusers, PEFT)"),
+    "dashboard": ("tune.dashboard_cli", "open the Streamlit dashboard over a runs folder"),
+    "eval": ("tune.evaluation", "evaluate a run: subject and prompt fidelity per checkpoint"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("tune.data.check", "check a photo folder: usable images, skipped files, captions, buckets"),
     "shapes": ("tune.data.shapes", "write the built-in captioned shapes dataset as an imagefolder"),
-}
-# Commands whose implementation arrives with a later issue: they exist so that `tune --help` shows
-# the whole tool, and say plainly that they are not available yet.
-PLANNED_COMMANDS: dict[str, str] = {
-    "eval": "evaluate a run: subject and prompt fidelity per checkpoint",
-    "dashboard": "open the Streamlit dashboard over a runs folder",
 }
 
 
@@ -184,10 +180,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in DATA_COMMANDS.items():
         _add_module_command(data_sub, name, module_name, help_text, load=wanted == ["data", name])
 
-    for name, help_text in PLANNED_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_planned(name))
     return parser
 
 

@@ -1,0 +1,100 @@
+"""dashboard/data.py: what the pages show, read from run directories without torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dashboard_testkit import LORA_RUN, PROMPTS, SEEDS, STEPS, STOPPED_RUN
+
+from dashboard import data
+
+
+@pytest.mark.parametrize(
+    ("prompt", "style"),
+    [
+        ("a photo of sks toy", data.NO_STYLE),
+        ("a photo of sks toy on a red background", "on a red background"),
+        ("a watercolor painting of sks toy", "a watercolor painting of"),
+        ("a photo of toy", data.NO_STYLE),  # the class prompt: the subject without the token
+        ("a large red circle on a blue background", "on a blue background"),  # no subject phrase
+        ("a cat, oil painting", "oil painting"),
+        ("a cat", data.NO_STYLE),
+    ],
+)
+def test_prompt_style_is_the_words_around_the_subject(prompt, style):
+    subjects = ["a photo of sks toy", "a photo of toy", "sks toy", "sks"]
+    assert data.prompt_style(prompt, subjects) == style
+
+
+def test_compare_rows_line_up_prompts_and_seeds_across_steps(runs_root: Path):
+    run = data.load_run(runs_root / LORA_RUN)
+    sets = data.sample_sets(run)
+    assert sorted(sets) == STEPS
+    rows = data.compare_rows(sets, data.subject_phrases(run))
+    assert [(r.prompt, r.seed) for r in rows] == [(p, s) for p in PROMPTS for s in SEEDS]
+    for r in rows:
+        assert sorted(r.cells) == STEPS
+        assert {c.path.parent.name for c in r.cells.values()} == {"step_000000", "step_000200"}
+        assert all(c.seed == r.seed and c.prompt == r.prompt for c in r.cells.values())
+    assert len(data.filter_rows(rows, "RED background")) == 2
+    assert len(data.filter_rows(rows, styles=[data.NO_STYLE], seeds=[1])) == 1
+    assert data.filter_rows(rows, "toy", styles=[]) == []
+
+
+def test_sample_folder_without_index_is_read_from_file_names(runs_root: Path):
+    folder = runs_root / LORA_RUN / "samples" / "step_000200"
+    (folder / "prompts.json").unlink()
+    found = data.read_sample_set(folder, 200)
+    assert found is not None and found.seeds == SEEDS
+    assert sorted((im.prompt_index, im.seed) for im in found.images) == [
+        (i, s) for i in range(3) for s in SEEDS
+    ]
+    assert data.read_sample_set(runs_root / "nowhere", 5) is None
+
+
+def test_trajectory_concept_photos_and_eval_report(runs_root: Path):
+    run = data.load_run(runs_root / LORA_RUN)
+    base = data.sample_sets(run)[0]
+    strips = [im for im in base.images if data.trajectory_of(im)]
+    assert [(im.prompt_index, im.seed) for im in strips] == [(0, 0)]
+    assert [p.name for p in data.concept_photos(run)] == ["toy_0.jpg", "toy_1.jpg", "toy_2.jpg"]
+    report = data.read_eval_report(run)
+    assert report is not None
+    assert [(r["step"], r["prompt_fidelity"]) for r in data.eval_table(report)] == [(0, 0.30), (200, 0.27)]
+    assert sorted(data.eval_sample_sets(run, report)) == [0, 200]
+    (run.path / "eval" / "report.json").write_text("{not json")
+    assert data.read_eval_report(run) is None
+
+
+def test_runs_table_and_loss_curve(runs_root: Path):
+    runs = data.load_runs(runs_root)
+    rows = {r["run"]: r for r in (data.run_row(run, runs_root) for run in runs)}
+    assert rows[STOPPED_RUN]["status"] == "crashed" and rows[STOPPED_RUN]["steps"] == "1/1800"
+    assert rows[LORA_RUN]["status"] == "done"
+    curve = data.loss_curve(next(r for r in runs if r.path.name == LORA_RUN), max_points=5)
+    assert list(curve) == ["step", "loss"] and len(curve["step"]) == 5 and curve["step"][0] == 1
+
+
+def test_describe_safetensors_without_torch(runs_root: Path, tmp_path: Path):
+    export = runs_root / LORA_RUN / "export"
+    kohya = data.describe_safetensors(export / f"{LORA_RUN}.safetensors")
+    assert (kohya["kind"], kohya["format"], kohya["ranks"], kohya["modules"]) == (
+        "LoRA",
+        "kohya",
+        [4],
+        {"unet": 4},
+    )
+    assert kohya["dtypes"] == ["float16"] and kohya["trigger"] == "sks" and kohya["tensors"] == 12
+    diffusers = data.describe_safetensors(export / "pytorch_lora_weights.safetensors")
+    assert diffusers["format"] == "diffusers" and diffusers["parameters"] == 4 * (4 * 64 + 32 * 4)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(json.dumps({"x": 1}).encode())
+    assert "not a readable safetensors file" in data.describe_safetensors(bad)["problem"]
+
+
+def test_default_columns_keep_base_and_last():
+    assert data.default_columns([0, 200]) == [0, 200]
+    cols = data.default_columns(list(range(0, 2001, 100)))
+    assert cols[0] == 0 and cols[-1] == 2000 and len(cols) == 5
