@@ -20,3 +20,7 @@ class DataError(TuneError):
 
 class ModelError(TuneError):
     """A base model, checkpoint or LoRA file that cannot be loaded."""
+
+
+class TrainingError(TuneError):
+    """Training cannot go on (e.g. the loss stayed NaN); the run's checkpoints are left as they were."""

@@ -24,10 +24,12 @@ import datetime as _dt
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,10 +44,65 @@ def step_dir_name(step: int) -> str:
     return STEP_DIR_FORMAT.format(step)
 
 
+# Free space kept beyond what a write needs: a disk filled to the last byte breaks everything else too.
+DISK_MARGIN_BYTES = 16 * 2**20
+
+
+def check_disk_space(folder: str | Path, needed_bytes: int, what: str) -> None:
+    """Raise a TuneError naming `folder`, the free and the needed bytes when `what` would not fit."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:  # the nearest existing parent holds the space
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:  # cannot tell (e.g. a vanished folder): let the write itself report
+        return
+    if free < needed_bytes + DISK_MARGIN_BYTES:
+        raise TuneError(
+            f"not enough disk space for {what} in {folder}: {_size(free)} free, {_size(needed_bytes)} needed "
+            f"(+ {_size(DISK_MARGIN_BYTES)} margin); free some space or choose another folder"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - unreachable
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or new file inside `path` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under `path` and the folders themselves (before a marker says they are complete)."""
+    root = Path(path)
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError), open(Path(folder) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new, never a torn one."""
+    """Write a file so that readers see the old content or the new, never a torn one (temp file in the
+    same folder, fsync, rename); a disk without room for it is a TuneError before anything is written."""
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    check_disk_space(path.parent, len(payload), path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -56,6 +113,38 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
+    """Write a folder (e.g. `save_pretrained`) under a temporary name beside `path`, then swap it in.
+
+    Readers see the old folder or the complete new one, never a half-written one; a crash leaves a
+    `.<name>.tmp-*` folder behind, which the next write of the same folder removes. `needed_bytes` is
+    checked against the free space first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_space(path.parent, needed_bytes, f"{path.name}/")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.tmp-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -81,6 +170,7 @@ class RunDir:
         path = Path(output_dir)
         if path.exists() and not path.is_dir():
             raise TuneError(f"output_dir {path} is a file; choose a folder, e.g. output_dir=runs/{recipe}-1")
+        check_not_in_use(path)
         if path.is_dir() and any(path.iterdir()) and not resume:
             what = "a finished run" if (path / "DONE").exists() else "files"
             raise TuneError(
@@ -92,10 +182,15 @@ class RunDir:
                 (path / sub).mkdir(parents=True, exist_ok=True)
         except PermissionError:
             raise TuneError(f"cannot write to output_dir {path}: permission denied") from None
+        except FileExistsError as err:  # a parent (or a subfolder's name) is a file
+            raise TuneError(f"cannot create output_dir {path}: {err.filename} is a file") from None
+        except OSError as err:
+            raise TuneError(f"cannot create output_dir {path}: {err.strerror or err}") from None
         lock_file = _take_lock(path)
         run = cls(path, lock_file)
         with contextlib.suppress(FileNotFoundError):
             (path / "DONE").unlink()  # a resumed run is running again
+        _drop_torn_line(path / "metrics.jsonl")  # a killed writer may have left half a row
         write_atomic(path / "config.toml", config_toml)
         info = {
             "recipe": recipe,
@@ -164,16 +259,48 @@ class RunDir:
             self._lock_file = None
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a metrics file back to its last complete line, so the next row starts on a line of its own."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+def _in_use_error(path: Path, holder: str) -> TuneError:
+    return TuneError(
+        f"run directory {path} is in use by {holder or 'another process'} (another tune run is writing it); "
+        "wait for it to finish or choose another output_dir"
+    )
+
+
+def check_not_in_use(path: str | Path) -> None:
+    """Raise a TuneError when a live process holds the run directory's lock (cheap; takes no lock)."""
+    path = Path(path)
+    if _holder_alive(path):
+        try:
+            holder = (path / "LOCK").read_text(encoding="utf-8").strip()
+        except OSError:
+            holder = ""
+        raise _in_use_error(path, holder)
+
+
 def _take_lock(path: Path) -> Any:
     # flock is released by the kernel when the holder dies, so a stale lock never blocks a new run.
-    f = open(path / "LOCK", "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        f = open(path / "LOCK", "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's lifetime
+    except OSError as err:
+        raise TuneError(f"cannot write to output_dir {path}: {err.strerror or err}") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.read().strip()
         f.close()
-        raise TuneError(f"run directory {path} is in use by {holder}; choose another output_dir") from None
+        raise _in_use_error(path, holder) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}")

@@ -105,11 +105,17 @@ def save_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     A crash mid-write leaves at most a stray temp file, never a half-written entry under the real name;
     two processes writing the same entry both produce a complete file and the last rename wins.
     """
+    from tune.runs import check_disk_space
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    check_disk_space(path.parent, size, "the cache")  # a clear error, not a short file
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:  # durable before it is renamed into place
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
