@@ -32,10 +32,18 @@ from tune import lora as lora_io
 from tune import personalize as p
 from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
+from tune.evaluation import start_training_eval
 from tune.models import save_single_file
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
-from tune.runs import RunDir
-from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+from tune.runs import RunDir, atomic_folder, check_disk_space
+from tune.training import (
+    NonFiniteGuard,
+    build_accelerator,
+    module_bytes,
+    resume_from_checkpoint,
+    save_checkpoint,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,13 @@ class Config(p.PersonalizeConfig):
     """Newest checkpoints kept (0 keeps all); each holds the U-Net, its EMA and the optimizer state."""
     export_single_file: bool = True
     """Also write export/<run name>.safetensors, one fp16 SD1.x checkpoint for A1111 and ComfyUI."""
+    eval_every: int = 0
+    """Score the (EMA) model with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0
+    and at the last step (eval/report.json), keeping the best step's pipeline in export/best/; 0 = never."""
+    eval_suite: str = "default"
+    """Suite of those evaluations: a name in eval/ or a TOML file."""
+    eval_clip: str = "models/shapes-clip"
+    """CLIPModel folder those evaluations score with."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,9 +97,12 @@ def main(cfg: Config) -> RunDir:
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
     prior = p.resolve_prior(cfg.prior, subject)
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("dreambooth", cfg)
     mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = build_accelerator(mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run))
+    accelerator = build_accelerator(
+        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+    )
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
@@ -108,6 +126,7 @@ def main(cfg: Config) -> RunDir:
         )  # holds the EMA weights to sample and export
     if cfg.gradient_checkpointing:
         p.enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
+    p.set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     sample_pipe = StableDiffusionPipeline(
         **{**pipe.components, "unet": ema_unet or unet}, requires_safety_checker=False
@@ -138,11 +157,14 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
-    unet_model, text_model = trained[0], (trained[1] if cfg.train_text_encoder else text_encoder)
+    unet_model = p.compiled(trained[0], cfg.compile)
+    text_model = trained[1] if cfg.train_text_encoder else text_encoder
     accelerator.register_for_checkpointing(loader)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    if evaluator is not None:
+        evaluator.attach(run.path, step)
     run.update_info(
         **p.run_info(subject, cfg, base_hash, dataset), unet_params=sum(q.numel() for q in unet.parameters())
     )
@@ -161,12 +183,29 @@ def main(cfg: Config) -> RunDir:
             modules=[unet, text_encoder],
         )
 
+    def evaluate(at: int) -> None:  # eval_every: score the (EMA) model as it is now, keep the best one
+        if evaluator is None or not accelerator.is_main_process:
+            return
+        if ema is not None and ema_unet is not None:
+            ema.copy_to(ema_unet.parameters())
+        modules = [unet, text_encoder]
+        evaluator.evaluate(
+            sample_pipe, at, base=at == 0, accelerator=accelerator, modules=modules, progress=False
+        )
+        evaluator.write()
+        if at and evaluator.best_step == at:
+            sample_pipe.save_pretrained(run.export_dir / "best")
+
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and cfg.sample_every:  # the base model
         validate(0)
+    if step == 0:
+        evaluate(0)
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
     batches = p.forever(loader)
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
+    applied = True
     bar = tqdm(total=cfg.max_steps, initial=step, desc="dreambooth", unit="step")
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -175,7 +214,7 @@ def main(cfg: Config) -> RunDir:
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
             with accelerator.accumulate(*trained), accelerator.autocast():
-                generator = p.step_generator(cfg.seed, micro)
+                generator = p.sample_generators(batch, cfg.seed, micro)
                 latents, hidden = p.encode_batch(
                     batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
                 )
@@ -190,28 +229,34 @@ def main(cfg: Config) -> RunDir:
                     prior_loss_weight=prior.loss_weight if prior else 1.0,
                 )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
+                applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
+                if applied:
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach())
-        if ema is not None:
+        if ema is not None and applied:
             ema.step(unet.parameters())
         step += 1
         loss_value = loss_sum / cfg.grad_accum
-        p.check_finite(loss_value, step)
         seconds = round(time.perf_counter() - t0, 4)
-        p.log_step(
-            run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
-        )
+        if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            p.log_step(
+                run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if p.is_due(step, cfg.sample_every, cfg.max_steps):
             validate(step)
+        if p.is_due(step, cfg.eval_every, cfg.max_steps):
+            evaluate(step)
         if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    if evaluator is not None:
+        run.update_info(best_step=evaluator.best_step)
     run.update_info(optimizer=cfg.optim.name, optimizer_state_bytes=optimizer_state_bytes(optimizer))
 
     # ---- save/export --------------------------------------------------------------------------------
@@ -225,8 +270,11 @@ def main(cfg: Config) -> RunDir:
         if cfg.train_text_encoder:
             components["text_encoder"] = text_encoder.to(torch.float32)
         export = StableDiffusionPipeline(**components, requires_safety_checker=False)
-        export.save_pretrained(run.export_dir / "pipeline")
+        size = module_bytes(*components.values())  # checked against the free space before writing
+        with atomic_folder(run.export_dir / "pipeline", size) as folder:  # complete or absent, never half
+            export.save_pretrained(folder)
         if cfg.export_single_file:
+            check_disk_space(run.export_dir, size // 2, "the single-file export")
             save_single_file(export, run.export_dir / f"{run.path.resolve().name}.safetensors")
         log.info("exported %s", run.export_dir / "pipeline")
     accelerator.end_training()

@@ -31,10 +31,17 @@ from tune import lora as lora_io
 from tune import personalize as p
 from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
+from tune.evaluation import start_training_eval
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
 from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
-from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+from tune.training import (
+    NonFiniteGuard,
+    build_accelerator,
+    resume_from_checkpoint,
+    save_checkpoint,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,13 @@ class Config(p.PersonalizeConfig):
     """Prior preservation; off unless enabled here (LoRA changes the model less than DreamBooth)."""
     export_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     """dtype of the exported adapter files (checkpoints keep fp32)."""
+    eval_every: int = 0
+    """Score the adapter with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0 and
+    at the last step (eval/report.json), keeping the best step's adapter in export/best/; 0 = never."""
+    eval_suite: str = "default"
+    """Suite of those evaluations: a name in eval/ or a TOML file."""
+    eval_clip: str = "models/shapes-clip"
+    """CLIPModel folder those evaluations score with."""
 
 
 def main(cfg: Config) -> RunDir:
@@ -116,9 +130,12 @@ def main(cfg: Config) -> RunDir:
             f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
         )
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("lora", cfg)
     mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = build_accelerator(mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run))
+    accelerator = build_accelerator(
+        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+    )
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
@@ -160,6 +177,7 @@ def main(cfg: Config) -> RunDir:
         q.data = q.data.float()  # trained weights stay fp32 under mixed precision
     if cfg.gradient_checkpointing:
         p.enable_gradient_checkpointing(unet, text_encoder if train_text else None)
+    p.set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     log.info("lora: %d trainable adapter tensors, rank %d, alpha %g", len(lora_params), rank, alpha)
 
@@ -191,7 +209,7 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
-    unet_model, text_model = trained[0], (trained[1] if train_text else text_encoder)
+    unet_model, text_model = p.compiled(trained[0], cfg.compile), (trained[1] if train_text else text_encoder)
     accelerator.register_for_checkpointing(loader)
     p.checkpoint_trainable_only(accelerator)
 
@@ -204,9 +222,27 @@ def main(cfg: Config) -> RunDir:
 
     p.on_checkpoint(accelerator, write_adapter)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    if evaluator is not None:
+        evaluator.attach(run.path, step)
     run.update_info(**p.run_info(subject, cfg, base_hash, dataset), lora_tensors=len(lora_params))
     if cfg.report_to != "none":
         accelerator.init_trackers("lora", config=p.tracker_config(cfg))
+
+    def evaluate(at: int) -> None:  # eval_every: score the adapter as it is now, keep the best one
+        if evaluator is None or not accelerator.is_main_process:
+            return
+        evaluator.evaluate(
+            pipe, at, base=at == 0, accelerator=accelerator, modules=sampled_modules, progress=False
+        )
+        evaluator.write()
+        if at and evaluator.best_step == at:
+            te = text_encoder if "text_encoder" in cfg.lora.targets else None
+            best = run.export_dir / "best"
+            lora_io.save_adapter(
+                unet, te, best / lora_io.FINAL_ADAPTER, {"tune_step": str(at)}, dtype=torch.float16
+            )
+            if new_tokens is not None:
+                save_embeddings(new_tokens, best / EMBEDDINGS_FILE, {"tune_step": str(at)})
 
     # ---- loop ---------------------------------------------------------------------------------------
     sampled_modules = [unet, text_encoder]
@@ -214,19 +250,23 @@ def main(cfg: Config) -> RunDir:
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=sampled_modules
         )
+    if step == 0:
+        evaluate(0)
     unet.train()
     text_encoder.train(train_text)
     batches = p.forever(loader)
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="lora", unit="step")
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         loss_sum = 0.0
         for k in range(cfg.grad_accum):
             micro = step * cfg.grad_accum + k
-            torch.manual_seed(cfg.seed * 2**32 + micro)  # LoRA dropout: the same masks after a resume
+            if cfg.lora.dropout:  # the same dropout masks after a resume
+                torch.manual_seed(cfg.seed * 2**32 + micro)
             batch = next(batches).to(device)
             with accelerator.accumulate(*trained), accelerator.autocast():
-                generator = p.step_generator(cfg.seed, micro)
+                generator = p.sample_generators(batch, cfg.seed, micro)
                 latents, hidden = p.encode_batch(
                     batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
                 )
@@ -241,10 +281,11 @@ def main(cfg: Config) -> RunDir:
                     prior_loss_weight=prior.loss_weight if prior else 1.0,
                 )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    params = lora_params + ([new_tokens.weight] if new_tokens else [])
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
+                if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        params = lora_params + ([new_tokens.weight] if new_tokens else [])
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach())
@@ -252,11 +293,11 @@ def main(cfg: Config) -> RunDir:
             new_tokens.restore_frozen_rows()
         step += 1
         loss_value = loss_sum / cfg.grad_accum
-        p.check_finite(loss_value, step)
         seconds = round(time.perf_counter() - t0, 4)
-        p.log_step(
-            run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
-        )
+        if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            p.log_step(
+                run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if p.is_due(step, cfg.sample_every, cfg.max_steps):
@@ -268,9 +309,13 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=sampled_modules,
             )
+        if p.is_due(step, cfg.eval_every, cfg.max_steps):
+            evaluate(step)
         if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    if evaluator is not None:
+        run.update_info(best_step=evaluator.best_step)
 
     # ---- save/export --------------------------------------------------------------------------------
     if accelerator.is_main_process:

@@ -29,7 +29,13 @@ from tune.errors import ConfigError
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
 from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
-from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+from tune.training import (
+    NonFiniteGuard,
+    build_accelerator,
+    resume_from_checkpoint,
+    save_checkpoint,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,9 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     run, cfg = start_run("textual_inversion", cfg)
     mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = build_accelerator(mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run))
+    accelerator = build_accelerator(
+        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+    )
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
@@ -93,6 +101,7 @@ def main(cfg: Config) -> RunDir:
     new_tokens.train_rows_only()
     if cfg.gradient_checkpointing:
         p.enable_gradient_checkpointing(unet, text_encoder)
+    p.set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -115,6 +124,7 @@ def main(cfg: Config) -> RunDir:
     # The prepared text encoder (a DDP wrapper on several GPUs) runs the training forward; `text_encoder`
     # stays the plain module that the pipeline samples with.
     text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
+    unet_model = p.compiled(unet, cfg.compile)
     accelerator.register_for_checkpointing(loader)
     p.checkpoint_trainable_only(accelerator)
     p.on_checkpoint(
@@ -137,6 +147,7 @@ def main(cfg: Config) -> RunDir:
         )
     text_encoder.train()
     batches = p.forever(loader)
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="textual_inversion", unit="step")
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -145,26 +156,29 @@ def main(cfg: Config) -> RunDir:
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
             with accelerator.accumulate(text_model), accelerator.autocast():
-                generator = p.step_generator(cfg.seed, micro)
+                generator = p.sample_generators(batch, cfg.seed, micro)
                 latents, hidden = p.encode_batch(
                     batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
                 )
-                loss = diffusion_step(unet, noise_scheduler, latents, hidden, cfg.diffusion, generator)
+                loss = diffusion_step(unet_model, noise_scheduler, latents, hidden, cfg.diffusion, generator)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_([new_tokens.weight], cfg.optim.max_grad_norm)
-                optimizer.step()
+                if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        accelerator.clip_grad_norm_([new_tokens.weight], cfg.optim.max_grad_norm)
+                    optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach())
         new_tokens.restore_frozen_rows()  # weight decay and 8-bit state would move the other rows
         step += 1
         loss_value = loss_sum / cfg.grad_accum
-        p.check_finite(loss_value, step)
         norm = float(new_tokens.vectors().norm(dim=1).mean())
         seconds = round(time.perf_counter() - t0, 4)
         lr = lr_schedule.get_last_lr()[0]
-        p.log_step(run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds)
+        if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            p.log_step(
+                run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if p.is_due(step, cfg.sample_every, cfg.max_steps):

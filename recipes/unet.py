@@ -39,9 +39,16 @@ from tune.diffusion import DiffusionConfig, diffusion_step
 from tune.errors import ConfigError, DataError, ModelError
 from tune.models.presets import PRESETS, build_unet
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
-from tune.runs import RunDir
+from tune.runs import RunDir, atomic_folder
 from tune.sampling import generate, make_grid, sample_grid
-from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+from tune.training import (
+    NonFiniteGuard,
+    build_accelerator,
+    module_bytes,
+    resume_from_checkpoint,
+    save_checkpoint,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class Config:
     """Checkpoint every this many steps and at the end."""
     checkpoints_keep: int = 2
     """Newest checkpoints kept (0 keeps all)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     sample_prompts: tuple[str, ...] = (
         "a large red circle on a blue background",
         "a small yellow star on a purple background in the top left",
@@ -139,7 +148,15 @@ class Config:
             )
 
 
-_POSITIVE = ("resolution", "max_steps", "batch_size", "sample_every", "checkpoint_every", "sample_steps")
+_POSITIVE = (
+    "resolution",
+    "max_steps",
+    "batch_size",
+    "sample_every",
+    "checkpoint_every",
+    "sample_steps",
+    "max_nonfinite_steps",
+)
 _NON_NEGATIVE = ("checkpoints_keep", "val_prompts", "eval_prompts")
 
 
@@ -276,6 +293,7 @@ def main(cfg: Config) -> RunDir:
     # ---- loop ---------------------------------------------------------------------------------------
     started = last = time.perf_counter()
     start_step = step
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="unet", unit="step")
     while step < cfg.max_steps:
         for batch in loader:
@@ -287,18 +305,20 @@ def main(cfg: Config) -> RunDir:
                 unet, noise_scheduler, batch.latents, batch.encoder_hidden_states, cfg.diffusion, generator
             )
             accelerator.backward(loss)
-            if cfg.optim.max_grad_norm:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
+            applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
+            if applied:
+                if cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            if applied:
+                ema.step(accelerator.unwrap_model(unet).parameters())
             step += 1
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optim.lr")
             seconds = round(time.perf_counter() - last, 4)  # data + compute; validation is not counted
-            run.log_metrics(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds)
+            if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+                run.log_metrics(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % cfg.sample_every == 0 or step == cfg.max_steps:
@@ -323,7 +343,8 @@ def main(cfg: Config) -> RunDir:
 
     # ---- save/export --------------------------------------------------------------------------------
     ema.copy_to(ema_unet.parameters())
-    pipe.save_pretrained(run.export_dir / "pipeline")
+    with atomic_folder(run.export_dir / "pipeline", module_bytes(*pipe.components.values())) as folder:
+        pipe.save_pretrained(folder)  # swapped in complete, after the free space was checked
     log.info("exported the pipeline (EMA U-Net) to %s", run.export_dir / "pipeline")
     if cfg.eval_prompts:
         # Times of this process (a resumed run trained from start_step on).

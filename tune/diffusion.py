@@ -6,6 +6,7 @@ The noise scheduler is diffusers' (DDPMScheduler-compatible: `add_noise`, `get_v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,19 +40,30 @@ def prediction_type(noise_scheduler, cfg: DiffusionConfig) -> str:
     return noise_scheduler.config.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
 
 
-def sample_noise(
-    latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, or one per sample (each sample's draws then do not depend on which
+batch it is in: batch 4 and two micro-batches of 2 draw the same noise for the same photos)."""
+
+
+def _randn(shape: tuple[int, ...], generator: Generators, dtype: torch.dtype) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generator])
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float, generator: Generators) -> torch.Tensor:
+    noise = _randn(tuple(latents.shape), generator, latents.dtype).to(latents.device)
     if noise_offset:
-        offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=latents.dtype)
+        offset = _randn((*latents.shape[:2], 1, 1), generator, latents.dtype)
         noise = noise + noise_offset * offset.to(latents.device)
     return noise
 
 
-def sample_timesteps(batch_size: int, noise_scheduler, generator: torch.Generator | None) -> torch.Tensor:
+def sample_timesteps(batch_size: int, noise_scheduler, generator: Generators) -> torch.Tensor:
     n = noise_scheduler.config.num_train_timesteps
-    return torch.randint(0, n, (batch_size,), generator=generator, dtype=torch.long)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randint(0, n, (batch_size,), generator=generator, dtype=torch.long)
+    return torch.cat([torch.randint(0, n, (1,), generator=g, dtype=torch.long) for g in generator])
 
 
 def training_target(noise_scheduler, pred_type: str, latents, noise, timesteps) -> torch.Tensor:
@@ -94,7 +106,7 @@ def diffusion_step(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     cfg: DiffusionConfig,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     is_prior: torch.Tensor | None = None,
     prior_loss_weight: float = 1.0,
 ) -> torch.Tensor:

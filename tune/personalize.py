@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tune import PROJECT_ROOT
-from tune.diffusion import DiffusionConfig
+from tune.diffusion import DiffusionConfig, sample_noise
 from tune.errors import ConfigError, DataError, ModelError, TuneError
 from tune.optim import OptimConfig
 
@@ -195,12 +194,21 @@ class PersonalizeConfig:
     it, else fp16, and fp32 on a CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less GPU memory, about 20% slower."""
+    channels_last: bool = False
+    """Keep the U-Net's convolution weights (and so its activations) channels-last: faster with bf16/fp16 on
+    GPUs with tensor cores; usually slower on CPUs."""
+    compile: bool = False
+    """torch.compile the U-Net's training forward: the first steps wait for the compiler, later ones run
+    faster (on GPUs; needs a C++ compiler on CPUs)."""
     sample_every: int = 200
     """Validation grid every this many steps, at the last step and at step 0 (the base model); 0 = never."""
     checkpoint_every: int = 200
     """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
     checkpoints_keep: int = 2
     """Newest checkpoints kept (0 keeps all)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the
+    run with an error, its checkpoints untouched."""
     report_to: ReportTo = "none"
     """Also log metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases through accelerate."""
     optim: OptimConfig = OptimConfig()
@@ -213,7 +221,7 @@ class PersonalizeConfig:
     """Validation prompts, seeds and sampler settings."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum"):
+        for key in ("max_steps", "batch_size", "grad_accum", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}")
         for key in ("resolution", "sample_every", "checkpoint_every", "checkpoints_keep"):
@@ -538,12 +546,34 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 2**32 + micro_step)
 
 
+def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Generator] | torch.Generator:
+    """The generators of a batch's noise and timesteps: one per sample, seeded by the sample itself (its
+    photo, epoch and draw), so that batch 4 x grad_accum 1, batch 2 x grad_accum 2 and 2 processes x
+    batch 2 compute the same update, and a resumed run draws what an uninterrupted one would. Batches
+    without per-sample seeds get the micro-step's generator."""
+    if batch.seeds is None:
+        return step_generator(seed, micro_step)
+    return [torch.Generator().manual_seed(s) for s in batch.seeds.tolist()]
+
+
+def compiled(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
+    """`model`, or with `compile` torch.compile(model): the same weights, a compiled forward for training
+    (sampling and saving keep using the plain module)."""
+    return torch.compile(model) if compile else model  # type: ignore[return-value]
+
+
+def set_channels_last(unet: torch.nn.Module, channels_last: bool) -> None:
+    """Channels-last memory order for the U-Net's 4-D weights; convolutions then keep activations in it."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+
+
 def encode_batch(
     batch: Batch,
     *,
     vae: torch.nn.Module,
     text_encoder: torch.nn.Module,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, encoder_hidden_states) of a batch: cached ones as they are, the rest encoded now."""
@@ -554,7 +584,7 @@ def encode_batch(
         pixels = batch.pixel_values.to(vae.device, vae.dtype)
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+        noise = sample_noise(dist.mean.float(), 0.0, generator)
         sample = dist.mean.float() + dist.std.float() * noise
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = ((sample - shift) * vae.config.scaling_factor).to(dtype)
@@ -576,13 +606,6 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
     return every > 0 and (step % every == 0 or step == max_steps)
 
 
-def check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss} at step {step}; lower optim.lr (or turn off mixed precision)"
-        )
-
-
 def sample_validation(
     pipe: StableDiffusionPipeline,
     prompts: list[str],
@@ -593,9 +616,11 @@ def sample_validation(
     modules: Iterable[torch.nn.Module],
 ) -> None:
     """A prompts x seeds grid of `pipe` as it is now into `out_dir`; `modules` are put in eval mode
-    meanwhile (LoRA dropout off) and back afterwards."""
+    meanwhile (LoRA dropout off) and back afterwards. Only the main process samples (and writes)."""
     from tune.sampling import sample_grid
 
+    if not accelerator.is_main_process:
+        return
     modes = [(m, m.training) for m in modules]
     for m, _ in modes:
         m.eval()
@@ -672,7 +697,11 @@ def on_checkpoint(accelerator: Any, write: Callable[[Path, int], None]) -> None:
 
 
 def log_step(run: RunDir, accelerator: Any, step: int, **values: float) -> None:
-    """One metrics.jsonl row, and the trackers' when report_to is set."""
+    """One metrics.jsonl row, and the trackers' when report_to is set. Every process calls it: with several,
+    the logged loss is their mean (the loss of the whole batch), not the main process's share."""
+    if accelerator.num_processes > 1 and "loss" in values:
+        loss = torch.tensor([values["loss"]], device=accelerator.device)
+        values = {**values, "loss": float(accelerator.reduce(loss, reduction="mean"))}
     if accelerator.is_main_process:
         run.log_metrics(step, **values)
     if accelerator.trackers:

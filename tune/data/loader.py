@@ -165,7 +165,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         record = self.records[key.index]
         bucket = key.bucket
         rng = self.rng(key)
-        # Fixed draw order (flip, crop, caption, noise) keeps every sample reproducible.
+        # Fixed draw order (flip, crop, caption, latent noise, sample seed) keeps every sample reproducible.
         flip = self.cfg.flip and rng.random() < 0.5
         box = self.crop(record, bucket, rng)
         caption = transform_caption(
@@ -176,6 +176,7 @@ class PhotoDataset(torch.utils.data.Dataset):
             dropout=self.cfg.caption_dropout,
         )
         noise_seed = rng.getrandbits(63)
+        sample_seed = rng.getrandbits(63)
         scale = bucket[0] / (box[2] - box[0])
         left = (record.width - box[2]) if flip else box[0]
         item: dict[str, Any] = {
@@ -184,6 +185,7 @@ class PhotoDataset(torch.utils.data.Dataset):
             "original_size": (record.height, record.width),
             "crop_top_left": (round(box[1] * scale), round(left * scale)),
             "target_size": (bucket[1], bucket[0]),
+            "seed": sample_seed,
         }
         if self.latent_files is not None:
             path = self.latent_files.get((key.index, bucket, flip))
@@ -303,10 +305,11 @@ def build_dataset(
 # --------------------------------------------------------------------------------------------- caches
 
 
-def _shard(jobs: list[Any], accelerator: Any) -> list[Any]:
-    if accelerator is None:
-        return jobs
-    return jobs[accelerator.process_index :: accelerator.num_processes]
+def _is_mine(position: int, accelerator: Any) -> bool:
+    """Whether the job at `position` of the full job list is this process's to encode. Sharding the full
+    list, not the missing entries, keeps the shares disjoint and complete when a faster process has
+    already written its share before another one looks at the disk."""
+    return accelerator is None or position % accelerator.num_processes == accelerator.process_index
 
 
 def _vae_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,9 +343,9 @@ def cache_latents(
     cfg = dataset.cfg
     jobs = dataset.required_latents()
     paths: dict[tuple[int, Bucket, bool], str] = {}
-    todo = []
+    mine = []  # this process's share of the missing entries
     stats = CacheStats("latent")
-    for job in jobs:
+    for position, job in enumerate(jobs):
         index, bucket, flip = job
         record = dataset.records[index]
         box = crop_box(record.width, record.height, bucket, mode="center")
@@ -359,9 +362,8 @@ def cache_latents(
         paths[job] = str(path)
         if is_readable(path):
             stats.loaded += 1
-        else:
-            todo.append((job, box, path))
-    mine = _shard(todo, accelerator)
+        elif _is_mine(position, accelerator):
+            mine.append((job, box, path))
     if mine:
         vae_device = torch.device(device)
         vae_dtype = dtype or next(vae.parameters()).dtype
@@ -435,16 +437,15 @@ def cache_text(
     model_fp = fingerprint_model(text_encoder)
     ids = _tokenize(tokenizer, captions, max_length)
     paths: dict[str, str] = {}
-    todo = []
-    for caption, row in zip(captions, ids, strict=True):
+    mine = []  # this process's share of the missing entries
+    for position, (caption, row) in enumerate(zip(captions, ids, strict=True)):
         key = make_key(kind="text", model=model_fp, input_ids=[int(t) for t in row])
         path = entry_path(dataset.cache_dir, "text", model_fp, key)
         paths[caption] = str(path)
         if is_readable(path):
             stats.loaded += 1
-        else:
-            todo.append((row, path))
-    mine = _shard(todo, accelerator)
+        elif _is_mine(position, accelerator):
+            mine.append((row, path))
     with tqdm(total=len(mine), desc="caching text", unit="caption", disable=not mine) as bar:
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
@@ -487,6 +488,9 @@ class Batch:
     """long [B, L] token ids, when a tokenizer was given and text is not cached."""
     encoder_hidden_states: torch.Tensor | None = None
     """[B, L, D] text-encoder outputs, when text is cached."""
+    seeds: torch.Tensor | None = None
+    """long [B]: each sample's own seed, a function of (seed, epoch, photo, draw) only, for the noise and
+    timestep a recipe draws for it: the same however the photos are split into micro-batches or processes."""
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -521,6 +525,8 @@ def collate(
         crop_top_lefts=torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long),
         target_size=items[0]["target_size"],
     )
+    if "seed" in items[0]:
+        batch.seeds = torch.tensor([it["seed"] for it in items], dtype=torch.long)
     if "latents" in items[0]:
         batch.latents = torch.stack([it["latents"] for it in items])
     else:
@@ -619,9 +625,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[ItemKey]]):
 class PhotoLoader:
     """A torch DataLoader plus the position it has reached, for exact resume.
 
-    Iterate it once per epoch; `state_dict()` is {"epoch", "position", "seed"} where position is how
-    many batches of that epoch have been handed out. Breaking out of the loop and iterating again
-    continues the same epoch.
+    Iterate it once per epoch; `state_dict()` is {"epoch", "position", "seed"} (plus "num_processes" when
+    sharded) where position is how many batches of that epoch this process has handed out. Breaking out
+    of the loop and iterating again continues the same epoch.
     """
 
     dataloader: torch.utils.data.DataLoader
@@ -641,15 +647,22 @@ class PhotoLoader:
         self.position = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed}
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed}
+        if self.sampler.num_processes > 1:  # absent means 1
+            state["num_processes"] = self.sampler.num_processes
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state` stopped, also with another process count: the position then counts the
+        same global batches (rounded up to whole batches of this process count)."""
         if state.get("seed", self.sampler.seed) != self.sampler.seed:
             raise DataError(
                 f"resume state was saved with data seed {state['seed']}, this run uses {self.sampler.seed}; "
                 "resume with the same seed"
             )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        global_position = int(state["position"]) * int(state.get("num_processes", 1))
+        self.epoch = int(state["epoch"])
+        self.position = math.ceil(global_position / self.sampler.num_processes)
 
 
 def build_dataloader(
