@@ -115,3 +115,18 @@ def test_bad_settings_and_missing_data(tmp_path) -> None:
     with pytest.raises(DataError, match=f"tune data shapes {missing} --count 10000 --split train"):
         vae_recipe.main(vae_recipe.Config(data_dir=str(missing), output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()  # refused before a run directory was made
+
+
+def test_color_augment_recolours_the_chosen_share_only():
+    import torch
+
+    from recipes.vae import augment_colors
+
+    pixels = torch.rand(64, 3, 16, 16) * 2 - 1
+    same = augment_colors(pixels, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, pixels)
+    out = augment_colors(pixels, 0.5, torch.Generator().manual_seed(0))
+    changed = (out != pixels).flatten(1).any(dim=1)
+    assert 16 < int(changed.sum()) < 48 and out.min() >= -1 and out.max() <= 1
+    again = augment_colors(pixels, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
