@@ -58,7 +58,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> d
         str(root / "sdxl.safetensors"),
     )
     save_file({"emb_params": torch.zeros(1, 32)}, str(root / "embedding.safetensors"))
-    # Non-UTF-8 captions beside photos (read with replacement characters, documented in tune.data.captions).
+    # Non-UTF-8 captions beside photos: an error naming the file (tune.data.captions).
     shutil.copytree(concept / "photos", root / "latin1_captions")
     for photo in (root / "latin1_captions").glob("*.jpg"):
         photo.with_suffix(".txt").write_bytes("une photo de caf\xe9".encode("latin-1"))
@@ -292,9 +292,16 @@ def test_bad_input_is_one_line_and_exit_code_2(
     assert expected.lower() in lines[0].lower(), lines[0]
 
 
-def test_non_utf8_captions_are_read_with_replacement_not_a_crash(files: dict[str, str]) -> None:
-    from tune.data.captions import read_sidecar
+def test_non_utf8_captions_are_a_one_line_error_naming_the_file(files: dict[str, str], capsys) -> None:
+    folder = Path(files["root"], "latin1_captions")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert cli.main(["data", "check", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not UTF-8 (byte 0xe9" in err and ".txt" in err, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # With an instance prompt the sidecars are ignored, so they cannot stop a DreamBooth-style run.
+    from tune.data.config import DataConfig
+    from tune.data.sources import scan_folder
 
-    photo = next(Path(files["root"], "latin1_captions").glob("*.jpg"))
-    assert read_sidecar(photo) == "une photo de caf\ufffd"
-    assert cli.main(["data", "check", str(photo.parent)]) == 0
+    scan = scan_folder(folder, DataConfig(resolution=64), instance_prompt="a photo of sks toy")
+    assert scan.records and scan.sidecars_ignored == len(scan.records)

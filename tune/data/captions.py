@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tune.errors import DataError
+
 CAPTION_EXTENSIONS = (".txt", ".caption")
 """Sidecar suffixes, in order of preference when a photo has both."""
 
@@ -30,14 +32,21 @@ def sidecar_path(image_path: Path) -> Path | None:
 def read_sidecar(image_path: Path) -> str | None:
     """The caption in a photo's sidecar, whitespace collapsed; None when there is no sidecar.
 
-    Read as UTF-8 (a BOM is dropped; undecodable bytes become U+FFFD rather than losing the photo).
-    An empty sidecar is an empty caption, not a missing one.
+    Read as UTF-8 (a BOM is dropped). Other encodings are an error naming the file rather than a caption
+    with U+FFFD in it: the model would learn the mangled word. An empty sidecar is an empty caption.
     """
     path = sidecar_path(image_path)
     if path is None:
         return None
     with open(path, "rb") as f:
-        text = f.read().decode("utf-8-sig", errors="replace")
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"caption file {path} is not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8"
+        ) from None
     return " ".join(text.split())
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune.data.buckets import Bucket, choose_bucket, square_bucket
-from tune.data.captions import read_sidecar
+from tune.data.captions import read_sidecar, sidecar_path
 from tune.data.config import DataConfig
 from tune.data.images import IMAGE_EXTENSIONS, BadImage, ImageInfo, probe_image, read_bytes
 from tune.errors import DataError
@@ -191,11 +191,11 @@ def scan_folder(
         if isinstance(info, BadImage):
             result.skipped.append(SkippedFile(name, info.reason, info.detail))
             continue
-        sidecar = read_sidecar(path)
-        if instance_prompt is not None:
+        if instance_prompt is not None:  # sidecars are ignored, so they are not read (nor judged)
             caption, has_caption = instance_prompt, False
-            result.sidecars_ignored += sidecar is not None
+            result.sidecars_ignored += sidecar_path(path) is not None
         else:
+            sidecar = read_sidecar(path)
             caption, has_caption = (sidecar or ""), sidecar is not None
         result.records.append(
             ImageRecord(
