@@ -42,8 +42,8 @@ from tune.errors import ConfigError, DataError
 from tune.models import build_clip_tokenizer
 from tune.models.tokenizer import MIN_VOCAB_SIZE
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
-from tune.runs import RunDir
-from tune.training import build_accelerator, resume_from_checkpoint, save_checkpoint, start_run
+from tune.runs import RunDir, atomic_folder
+from tune.training import build_accelerator, module_bytes, resume_from_checkpoint, save_checkpoint, start_run
 
 log = logging.getLogger(__name__)
 
@@ -339,18 +339,20 @@ def main(cfg: Config) -> RunDir:
     # --- save / export -------------------------------------------------------------------------
     if accelerator.is_main_process:
         clip_dir = run.export_dir / "clip"
-        unwrapped.save_pretrained(clip_dir)
-        unwrapped.text_model.save_pretrained(clip_dir / "text_encoder")  # loads with no unused-weights report
-        build_clip_tokenizer(texts, cfg.vocab_size, clip_dir / "tokenizer")
-        for f in (clip_dir / "tokenizer").iterdir():
-            shutil.copy2(f, clip_dir / f.name)
-        # Pixels in [-1, 1] at the training size, so CLIPProcessor.from_pretrained(clip_dir) feeds it right.
-        CLIPImageProcessorPil(
-            size={"shortest_edge": cfg.resolution},
-            crop_size=cfg.resolution,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        ).save_pretrained(clip_dir)
+        with atomic_folder(clip_dir, module_bytes(unwrapped)) as folder:  # complete or absent
+            unwrapped.save_pretrained(folder)
+            # The text tower alone as well: it loads as a CLIPTextModel with no unused-weights report.
+            unwrapped.text_model.save_pretrained(folder / "text_encoder")
+            build_clip_tokenizer(texts, cfg.vocab_size, folder / "tokenizer")
+            for f in (folder / "tokenizer").iterdir():
+                shutil.copy2(f, folder / f.name)
+            # Pixels in [-1, 1] at the training size, so CLIPProcessor.from_pretrained(folder) feeds it right.
+            CLIPImageProcessorPil(
+                size={"shortest_edge": cfg.resolution},
+                crop_size=cfg.resolution,
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+            ).save_pretrained(folder)
 
         report: dict = {"step": step, "specs": EVAL_COUNT}
         for split in ("heldout", "train"):
