@@ -43,7 +43,14 @@ from tune.models import build_clip_tokenizer
 from tune.models.tokenizer import MIN_VOCAB_SIZE
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
-from tune.training import build_accelerator, module_bytes, resume_from_checkpoint, save_checkpoint, start_run
+from tune.training import (
+    NonFiniteGuard,
+    build_accelerator,
+    module_bytes,
+    resume_from_checkpoint,
+    save_checkpoint,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,8 @@ class Config:
     """Save a resumable checkpoint every N steps (and at the end)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (0 keeps all)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision on a GPU; CPU always trains in fp32."""
     vocab_size: int = 1024
@@ -284,6 +293,7 @@ def main(cfg: Config) -> RunDir:
 
     # --- loop ----------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="clip", unit="step")
     while step < cfg.max_steps:
         for batch in loader:
@@ -308,9 +318,10 @@ def main(cfg: Config) -> RunDir:
             ) / 2
             loss = loss_clip + cfg.aux_weight * loss_attr
             accelerator.backward(loss)
-            if cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
+            if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
+                if cfg.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():  # CLIP's cap on the logit scale (100), which keeps training stable
@@ -318,12 +329,13 @@ def main(cfg: Config) -> RunDir:
             step += 1
 
             values = {"loss": loss.item(), "loss_clip": loss_clip.item(), "loss_attr": loss_attr.item()}
-            run.log_metrics(
-                step,
-                **values,
-                lr=lr_schedule.get_last_lr()[0],
-                logit_scale=unwrapped.logit_scale.exp().item(),
-            )
+            if nonfinite.finish(run, step, values["loss"]):  # else logged as skipped; N in a row stop the run
+                run.log_metrics(
+                    step,
+                    **values,
+                    lr=lr_schedule.get_last_lr()[0],
+                    logit_scale=unwrapped.logit_scale.exp().item(),
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if step % cfg.sample_every == 0 or step == cfg.max_steps:

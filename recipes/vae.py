@@ -36,6 +36,7 @@ from tune.errors import ConfigError, DataError
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder, write_atomic
 from tune.training import (
+    NonFiniteGuard,
     build_accelerator,
     module_bytes,
     resume_from_checkpoint,
@@ -96,6 +97,8 @@ class Config:
     """Steps between checkpoints; the last step always gets one."""
     checkpoint_keep: int = 2
     """Newest checkpoints kept (0 keeps all)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     scaling_images: int = 512
     """Training images whose sampled latents give scaling_factor = 1 / std."""
     eval_images: int = 500
@@ -258,6 +261,7 @@ def main(cfg: Config) -> RunDir:
     # ---- loop ---------------------------------------------------------------------------------
     pixel_values_per_image = 3 * cfg.resolution**2
     started = time.perf_counter()
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     progress = tqdm(total=cfg.max_steps, initial=step, desc="vae", unit="step")
     while step < cfg.max_steps:
         for batch in loader:
@@ -277,9 +281,10 @@ def main(cfg: Config) -> RunDir:
             kl = posterior.kl().mean() / pixel_values_per_image
             loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
             accelerator.backward(loss)
-            if cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
+            if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
+                if cfg.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -287,7 +292,8 @@ def main(cfg: Config) -> RunDir:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             metrics = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
-            run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
+            if nonfinite.finish(run, step, loss.item()):  # else logged as skipped; N in a row stop the run
+                run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
             if step % cfg.sample_every == 0 or step == cfg.max_steps:
                 vae.eval()
                 recons = to_images(reconstruct(accelerator.unwrap_model(vae), val_pixels))

@@ -130,3 +130,23 @@ def test_color_augment_recolours_the_chosen_share_only():
     assert 16 < int(changed.sum()) < 48 and out.min() >= -1 and out.max() <= 1
     again = augment_colors(pixels, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def test_nonfinite_loss_skips_the_step_and_keeps_the_weights(shapes_dir, tmp_path, monkeypatch) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    calls = []
+    real = vae_recipe.edge_l1
+
+    def edge_nan_at_step_2(recon, target):  # its weight is 0, but 0 * NaN is NaN: the loss is NaN
+        calls.append(1)
+        out = real(recon, target)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(vae_recipe, "edge_l1", edge_nan_at_step_2)
+    run = run_tiny(shapes_dir, tmp_path / "nan")
+    rows = [m for m in read_run(run.path).metrics if m["step"] == 2 and "val_psnr_db" not in m]
+    assert rows and "skipped" in rows[0] and "loss" not in rows[0]
+    weights = load_file(str(run.path / "export" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
