@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tune import PROJECT_ROOT
 from tune import personalize as p
 from tune.config import load_config
 from tune.data.class_images import generate_class_images
@@ -105,10 +104,11 @@ def test_config_checks() -> None:
     assert not p.is_due(5, 0, 5)  # 0 turns a periodic action off
 
 
-def test_missing_default_base_model_says_how_to_get_one() -> None:
-    if (PROJECT_ROOT / p.DEFAULT_BASE_MODEL).exists():
-        pytest.skip("the default base model ships in this checkout")
-    with pytest.raises(ModelError, match="does not exist yet.*base_model=PATH"):
+def test_missing_default_base_model_says_how_to_get_one(tmp_path: Path, monkeypatch) -> None:
+    import tune.models
+
+    monkeypatch.setattr(tune.models, "resolve_model_path", lambda name: tmp_path / "deleted")
+    with pytest.raises(ModelError, match="is missing; restore it.*make base.*base_model=PATH"):
         p.load_base(p.DEFAULT_BASE_MODEL)
 
 

@@ -240,9 +240,9 @@ def test_cli_refuses_unsafe_outputs_and_missing_models(
         sampling.run_cli(
             cli_args("--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "a.png"))
         )
-    # The default model (built by training) may not exist yet: say so instead of a loader traceback.
+    # The default model (shipped in models/) may be missing: say so instead of a loader traceback.
     import tune.models
 
     monkeypatch.setattr(tune.models, "resolve_model_path", lambda name: tmp_path / "not-trained-yet")
-    with pytest.raises(ModelError, match="default model models/shapes-base does not exist yet"):
+    with pytest.raises(ModelError, match="default model models/shapes-base is missing.*make base"):
         sampling.run_cli(cli_args("--prompt", "x", "--out", str(tmp_path / "a.png")))

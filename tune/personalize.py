@@ -10,7 +10,7 @@
   validation prompts, prior-preservation settings) or from `instance_dir` / `instance_prompt`;
   keys given explicitly win over the concept's.
 - `load_base`: the base model (a diffusers folder or single file), with a clear error while the
-  default `models/shapes-base` does not exist yet.
+  default `models/shapes-base` is missing.
 - `build_photo_loader`: photos (plus class images) to batches through the shared loader, with cached
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
 - `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
@@ -394,8 +394,8 @@ def load_base(path: str) -> StableDiffusionPipeline:
 
     if path == DEFAULT_BASE_MODEL and not resolve_model_path(path).exists():
         raise ModelError(
-            f"the default base model {DEFAULT_BASE_MODEL} does not exist yet; train it (tune run vae, clip, "
-            "unet) or pass base_model=PATH (a diffusers folder or a single-file SD1.x checkpoint)"
+            f"the default base model {DEFAULT_BASE_MODEL} is missing; restore it (git checkout models/), "
+            "rebuild it (make base) or pass base_model=PATH (a diffusers folder or a single-file SD1.x checkpoint)"
         )
     pipe = load_pipeline(str(resolve_model_path(path)))
     pipe.set_progress_bar_config(disable=True)
