@@ -9,7 +9,7 @@
 - `resolve_subject`: the subject from `concept=concepts/<name>` (photos, prompts, token, class word,
   validation prompts, prior-preservation settings) or from `instance_dir` / `instance_prompt`;
   keys given explicitly win over the concept's.
-- `load_base`: the base model (a diffusers folder or single file), with a clear error while the
+- `load_base`: the base model (a diffusers folder or single file), with a clear error when the
   default `models/shapes-base` is missing.
 - `build_photo_loader`: photos (plus class images) to batches through the shared loader, with cached
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
