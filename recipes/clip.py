@@ -97,7 +97,7 @@ class Config:
     """Validate every N steps: retrieval on a fixed held-out set, logged to metrics.jsonl (no images)."""
     checkpoint_every: int = 250
     """Save a resumable checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
+    checkpoints_keep: int = 2
     """How many of the newest checkpoints to keep (0 keeps all)."""
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
@@ -131,7 +131,7 @@ class Config:
 
     def __post_init__(self) -> None:
         checks = [(k, getattr(self, k) > 0, "must be > 0") for k in _POSITIVE] + [
-            ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0"),
+            ("checkpoints_keep", self.checkpoints_keep >= 0, "must be >= 0"),
             ("batch_size", self.batch_size >= 2, "must be >= 2 (pairs need in-batch negatives)"),
             (
                 "resolution",
@@ -343,7 +343,7 @@ def main(cfg: Config) -> RunDir:
                 run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
                 log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(accelerator, run, step, keep=cfg.keep_checkpoints)
+                save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break
     bar.close()

@@ -95,7 +95,7 @@ class Config:
     """Held-out images the validation PSNR is measured on (the grid shows the first 8)."""
     checkpoint_every: int = 800
     """Steps between checkpoints; the last step always gets one."""
-    checkpoint_keep: int = 2
+    checkpoints_keep: int = 2
     """Newest checkpoints kept (0 keeps all)."""
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
@@ -120,7 +120,7 @@ class Config:
                 raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
         if not 0 <= self.color_augment <= 1:
             raise ConfigError(f"color_augment must be in [0, 1]; got {self.color_augment}")
-        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight", "checkpoint_keep"):
+        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight", "checkpoints_keep"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.l1_weight == 0 and self.mse_weight == 0:
@@ -303,7 +303,7 @@ def main(cfg: Config) -> RunDir:
                 log.info("step %d: loss %.4f, held-out PSNR %.2f dB", step, loss.item(), val_psnr)
                 vae.train()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(accelerator, run, step, keep=cfg.checkpoint_keep)
+                save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break
     progress.close()
