@@ -101,3 +101,19 @@ def test_reader_does_not_import_torch(tmp_path):
     code = f"import sys; from tune.runs import read_run; read_run({str(tmp_path / 'r')!r}); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    import pytest
+
+    from tune.runs import atomic_file
+
+    target = tmp_path / "out" / "weights.safetensors"
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"half of the sec")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["weights.safetensors"]  # no temp file left

@@ -118,6 +118,28 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (e.g. safetensors' save_file);
+    when the block ends it is fsynced and renamed over `path`, so readers never see a torn file (for
+    data already in memory, `write_atomic` is simpler)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_space(path.parent, needed_bytes, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
 def atomic_folder(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
     """Write a folder (e.g. `save_pretrained`) under a temporary name beside `path`, then swap it in.
 

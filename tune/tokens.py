@@ -150,12 +150,13 @@ def save_embeddings(new: NewTokens, path: str | Path, metadata: dict[str, str] |
     """Write `{token: [num_vectors, hidden_size]}` (float32) to a safetensors file (see the module docstring)."""
     from safetensors.torch import save_file
 
+    from tune.runs import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     meta = {"format": "pt", "token": new.token, "num_vectors": str(len(new.tokens)), **(metadata or {})}
-    save_file({new.token: new.vectors().contiguous()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    vectors = new.vectors().contiguous()
+    with atomic_file(path, vectors.numel() * vectors.element_size()) as tmp:
+        save_file({new.token: vectors}, str(tmp), metadata=meta)
     return path
 
 

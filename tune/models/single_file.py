@@ -26,6 +26,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from tune.runs import atomic_file
+
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -224,7 +226,8 @@ def save_single_file(
         pipe.text_encoder.state_dict(),
     )
     tensors = {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in checkpoint.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_file(path, size) as tmp:  # a crash mid-write leaves the old file (or none), never half of one
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     logger.info("wrote %d tensors (%s) to %s", len(tensors), dtype, path)
     return path
