@@ -109,6 +109,7 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     from tune.runs import atomic_file
 
     target = tmp_path / "out" / "weights.safetensors"
+    target.parent.mkdir()
     with atomic_file(target) as tmp:
         tmp.write_bytes(b"first")
     assert target.read_bytes() == b"first"

@@ -100,30 +100,17 @@ def fsync_tree(path: str | Path) -> None:
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write a file so that readers see the old content or the new, never a torn one (temp file in the
     same folder, fsync, rename); a disk without room for it is a TuneError before anything is written."""
-    path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    check_disk_space(path.parent, len(payload), path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path, len(payload)) as tmp:
+        tmp.write_bytes(payload)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
     """A temporary path beside `path` for a writer that wants a file name (e.g. safetensors' save_file);
     when the block ends it is fsynced and renamed over `path`, so readers never see a torn file (for
-    data already in memory, `write_atomic` is simpler)."""
+    data already in memory, `write_atomic` is simpler). The folder must exist."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(path.parent, needed_bytes, path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -153,6 +153,7 @@ def save_embeddings(new: NewTokens, path: str | Path, metadata: dict[str, str] |
     from tune.runs import atomic_file
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "token": new.token, "num_vectors": str(len(new.tokens)), **(metadata or {})}
     vectors = new.vectors().contiguous()
     with atomic_file(path, vectors.numel() * vectors.element_size()) as tmp:

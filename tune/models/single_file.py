@@ -227,6 +227,7 @@ def save_single_file(
     )
     tensors = {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in checkpoint.items()}
     size = sum(t.numel() * t.element_size() for t in tensors.values())
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, size) as tmp:  # a crash mid-write leaves the old file (or none), never half of one
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     logger.info("wrote %d tensors (%s) to %s", len(tensors), dtype, path)
