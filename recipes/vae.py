@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tune import PROJECT_ROOT
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.data.shapes import MIN_RESOLUTION, ShapeSpec, build_sample
@@ -45,6 +46,7 @@ from tune.training import (
 )
 
 log = logging.getLogger(__name__)
+EXAMPLE_PHOTOS = PROJECT_ROOT / "concepts" / "sks-toy" / "photos"
 
 MAX_PSNR_DB = 100.0
 """PSNR of a pixel-exact reconstruction (its MSE is 0), so that means stay finite."""
@@ -206,6 +208,33 @@ def psnr_db(originals: list[Image.Image], recons: list[Image.Image]) -> list[flo
     return out
 
 
+def concept_round_trip(
+    vae: AutoencoderKL, resolution: int, folder: Path = EXAMPLE_PHOTOS
+) -> dict[str, float]:
+    """The example concept's photos (centre square, `resolution` px) through the VAE: mean PSNR, and the
+    share of reconstructions its detector still finds the toy in (a VAE that snaps colours to the palette
+    caps what the personalization recipes can learn on a base built on it)."""
+    from tune.data.example_concept_detect import detect_concept
+
+    photos = []
+    for path in sorted(folder.glob("*.jpg")):
+        with Image.open(path) as img:
+            side = min(img.size)
+            box = ((img.width - side) // 2, (img.height - side) // 2)
+            box = (*box, box[0] + side, box[1] + side)
+            photos.append(
+                img.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+            )
+    with torch.no_grad():
+        recons = to_images(reconstruct(vae, pixels_of(photos)))
+    return {
+        "concept_psnr_db": float(np.mean(psnr_db(photos, recons))),
+        "concept_detected": float(np.mean([detect_concept(r)[0] for r in recons])),
+        "concept_detected_originals": float(np.mean([detect_concept(o)[0] for o in photos])),
+        "concept_photos": len(photos),
+    }
+
+
 def heldout_images(count: int, resolution: int, seed: int) -> tuple[list[Image.Image], list[ShapeSpec]]:
     """`count` fresh images (and their specs) of the held-out split: never in the training folder."""
     samples = [build_sample(i, split="heldout", resolution=resolution, seed=seed) for i in range(count)]
@@ -340,6 +369,7 @@ def main(cfg: Config) -> RunDir:
         # The detector's own accuracy on the originals: what the reconstructions can at best match.
         "detector_color_accuracy_on_originals": score(originals, specs).accuracy["color"],
         "recoloured_psnr_db": recoloured_psnr,
+        **(concept_round_trip(vae, cfg.resolution) if EXAMPLE_PHOTOS.is_dir() else {}),
         "eval_images": cfg.eval_images,
         "eval_split": "heldout",
         "eval_seed": cfg.eval_seed,

@@ -68,6 +68,9 @@ def test_run_directory_contract(first_run) -> None:
         assert 0 <= report[key] <= 1
     assert report["steps"] == 4 and report["batch_size"] == 4 and report["eval_images"] == 16
     assert report["param_count"] == sum(p.numel() for p in vae.parameters())
+    # The example concept's photos through the VAE (what personalization on this base can learn).
+    assert report["concept_photos"] == 10 and report["concept_detected_originals"] == 1.0
+    assert 0 <= report["concept_detected"] <= 1 and math.isfinite(report["concept_psnr_db"])
 
 
 def test_same_seed_same_losses_and_exact_resume(shapes_dir, first_run, tmp_path, monkeypatch) -> None:
