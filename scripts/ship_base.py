@@ -145,10 +145,20 @@ def unet_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def concept_figures(vae_dir: Path) -> dict[str, Any]:
+    """The vae recipe's example-concept round trip, for a VAE run from before its eval reported it."""
+    from diffusers import AutoencoderKL
+
+    from recipes.vae import concept_round_trip
+
+    return concept_round_trip(AutoencoderKL.from_pretrained(vae_dir).eval(), resolution=64)
+
+
 def base_card(runs: Path, out: Path) -> str:
     unet = read_json(runs / "base-unet" / "eval" / "unet.json")
     vae = read_json(runs / "base-vae" / "eval" / "vae.json")
     clip = read_json(runs / "base-clip" / "eval" / "clip.json")
+    concept = vae if "concept_psnr_db" in vae else concept_figures(runs / "base-vae" / "export" / "vae")
     stages = stage_rows(runs)
     total = "\n".join(f"| {s} | `{c}` | {t} |" for s, c, t in stages)
     settings = unet.get("settings", {})
@@ -172,8 +182,7 @@ on {" x ".join(str(d) for d in vae.get("latent_shape", []))} latents (VAE factor
 ## How it was made (`make base` repeats it)
 Data seed 0 (10,000 training images; the held-out colour-shape pairs of `tune.data.shapes.HELDOUT_PAIRS`
 never appear in training). Each recipe's seed is 0 (its config). Times are training time on 2 CPU cores
-(no GPU), measured while other jobs shared the cores: the U-Net ran on one thread at about 1.5-2 s/step,
-where 2 threads on an idle machine take about 1.0 s/step (30 min for its 1800 steps).
+(no GPU); other jobs sharing the cores slow a stage 2-4x.
 
 | stage | command | time |
 |---|---|---|
@@ -191,6 +200,10 @@ images); position is scored over small objects only (large ones are always centr
 VAE ({vae["eval_images"]} held-out images): PSNR {vae["psnr_db"]:.2f} dB; the detector reads the right object colour on
 {pct(vae["color_accuracy"])} of reconstructions, background {pct(vae["bg_accuracy"])}, shape {pct(vae["shape_accuracy"])}.
 Latent scaling factor {vae["scaling_factor"]:.4f} (latent mean {vae["latent_mean"]:.2f}, std {vae["latent_std"]:.2f} before scaling).
+The same images with every colour shifted off the palette (`color_augment` at 1.0) come back at
+{vae["recoloured_psnr_db"]:.1f} dB. The example concept's {concept["concept_photos"]} photos (a pink and teal toy, shaded, 64 px) come
+back at {concept["concept_psnr_db"]:.1f} dB, the toy still found by its detector in {pct(concept["concept_detected"])} of reconstructions
+({pct(concept["concept_detected_originals"])} of the originals).
 
 CLIP text tower (frozen during U-Net training): text-to-image top-1 retrieval among {clip["specs"]} held-out pairs
 {pct(clip["heldout"]["t2i_top1"])}, image-to-text {pct(clip["heldout"]["i2t_top1"])}.
@@ -198,10 +211,9 @@ CLIP text tower (frozen during U-Net training): text-to-image top-1 retrieval am
 ## Limits
 It draws the shapes domain only: one object, eight colours, four shapes, two sizes, five positions.
 Anything else (photos, styles, the personalization subjects) is what LoRA and DreamBooth teach it.
-Its VAE saw only the palette's flat colours, and its encoder snaps other colours to them: the example
-concept's photos (pink and teal, shaded) come back at about 14.5 dB PSNR with the toy no longer
-recognisable, which caps what a personalization recipe can learn on this base. The vae recipe's
-`color_augment` (recolouring part of the training images) is the fix for the next base model.
+Its VAE saw flat shapes only (30% of them recoloured off the palette, the vae recipe's `color_augment`):
+photos with texture, shading and fine detail come back blurred (the concept figures above), so what a
+personalization recipe can teach this base is a subject's colours and outline at 64 px, not its texture.
 """
 
 
