@@ -36,6 +36,7 @@ from tune import PROJECT_ROOT
 from tune.diffusion import DiffusionConfig, sample_noise
 from tune.errors import ConfigError, DataError, ModelError, TuneError
 from tune.optim import OptimConfig
+from tune.runs import check_not_in_use
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -265,9 +266,14 @@ def find_path(name: str) -> Path:
 
 
 def resolve_subject(cfg: PersonalizeConfig) -> Subject:
-    """The subject from `cfg.concept` and/or `instance_dir`, `instance_prompt`, `class_prompt`, `token`."""
+    """The subject from `cfg.concept` and/or `instance_dir`, `instance_prompt`, `class_prompt`, `token`.
+
+    The recipes call it first, so it also refuses an `output_dir` that another run is writing: that
+    error then comes before the base model loads (start_run takes the lock itself later)."""
     from tune.data.concepts import load_concept
 
+    if cfg.output_dir:
+        check_not_in_use(cfg.output_dir)
     concept = load_concept(find_path(cfg.concept)) if cfg.concept else None
     if concept is None:
         if not cfg.instance_dir:
