@@ -157,7 +157,7 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
-    unet_model = p.compiled(trained[0], cfg.compile)
+    unet_model = p.compiled(trained[0], cfg.compile, cfg.compile_mode)
     text_model = trained[1] if cfg.train_text_encoder else text_encoder
     accelerator.register_for_checkpointing(loader)
     if ema is not None:

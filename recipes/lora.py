@@ -209,7 +209,10 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
-    unet_model, text_model = p.compiled(trained[0], cfg.compile), (trained[1] if train_text else text_encoder)
+    unet_model, text_model = (
+        p.compiled(trained[0], cfg.compile, cfg.compile_mode),
+        (trained[1] if train_text else text_encoder),
+    )
     accelerator.register_for_checkpointing(loader)
     p.checkpoint_trainable_only(accelerator)
 

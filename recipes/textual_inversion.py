@@ -124,7 +124,7 @@ def main(cfg: Config) -> RunDir:
     # The prepared text encoder (a DDP wrapper on several GPUs) runs the training forward; `text_encoder`
     # stays the plain module that the pipeline samples with.
     text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
-    unet_model = p.compiled(unet, cfg.compile)
+    unet_model = p.compiled(unet, cfg.compile, cfg.compile_mode)
     accelerator.register_for_checkpointing(loader)
     p.checkpoint_trainable_only(accelerator)
     p.on_checkpoint(

@@ -153,6 +153,7 @@ CASES = [
     ("config value of wrong type", lambda f: run_args(f, "max_steps=many"), "max_steps"),
     ("config float for int", lambda f: run_args(f, "seed=1.5"), "seed"),
     ("config bad choice", lambda f: run_args(f, "mixed_precision=fp8"), "mixed_precision"),
+    ("config bad compile mode", lambda f: run_args(f, "compile_mode=fastest"), "compile_mode"),
     ("config unknown key", lambda f: run_args(f, "lora.rnak=4"), "did you mean 'lora.rank'"),
     ("config resolution not a multiple", lambda f: run_args(f, "resolution=33"), "multiple of"),
     ("config max_nonfinite_steps", lambda f: run_args(f, "max_nonfinite_steps=0"), "max_nonfinite_steps"),
