@@ -214,17 +214,16 @@ def concept_round_trip(
     """The example concept's photos (centre square, `resolution` px) through the VAE: mean PSNR, and the
     share of reconstructions its detector still finds the toy in (a VAE that snaps colours to the palette
     caps what the personalization recipes can learn on a base built on it)."""
+    from tune.data.buckets import crop_box, square_bucket
     from tune.data.example_concept_detect import detect_concept
+    from tune.data.images import crop_and_resize
 
+    square = square_bucket(resolution)
     photos = []
     for path in sorted(folder.glob("*.jpg")):
         with Image.open(path) as img:
-            side = min(img.size)
-            box = ((img.width - side) // 2, (img.height - side) // 2)
-            box = (*box, box[0] + side, box[1] + side)
-            photos.append(
-                img.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
-            )
+            rgb = img.convert("RGB")  # the centre square, as the photo loader's center crop takes it
+            photos.append(crop_and_resize(rgb, crop_box(rgb.width, rgb.height, square), rgb.size, square))
     with torch.no_grad():
         recons = to_images(reconstruct(vae, pixels_of(photos)))
     return {
