@@ -159,7 +159,7 @@ def test_compiled_training_matches_eager(
     real_compile = torch.compile
 
     def compile_aot_eager(model, **kwargs):
-        calls.append(kwargs)
+        calls.append({**kwargs, "options": dict(kwargs.get("options") or {})})  # torch.compile pops from it
         return real_compile(model, **{k: v for k, v in kwargs.items() if k != "mode"}, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
