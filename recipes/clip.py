@@ -220,6 +220,24 @@ def attribute_loss(head: torch.nn.Module, embeds: torch.Tensor, labels: torch.Te
     return sum(F.cross_entropy(x, labels[:, k]) for k, x in enumerate(logits)) / len(logits)
 
 
+class ClipTraining(torch.nn.Module):
+    """CLIP and its attribute heads as one module whose forward gives what the losses need: DDP
+    synchronises gradients through a wrapped module's forward, and the heads are used outside CLIP's."""
+
+    def __init__(self, model: CLIPModel, heads: torch.nn.ModuleDict) -> None:
+        super().__init__()
+        self.model = model
+        self.heads = heads
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, labels: torch.Tensor):
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values)
+        loss_attr = (
+            attribute_loss(self.heads["text"], out.text_embeds, labels)
+            + attribute_loss(self.heads["image"], out.image_embeds, labels)
+        ) / 2
+        return out, loss_attr
+
+
 def retrieval_set(
     split: shapes.Split, count: int, resolution: int, seed: int
 ) -> tuple[torch.Tensor, list[shapes.ShapeSpec]]:
@@ -287,12 +305,12 @@ def main(cfg: Config) -> RunDir:
     ]
     optimizer = build_optimizer(groups, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
-    model, heads, optimizer, lr_schedule = accelerator.prepare(model, heads, optimizer, lr_schedule)
+    training, optimizer, lr_schedule = accelerator.prepare(ClipTraining(model, heads), optimizer, lr_schedule)
     accelerator.register_for_checkpointing(loader)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
 
     # --- loop ----------------------------------------------------------------------------------
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = model  # the plain CLIPModel (`training` may be a DDP wrapper around it and the heads)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="clip", unit="step")
     while step < cfg.max_steps:
@@ -310,12 +328,8 @@ def main(cfg: Config) -> RunDir:
             labels = torch.tensor([lab for _, lab in rows], device=device)
             same = torch.tensor([[a == b for b in batch.captions] for a in batch.captions], device=device)
 
-            out = model(input_ids=ids.to(device), pixel_values=batch.pixel_values.to(device))
+            out, loss_attr = training(ids.to(device), batch.pixel_values.to(device), labels)
             loss_clip = contrastive_loss(out.logits_per_text.float(), same)
-            loss_attr = (
-                attribute_loss(heads["text"], out.text_embeds, labels)
-                + attribute_loss(heads["image"], out.image_embeds, labels)
-            ) / 2
             loss = loss_clip + cfg.aux_weight * loss_attr
             accelerator.backward(loss)
             if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
@@ -338,7 +352,7 @@ def main(cfg: Config) -> RunDir:
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
                 val = retrieval(unwrapped, tokenizer, val_pixels, val_specs)
                 run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
                 log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])

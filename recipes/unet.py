@@ -299,8 +299,10 @@ def main(cfg: Config) -> RunDir:
         for batch in loader:
             batch = batch.to(device)
             # Noise and timesteps depend on (seed, step) only: each new DataLoader iterator draws from the
-            # global RNG, so after a resume it would not repeat the uninterrupted run's draws.
-            generator = torch.Generator().manual_seed(cfg.seed * 2**32 + step)
+            # global RNG, so after a resume it would not repeat the uninterrupted run's draws. Several
+            # processes each draw their own.
+            draw = step * accelerator.num_processes + accelerator.process_index
+            generator = torch.Generator().manual_seed(cfg.seed * 2**32 + draw)
             loss = diffusion_step(
                 unet, noise_scheduler, batch.latents, batch.encoder_hidden_states, cfg.diffusion, generator
             )
@@ -321,7 +323,7 @@ def main(cfg: Config) -> RunDir:
                 run.log_metrics(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
                 ema.copy_to(ema_unet.parameters())
                 prompts, seeds, out = list(cfg.sample_prompts), list(cfg.sample_seeds), run.sample_dir(step)
                 sample_grid(
@@ -340,6 +342,9 @@ def main(cfg: Config) -> RunDir:
             last = time.perf_counter()
     bar.close()
     train_time_s = time.perf_counter() - started
+    if not accelerator.is_main_process:  # the main process exports and evaluates alone
+        run.finish()
+        return run
 
     # ---- save/export --------------------------------------------------------------------------------
     ema.copy_to(ema_unet.parameters())

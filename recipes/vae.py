@@ -183,6 +183,19 @@ def augment_colors(pixels: torch.Tensor, share: float, generator: torch.Generato
     return torch.where(chosen, out.clamp(-1, 1), pixels)
 
 
+class RoundTrip(torch.nn.Module):
+    """The VAE's training pass (encode, sample the posterior, decode) as one forward: DDP synchronises
+    gradients through a wrapped module's forward, and AutoencoderKL's own returns no posterior."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist
+        return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()
+
+
 def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Decode the posterior mode of each image (what an encode/decode round trip gives), in [-1, 1]."""
     device = next(vae.parameters()).device
@@ -274,14 +287,14 @@ def main(cfg: Config) -> RunDir:
     # ---- data ---------------------------------------------------------------------------------
     data_cfg = DataConfig(resolution=cfg.resolution, bucketing=False, min_side=MIN_RESOLUTION)
     dataset = build_dataset(cfg.data_dir, data_cfg, seed=cfg.seed)
-    loader = build_dataloader(dataset, batch_size=cfg.batch_size)
+    loader = build_dataloader(dataset, batch_size=cfg.batch_size, accelerator=accelerator)
     val_originals, _ = heldout_images(cfg.val_images, cfg.resolution, cfg.eval_seed)
     val_pixels = pixels_of(val_originals)
 
     # ---- optimizer ----------------------------------------------------------------------------
     optimizer = build_optimizer(list(vae.parameters()), cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
-    vae, optimizer, lr_schedule = accelerator.prepare(vae, optimizer, lr_schedule)
+    round_trip, optimizer, lr_schedule = accelerator.prepare(RoundTrip(vae), optimizer, lr_schedule)
     accelerator.register_for_checkpointing(loader)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     run.update_info(max_steps=cfg.max_steps, param_count=param_count)
@@ -301,12 +314,12 @@ def main(cfg: Config) -> RunDir:
                 recolour = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 500_000)
                 pixels = augment_colors(pixels, cfg.color_augment, recolour)
             with accelerator.autocast():
-                posterior = vae.encode(pixels).latent_dist
-                recon = vae.decode(posterior.sample(noise)).sample.float()
+                recon, kl = round_trip(pixels, noise)
+            recon = recon.float()
             l1 = (recon - pixels).abs().mean()
             mse = F.mse_loss(recon, pixels)
             edge = edge_l1(recon, pixels)
-            kl = posterior.kl().mean() / pixel_values_per_image
+            kl = kl.mean() / pixel_values_per_image
             loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.edge_weight * edge + cfg.kl_weight * kl
             accelerator.backward(loss)
             if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
@@ -322,9 +335,9 @@ def main(cfg: Config) -> RunDir:
             metrics = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
             if nonfinite.finish(run, step, loss.item()):  # else logged as skipped; N in a row stop the run
                 run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
-            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
                 vae.eval()
-                recons = to_images(reconstruct(accelerator.unwrap_model(vae), val_pixels))
+                recons = to_images(reconstruct(vae, val_pixels))
                 val_psnr = float(np.mean(psnr_db(val_originals, recons)))
                 save_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
                 run.log_metrics(step, val_psnr_db=val_psnr)
@@ -336,9 +349,12 @@ def main(cfg: Config) -> RunDir:
                 break
     progress.close()
     train_seconds = time.perf_counter() - started
+    if not accelerator.is_main_process:  # the main process exports and evaluates alone
+        run.finish()
+        return run
 
     # ---- save/export --------------------------------------------------------------------------
-    vae = accelerator.unwrap_model(vae).eval()
+    vae.eval()
     # SD's recipe: scale latents to unit variance, measured on sampled posteriors of training images.
     count = min(cfg.scaling_images, len(dataset))
     train_pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)]).to(accelerator.device)

@@ -1,4 +1,5 @@
-"""Multi-process training: a 2-process CPU (gloo) lora run under torchrun, then resumed with 1 process.
+"""Multi-process training: a 2-process CPU (gloo) lora run under torchrun, then resumed with 1 process;
+the vae, clip and unet recipes under torchrun.
 
     torchrun --standalone --nproc_per_node 2 $(which tune) run lora ...
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 from recipes import lora
 from tune import PROJECT_ROOT
 from tune.config import load_config
+from tune.data.shapes import write_imagefolder
 from tune.runs import read_run
 
 TINY = PROJECT_ROOT / "recipes" / "configs" / "lora" / "tiny.toml"
@@ -120,6 +122,43 @@ def test_resume_with_one_process(two_process_run: dict[str, Path], tiny_pipeline
     # 4 photos: each 2-process step was one epoch; the single process continues with epoch 4.
     position = torch.load(out / "checkpoints" / "step_000006" / "custom_checkpoint_0.pkl", weights_only=False)
     assert position == {"epoch": 4, "position": 2, "seed": 0}
+
+
+def test_base_model_recipes_train_under_torchrun(tmp_path: Path) -> None:
+    """vae, clip and unet (each recipe's tiny config, the unet on the other two's exports) with 2 processes:
+    each gets its share of the batches, its gradients synchronised through the wrapped module's forward,
+    and only the main process writes (one metrics row per step, one export)."""
+    small = write_imagefolder(tmp_path / "shapes32", 32, resolution=32, seed=0)
+    large = write_imagefolder(tmp_path / "shapes64", 32, split="train", seed=0)  # clip's 64 px
+    runs = {
+        "vae": [f"data_dir={small}"],
+        "clip": [f"data_dir={large}"],
+        "unet": [
+            f"data_dir={small}",
+            f"vae={tmp_path / 'vae' / 'export' / 'vae'}",
+            f"clip={tmp_path / 'clip' / 'export' / 'clip'}",
+        ],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for recipe, args in runs.items():
+        out = tmp_path / recipe
+        command = [
+            *[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+            *tune_command(),
+            *["run", recipe, "--config", "tiny", f"output_dir={out}", *args],
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, recipe + done.stdout[-2000:] + done.stderr[-4000:]
+        run = read_run(out)
+        assert run.status == "done" and [m["step"] for m in run.metrics if "loss" in m] == [1, 2, 3, 4]
+        checkpoint = out / "checkpoints" / "step_000004"
+        assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        }
+        position = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+        assert position["num_processes"] == 2
+        assert [p.name for p in (out / "export").iterdir()] == [{"unet": "pipeline"}.get(recipe, recipe)]
 
 
 @pytest.mark.parametrize("name", ["multi_gpu", "fsdp", "deepspeed_zero2"])
