@@ -309,9 +309,11 @@ def main(cfg: Config) -> RunDir:
             pixels = batch.pixel_values.to(accelerator.device)
             # Posterior noise from (seed, step) alone, not the global RNG, which the data loader also
             # draws from each time it starts an epoch (once more on resume than in an unbroken run).
-            noise = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1_000_003 + step)
+            # Several processes each draw their own.
+            draw = step * accelerator.num_processes + accelerator.process_index
+            noise = torch.Generator(accelerator.device).manual_seed(cfg.seed * 1_000_003 + draw)
             if cfg.color_augment:
-                recolour = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 500_000)
+                recolour = torch.Generator().manual_seed(cfg.seed * 1_000_003 + draw + 500_000)
                 pixels = augment_colors(pixels, cfg.color_augment, recolour)
             with accelerator.autocast():
                 recon, kl = round_trip(pixels, noise)
