@@ -305,12 +305,12 @@ def main(cfg: Config) -> RunDir:
     ]
     optimizer = build_optimizer(groups, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    # `training` (a DDP wrapper with several processes) runs the losses; `model` stays the plain CLIPModel.
     training, optimizer, lr_schedule = accelerator.prepare(ClipTraining(model, heads), optimizer, lr_schedule)
     accelerator.register_for_checkpointing(loader)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
 
     # --- loop ----------------------------------------------------------------------------------
-    unwrapped = model  # the plain CLIPModel (`training` may be a DDP wrapper around it and the heads)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="clip", unit="step")
     while step < cfg.max_steps:
@@ -339,7 +339,7 @@ def main(cfg: Config) -> RunDir:
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():  # CLIP's cap on the logit scale (100), which keeps training stable
-                unwrapped.logit_scale.clamp_(max=math.log(100))
+                model.logit_scale.clamp_(max=math.log(100))
             step += 1
 
             values = {"loss": loss.item(), "loss_clip": loss_clip.item(), "loss_attr": loss_attr.item()}
@@ -348,12 +348,12 @@ def main(cfg: Config) -> RunDir:
                     step,
                     **values,
                     lr=lr_schedule.get_last_lr()[0],
-                    logit_scale=unwrapped.logit_scale.exp().item(),
+                    logit_scale=model.logit_scale.exp().item(),
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
-                val = retrieval(unwrapped, tokenizer, val_pixels, val_specs)
+                val = retrieval(model, tokenizer, val_pixels, val_specs)
                 run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
                 log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
@@ -365,10 +365,10 @@ def main(cfg: Config) -> RunDir:
     # --- save / export -------------------------------------------------------------------------
     if accelerator.is_main_process:
         clip_dir = run.export_dir / "clip"
-        with atomic_folder(clip_dir, module_bytes(unwrapped)) as folder:  # complete or absent
-            unwrapped.save_pretrained(folder)
+        with atomic_folder(clip_dir, module_bytes(model)) as folder:  # complete or absent
+            model.save_pretrained(folder)
             # The text tower alone as well: it loads as a CLIPTextModel with no unused-weights report.
-            unwrapped.text_model.save_pretrained(folder / "text_encoder")
+            model.text_model.save_pretrained(folder / "text_encoder")
             build_clip_tokenizer(texts, cfg.vocab_size, folder / "tokenizer")
             for f in (folder / "tokenizer").iterdir():
                 shutil.copy2(f, folder / f.name)
@@ -383,7 +383,7 @@ def main(cfg: Config) -> RunDir:
         report: dict = {"step": step, "specs": EVAL_COUNT}
         for split in ("heldout", "train"):
             r = report[split] = retrieval(
-                unwrapped, tokenizer, *retrieval_set(split, EVAL_COUNT, cfg.resolution, EVAL_SEED)
+                model, tokenizer, *retrieval_set(split, EVAL_COUNT, cfg.resolution, EVAL_SEED)
             )
             log.info(
                 "eval %s: text->image top-1 %.3f, image->text top-1 %.3f", split, r["t2i_top1"], r["i2t_top1"]
