@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 from diffusers import DDPMScheduler
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from tqdm.auto import tqdm
 
 from tune import lora as lora_io
@@ -165,10 +165,12 @@ def main(cfg: Config) -> RunDir:
         )
     adapter = dict(r=rank, lora_alpha=alpha, lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian")
     unet.add_adapter(LoraConfig(target_modules="(?:" + "|".join(unet_groups) + ")", **adapter))
+    # The text encoder takes peft's own injection, not transformers' `add_adapter` gate (transformers 5.24
+    # demands an unreleased peft there); it also freezes all but the adapters and records `peft_config`.
     if "text_encoder" in cfg.lora.targets:
-        text_encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **adapter))
+        inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **adapter), text_encoder)
     if new_tokens is not None:
-        new_tokens.train_rows_only()  # after add_adapter, which freezes everything but the adapters
+        new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters
     embedding = {id(new_tokens.weight)} if new_tokens else set()
     lora_params = [
         q for m in (unet, text_encoder) for q in m.parameters() if q.requires_grad and id(q) not in embedding

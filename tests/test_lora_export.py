@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import safe_open
@@ -80,7 +80,7 @@ def adapted(tiny_pipeline_dir: str) -> StableDiffusionPipeline:
     pipe = load_pipeline(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.add_adapter(UNET_LORA)
-    pipe.text_encoder.add_adapter(TEXT_LORA)
+    inject_adapter_in_model(TEXT_LORA, pipe.text_encoder)  # as recipes/lora.py does
     torch.manual_seed(0)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
