@@ -31,7 +31,7 @@ test-latest:
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q "$(TORCH)"
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python -m pip install -q -e '.[dev]' "$(TORCH)"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(diffusers|transformers|peft|accelerate|datasets|torch) '
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	rm -rf $(LATEST)
