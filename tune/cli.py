@@ -133,7 +133,7 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("tune.data.check", "check a photo folder: usable images, skipped files, captions, buckets"),
-    "shapes": ("tune.data.shapes", "write the built-in captioned shapes dataset as an imagefolder"),
+    "world": ("tune.world.dataset", "write renders of the built-in toy world as a captioned imagefolder"),
 }
 
 
@@ -174,7 +174,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in MODULE_COMMANDS.items():
         _add_module_command(sub, name, module_name, help_text, load=wanted[:1] == [name])
 
-    data = sub.add_parser("data", help="inspect photo folders, write the built-in shapes dataset")
+    data = sub.add_parser("data", help="inspect photo folders, write the built-in toy world dataset")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=_Parser)
     data_sub.required = True
     for name, (module_name, help_text) in DATA_COMMANDS.items():

@@ -168,8 +168,11 @@ class PhotoDataset(torch.utils.data.Dataset):
         # Fixed draw order (flip, crop, caption, latent noise, sample seed) keeps every sample reproducible.
         flip = self.cfg.flip and rng.random() < 0.5
         box = self.crop(record, bucket, rng)
+        text = record.caption
+        if record.alt_captions:  # only such records draw here, so others keep their sequence
+            text = rng.choice((record.caption, *record.alt_captions))
         caption = transform_caption(
-            record.caption,
+            text,
             rng,
             shuffle=self.cfg.shuffle_captions,
             keep_tokens=self.cfg.keep_tokens,
@@ -432,7 +435,8 @@ def cache_text(
         logger.info(str(stats))
         return stats
     captions = sorted(
-        {r.caption for r in dataset.records} | ({""} if dataset.cfg.caption_dropout > 0 else set())
+        {c for r in dataset.records for c in (r.caption, *r.alt_captions)}
+        | ({""} if dataset.cfg.caption_dropout > 0 else set())
     )
     model_fp = fingerprint_model(text_encoder)
     ids = _tokenize(tokenizer, captions, max_length)

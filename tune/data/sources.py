@@ -69,6 +69,9 @@ class ImageRecord:
     """Row in that table."""
     is_prior: bool = False
     """A class image for prior preservation."""
+    alt_captions: tuple[str, ...] = ()
+    """Other captions of the photo (a caption column holding a list); each step draws one of
+    `caption` and these uniformly."""
 
 
 @dataclass(frozen=True)
@@ -251,8 +254,10 @@ def scan_table(
         if isinstance(info, BadImage):
             result.skipped.append(SkippedFile(name, info.reason, info.detail))
             continue
-        if isinstance(caption, (list, tuple)):
-            caption = caption[0] if caption else ""
+        alternatives: tuple[str, ...] = ()
+        if isinstance(caption, (list, tuple)):  # several captions: one is drawn per step
+            texts = [" ".join(str(c).split()) for c in caption]
+            caption, alternatives = (texts[0], tuple(texts[1:])) if texts else ("", ())
         if instance_prompt is not None:
             text, has_caption = instance_prompt, False
         else:
@@ -271,6 +276,7 @@ def scan_table(
                 table=0 if in_table else None,
                 row=row if in_table else None,
                 is_prior=is_prior,
+                alt_captions=alternatives if instance_prompt is None else (),
             )
         )
     return result

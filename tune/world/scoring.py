@@ -1,0 +1,163 @@
+"""Measuring models on the world with the judge: fresh renders, per-style attribute tables, agreement.
+
+Used by the vae recipe (are reconstructions read like the originals?), the unet recipe (does the base
+draw what the prompt says?) and `tune eval` on the world suites.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from tune.errors import ModelError
+from tune.world.judge import Judge, Verdict, attribute_accuracy, load_judge
+from tune.world.render import render
+from tune.world.spec import STYLES, Spec, Split, sample_spec
+
+log = logging.getLogger(__name__)
+
+TABLE_KEYS = ("cls", "color", "pattern", "background", "style", "size", "position", "all")
+
+
+def fresh_renders(
+    count: int, seed: int, split: Split = "all", styles: Sequence[str] = STYLES, resolution: int = 64
+) -> tuple[list[Image.Image], list[Spec]]:
+    """`count` renders, styles taking turns, from a seed no training folder uses."""
+    images, specs = [], []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i, 99])
+        spec = sample_spec(rng, split, style=styles[i % len(styles)])  # type: ignore[arg-type]
+        images.append(render(spec, rng, resolution, resolution))
+        specs.append(spec)
+    return images, specs
+
+
+def try_load_judge() -> Judge | None:
+    """The shipped judge, or None (with a log line) when this checkout has none yet."""
+    try:
+        return load_judge()
+    except ModelError as error:
+        log.warning("no judge figures: %s", error)
+        return None
+
+
+def per_style(verdicts: Sequence[Verdict], specs: Sequence[Spec]) -> dict[str, dict[str, float]]:
+    """Attribute accuracy for each style present, and over all ('overall')."""
+    out = {}
+    for style in STYLES:
+        chosen = [(v, s) for v, s in zip(verdicts, specs, strict=True) if s.style == style]
+        if chosen:
+            out[style] = attribute_accuracy(*zip(*chosen, strict=True))
+    out["overall"] = attribute_accuracy(verdicts, specs)
+    return out
+
+
+def agreement(judge: Judge, originals: Sequence[Image.Image], copies: Sequence[Image.Image]) -> float:
+    """Share of copies (e.g. VAE reconstructions) the judge reads exactly as their originals (every
+    attribute but the confidence)."""
+    a, b = judge.read(list(originals)), judge.read(list(copies))
+    same = [
+        {k: v for k, v in x.as_dict().items() if k != "confidence"}
+        == {k: v for k, v in y.as_dict().items() if k != "confidence"}
+        for x, y in zip(a, b, strict=True)
+    ]
+    return float(np.mean(same)) if same else float("nan")
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per style, one column per attribute (percent)."""
+    lines = ["| style | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+    for style, row in table.items():
+        cells = [f"{100 * row[k]:.1f}" if k in row else "-" for k in TABLE_KEYS]
+        lines.append(f"| {style} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# A text-to-image model on the world: draw canonical prompts, judge them
+# ---------------------------------------------------------------------------------------------
+
+BACKGROUND_TEST_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+"""The eight background colours the personalization suites and the odd-prompt test ask for."""
+ODD_PROMPTS = {
+    "toy": "a photo of a toy on {article} {color} background",
+    "unknown_word": "a photo of zwx toy on {article} {color} background",
+}
+"""Partial and odd prompts: the base must still draw the background asked for."""
+
+
+def draw(pipe, prompts: Sequence[str], seed0: int, steps: int, guidance: float) -> list[Image.Image]:  # noqa: ANN001
+    """One image per prompt (prompt i with seed seed0 + i), with the shared sampler."""
+    from tune.sampling import generate
+
+    return [
+        generate(pipe, prompt, seed0 + i, steps=steps, guidance=guidance, progress=False)[0].image
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def judge_prompts(pipe, judge: Judge, prompts, seed0: int, steps: int, guidance: float):  # noqa: ANN001, ANN201
+    """Draw `prompts` (EvalPrompt: text + spec) and judge them: (per-style table, images, verdicts)."""
+    images = draw(pipe, [p.prompt for p in prompts], seed0, steps, guidance)
+    verdicts = judge.read(images)
+    return per_style(verdicts, [p.spec for p in prompts]), images, verdicts
+
+
+def odd_prompts(pipe, judge: Judge, seeds: int, steps: int, guidance: float) -> dict[str, float]:  # noqa: ANN001
+    """Share of images with the right background for each of `ODD_PROMPTS` (8 colours x `seeds`)."""
+    out = {}
+    for name, template in ODD_PROMPTS.items():
+        prompts, wanted = [], []
+        for color in BACKGROUND_TEST_COLORS:
+            article = "an" if color[0] in "aeiou" else "a"
+            prompts += [template.format(article=article, color=color)] * seeds
+            wanted += [color] * seeds
+        verdicts = judge.read(draw(pipe, prompts, 30_000, steps, guidance))
+        out[name] = float(np.mean([v.background == w for v, w in zip(verdicts, wanted, strict=True)]))
+    return out
+
+
+def contact_sheet(
+    images: Sequence[Image.Image], labels: Sequence[str], cols: int = 8, scale: int = 2
+) -> Image.Image:
+    """Images enlarged `scale` times with a label under each (e.g. the judge's verdict), `cols` across."""
+    from PIL import ImageDraw
+
+    side = images[0].width * scale
+    text_h = 24
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        x, y = (i % cols) * side, (i // cols) * (side + text_h)
+        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
+        words, line, lines = label.split(), "", []
+        for word in words:  # wrap to the cell width, two lines at most
+            if draw.textlength(f"{line} {word}".strip()) > side - 2 and line:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines[:2]):
+            draw.text((x + 1, y + side + 1 + 11 * k), text, fill=(0, 0, 0))
+    return sheet
+
+
+def verdict_label(verdict: Verdict) -> str:
+    parts = [
+        verdict.style,
+        verdict.size,
+        verdict.color or "",
+        verdict.pattern if verdict.pattern != "plain" else "",
+    ]
+    parts += [
+        verdict.color2 or "",
+        verdict.cls,
+        f"h:{verdict.hair}" if verdict.hair else "",
+        f"/{verdict.background}",
+    ]
+    return " ".join(p for p in parts if p)
