@@ -353,8 +353,11 @@ EVAL_SCORES = (
     "prompt_fidelity",
     "diversity",
     "dino_fidelity",
-    "concept_present",
+    "subject_found",
     "background_right",
+    "style_right",
+    "prompt_right",
+    "subject_in_others",
 )
 
 

@@ -1,15 +1,16 @@
-"""CLIP: train a text tower and an image tower contrastively on the shapes captions, from scratch.
+"""CLIP: train a text tower and an image tower contrastively on the toy world's captions, from scratch.
 
-    tune data shapes data/shapes-train --count 10000 --split train
+    tune data world data/world-train --count 30000 --split train
     tune run clip --config default
 
 The text tower is SD1.5's CLIP text transformer at our base model's width; it becomes the frozen
-text encoder of the U-Net, which cross-attends to its per-token `last_hidden_state`. Each image is
-trained with its canonical caption or a random paraphrase, so the tower learns every phrasing.
-Other images of the same spec in a batch are not counted as negatives. An auxiliary linear head per
-tower predicts the five attributes (shape, colour, background, size, position) from the embedding:
-a dense signal that speeds up learning and keeps the attributes linearly separable, so held-out
-(colour, shape) pairs compose; the heads are not exported.
+text encoder of the U-Net, which cross-attends to its per-token `last_hidden_state`. Each step draws one of an image's eight training captions (canonical, partial,
+paraphrased, with a made-up word), so the tower learns every phrasing and that an unknown word changes
+nothing. Other images a caption also describes (a partial caption fits many) are not counted as
+negatives. An auxiliary linear head per tower predicts the world's attributes (the judge's: class,
+colour, pattern, second colour, hair, background, style, size, position) from the embedding, the text
+head only those its caption names: a dense signal that keeps the attributes linearly separable, so
+held-out (colour, class) pairs compose; the heads are not exported.
 
 Exports `export/clip/` (CLIPModel, tokenizer and image-processor files), `export/clip/text_encoder/`
 (CLIPTextModel) and `export/clip/tokenizer/`; writes text-to-image and image-to-text top-1 retrieval
@@ -34,7 +35,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from tune.data import shapes
 from tune.data.config import DataConfig
 from tune.data.images import to_tensor
 from tune.data.loader import build_dataloader, build_dataset
@@ -51,19 +51,17 @@ from tune.training import (
     save_checkpoint,
     start_run,
 )
+from tune.world.captions import caption, parse, spec_attributes
+from tune.world.judge import HEADS, IGNORE, labels
+from tune.world.render import render
+from tune.world.spec import TOYS, Spec, sample_spec
 
 log = logging.getLogger(__name__)
 
-# The attributes the auxiliary heads predict: metadata.jsonl column -> its values (label order).
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": shapes.SHAPES,
-    "color": shapes.COLORS,
-    "bg": shapes.COLORS,
-    "size": shapes.SIZES,
-    "position": shapes.POSITIONS,
-}
+# The attributes the auxiliary heads predict (the judge's heads) -> their values, in label order.
+ATTRIBUTES: dict[str, tuple[str, ...]] = HEADS
 # Fixed (not cfg.seed) so that every run is scored on the same images; the training folder's images
-# come from `tune data shapes --seed` (0 by default), so these jitters are new.
+# come from `tune data world --seed` (0 by default), so these jitters are new.
 EVAL_SEED = 1_000_003
 VAL_SEED = 2_000_003
 EVAL_COUNT = 100
@@ -82,13 +80,11 @@ class Config:
     """Seed of the weights, the batch order and the caption choice."""
     resume: str = ""
     """'' to start fresh, 'latest' for output_dir's newest complete checkpoint, or a checkpoint folder."""
-    data_dir: str = "data/shapes-train"
-    """Shapes imagefolder (metadata.jsonl with text, paraphrases and attribute columns), written by
-    `tune data shapes data/shapes-train --count 10000 --split train`."""
+    data_dir: str = "data/world-train"
+    """World imagefolder (metadata.jsonl with text, captions and attribute columns), written by
+    `tune data world data/world-train --count 30000 --split train`."""
     resolution: int = 64
     """Image side in pixels: the training size and the vision tower's input size."""
-    paraphrase_prob: float = 0.5
-    """Probability of training an image with a random paraphrase instead of its canonical caption."""
     max_steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 128
@@ -148,7 +144,6 @@ class Config:
                 self.vision_hidden_size % self.vision_num_heads == 0,
                 "must be a multiple of vision_num_heads",
             ),
-            ("paraphrase_prob", 0 <= self.paraphrase_prob <= 1, "must be in [0, 1]"),
             ("aux_weight", self.aux_weight >= 0, "must be >= 0"),
             ("vocab_size", self.vocab_size >= MIN_VOCAB_SIZE, f"must be >= {MIN_VOCAB_SIZE}"),
         ]
@@ -157,24 +152,48 @@ class Config:
                 raise ConfigError(f"{key} {rule}; got {getattr(self, key)!r}")
 
 
-def read_captions(data_dir: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """canonical caption -> (its training captions, canonical first; its attribute labels)."""
+SPEC_FIELDS = ("cls", "color", "background", "style", "size", "position", "pattern", "color2", "hair")
+
+
+def read_captions(data_dir: str) -> dict[str, tuple[tuple[str, ...], Spec]]:
+    """canonical caption -> (the image's training captions, its spec)."""
     meta = Path(data_dir) / "metadata.jsonl"
-    command = f"tune data shapes {data_dir} --count 10000 --split train"
+    command = f"tune data world {data_dir} --count 30000 --split train"
     if not meta.is_file():
-        raise DataError(f"no shapes dataset in {data_dir}; write one with `{command}`")
+        raise DataError(f"no world dataset in {data_dir}; write one with `{command}`")
     table = {}
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             row = json.loads(line)
             try:
-                labels = tuple(values.index(row[key]) for key, values in ATTRIBUTES.items())
-                table[row["text"]] = ((row["text"], *row["paraphrases"]), labels)
-            except (KeyError, ValueError) as err:
+                spec = Spec(**{key: row[key] for key in SPEC_FIELDS})
+                table[row["text"]] = (tuple(row["captions"]), spec)
+            except (KeyError, TypeError, ValueError) as err:
                 raise DataError(
-                    f"{meta} line {n} is not a shapes row ({err}); write one with `{command}`"
+                    f"{meta} line {n} is not a world row ({err}); write one with `{command}`"
                 ) from None
     return table
+
+
+def text_labels(text: str) -> list[int]:
+    """Attribute labels of what a caption names (IGNORE for what it leaves out or calls just "toy")."""
+    named = parse(text)
+    return [
+        values.index(named[key]) if named.get(key) in values else IGNORE for key, values in ATTRIBUTES.items()
+    ]
+
+
+def fits(named: dict[str, str], truth: dict[str, str]) -> bool:
+    """Whether attributes a caption names (`parse`) fit a spec's (`spec_attributes`); "toy" fits any toy."""
+    return all(
+        truth.get(key) == value or (key == "cls" and value == "toy" and truth["cls"] in TOYS)
+        for key, value in named.items()
+    )
+
+
+def describes(text: str, spec: Spec) -> bool:
+    """Whether a caption fits a spec: every attribute it names is the spec's."""
+    return fits(parse(text), spec_attributes(spec))
 
 
 def build_model(cfg: Config, tokenizer: CLIPTokenizer) -> CLIPModel:
@@ -205,19 +224,23 @@ def build_model(cfg: Config, tokenizer: CLIPTokenizer) -> CLIPModel:
 
 
 def contrastive_loss(logits_per_text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE; pairs of the same spec (`same`, off the diagonal) are false negatives: masked."""
+    """Symmetric InfoNCE; `same[i, j]` (off the diagonal): caption i also describes image j, a false
+    negative, masked in both directions."""
     eye = torch.eye(len(same), dtype=torch.bool, device=same.device)
+    same = same | same.T
     logits = logits_per_text.masked_fill(same & ~eye, float("-inf"))
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def attribute_loss(head: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the five attribute classifiers sharing one linear head."""
+    """Mean cross-entropy of the attribute classifiers sharing one linear head (labels IGNORE skipped)."""
     # Unit-norm embeddings have coordinates of size 1/sqrt(d): rescale them to unit variance, or a
     # freshly initialised head needs hundreds of steps to grow confident logits.
     logits = head(embeds * math.sqrt(embeds.shape[-1])).split([len(v) for v in ATTRIBUTES.values()], dim=-1)
-    return sum(F.cross_entropy(x, labels[:, k]) for k, x in enumerate(logits)) / len(logits)
+    losses = [F.cross_entropy(x, labels[:, k], ignore_index=IGNORE) for k, x in enumerate(logits)]
+    kept = [loss for k, loss in enumerate(losses) if (labels[:, k] != IGNORE).any()]
+    return torch.stack(kept).mean()
 
 
 class ClipTraining(torch.nn.Module):
@@ -229,46 +252,54 @@ class ClipTraining(torch.nn.Module):
         self.model = model
         self.heads = heads
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, labels: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        text_labels: torch.Tensor,
+        image_labels: torch.Tensor,
+    ):
         out = self.model(input_ids=input_ids, pixel_values=pixel_values)
         loss_attr = (
-            attribute_loss(self.heads["text"], out.text_embeds, labels)
-            + attribute_loss(self.heads["image"], out.image_embeds, labels)
+            attribute_loss(self.heads["text"], out.text_embeds, text_labels)
+            + attribute_loss(self.heads["image"], out.image_embeds, image_labels)
         ) / 2
         return out, loss_attr
 
 
-def retrieval_set(
-    split: shapes.Split, count: int, resolution: int, seed: int
-) -> tuple[torch.Tensor, list[shapes.ShapeSpec]]:
-    """`count` distinct specs of a split, rendered with fresh jitter: (pixels in [-1, 1], specs)."""
-    prompts = shapes.make_eval_prompts(count, split, seed=seed)
+def retrieval_set(split: str, count: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[Spec]]:
+    """`count` distinct specs of a split (styles taking turns), rendered fresh: (pixels in [-1, 1], specs)."""
+    rng = np.random.default_rng([seed, 3])
+    specs: list[Spec] = []
+    while len(specs) < count:
+        spec = sample_spec(rng, split, style=("photo", "drawing", "sketch", "pixel")[len(specs) % 4])  # type: ignore[arg-type]
+        if spec not in specs:
+            specs.append(spec)
     images = [
-        shapes.render(p.spec, resolution, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)
+        render(spec, np.random.default_rng([seed, i]), resolution, resolution) for i, spec in enumerate(specs)
     ]
-    return torch.stack([to_tensor(im) for im in images]), [p.spec for p in prompts]
+    return torch.stack([to_tensor(im) for im in images]), specs
 
 
 @torch.no_grad()
-def retrieval(
-    model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, specs: list[shapes.ShapeSpec]
-) -> dict:
-    """Top-1 text-to-image and image-to-text accuracy, canonical captions padded to 77 as the U-Net's."""
+def retrieval(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, specs: list[Spec]) -> dict:
+    """Top-1 text-to-image and image-to-text accuracy, canonical captions padded to 77 as the U-Net's.
+    A pick counts as right when the caption describes the picked image too (two sketches that differ
+    only in colour look the same)."""
     was_training, device = model.training, model.device
-    ids = tokenizer(
-        [shapes.caption(s) for s in specs], padding="max_length", truncation=True, return_tensors="pt"
-    )
+    texts = [caption(s) for s in specs]
+    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
     model.eval()
     logits = model(input_ids=ids.input_ids.to(device), pixel_values=pixels.to(device)).logits_per_text.float()
     model.train(was_training)
-    picked = logits.argmax(dim=1)
-    # For each wrong text-to-image pick, which attributes tell the picked image from the right one.
-    wrong = [(specs[i], specs[j]) for i, j in enumerate(picked.tolist()) if i != j]
-    errors = {key: sum(getattr(a, key) != getattr(b, key) for a, b in wrong) for key in ATTRIBUTES}
-    target = torch.arange(len(specs), device=logits.device)
+    t2i = [describes(texts[i], specs[j]) for i, j in enumerate(logits.argmax(dim=1).tolist())]
+    i2t = [describes(texts[i], specs[j]) for j, i in enumerate(logits.argmax(dim=0).tolist())]
+    picked = logits.argmax(dim=1).tolist()
+    wrong = [(specs[i], specs[j]) for i, j in enumerate(picked) if not t2i[i]]
+    errors = {key: sum(getattr(a, key) != getattr(b, key) for a, b in wrong) for key in SPEC_FIELDS}
     return {
-        "t2i_top1": (picked == target).float().mean().item(),
-        "i2t_top1": (logits.argmax(dim=0) == target).float().mean().item(),
+        "t2i_top1": float(np.mean(t2i)),
+        "i2t_top1": float(np.mean(i2t)),
         "t2i_errors_by_attribute": errors,
     }
 
@@ -282,7 +313,7 @@ def main(cfg: Config) -> RunDir:
     run.update_info(max_steps=cfg.max_steps, data_dir=cfg.data_dir)
 
     # --- models --------------------------------------------------------------------------------
-    texts = sorted({text for caps, _ in captions.values() for text in caps})
+    texts = sorted({text for caps, _ in captions.values() for text in caps})  # what the tokenizer learns
     with tempfile.TemporaryDirectory(prefix="tune-clip-tokenizer-") as tmp:
         tokenizer = build_clip_tokenizer(texts, cfg.vocab_size, tmp)  # deterministic: rebuilt at export
     model = build_model(cfg, tokenizer)
@@ -318,17 +349,18 @@ def main(cfg: Config) -> RunDir:
             # Caption choice depends on (seed, step) only, so a resumed run picks the same ones.
             rng = random.Random(f"{cfg.seed}:captions:{step}")
             rows = [captions[c] for c in batch.captions]
-            chosen = [
-                c[0] if len(c) == 1 or rng.random() >= cfg.paraphrase_prob else rng.choice(c[1:])
-                for c, _ in rows
-            ]
+            chosen = [rng.choice(caps) for caps, _ in rows]
             # Padding to the batch's longest caption rather than to 77 gives the same gradients at a
             # fifth of the text tower's cost: attention is causal and the losses read the first EOS.
             ids = tokenizer(chosen, padding="longest", truncation=True, return_tensors="pt").input_ids
-            labels = torch.tensor([lab for _, lab in rows], device=device)
-            same = torch.tensor([[a == b for b in batch.captions] for a in batch.captions], device=device)
+            image_labels = torch.tensor([list(labels(spec).values()) for _, spec in rows], device=device)
+            text_targets = torch.tensor([text_labels(text) for text in chosen], device=device)  # parses too
+            named, truths = [parse(t) for t in chosen], [spec_attributes(spec) for _, spec in rows]
+            same = torch.tensor([[fits(n, t) for t in truths] for n in named], device=device)
 
-            out, loss_attr = training(ids.to(device), batch.pixel_values.to(device), labels)
+            out, loss_attr = training(
+                ids.to(device), batch.pixel_values.to(device), text_targets, image_labels
+            )
             loss_clip = contrastive_loss(out.logits_per_text.float(), same)
             loss = loss_clip + cfg.aux_weight * loss_attr
             accelerator.backward(loss)

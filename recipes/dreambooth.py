@@ -81,7 +81,7 @@ class Config(p.PersonalizeConfig):
     and at the last step (eval/report.json), keeping the best step's pipeline in export/best/; 0 = never."""
     eval_suite: str = "default"
     """Suite of those evaluations: a name in eval/ or a TOML file."""
-    eval_clip: str = "models/shapes-clip"
+    eval_clip: str = "models/world-clip"
     """CLIPModel folder those evaluations score with."""
 
     def __post_init__(self) -> None:

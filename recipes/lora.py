@@ -116,7 +116,7 @@ class Config(p.PersonalizeConfig):
     at the last step (eval/report.json), keeping the best step's adapter in export/best/; 0 = never."""
     eval_suite: str = "default"
     """Suite of those evaluations: a name in eval/ or a TOML file."""
-    eval_clip: str = "models/shapes-clip"
+    eval_clip: str = "models/world-clip"
     """CLIPModel folder those evaluations score with."""
 
 

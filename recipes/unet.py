@@ -1,15 +1,18 @@
-"""Train the base model's U-Net from scratch on the shapes dataset (cached VAE latents and CLIP text).
+"""Train the base model's U-Net from scratch on the toy world (cached VAE latents, CLIP text).
 
-    tune data shapes data/shapes-train --count 10000 --split train
+    tune data world data/world-train --count 30000 --split train
     tune run unet --config default vae=runs/base-vae/export/vae clip=runs/base-clip/export/clip
 
 Inputs are the `vae` recipe's AutoencoderKL folder and the `clip` recipe's export (its text tower is
 the frozen text encoder). The U-Net keeps SD1.5's module topology at small widths. Training uses
-cached latents and text, caption dropout (for classifier-free guidance), v-prediction with min-SNR
-weighting by default, and an EMA of the weights: the EMA weights are sampled, exported and evaluated.
+cached latents; each step draws one of an image's training captions (canonical, partial, paraphrased,
+with a made-up word) and encodes it with the frozen text tower (cheap beside the U-Net); caption
+dropout for classifier-free guidance, v-prediction with min-SNR weighting and an EMA of the weights:
+the EMA weights are sampled, exported and evaluated.
 
 Writes `export/pipeline/` (a complete StableDiffusionPipeline folder with a DDIM scheduler, loadable
-by plain diffusers) and `eval/unet.json` (shapes-detector accuracy on held-out and training prompts).
+by plain diffusers) and `eval/unet.json`: the world judge's reading of images drawn from canonical
+prompts (seen and held-out combinations, per style) and from partial and odd prompts.
 """
 
 from __future__ import annotations
@@ -27,20 +30,17 @@ from typing import Literal
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from tune.data.config import DataConfig
-from tune.data.loader import build_dataloader, build_dataset, cache_latents, cache_text
-from tune.data.shapes import EvalPrompt, make_eval_prompts
-from tune.data.shapes_detect import score
+from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
 from tune.errors import ConfigError, DataError, ModelError
 from tune.models.presets import PRESETS, build_unet
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
-from tune.sampling import generate, make_grid, sample_grid
+from tune.sampling import sample_grid
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -48,6 +48,15 @@ from tune.training import (
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
+)
+from tune.world.dataset import make_eval_prompts
+from tune.world.scoring import (
+    contact_sheet,
+    format_table,
+    judge_prompts,
+    odd_prompts,
+    try_load_judge,
+    verdict_label,
 )
 
 log = logging.getLogger(__name__)
@@ -61,8 +70,8 @@ class Config:
     """AutoencoderKL folder (the `vae` recipe's export/vae); its scaling_factor scales the latents."""
     clip: str = "runs/base-clip/export/clip"
     """The `clip` recipe's export: a CLIPModel folder (or text_encoder/ subfolder) plus tokenizer/."""
-    data_dir: str = "data/shapes-train"
-    """Shapes imagefolder (metadata.jsonl with captions), written by `tune data shapes`."""
+    data_dir: str = "data/world-train"
+    """World imagefolder (metadata.jsonl with a `captions` list per image), written by `tune data world`."""
     output_dir: str = ""
     """Run directory; empty means runs/unet-<timestamp>."""
     seed: int = 0
@@ -71,11 +80,12 @@ class Config:
     """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
     resolution: int = 64
     """Image side in pixels; the U-Net's sample_size is this over the VAE's downsampling factor."""
-    unet_block_out_channels: tuple[int, ...] = (24, 48, 96, 96)
-    """Widths of SD1.5's four U-Net levels (keep the 1:2:4:4 ratio for single-file export)."""
-    unet_attention_heads: int = 2
+    unet_block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    """Widths of SD1.5's four U-Net levels (keep the 1:2:4:4 ratio for single-file export; multiples of
+    32 with GroupNorm(32), which ComfyUI's model code assumes)."""
+    unet_attention_heads: int = 4
     """Attention heads per transformer block (diffusers' `attention_head_dim`, as in SD1.5)."""
-    unet_norm_num_groups: int = 8
+    unet_norm_num_groups: int = 32
     """GroupNorm groups; must divide every width."""
     beta_schedule: Literal["scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     """Noise schedule: SD1.5's scaled_linear, or the cosine one, whose last step is (almost) pure noise
@@ -105,22 +115,31 @@ class Config:
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     sample_prompts: tuple[str, ...] = (
-        "a large red circle on a blue background",
-        "a small yellow star on a purple background in the top left",
-        "a large green circle on a black background",
-        "a small white star on a green background in the bottom right",
+        "a photo of a large pink and teal striped ring on a blue background",
+        "a drawing of a small yellow ball with red spots on grass in the top left",
+        "a pencil sketch of a large person with red hair in a blue striped shirt on a wooden table",
+        "pixel art of a large red cup on a white background",
+        "a photo of a toy on a green background",
+        "a photo of zwx toy on a purple background",
     )
-    """Validation prompts (the last two are held-out colour/shape pairs), written as a prompts x seeds grid."""
+    """Validation prompts (a held-out look, a held-out pair, partial and odd prompts among them), written
+    as a prompts x seeds grid."""
     sample_seeds: tuple[int, ...] = (0, 1)
     """Validation seeds."""
     val_prompts: int = 16
-    """Held-out prompts generated and judged by the shapes detector at each validation (0 = off)."""
+    """Seen-combination prompts (styles taking turns) drawn and judged at each validation (0 = off)."""
     sample_steps: int = 25
     """DDIM steps for validation and evaluation images."""
     guidance: float = 6.0
     """Classifier-free guidance scale for validation and evaluation images."""
-    eval_prompts: int = 200
-    """Final evaluation: this many held-out and this many training-split prompts, one image each (0 = off)."""
+    eval_prompts: int = 400
+    """Final evaluation: this many seen-combination prompts and half as many held-out ones, one image
+    each, judged; plus the odd-prompt test (0 = off)."""
+    odd_prompt_seeds: int = 5
+    """Seeds per colour of each odd prompt ("a photo of a toy / zwx toy on a {colour} background")."""
+    logit_normal_until: float = 0.0
+    """Share of max_steps that draws timesteps from diffusion.timesteps' density before switching to
+    uniform (0: the density for the whole run)."""
 
     def __post_init__(self) -> None:
         for key in _POSITIVE:
@@ -175,8 +194,8 @@ def check_inputs(cfg: Config) -> None:
     if not Path(cfg.data_dir).is_dir():
         res = "" if cfg.resolution == 64 else f" --resolution {cfg.resolution}"
         raise DataError(
-            f"no shapes data at {cfg.data_dir}; write it with "
-            f"`tune data shapes {cfg.data_dir} --count 10000 --split train{res}` or set data_dir=PATH"
+            f"no world data at {cfg.data_dir}; write it with "
+            f"`tune data world {cfg.data_dir} --count 30000 --split train{res}` or set data_dir=PATH"
         )
 
 
@@ -189,38 +208,26 @@ def clip_paths(clip: str) -> tuple[Path, Path]:
     return text_dir, root / "tokenizer" if (root / "tokenizer").is_dir() else root
 
 
-def judge(
-    pipe: StableDiffusionPipeline, prompts: list[EvalPrompt], seed0: int, cfg: Config
-) -> tuple[dict[str, float], list[Image.Image]]:
-    """One image per prompt (seed seed0 + i) and the shapes detector's accuracy per attribute; position
-    is scored over small objects only, since large ones are always centred."""
-    kwargs = dict(steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
-    images = [generate(pipe, p.prompt, seed0 + i, **kwargs)[0].image for i, p in enumerate(prompts)]
-    specs = [p.spec for p in prompts]
-    result = score(images, specs)
-    out = {**result.accuracy, "all_correct": result.all_correct, "found": result.found, "count": result.count}
-    del out["position"]
-    small = [(image, spec) for image, spec in zip(images, specs, strict=True) if spec.size == "small"]
-    if small:
-        out["position_small"] = score(*zip(*small, strict=True)).accuracy["position"]
-    return out, images
-
-
-def evaluate(pipe: StableDiffusionPipeline, cfg: Config, out_dir: Path, report: dict) -> dict:
-    """Held-out and training-split prompts, one image each: `unet.json` and a grid of the first 32."""
+def evaluate(pipe: StableDiffusionPipeline, judge, cfg: Config, out_dir: Path, report: dict) -> dict:  # noqa: ANN001
+    """Seen and held-out canonical prompts and the odd prompts, judged: `unet.json`, a grid of the first
+    64 seen-prompt images with the judge's verdict under each, and the tables in `unet.md`."""
     t0 = time.perf_counter()
-    report["settings"] = {"steps": cfg.sample_steps, "guidance": cfg.guidance, "scheduler": "DDIMScheduler"}
-    shown: list[Image.Image] = []
+    kwargs = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
+    report["settings"] = {**kwargs, "scheduler": "DDIMScheduler"}
     # Fresh seeds: neither validation's (1000 + i) nor each other's.
-    for split, seed0 in (("heldout", 10_000), ("train", 20_000)):
-        report[split], images = judge(pipe, make_eval_prompts(cfg.eval_prompts, split), seed0, cfg)
-        shown = shown or images[:32]
+    report["seen"], images, verdicts = judge_prompts(
+        pipe, judge, make_eval_prompts(cfg.eval_prompts, "train", 1), 20_000, **kwargs
+    )
+    report["heldout"], *_ = judge_prompts(
+        pipe, judge, make_eval_prompts(cfg.eval_prompts // 2, "heldout", 2), 10_000, **kwargs
+    )
+    report["odd_prompts"] = odd_prompts(pipe, judge, cfg.odd_prompt_seeds, **kwargs)
     report["eval_time_s"] = round(time.perf_counter() - t0, 1)
     (out_dir / "unet.json").write_text(json.dumps(report, indent=2) + "\n")
-    cols = min(8, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    shown += [Image.new("RGB", shown[0].size, "white")] * (rows * cols - len(shown))
-    make_grid(shown, rows, cols).save(out_dir / "unet_grid.png")
+    tables = [f"## seen combinations\n\n{format_table(report['seen'])}"]
+    tables.append(f"## held-out combinations\n\n{format_table(report['heldout'])}")
+    (out_dir / "unet.md").write_text("\n\n".join(tables) + f"\n\nodd prompts: {report['odd_prompts']}\n")
+    contact_sheet(images[:64], [verdict_label(v) for v in verdicts[:64]]).save(out_dir / "unet_grid.png")
     return report
 
 
@@ -270,16 +277,18 @@ def main(cfg: Config) -> RunDir:
         bucketing=False,
         min_side=cfg.resolution,
         caption_dropout=cfg.caption_dropout,
+        caption_column="captions",  # a list per image: one is drawn each step
         cache_latents=True,
-        cache_text=True,
     )
     t0 = time.perf_counter()
     dataset = build_dataset(cfg.data_dir, data_cfg, seed=cfg.seed)
     cache_latents(dataset, vae, device=device, batch_size=64, accelerator=accelerator)
-    cache_text(dataset, text_encoder, tokenizer, device=device, accelerator=accelerator)
-    loader = build_dataloader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, accelerator=accelerator)
+    loader = build_dataloader(
+        dataset, batch_size=cfg.batch_size, tokenizer=tokenizer, seed=cfg.seed, accelerator=accelerator
+    )
     data_time_s = time.perf_counter() - t0  # scanning and caching: slow once, then cache hits
-    val_set = make_eval_prompts(cfg.val_prompts, "heldout") if cfg.val_prompts else []
+    judge = try_load_judge()
+    val_set = make_eval_prompts(cfg.val_prompts, "train", 3) if cfg.val_prompts and judge else []
 
     # ---- optimizer ----------------------------------------------------------------------------------
     optimizer = build_optimizer(unet.parameters(), cfg.optim)
@@ -303,8 +312,13 @@ def main(cfg: Config) -> RunDir:
             # processes each draw their own.
             draw = step * accelerator.num_processes + accelerator.process_index
             generator = torch.Generator().manual_seed(cfg.seed * 2**32 + draw)
+            with torch.no_grad():  # the frozen text tower, on this step's captions
+                encoder_hidden_states = text_encoder(batch.input_ids)[0]
+            diffusion = cfg.diffusion
+            if step >= cfg.logit_normal_until * cfg.max_steps > 0:
+                diffusion = dataclasses.replace(diffusion, timesteps="uniform")
             loss = diffusion_step(
-                unet, noise_scheduler, batch.latents, batch.encoder_hidden_states, cfg.diffusion, generator
+                unet, noise_scheduler, batch.latents, encoder_hidden_states, diffusion, generator
             )
             accelerator.backward(loss)
             applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
@@ -330,10 +344,13 @@ def main(cfg: Config) -> RunDir:
                     pipe, prompts, seeds, out, steps=cfg.sample_steps, guidance=cfg.guidance, progress=False
                 )
                 if val_set:
-                    metrics, _ = judge(pipe, val_set, 1000, cfg)
-                    run.log_metrics(step, **{f"val_{k}": v for k, v in metrics.items() if k != "count"})
+                    table, *_ = judge_prompts(
+                        pipe, judge, val_set, 1000, steps=cfg.sample_steps, guidance=cfg.guidance
+                    )
+                    metrics = table["overall"]
+                    run.log_metrics(step, **{f"val_{k}": v for k, v in metrics.items()})
                     log.info(
-                        "step %d held-out: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+                        "step %d judged: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
                     )
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
@@ -351,11 +368,17 @@ def main(cfg: Config) -> RunDir:
     with atomic_folder(run.export_dir / "pipeline", module_bytes(*pipe.components.values())) as folder:
         pipe.save_pretrained(folder)  # swapped in complete, after the free space was checked
     log.info("exported the pipeline (EMA U-Net) to %s", run.export_dir / "pipeline")
-    if cfg.eval_prompts:
+    judge = try_load_judge()  # read again: a judge retrained while this run trained reads its final images
+    if cfg.eval_prompts and judge is not None:
         # Times of this process (a resumed run trained from start_step on).
         times = {"data_time_s": data_time_s, "train_time_s": train_time_s}
         report: dict = {"step": step, "start_step": start_step, "unet_params": n_params}
-        report = evaluate(pipe, cfg, run.eval_dir, report | {k: round(v, 1) for k, v in times.items()})
-        log.info("eval: held-out %s; train %s", report["heldout"], report["train"])
+        report = evaluate(pipe, judge, cfg, run.eval_dir, report | {k: round(v, 1) for k, v in times.items()})
+        log.info(
+            "eval: seen %s; held-out %s; odd prompts %s",
+            report["seen"]["overall"],
+            report["heldout"]["overall"],
+            report["odd_prompts"],
+        )
     run.finish()
     return run

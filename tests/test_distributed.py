@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from recipes import lora
 from tune import PROJECT_ROOT
 from tune.config import load_config
-from tune.data.shapes import write_imagefolder
 from tune.runs import read_run
+from tune.world.dataset import write_imagefolder
 
 TINY = PROJECT_ROOT / "recipes" / "configs" / "lora" / "tiny.toml"
 PHOTOS = sorted((PROJECT_ROOT / "concepts" / "sks-toy" / "photos").glob("*.jpg"))[:4]
@@ -128,8 +128,8 @@ def test_base_model_recipes_train_under_torchrun(tmp_path: Path) -> None:
     """vae, clip and unet (each recipe's tiny config, the unet on the other two's exports) with 2 processes:
     each gets its share of the batches, its gradients synchronised through the wrapped module's forward,
     and only the main process writes (one metrics row per step, one export)."""
-    small = write_imagefolder(tmp_path / "shapes32", 32, resolution=32, seed=0)
-    large = write_imagefolder(tmp_path / "shapes64", 32, split="train", seed=0)  # clip's 64 px
+    small = write_imagefolder(tmp_path / "world32", 32, resolution=32, seed=0)
+    large = write_imagefolder(tmp_path / "world64", 32, split="train", seed=0)  # clip's 64 px
     runs = {
         "vae": [f"data_dir={small}"],
         "clip": [f"data_dir={large}"],

@@ -17,7 +17,6 @@ from tune.cli import main as cli_main
 from tune.config import load_config
 from tune.errors import ConfigError, ModelError
 from tune.evaluation import decide, load_suite
-from tune.metrics import shapes_spec
 from tune.models import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent / "recipes"))  # the recipe tests' testkit
@@ -32,9 +31,11 @@ METRIC_KEYS = {
     "prompt_fidelity",
     "diversity",
     "dino_fidelity",
-    "concept_present",
+    "subject_found",
     "background_right",
-    "shapes_accuracy",
+    "style_right",
+    "prompt_right",
+    "subject_in_others",
     "images",
 }
 TINY_SUITE = """
@@ -54,7 +55,7 @@ guidance = 6.0
 def test_shipped_suites_load_strictly(path: Path) -> None:
     suite = load_suite(path)
     assert suite.name == path.stem and len(suite.seeds) >= 2 and suite.steps >= 1
-    assert any("{token}" in p for p in suite.prompts)
+    assert any("{token}" in p for p in suite.prompts) or path.stem == "drift"  # drift: the class alone
 
 
 def test_shipped_suite_contents() -> None:
@@ -62,9 +63,16 @@ def test_shipped_suite_contents() -> None:
     assert load_suite("dreambooth").seeds == (0, 1, 2, 3)  # images_per_prompt = 4
     default = load_suite()
     assert default.name == "default" and (default.steps, default.guidance, default.seeds) == (20, 6.0, (0, 1))
-    # The shapes suite's prompts without the subject are exact shapes captions (the detector scores them).
-    plain = [p for p in load_suite("shapes").prompts if "{token}" not in p]
-    assert len(plain) == 4 and all(shapes_spec(p) is not None for p in plain)
+    # The world suites of the personalization figures: every prompt parses to what it asks of the judge.
+    from tune.world.captions import parse
+
+    colours = [parse(p.format(token="sks", **{"class": "toy"}))["background"] for p in load_suite("backgrounds").prompts]
+    assert colours == ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    surfaces = [parse(p.format(token="sks", **{"class": "toy"}))["background"] for p in load_suite("surfaces").prompts]
+    assert surfaces == ["wooden table", "grass", "sand", "rug"]
+    styles = [parse(p.format(token="sks", **{"class": "toy"}))["style"] for p in load_suite("styles").prompts]
+    assert styles == ["photo", "drawing", "sketch", "pixel"]
+    assert not any("{token}" in p for p in load_suite("drift").prompts)
 
 
 @pytest.mark.parametrize(
@@ -199,9 +207,10 @@ def check_report(report: dict, run: Path, steps: list[int]) -> None:
         assert (
             -1 <= e["subject_fidelity"] <= 1 and -1 <= e["prompt_fidelity"] <= 1 and 0 <= e["diversity"] <= 2
         )
-        assert 0 <= e["concept_present"] <= 1  # the concept's photos are the example toy
+        assert 0 <= e["subject_found"] <= 1  # the judge reads the example toy's look in the concept's photos
         assert e["background_right"] in (0.0, 0.5, 1.0)  # one prompt x two seeds names a background
-        assert e["dino_fidelity"] is None and e["shapes_accuracy"] is None
+        assert e["style_right"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # both prompts name "a photo of"
+        assert e["dino_fidelity"] is None and e["prompt_right"] in (0.0, 0.5, 1.0)
         folder = run / e["images"]
         assert {"p00_s0.png", "p00_s1.png", "p01_s0.png", "p01_s1.png", "grid.png", "prompts.json"} <= {
             p.name for p in folder.iterdir()

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from tune import metrics
-from tune.data.example_concept import render_photo
-from tune.data.shapes import PALETTE, ShapeSpec, caption, render
 from tune.errors import ModelError
+from tune.world.judge import Verdict
+from tune.world.render import render
+from tune.world.spec import Spec
 
 
 def save_tiny_clip(folder: Path) -> Path:
@@ -67,8 +68,9 @@ def dino(tmp_path_factory: pytest.TempPathFactory) -> metrics.Dino:
     return metrics.load_dino(save_tiny_vit(tmp_path_factory.mktemp("vit")), "cpu")
 
 
-def shape(color: str, bg: str, kind: str = "circle", size: str = "large") -> Image.Image:
-    return render(ShapeSpec(shape=kind, color=color, bg=bg, size=size, position="center"), 32)  # type: ignore[arg-type]
+def shape(color: str, bg: str, kind: str = "ball", size: str = "large") -> Image.Image:
+    spec = Spec(cls=kind, color=color, background=bg, size=size, style="drawing")  # type: ignore[arg-type]
+    return render(spec, np.random.default_rng(0), 32, 32)
 
 
 def noise(seed: int) -> Image.Image:
@@ -78,7 +80,7 @@ def noise(seed: int) -> Image.Image:
 def test_identical_images_have_subject_fidelity_1_and_others_less(
     clip: metrics.Clip, dino: metrics.Dino
 ) -> None:
-    photo = render_photo(np.random.default_rng(0), 48, 48, jpeg_quality=None)
+    photo = render(Spec(cls="ring", color="pink", background="sand"), np.random.default_rng(0), 48, 48)
     for encoder in (clip, dino):
         assert metrics.subject_fidelity([photo, photo], [photo], encoder) == pytest.approx(1.0, abs=1e-5)
         other = metrics.subject_fidelity([noise(1), shape("red", "blue")], [photo], encoder)
@@ -90,7 +92,7 @@ def test_embeddings_are_unit_length_and_deterministic(clip: metrics.Clip) -> Non
     a = clip.image_embeddings(images)
     assert a.shape == (3, 16) and torch.allclose(a.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.equal(a, clip.image_embeddings(images))
-    t = clip.text_embeddings(["a photo of toy", "a large red circle on a blue background"])
+    t = clip.text_embeddings(["a photo of toy", "a photo of a large red ball on a blue background"])
     assert t.shape == (2, 16) and not torch.allclose(t[0], t[1])
     # Precomputed embeddings give the same numbers as the images.
     assert metrics.subject_fidelity(a[:2], a[2:], clip) == pytest.approx(
@@ -143,23 +145,67 @@ def test_preprocessing_follows_the_folder_config(tmp_path: Path) -> None:
     )
 
 
-def test_shapes_detectors_on_rendered_shapes() -> None:
-    spec = ShapeSpec(shape="square", color="red", bg="blue", size="large", position="center")
-    good, wrong = render(spec, 64), render(ShapeSpec("circle", "green", "white", "large", "center"), 64)
-    prompt = caption(spec)
-    assert metrics.shapes_spec(prompt) == spec and metrics.shapes_spec("a photo of sks toy") is None
-    assert metrics.shapes_accuracy([good, wrong], [prompt, prompt]) == 0.5
-    assert metrics.shapes_accuracy([good], ["a photo of sks toy"]) is None
-    assert metrics.prompt_background("a photo of sks toy on a orange background") == "orange"
-    assert metrics.prompt_background("a photo of sks toy on a pink background") is None
-    flat_blue = Image.new("RGB", (64, 64), PALETTE["blue"])
-    prompts = ["x on a blue background", "x on a red background", "a photo of x"]
-    assert metrics.background_right([flat_blue, flat_blue, flat_blue], prompts) == 0.5
-    assert metrics.background_right([flat_blue], ["a photo of x"]) is None
+class FakeJudge:
+    """Reads the verdict stored under each image's top-left pixel (the metrics' logic, not the judge's)."""
+
+    def __init__(self, verdicts: dict[int, Verdict]) -> None:
+        self.verdicts = verdicts
+
+    def read(self, images):  # noqa: ANN001, ANN201
+        return [self.verdicts[im.getpixel((0, 0))[0]] for im in images]
 
 
-def test_example_toy_detection() -> None:
-    toys = [render_photo(np.random.default_rng(i), 64, 64, jpeg_quality=None) for i in range(3)]
-    shapes = [shape("red", "blue", size="large").resize((64, 64)) for _ in range(3)]
-    assert metrics.is_example_toy(toys) and not metrics.is_example_toy(shapes)
-    assert metrics.concept_present(toys + shapes) == pytest.approx(0.5)
+def verdict(**fields) -> Verdict:  # noqa: ANN003
+    base = dict(
+        cls="ring",
+        color="pink",
+        pattern="striped",
+        color2="teal",
+        hair=None,
+        background="blue",
+        style="photo",
+        size="large",
+        position="center",
+        confidence=0.9,
+    )
+    return Verdict(**{**base, **fields})
+
+
+def tagged(i: int) -> Image.Image:
+    return Image.new("RGB", (8, 8), (i, 0, 0))
+
+
+def test_world_metrics_compare_the_judge_with_the_prompt() -> None:
+    judge = FakeJudge(
+        {
+            0: verdict(),
+            1: verdict(color="teal", color2="pink", background="red"),  # the toy, colours read the other way
+            2: verdict(cls="ball", pattern="plain", color="red", color2=None, background="blue"),
+            3: verdict(style="sketch", color=None, color2=None, background="grass"),  # a sketch: no colours
+            4: verdict(color2="white", background="sand", style="drawing"),  # a look-alike
+        }
+    )
+    images = [tagged(i) for i in range(5)]
+    look = metrics.subject_look(images[:3] + images[:2], judge)
+    assert look is None or look["cls"] == "ring"
+    look = metrics.subject_look([images[0]] * 4 + [images[2]], judge)
+    assert look == {"cls": "ring", "color": "pink", "pattern": "striped", "color2": "teal", "hair": None}
+    assert metrics.subject_look([images[0], images[2]], judge) is None  # no look in most photos
+    assert metrics.subject_found(images, look, judge) == pytest.approx(3 / 5)
+    assert metrics.subject_found(images, None, judge) is None
+    prompts = [
+        "a photo of sks toy on a blue background",
+        "a photo of sks toy on a red background",
+        "a photo of sks toy on grass",
+        "a pencil sketch of sks toy on grass",
+        "a drawing of sks toy",
+    ]
+    assert metrics.background_right(images, prompts, judge) == pytest.approx(3 / 4)
+    assert metrics.style_right(images, prompts, judge) == pytest.approx(3 / 3)
+    assert metrics.prompt_background("a photo of sks toy on an orange background") == "orange"
+    assert metrics.prompt_background("a photo of sks toy on a rug") == "rug"
+    assert metrics.prompt_background("a photo of sks toy") is None
+    plain = ["a photo of a large red ball on a blue background", "a photo of a toy", "a photo of a red cup"]
+    assert metrics.prompt_right([images[2], images[2], images[2]], plain, judge) == pytest.approx(2 / 3)
+    assert metrics.prompt_right(images[:1], ["a photo of sks"], judge) is None
+    assert metrics.background_right(images, prompts, None) is None

@@ -21,7 +21,7 @@ def test_create_write_read_finish(tmp_path):
     run.checkpoint_dir(20).mkdir(parents=True)  # incomplete: no marker
     run.mark_checkpoint_complete(10)
     (run.export_dir / "x.safetensors").write_bytes(b"")
-    run.update_info(base_model="models/shapes-base")
+    run.update_info(base_model="models/world-base")
 
     info = read_run(tmp_path / "r")
     assert info.status == "running"  # the lock is held
@@ -29,7 +29,7 @@ def test_create_write_read_finish(tmp_path):
     assert [m["loss"] for m in info.metrics] == [1.5, 0.5]
     assert info.last_step == 10 and info.sample_steps == [10] and info.checkpoint_steps == [10]
     assert [p.name for p in info.exports] == ["x.safetensors"]
-    assert info.info["base_model"] == "models/shapes-base"
+    assert info.info["base_model"] == "models/world-base"
 
     run.finish()
     assert read_run(tmp_path / "r").status == "done"

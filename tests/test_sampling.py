@@ -244,5 +244,5 @@ def test_cli_refuses_unsafe_outputs_and_missing_models(
     import tune.models
 
     monkeypatch.setattr(tune.models, "resolve_model_path", lambda name: tmp_path / "not-trained-yet")
-    with pytest.raises(ModelError, match="default model models/shapes-base is missing.*make base"):
+    with pytest.raises(ModelError, match="default model models/world-base is missing.*make base"):
         sampling.run_cli(cli_args("--prompt", "x", "--out", str(tmp_path / "a.png")))

@@ -26,8 +26,19 @@ class DiffusionConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is typical); 0 turns it off."""
     noise_offset: float = 0.0
     """Per-channel offset noise scale (helps very dark/bright images); 0 turns it off."""
+    timesteps: str = "uniform"
+    """Training timestep density: uniform, or logit_normal (t / T = sigmoid(N(timestep_mean,
+    timestep_std)): more mid-noise steps, where layout and colours are decided)."""
+    timestep_mean: float = 0.0
+    """Mean of the logit-normal density (0: centred on the middle timestep)."""
+    timestep_std: float = 1.0
+    """Spread of the logit-normal density."""
 
     def __post_init__(self) -> None:
+        if self.timesteps not in ("uniform", "logit_normal"):
+            raise ConfigError(f"diffusion.timesteps must be uniform or logit_normal; got {self.timesteps!r}")
+        if self.timestep_std <= 0:
+            raise ConfigError(f"diffusion.timestep_std must be > 0; got {self.timestep_std}")
         if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
             raise ConfigError(
                 f"diffusion.prediction_type must be auto, epsilon or v_prediction; got {self.prediction_type!r}"
@@ -59,8 +70,13 @@ def sample_noise(latents: torch.Tensor, noise_offset: float, generator: Generato
     return noise
 
 
-def sample_timesteps(batch_size: int, noise_scheduler, generator: Generators) -> torch.Tensor:
+def sample_timesteps(
+    batch_size: int, noise_scheduler, generator: Generators, cfg: DiffusionConfig | None = None
+) -> torch.Tensor:
     n = noise_scheduler.config.num_train_timesteps
+    if cfg is not None and cfg.timesteps == "logit_normal":
+        z = _randn((batch_size,), generator, torch.float32) * cfg.timestep_std + cfg.timestep_mean
+        return (torch.sigmoid(z) * n).long().clamp(0, n - 1)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randint(0, n, (batch_size,), generator=generator, dtype=torch.long)
     return torch.cat([torch.randint(0, n, (1,), generator=g, dtype=torch.long) for g in generator])
@@ -113,7 +129,7 @@ def diffusion_step(
     """One denoising-loss evaluation: noise the latents, predict, compare with the target."""
     pred_type = prediction_type(noise_scheduler, cfg)
     noise = sample_noise(latents, cfg.noise_offset, generator)
-    timesteps = sample_timesteps(latents.shape[0], noise_scheduler, generator).to(latents.device)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler, generator, cfg).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
     target = training_target(noise_scheduler, pred_type, latents, noise, timesteps)

@@ -11,12 +11,16 @@ prompts.json), and are scored with `tune.metrics`:
     dino_fidelity      the same with DINO (--dino), else null
     prompt_fidelity    CLIP-T: mean cosine of each image with its prompt, the token left out
     diversity          mean pairwise CLIP distance among the seeds of one prompt (0 = collapse)
-    concept_present    example toy only: share of subject images its detector finds it in, else null
-    background_right   share of images on the palette background their prompt named, else null
-    shapes_accuracy    share of plain shapes captions drawn right (shapes detector), else null
+    subject_found      share of subject images the world judge sees the subject in (its look read from the
+                       concept's photos), else null (photos that are not of one world subject)
+    background_right   share of images on the background (colour or surface) their prompt named, else null
+    style_right        share of images in the style their prompt named, else null
+    prompt_right       share of images without the subject whose every named attribute is drawn, else null
+    subject_in_others  share of images without the token that show the subject anyway (language drift)
 
-"Subject prompts" are the suite's prompts with `{token}`; a prompt without it (a plain shapes
-caption, "a photo of {class}") shows whether the model still draws other things.
+"Subject prompts" are the suite's prompts with `{token}`; a prompt without it ("a photo of {class}",
+a world caption) shows whether the model still draws other things. The judge figures need the
+world judge (models/world-judge); without it they are null.
 
 Written (atomically): `RUN_DIR/eval/report.json`
 
@@ -71,9 +75,11 @@ METRICS = (
     "prompt_fidelity",
     "diversity",
     "dino_fidelity",
-    "concept_present",
+    "subject_found",
     "background_right",
-    "shapes_accuracy",
+    "style_right",
+    "prompt_right",
+    "subject_in_others",
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -217,7 +223,7 @@ def decide(
     if not checkpoints:
         return None, False, None
     keep = _floor(base["prompt_fidelity"], PROMPT_KEEP) if base is not None else float("-inf")
-    kept = [c for c in checkpoints if c["prompt_fidelity"] >= keep]
+    kept = [c for c in checkpoints if c["prompt_fidelity"] >= keep and c.get("subject_fidelity") is not None]
     best = max(kept, key=lambda c: (c["subject_fidelity"], -c["step"]), default=None)
     best_step = None if best is None else int(best["step"])
     if base is None:
@@ -275,6 +281,13 @@ def load_photos(folder: Path) -> list[Image.Image]:
     return photos
 
 
+def _load_judge() -> Any:
+    """The shipped world judge, or None when this checkout has none (its figures are then null)."""
+    from tune.world.scoring import try_load_judge
+
+    return try_load_judge()
+
+
 class Evaluator:
     """Scores pipelines on one suite for one subject and keeps the report (eval/report.json, report.md)."""
 
@@ -297,12 +310,11 @@ class Evaluator:
         photos = load_photos(subject.photos)
         self.reference_clip = self.clip.image_embeddings(photos)
         self.reference_dino = self.dino.image_embeddings(photos) if self.dino else None
-        self.example_toy = metrics.is_example_toy(photos)
+        self.judge = _load_judge()
+        self.look = metrics.subject_look(photos, self.judge)
         self.prompts = [subject.render(p) for p in suite.prompts]
         self.clip_texts = [subject.render(p, token=False) for p in suite.prompts]
-        self.is_subject = ["{token}" in p for p in suite.prompts]
-        if not any(self.is_subject):
-            raise ConfigError(f"suite {suite.name} has no prompt with {{token}}; subject fidelity needs one")
+        self.is_subject = ["{token}" in p for p in suite.prompts]  # none: a drift suite, no subject figures
         self.base: dict[str, Any] | None = None
         self.checkpoints: list[dict[str, Any]] = []
 
@@ -370,23 +382,32 @@ class Evaluator:
         n_seeds = len(self.suite.seeds)
         prompt_of = [i // n_seeds for i in range(len(images))]
         subject_images = [im for im, i in zip(images, prompt_of, strict=True) if self.is_subject[i]]
+        prompts = [self.prompts[i] for i in prompt_of]
+        others = [
+            (im, self.prompts[i]) for im, i in zip(images, prompt_of, strict=True) if not self.is_subject[i]
+        ]
+        other_images, other_prompts = [im for im, _ in others], [p for _, p in others]
         embeddings = self.clip.image_embeddings(images)
         subject_rows = [k for k, i in enumerate(prompt_of) if self.is_subject[i]]
         groups = {str(i): embeddings[i * n_seeds : (i + 1) * n_seeds] for i in range(len(self.prompts))}
         result: dict[str, float | None] = {
             "subject_fidelity": metrics.subject_fidelity(
                 embeddings[subject_rows], self.reference_clip, self.clip
-            ),
+            )
+            if subject_rows
+            else None,
             "prompt_fidelity": metrics.prompt_fidelity(
                 embeddings, [self.clip_texts[i] for i in prompt_of], self.clip
             ),
             "diversity": metrics.diversity(groups, self.clip),
             "dino_fidelity": None,
-            "concept_present": metrics.concept_present(subject_images) if self.example_toy else None,
-            "background_right": metrics.background_right(images, [self.prompts[i] for i in prompt_of]),
-            "shapes_accuracy": metrics.shapes_accuracy(images, [self.prompts[i] for i in prompt_of]),
+            "subject_found": metrics.subject_found(subject_images, self.look, self.judge),
+            "background_right": metrics.background_right(images, prompts, self.judge),
+            "style_right": metrics.style_right(images, prompts, self.judge),
+            "prompt_right": metrics.prompt_right(other_images, other_prompts, self.judge),
+            "subject_in_others": metrics.subject_found(other_images, self.look, self.judge),
         }
-        if self.dino is not None and self.reference_dino is not None:
+        if self.dino is not None and self.reference_dino is not None and subject_images:
             result["dino_fidelity"] = metrics.subject_fidelity(subject_images, self.reference_dino, self.dino)
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
 
@@ -477,9 +498,9 @@ def run_subject(run: RunInfo) -> EvalSubject:
         raise TuneError(
             f"{run.path}/run.json names no trigger word or photos folder; did the run get past its start?"
         )
-    class_word = ""
+    class_word = str(info.get("class_word") or "")
     concept = info.get("concept") or ""
-    if concept and Path(concept, "concept.toml").is_file():
+    if not class_word and concept and Path(concept, "concept.toml").is_file():
         class_word = load_concept(concept).class_word
     if not class_word:
         class_word = _word_after(

@@ -1,6 +1,6 @@
 """Image metrics for personalization: how much of the subject, how much of the prompt, how varied.
 
-    clip = load_clip("models/shapes-clip")           # any transformers CLIPModel folder
+    clip = load_clip("models/world-clip")            # any transformers CLIPModel folder
     dino = load_dino("path/to/dinov2-small")         # optional: any ViT / Dinov2 folder
     subject_fidelity(images, photos, clip)           # CLIP-I: mean cosine, generated x concept photos
     subject_fidelity(images, photos, dino)           # DINO: the same with DINO's CLS embedding
@@ -11,10 +11,11 @@ The first three are the DreamBooth paper's CLIP-I, DINO and CLIP-T; `diversity` 
 (every seed drawing the same picture), a sign of overfitting. Cosines lie in [-1, 1]; identical
 images have subject fidelity 1 and diversity 0.
 
-On our shapes domain the detectors add exact checks: `shapes_accuracy` (the shapes attribute
-detector on plain shapes captions: does the model still draw what it is told?), `background_right`
-(is the background the palette colour the prompt named?) and, for the example toy,
-`concept_present` (does its detector find the toy?).
+On the built-in toy world the world judge (`tune.world.judge`) adds exact checks: `subject_found`
+(is the subject, whose look the judge reads from the concept's own photos, in the picture?),
+`background_right` and `style_right` (the background and style the prompt named?) and
+`prompt_right` (every attribute a prompt names, for prompts without the subject: does the model still
+draw what it is told?).
 
 Models are local folders only; nothing is downloaded. Images are preprocessed by hand the way the
 folder's `preprocessor_config.json` says (shortest side resized bicubic, centre crop, mean/std),
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from tune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "models/shapes-clip"
+DEFAULT_CLIP = "models/world-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -277,71 +277,107 @@ def diversity(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shapes-domain detectors
+# The toy world: what the world judge reads (tune.world.judge)
 # ---------------------------------------------------------------------------------------------------
 
-_BACKGROUND = re.compile(r"\bon an? (\w+) background\b")
+LOOK_FIELDS = ("cls", "color", "pattern", "color2", "hair")
+LOOK_AGREEMENT = 0.6
+"""A concept's photos are a world subject when the judge reads one look in at least this share of them."""
 
 
 def prompt_background(prompt: str) -> str | None:
-    """The palette colour a prompt asks for as background ("... on a red background"), or None."""
-    from tune.data.shapes import COLORS
+    """The background a prompt asks for (a world colour or surface: "... on a red background", "... on
+    grass"), or None."""
+    from tune.world.captions import parse
 
-    m = _BACKGROUND.search(prompt)
-    return m.group(1) if m and m.group(1) in COLORS else None
-
-
-def shapes_spec(prompt: str) -> Any:
-    """The ShapeSpec whose canonical caption is exactly `prompt`, or None (not a plain shapes caption)."""
-    return _caption_specs().get(prompt.strip())
+    return parse(prompt).get("background")
 
 
-def _caption_specs() -> dict[str, Any]:
-    global _CAPTIONS
-    if _CAPTIONS is None:
-        from tune.data.shapes import caption, enumerate_specs
-
-        _CAPTIONS = {caption(spec): spec for spec in enumerate_specs("all")}
-    return _CAPTIONS
-
-
-_CAPTIONS: dict[str, Any] | None = None
-
-
-def shapes_accuracy(images: Sequence[Image.Image], prompts: Sequence[str]) -> float | None:
-    """Share of images whose every attribute the shapes detector reads as the caption says, over the
-    images whose prompt is a plain shapes caption ("a large red circle on a blue background"); None
-    when no prompt is one."""
-    from tune.data.shapes_detect import score
-
-    pairs = [(im, shapes_spec(p)) for im, p in zip(images, prompts, strict=True)]
-    pairs = [(im, spec) for im, spec in pairs if spec is not None]
-    if not pairs:
+def subject_look(photos: Sequence[Image.Image], judge: Any) -> dict[str, str | None] | None:
+    """The look (class, colours, pattern, hair) the judge reads in most of a concept's photos, or None
+    when no look reaches LOOK_AGREEMENT (the photos are not of one world subject)."""
+    if judge is None or not photos:
         return None
-    return score([im for im, _ in pairs], [spec for _, spec in pairs]).all_correct
-
-
-def is_example_toy(photos: Sequence[Image.Image]) -> bool:
-    """Whether most of a concept's photos show the example toy (then `concept_present` is meaningful)."""
-    from tune.data.example_concept_detect import detect_concept
-
-    return bool(photos) and sum(detect_concept(p)[0] for p in photos) * 2 > len(photos)
-
-
-def concept_present(images: Sequence[Image.Image]) -> float:
-    """For the example toy: the share of images in which its detector finds it."""
-    from tune.data.example_concept_detect import detect_concept
-
-    return sum(detect_concept(im)[0] for im in images) / len(images)
-
-
-def background_right(images: Sequence[Image.Image], prompts: Sequence[str]) -> float | None:
-    """Share of images whose background (shapes detector) is the palette colour their prompt named, over
-    the prompts that name one; None when none does."""
-    from tune.data.shapes_detect import detect
-
-    pairs = [(im, prompt_background(p)) for im, p in zip(images, prompts, strict=True)]
-    pairs = [(im, bg) for im, bg in pairs if bg is not None]
-    if not pairs:
+    looks = [
+        tuple(getattr(v, k) for k in LOOK_FIELDS) for v in judge.read(list(photos)) if v.color is not None
+    ]
+    if not looks:
         return None
-    return sum(detect(im).bg == bg for im, bg in pairs) / len(pairs)
+    best = max(set(looks), key=looks.count)
+    return (
+        dict(zip(LOOK_FIELDS, best, strict=True))
+        if looks.count(best) >= LOOK_AGREEMENT * len(photos)
+        else None
+    )
+
+
+def found(verdict: Any, look: dict[str, str | None]) -> bool:
+    """Whether a verdict shows the look: class and pattern always, colours and hair where the picture's
+    style shows colours (a sketch has none); a striped or spotted toy may be read with its two colours
+    either way round."""
+    if verdict.cls != look["cls"] or verdict.pattern != look["pattern"]:
+        return False
+    if verdict.color is None:
+        return True
+    pair, wanted = (verdict.color, verdict.color2), (look["color"], look["color2"])
+    return (pair == wanted or (look["cls"] != "person" and pair == wanted[::-1])) and verdict.hair == look[
+        "hair"
+    ]
+
+
+def subject_found(
+    images: Sequence[Image.Image], look: dict[str, str | None] | None, judge: Any
+) -> float | None:
+    """Share of images in which the judge sees the subject's look; None without a look."""
+    if look is None or not images:
+        return None
+    return sum(found(v, look) for v in judge.read(list(images))) / len(images)
+
+
+def _named(images: Sequence[Image.Image], prompts: Sequence[str], key: str, judge: Any) -> float | None:
+    """Share of images whose judged `key` is what their prompt names, over the prompts naming one."""
+    from tune.world.captions import parse
+
+    pairs = [(im, parse(p).get(key)) for im, p in zip(images, prompts, strict=True)]
+    pairs = [(im, want) for im, want in pairs if want is not None]
+    if judge is None or not pairs:
+        return None
+    verdicts = judge.read([im for im, _ in pairs])
+    return sum(getattr(v, key) == want for v, (_, want) in zip(verdicts, pairs, strict=True)) / len(pairs)
+
+
+def background_right(images: Sequence[Image.Image], prompts: Sequence[str], judge: Any) -> float | None:
+    """Share of images on the background (colour or surface) their prompt named; None when none names one."""
+    return _named(images, prompts, "background", judge)
+
+
+def style_right(images: Sequence[Image.Image], prompts: Sequence[str], judge: Any) -> float | None:
+    """Share of images in the style (photo, drawing, pencil sketch, pixel art) their prompt named."""
+    return _named(images, prompts, "style", judge)
+
+
+def prompt_right(images: Sequence[Image.Image], prompts: Sequence[str], judge: Any) -> float | None:
+    """Share of images whose every attribute the prompt names (class, colours, pattern, background,
+    style, size, position) the judge reads as named, over prompts that name a class; "toy" means any toy.
+    Attributes a picture's style cannot show (colours in a sketch) are not counted."""
+    from tune.world.captions import parse
+    from tune.world.spec import TOYS
+
+    pairs = [(im, parse(p)) for im, p in zip(images, prompts, strict=True)]
+    pairs = [(im, named) for im, named in pairs if "cls" in named]
+    if judge is None or not pairs:
+        return None
+
+    def right(verdict: Any, named: dict[str, str]) -> bool:
+        for key, want in named.items():
+            got = getattr(verdict, key)
+            if key == "cls" and want == "toy":
+                ok = got in TOYS
+            else:
+                ok = got is None or got == want  # None: not shown in this style
+            if not ok:
+                return False
+        return True
+
+    verdicts = judge.read([im for im, _ in pairs])
+    return sum(right(v, named) for v, (_, named) in zip(verdicts, pairs, strict=True)) / len(pairs)

@@ -10,7 +10,7 @@
   validation prompts, prior-preservation settings) or from `instance_dir` / `instance_prompt`;
   keys given explicitly win over the concept's.
 - `load_base`: the base model (a diffusers folder or single file), with a clear error when the
-  default `models/shapes-base` is missing.
+  default `models/world-base` is missing.
 - `build_photo_loader`: photos (plus class images) to batches through the shared loader, with cached
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
 - `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import string
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "models/shapes-base"
+DEFAULT_BASE_MODEL = "models/world-base"
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -184,7 +186,7 @@ class PersonalizeConfig:
     resume: str = ""
     """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
     resolution: int = 0
-    """Training size in pixels (square); 0 means the base model's native size (64 for shapes-base)."""
+    """Training size in pixels (square); 0 means the base model's native size (64 for world-base)."""
     max_steps: int = 400
     """Optimizer steps."""
     batch_size: int = 1
@@ -295,6 +297,15 @@ def resolve_subject(cfg: PersonalizeConfig) -> Subject:
         )
     token = cfg.token or (concept.token if concept else "")
     class_word = concept.class_word if concept else ""
+    if not token or not class_word:
+        prompt = cfg.instance_prompt or (concept.instance_caption if concept else "")
+        told = trigger_and_class(prompt, token)
+        if told is None:
+            raise ConfigError(
+                f"cannot tell the trigger word and the class from instance_prompt {prompt!r}: write it as "
+                '"a photo of TOKEN CLASS" (e.g. "a photo of sks toy") or give token=WORD'
+            )
+        token, class_word = token or told[0], class_word or told[1]
     subject = Subject(
         photos=photos,
         instance_prompt=cfg.instance_prompt or concept.instance_caption,  # type: ignore[union-attr]
@@ -310,6 +321,25 @@ def resolve_subject(cfg: PersonalizeConfig) -> Subject:
     if token and token not in subject.instance_prompt.split():
         log.warning("the token %r does not appear in the instance prompt %r", token, subject.instance_prompt)
     return subject
+
+
+_LEAD = re.compile(r"^(?:.*?\bof\s+)?(?:(?:a|an|the)\s+)?", re.IGNORECASE)
+
+
+def trigger_and_class(prompt: str, token: str = "") -> tuple[str, str] | None:
+    """(trigger, class word) of an instance prompt: the word after `token` when one is given, else the two
+    words after a leading "... of" and article ("a photo of sks toy" -> sks, toy; "a sks dog" -> sks,
+    dog); None when the prompt does not say."""
+    words = [w.strip(string.punctuation) for w in prompt.split()]
+    words = [w for w in words if w]
+    if token:
+        if token in words and words.index(token) + 1 < len(words):
+            return token, words[words.index(token) + 1]
+        return None
+    rest = _LEAD.sub("", " ".join(words), count=1).split()
+    if len(rest) < 2 or "of" in (w.lower() for w in rest[:2]):
+        return None
+    return rest[0], rest[1]
 
 
 def validation_prompts(subject: Subject, sample: SampleConfig) -> list[str]:
@@ -766,6 +796,7 @@ def run_info(
         "instance_prompt": subject.instance_prompt,
         "class_prompt": subject.class_prompt,
         "trigger": subject.token,
+        "class_word": subject.class_word,
         "photos": len(dataset.instance_indices),
         "class_images": len(dataset.prior_indices),
         "max_steps": cfg.max_steps,

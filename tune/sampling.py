@@ -72,7 +72,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 """Scheduler names accepted everywhere (CLI, configs, dashboard) -> diffusers classes. Each is built
 `from_config(pipe.scheduler.config)`, so it keeps the model's noise schedule and prediction type."""
 
-DEFAULT_MODEL = "models/shapes-base"
+DEFAULT_MODEL = "models/world-base"
 IMAGE_NAME = "p{i:02d}_s{seed}.png"
 TRAJECTORY_NAME = "p{i:02d}_s{seed}_trajectory.png"
 GRID_NAME = "grid.png"

@@ -103,7 +103,7 @@ def make_lora_run(root: Path, concept: Path) -> Path:
         "recipe": "lora",
         "tune_version": "0.1.0",
         "started_at": "2026-01-02T10:00:00+00:00",
-        "base_model": "models/shapes-base",
+        "base_model": "models/world-base",
         "concept": str(concept),
         "concept_name": "sks-toy",
         "instance_dir": str(concept / "photos"),
@@ -114,7 +114,7 @@ def make_lora_run(root: Path, concept: Path) -> Path:
     }
     (run / "run.json").write_text(json.dumps(info, indent=2))
     (run / "config.toml").write_text(
-        f'base_model = "models/shapes-base"\nconcept = "{concept}"\nmax_steps = 200\n\n[lora]\nrank = 4\n'
+        f'base_model = "models/world-base"\nconcept = "{concept}"\nmax_steps = 200\n\n[lora]\nrank = 4\n'
     )
     t0 = 1767348000.0  # 2026-01-02T10:00:00Z
     rows = [
@@ -130,10 +130,10 @@ def make_lora_run(root: Path, concept: Path) -> Path:
     _write_lora_file(run / "export" / f"{LORA_RUN}.safetensors", kohya=True)
     for label in ("base", "step_000200"):
         write_sample_set(run / "eval" / label, PROMPTS[1:], [0], 120, trajectory=False)
-    scores = {"diversity": 0.3, "dino_fidelity": 0.4, "concept_present": 0.5, "background_right": 0.9}
+    scores = {"diversity": 0.3, "dino_fidelity": 0.4, "subject_found": 0.5, "background_right": 0.9}
     report = {
         "suite": "backgrounds",
-        "clip_model": "models/shapes-clip",
+        "clip_model": "models/world-clip",
         "dino_model": None,
         "prompts": PROMPTS[1:],
         "seeds": [0],

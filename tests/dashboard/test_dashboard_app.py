@@ -47,7 +47,7 @@ def test_runs_page_lists_every_run_with_status_and_loss_curve(app: AppTest):
         "191/200",
         "sks-toy",
     )
-    assert lora["base model"] == "models/shapes-base"
+    assert lora["base model"] == "models/world-base"
     assert lora["time"] == "9m33s"  # last metric 10:09:33 - start 10:00:00
     assert rows[STOPPED_RUN]["status"] == "crashed"
     # one loss curve per run (both have loss rows; the torn last line is skipped)
@@ -108,7 +108,7 @@ def test_live_panel_is_there_without_generating(app: AppTest):
 
 
 def test_live_generation_without_a_base_model_says_why(app: AppTest):
-    # The fixture's base model (models/shapes-base under a tmp runs folder) may not exist: the panel
+    # The fixture's base model (models/world-base under a tmp runs folder) may not exist: the panel
     # must report that as an error message, not crash the page.
     goto(app, "Compare")
     app.slider(key=f"live_scale:{LORA_RUN}").set_value(0.5).run(timeout=120)

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tune.data.example_concept import render_photo
 from tune.runs import RunDir, read_metrics, read_run
+from tune.world.render import render
+from tune.world.subjects import SUBJECTS
 
 
 def losses(run_path: Path) -> dict[int, float]:
@@ -21,11 +22,12 @@ def losses(run_path: Path) -> dict[int, float]:
 
 
 def make_concept(root: Path, count: int = 4) -> Path:
-    """A concept folder: `count` small photos of the example toy and a concept.toml."""
+    """A concept folder: `count` small photos of the example toy (world renders) and a concept.toml."""
     photos = root / "photos"
     photos.mkdir(parents=True)
     for i in range(count):
-        image = render_photo(np.random.default_rng(i), 64 + 16 * (i % 2), 64, jpeg_quality=None)
+        spec = SUBJECTS["sks-toy"].spec(("wooden table", "grey", "sand", "blue")[i % 4])
+        image = render(spec, np.random.default_rng(i), 64 + 16 * (i % 2), 64)
         image.save(photos / f"toy_{i}.jpg", quality=90)
     (root / "concept.toml").write_text('token = "sks"\nclass_word = "toy"\n')
     return root

@@ -13,21 +13,21 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from recipes.clip import Config, contrastive_loss, main
 from tune.config import load_config
-from tune.data.shapes import write_imagefolder
 from tune.errors import ConfigError, DataError
 from tune.runs import read_metrics, read_run
+from tune.world.dataset import write_imagefolder
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "clip"
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("shapes") / "train", 32, split="train", seed=0)
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("world") / "train", 32, split="train", seed=0)
 
 
-def train(shapes_dir: Path, out: Path, *overrides: str):
+def train(world_dir: Path, out: Path, *overrides: str):
     cfg = load_config(
-        Config, CONFIGS / "tiny.toml", [f"data_dir={shapes_dir}", f"output_dir={out}", *overrides]
+        Config, CONFIGS / "tiny.toml", [f"data_dir={world_dir}", f"output_dir={out}", *overrides]
     )
     return main(cfg)
 
@@ -38,8 +38,8 @@ def losses(run_path: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def first_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(shapes_dir, tmp_path_factory.mktemp("runs") / "a").path
+def first_run(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(world_dir, tmp_path_factory.mktemp("runs") / "a").path
 
 
 def test_run_dir_contract(first_run: Path) -> None:
@@ -64,25 +64,25 @@ def test_exports_load_and_agree(first_run: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
     assert CLIPTokenizer.from_pretrained(clip_dir).get_vocab() == tokenizer.get_vocab()
     ids = tokenizer(
-        ["a small red star on a blue background in the top left"], padding="max_length", return_tensors="pt"
+        ["a photo of a small red ball on a blue background in the top left"], padding="max_length", return_tensors="pt"
     ).input_ids
     assert ids.shape == (1, 77)  # SD's prompt length: the U-Net sees 77 token states
     with torch.no_grad():
         hidden = text_encoder(ids).last_hidden_state
         assert hidden.shape == (1, 77, 32)
         assert torch.equal(hidden, clip.text_model(ids).last_hidden_state)
-    # The shapes words are whole tokens: the tokenizer was trained on the captions.
-    assert len(tokenizer.tokenize("a small red star")) == 4
+    # The world's words are whole tokens: the tokenizer was trained on the captions.
+    assert len(tokenizer.tokenize("a photo of")) == 3
 
 
-def test_same_seed_same_losses_and_exact_resume(shapes_dir: Path, first_run: Path, tmp_path: Path) -> None:
-    second = train(shapes_dir, tmp_path / "b").path
+def test_same_seed_same_losses_and_exact_resume(world_dir: Path, first_run: Path, tmp_path: Path) -> None:
+    second = train(world_dir, tmp_path / "b").path
     assert losses(second) == losses(first_run)  # bit-identical: same seed, same numbers
 
     # "Crash" after step 2: drop the newer checkpoint, then continue from the latest one.
     shutil.rmtree(second / "checkpoints" / "step_000004")
     (second / "DONE").unlink()
-    train(shapes_dir, tmp_path / "b", "resume=latest")
+    train(world_dir, tmp_path / "b", "resume=latest")
     steps = [m["step"] for m in read_metrics(second / "metrics.jsonl") if "loss" in m]
     assert steps == [1, 2, 3, 4, 3, 4]  # resumed at step 3, not from scratch
     assert losses(second) == losses(first_run)
@@ -90,7 +90,7 @@ def test_same_seed_same_losses_and_exact_resume(shapes_dir: Path, first_run: Pat
 
 
 def test_missing_data_names_the_command(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="tune data shapes .* --count 10000 --split train"):
+    with pytest.raises(DataError, match="tune data world .* --count 30000 --split train"):
         main(Config(data_dir=str(tmp_path / "nope"), output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 

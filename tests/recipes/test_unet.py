@@ -15,9 +15,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 from recipes import unet as recipe
 from tune import PROJECT_ROOT
 from tune.config import load_config
-from tune.data.shapes import write_imagefolder
 from tune.errors import ConfigError, DataError, ModelError
 from tune.runs import read_run
+from tune.world.dataset import write_imagefolder
 
 from recipe_testkit import crash_then_resume, losses
 
@@ -31,7 +31,7 @@ TINY_VISION = dict(
 def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, str]:
     """Stand-ins in the layouts the data, vae and clip recipes write (32 px, VAE factor 4)."""
     root = tmp_path_factory.mktemp("unet-inputs")
-    data = write_imagefolder(root / "shapes", count=12, split="train", resolution=32, seed=0)
+    data = write_imagefolder(root / "world", count=12, split="train", resolution=32, seed=0)
     tiny = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     tiny.vae.save_pretrained(root / "vae")
     # The clip recipe's export: a whole CLIPModel, its text tower in text_encoder/, and tokenizer/.
@@ -59,18 +59,20 @@ def test_run_directory_contract(first_run: Path) -> None:
     assert sorted(losses(first_run)) == [1, 2, 3, 4]
     numbers = [v for m in info.metrics for k, v in m.items() if k not in ("step", "time")]
     assert numbers and all(math.isfinite(v) for v in numbers)
-    val = [m for m in info.metrics if "val_color" in m]
+    val = [m for m in info.metrics if "val_cls" in m]
     assert [m["step"] for m in val] == [2, 4]
-    assert {"val_bg", "val_shape", "val_size", "val_all_correct"} <= set(val[0])
+    assert {"val_cls", "val_background", "val_style", "val_size", "val_all"} <= set(val[0])
     assert info.sample_steps == [2, 4]
     assert (info.samples_at(4) / "grid.png").is_file() and (info.samples_at(4) / "p01_s0.png").is_file()
     assert info.checkpoint_steps == [2, 4]
     assert all((first_run / "checkpoints" / f"step_{s:06d}" / "COMPLETE").is_file() for s in (2, 4))
     report = json.loads((first_run / "eval" / "unet.json").read_text())
-    for split in ("heldout", "train"):
-        assert report[split]["count"] == 2
-        assert {"color", "shape", "bg", "size", "all_correct"} <= set(report[split])
-        assert all(0 <= report[split][k] <= 1 for k in ("color", "shape", "bg", "size", "all_correct"))
+    for split in ("seen", "heldout"):  # judged by the world judge, per style and overall
+        overall = report[split]["overall"]
+        assert {"cls", "background", "style", "all"} <= set(overall)
+        assert all(0 <= v <= 1 for v in overall.values())
+    assert set(report["odd_prompts"]) == {"toy", "unknown_word"}
+    assert (first_run / "eval" / "unet.md").is_file()
     assert report["train_time_s"] > 0 and (first_run / "eval" / "unet_grid.png").is_file()
 
 
@@ -88,7 +90,7 @@ def test_export_loads_in_plain_diffusers(first_run: Path) -> None:
     assert pipe.unet.config.sample_size == 8 and pipe.unet.config.cross_attention_dim == 32
     pipe.set_progress_bar_config(disable=True)
     image = pipe(
-        "a large red circle on a blue background",
+        "a photo of a large red ball on a blue background",
         num_inference_steps=2,
         generator=torch.Generator().manual_seed(0),
     ).images[0]
@@ -143,7 +145,7 @@ def test_shipped_configs_load_strictly() -> None:
 
 
 def test_missing_inputs_say_what_to_do_and_leave_no_run(inputs: dict[str, str], tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"tune data shapes .*nowhere --count \d+ --split train"):
+    with pytest.raises(DataError, match=r"tune data world .*nowhere --count \d+ --split train"):
         recipe.main(tiny_config({**inputs, "data_dir": str(tmp_path / "nowhere")}, tmp_path / "d"))
     with pytest.raises(ModelError, match="tune run vae"):
         recipe.main(tiny_config({**inputs, "vae": str(tmp_path / "novae")}, tmp_path / "v"))
