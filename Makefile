@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LOCK  := requirements/lock.txt
 LATEST ?= .venv-latest
 
-.PHONY: install test test-latest lock demo lint clean-demo base
+.PHONY: install test test-latest lock demo lint clean-demo base judge
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -47,25 +47,31 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-# The default base model from scratch: data, then the vae, clip and unet runs (about 75 minutes on 2 CPU
-# cores), then models/shapes-base and models/shapes-clip in fp16. A stage whose run finished (DONE) is not
-# run again; an interrupted one resumes from its last checkpoint. SHIP_ARGS=--force replaces the models.
+# The default base model from scratch: the toy world's data, then the vae and clip runs (side by side, one
+# torch thread each), then the unet run, then models/world-base and models/world-clip in fp16 (see
+# models/world-base/MODEL_CARD.md for stage times). A stage whose run finished (DONE) is not run again; an
+# interrupted one resumes from its last checkpoint. SHIP_ARGS=--force replaces the models. The unet run's
+# evaluation reads its images with the world judge (models/world-judge; `make judge` retrains it).
 BASE_RUNS ?= runs
-SHAPES    ?= data/shapes-train
+WORLD     ?= data/world-train
 SHIP_ARGS ?=
 
-$(SHAPES)/metadata.jsonl: | $(STAMP)
-	$(TUNE) data shapes $(SHAPES) --count 10000 --split train --seed 0
+$(WORLD)/metadata.jsonl: | $(STAMP)
+	$(TUNE) data world $(WORLD) --count 30000 --split train --seed 0
 
-$(BASE_RUNS)/base-vae/DONE: $(SHAPES)/metadata.jsonl
-	$(TUNE) run vae --config default data_dir=$(SHAPES) output_dir=$(BASE_RUNS)/base-vae resume=latest
-
-$(BASE_RUNS)/base-clip/DONE: $(SHAPES)/metadata.jsonl
-	$(TUNE) run clip --config default data_dir=$(SHAPES) output_dir=$(BASE_RUNS)/base-clip resume=latest
+$(BASE_RUNS)/base-vae/DONE $(BASE_RUNS)/base-clip/DONE &: $(WORLD)/metadata.jsonl
+	OMP_NUM_THREADS=1 $(TUNE) run vae --config default data_dir=$(WORLD) output_dir=$(BASE_RUNS)/base-vae resume=latest & \
+	vae=$$!; \
+	OMP_NUM_THREADS=1 $(TUNE) run clip --config default data_dir=$(WORLD) output_dir=$(BASE_RUNS)/base-clip resume=latest; \
+	clip=$$?; wait $$vae && test $$clip -eq 0
 
 $(BASE_RUNS)/base-unet/DONE: $(BASE_RUNS)/base-vae/DONE $(BASE_RUNS)/base-clip/DONE
-	$(TUNE) run unet --config default data_dir=$(SHAPES) output_dir=$(BASE_RUNS)/base-unet resume=latest \
+	$(TUNE) run unet --config default data_dir=$(WORLD) output_dir=$(BASE_RUNS)/base-unet resume=latest \
 		vae=$(BASE_RUNS)/base-vae/export/vae clip=$(BASE_RUNS)/base-clip/export/clip
 
 base: $(BASE_RUNS)/base-unet/DONE
 	$(PY) scripts/ship_base.py --runs $(BASE_RUNS) $(SHIP_ARGS)
+
+# The world judge every figure is measured with: renders, training, its accuracy (models/world-judge).
+judge: $(STAMP)
+	$(PY) scripts/train_judge.py

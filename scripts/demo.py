@@ -1,9 +1,9 @@
 """`make demo`: the main job end to end, offline, on this machine (a few minutes on 2 CPU cores).
 
-1. writes a small built-in shapes dataset and checks it with the shared data loader;
-2. samples the shipped base model (models/shapes-base): an image and its denoising film strip;
-3. trains a LoRA on the example concept (concepts/sks-toy: 10 photos of a toy the base model cannot
-   draw) with the lora recipe's default config, which exports kohya and diffusers files;
+1. writes a few renders of the built-in toy world and checks them with the shared data loader;
+2. samples the shipped base model (models/world-base): an image and its denoising film strip;
+3. trains a LoRA on the example concept (concepts/sks-toy: 10 photos of a toy the base model has never
+   seen) with the lora recipe's default config, which exports kohya and diffusers files;
 4. draws the exported kohya file through `tune sample --lora` (the file A1111 and ComfyUI load);
 5. puts base and tuned side by side on the concept's validation prompts (the recipe's step-0 samples are
    the base model, its last samples the tuned one: same prompts, same seeds) in compare.png.
@@ -24,7 +24,7 @@ from tune.cli import main as tune
 
 log = logging.getLogger("demo")
 CONCEPT = PROJECT_ROOT / "concepts" / "sks-toy"
-BASE = PROJECT_ROOT / "models" / "shapes-base"
+BASE = PROJECT_ROOT / "models" / "world-base"
 
 
 def step(*args: str) -> None:
@@ -63,12 +63,12 @@ def main() -> None:
     out = Path("runs") / f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True)
 
-    step("data", "shapes", str(out / "shapes"), "--count", "24", "--seed", "0")
-    step("data", "check", str(out / "shapes"), "--resolution", "64")
+    step("data", "world", str(out / "world"), "--count", "24", "--seed", "0", "--workers", "1")
+    step("data", "check", str(out / "world"), "--resolution", "64")
     step(
         "sample",
         "--prompt",
-        "a large red circle on a blue background",
+        "a photo of a large red ball on a blue background",
         "--seed",
         "3",
         "--steps",
