@@ -61,8 +61,10 @@ def test_subject_is_found_in_its_photos(judge, name: str) -> None:
 def test_look_alikes_are_not_the_subject(judge, name: str) -> None:
     subject = SUBJECTS[name]
     specs = look_alikes(subject)
-    images = [render(s, np.random.default_rng([i, 5])) for i, s in enumerate(specs) for _ in range(1)]
-    images += [render(s, np.random.default_rng([i, 6]), 96, 96) for i, s in enumerate(specs)]
+    images = [render(s, np.random.default_rng([i, j, 5])) for i, s in enumerate(specs) for j in range(2)]
+    images += [
+        render(s, np.random.default_rng([i, j, 6]), 96, 96) for i, s in enumerate(specs) for j in range(2)
+    ]
     false = sum(subject.found(v) for v in judge.read(images))
     assert len(images) >= 60 and false <= 0.02 * len(images), false
 
@@ -70,5 +72,5 @@ def test_look_alikes_are_not_the_subject(judge, name: str) -> None:
 def test_missing_judge_is_a_clear_error(tmp_path: Path) -> None:
     from tune.errors import ModelError
 
-    with pytest.raises(ModelError, match="no world judge .* train_judge.py"):
+    with pytest.raises(ModelError, match="no world judge .*train_judge.py"):
         load_judge(tmp_path)
