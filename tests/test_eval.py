@@ -66,9 +66,14 @@ def test_shipped_suite_contents() -> None:
     # The world suites of the personalization figures: every prompt parses to what it asks of the judge.
     from tune.world.captions import parse
 
-    colours = [parse(p.format(token="sks", **{"class": "toy"}))["background"] for p in load_suite("backgrounds").prompts]
+    colours = [
+        parse(p.format(token="sks", **{"class": "toy"}))["background"]
+        for p in load_suite("backgrounds").prompts
+    ]
     assert colours == ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-    surfaces = [parse(p.format(token="sks", **{"class": "toy"}))["background"] for p in load_suite("surfaces").prompts]
+    surfaces = [
+        parse(p.format(token="sks", **{"class": "toy"}))["background"] for p in load_suite("surfaces").prompts
+    ]
     assert surfaces == ["wooden table", "grass", "sand", "rug"]
     styles = [parse(p.format(token="sks", **{"class": "toy"}))["style"] for p in load_suite("styles").prompts]
     assert styles == ["photo", "drawing", "sketch", "pixel"]

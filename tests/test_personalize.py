@@ -58,7 +58,8 @@ def test_subject_from_a_concept_and_explicit_keys(concept: Path, tmp_path: Path)
         "zwx dog in snow"
     ]
     plain = p.resolve_subject(cfg(f"instance_dir={other}", "instance_prompt=a photo of sks cat"))
-    assert (plain.class_prompt, plain.token, plain.concept) == ("", "", None)
+    # The trigger word comes from the instance prompt.
+    assert (plain.class_prompt, plain.token, plain.concept) == ("", "sks", None)
     assert p.validation_prompts(plain, p.SampleConfig()) == ["a photo of sks cat"]
 
 

@@ -64,7 +64,9 @@ def test_exports_load_and_agree(first_run: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
     assert CLIPTokenizer.from_pretrained(clip_dir).get_vocab() == tokenizer.get_vocab()
     ids = tokenizer(
-        ["a photo of a small red ball on a blue background in the top left"], padding="max_length", return_tensors="pt"
+        ["a photo of a small red ball on a blue background in the top left"],
+        padding="max_length",
+        return_tensors="pt",
     ).input_ids
     assert ids.shape == (1, 77)  # SD's prompt length: the U-Net sees 77 token states
     with torch.no_grad():

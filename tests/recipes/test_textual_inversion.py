@@ -149,10 +149,6 @@ def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
         "instance_prompt=a photo of sks toy",
         f"output_dir={tmp_path / 'x'}",
     ]
-    with pytest.raises(ConfigError, match="needs the new word"):
-        recipe.main(load_config(recipe.Config, None, explicit))
-    with pytest.raises(ConfigError, match="initializer_token is required"):
-        recipe.main(load_config(recipe.Config, None, [*explicit, "token=sks"]))
-    with pytest.raises(ConfigError, match="must contain the token"):
+    with pytest.raises(ConfigError, match="cannot tell the trigger word"):
         recipe.main(load_config(recipe.Config, None, [*explicit, "token=zwx", "initializer_token=toy"]))
     assert not (tmp_path / "x").exists()
