@@ -94,6 +94,9 @@ class Config:
     """Train on random crops of this side (pixels, a multiple of 4) instead of whole images: the VAE is
     convolutional, so a 32 px crop teaches the same local job at a quarter of the cost (0 = whole images).
     Validation and evaluation always use whole images."""
+    crops_per_image: int = 1
+    """Random crops taken from each loaded image (with train_crop): a step then trains on batch_size x
+    crops_per_image crops, which costs less than loading that many images."""
     kl_weight: float = 1e-6
     """Weight of the KL term, summed over the latent and divided by the image's pixel values (SD's scale)."""
     sample_every: int = 400
@@ -120,7 +123,14 @@ class Config:
     """Optimizer and learning-rate schedule."""
 
     def __post_init__(self) -> None:
-        positive = ("resolution", "layers_per_block", "norm_num_groups", "max_steps", "batch_size")
+        positive = (
+            "resolution",
+            "layers_per_block",
+            "norm_num_groups",
+            "max_steps",
+            "batch_size",
+            "crops_per_image",
+        )
         positive += ("sample_every", "val_images", "checkpoint_every", "scaling_images", "eval_images")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -337,7 +347,7 @@ def main(cfg: Config) -> RunDir:
                 pixels = augment_colors(pixels, cfg.color_augment, recolour)
             if cfg.train_crop:
                 where = torch.Generator().manual_seed(cfg.seed * 1_000_003 + draw + 700_000)
-                pixels = random_crops(pixels, cfg.train_crop, where)
+                pixels = random_crops(pixels.repeat_interleave(cfg.crops_per_image, 0), cfg.train_crop, where)
             with accelerator.autocast():
                 recon, kl = round_trip(pixels, noise)
             recon = recon.float()

@@ -56,6 +56,22 @@ def test_results_are_prompt_major_with_native_size(pipe: StableDiffusionPipeline
     assert {s.image.size for s in samples} == {sampling.native_size(pipe)} == {(32, 32)}
 
 
+def test_paired_prompts_batch_across_prompts_like_one_at_a_time(pipe: StableDiffusionPipeline) -> None:
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    batched = sampling.generate(pipe, prompts, [7, 8, 9], steps=2, paired=True, batch_size=2, progress=False)
+    assert [(s.prompt_index, s.prompt, s.seed) for s in batched] == [
+        (0, prompts[0], 7),
+        (1, prompts[1], 8),
+        (2, prompts[2], 9),
+    ]
+    for sample in batched:
+        [alone] = sampling.generate(pipe, sample.prompt, sample.seed, steps=2, progress=False)
+        assert mean_abs_diff(sample.image, alone.image) < 0.5  # batching may change the lowest bits only
+    assert mean_abs_diff(batched[0].image, batched[1].image) > 5
+    with pytest.raises(ConfigError, match="paired prompts and seeds must match"):
+        sampling.generate(pipe, prompts, [1, 2], paired=True)
+
+
 def test_tune_sample_matches_diffusers_pipeline(tiny_pipeline_dir: str, tmp_path: Path) -> None:
     """Done-when of the sampler issue: `tune sample` == plain diffusers with the same settings."""
     from tune.cli import main

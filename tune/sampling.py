@@ -243,16 +243,19 @@ def generate(
     strength: float = 0.75,
     trajectory_every: int = 0,
     batch_size: int = 1,
+    paired: bool = False,
     progress: bool = True,
 ) -> list[Sample]:
-    """Images for every prompt x seed, prompt-major: result[i * len(seeds) + j] is (prompts[i], seeds[j]).
+    """Images for every prompt x seed, prompt-major: result[i * len(seeds) + j] is (prompts[i], seeds[j]);
+    with `paired`, one image per (prompts[i], seeds[i]) instead (the lists must be the same length).
 
     - guidance: classifier-free guidance scale; <= 1 turns guidance (and the negative prompt) off.
     - scheduler: a SCHEDULERS name, or None for the pipeline's own scheduler class.
     - width/height: default to the model's native size; the init image is resized to them.
     - init_image + strength: img2img; `int(steps * strength)` denoising steps are run (at least 1).
     - trajectory_every: K > 0 also records a frame every K steps (see the module docstring).
-    - batch_size: seeds per pipeline call; 1 keeps each image independent of the others in the call.
+    - batch_size: images per pipeline call (prompts may differ within a call); 1 keeps each image
+      independent of the others in the call.
 
     `pipe` is not modified: the scheduler is a fresh instance on a pipeline object that shares its
     modules. With more than one image, our own progress bar replaces the pipeline's per-step bar.
@@ -267,6 +270,10 @@ def generate(
         raise ConfigError(f"trajectory every K steps needs K >= 1 (0 = off); got {trajectory_every}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    if paired and len(prompt_list) != len(seed_list):
+        raise ConfigError(
+            f"paired prompts and seeds must match: {len(prompt_list)} prompts, {len(seed_list)} seeds"
+        )
     width, height = check_size(pipe, width, height)
     img2img = init_image is not None
     call_args: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pil")
@@ -286,32 +293,34 @@ def generate(
     trajectory = _Trajectory(trajectory_every, sampler.scheduler) if trajectory_every else None
     if trajectory is not None:
         call_args.update(callback_on_step_end=trajectory, callback_on_step_end_tensor_inputs=["latents"])
-    total = len(prompt_list) * len(seed_list)
-    ours = progress and total > 1
+    if paired:
+        jobs = [(i, p, s) for i, (p, s) in enumerate(zip(prompt_list, seed_list, strict=True))]
+    else:
+        jobs = [(i, p, s) for i, p in enumerate(prompt_list) for s in seed_list]
+    ours = progress and len(jobs) > 1
     if ours or not progress:
         sampler.set_progress_bar_config(disable=True)
 
     samples: list[Sample] = []
-    with tqdm(total=total, desc="sampling", unit="image", disable=not ours) as bar:
-        for i, prompt in enumerate(prompt_list):
-            for start in range(0, len(seed_list), batch_size):
-                chunk = seed_list[start : start + batch_size]
-                n = len(chunk)
-                if trajectory is not None:
-                    trajectory.reset(n)
-                batch_args = dict(call_args)
-                if img2img:
-                    batch_args["image"] = [call_args["image"]] * n
-                images = sampler(
-                    prompt=[prompt] * n,
-                    negative_prompt=[negative_prompt] * n if negative_prompt is not None else None,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
-                    **batch_args,
-                ).images
-                for k, (seed, image) in enumerate(zip(chunk, images, strict=True)):
-                    frames = (*trajectory.frames[k], image) if trajectory is not None else ()
-                    samples.append(Sample(prompt, seed, i, image, frames))
-                bar.update(n)
+    with tqdm(total=len(jobs), desc="sampling", unit="image", disable=not ours) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            n = len(chunk)
+            if trajectory is not None:
+                trajectory.reset(n)
+            batch_args = dict(call_args)
+            if img2img:
+                batch_args["image"] = [call_args["image"]] * n
+            images = sampler(
+                prompt=[prompt for _, prompt, _ in chunk],
+                negative_prompt=[negative_prompt] * n if negative_prompt is not None else None,
+                generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in chunk],
+                **batch_args,
+            ).images
+            for k, ((i, prompt, seed), image) in enumerate(zip(chunk, images, strict=True)):
+                frames = (*trajectory.frames[k], image) if trajectory is not None else ()
+                samples.append(Sample(prompt, seed, i, image, frames))
+            bar.update(n)
     return samples
 
 

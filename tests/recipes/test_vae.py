@@ -113,10 +113,25 @@ def test_bad_settings_and_missing_data(tmp_path) -> None:
         vae_recipe.Config(resolution=50)
     with pytest.raises(ConfigError, match="max_steps must be > 0"):
         vae_recipe.Config(max_steps=0)
+    with pytest.raises(ConfigError, match="crops_per_image must be > 0"):
+        vae_recipe.Config(crops_per_image=0)
     missing = tmp_path / "nope"
     with pytest.raises(DataError, match=f"tune data world {missing} --count 30000 --split train"):
         vae_recipe.main(vae_recipe.Config(data_dir=str(missing), output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()  # refused before a run directory was made
+
+
+def test_several_crops_per_loaded_image(world_dir, tmp_path, monkeypatch) -> None:
+    seen, crop = [], vae_recipe.random_crops
+
+    def spy(pixels, size, generator):
+        out = crop(pixels, size, generator)
+        seen.append((pixels.shape[0], tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(vae_recipe, "random_crops", spy)
+    run_tiny(world_dir, tmp_path / "run", "max_steps=2", "batch_size=2", "train_crop=16", "crops_per_image=3")
+    assert seen == [(6, (6, 3, 16, 16))] * 2  # two images, three crops of each, every step
 
 
 def test_color_augment_recolours_the_chosen_share_only():
