@@ -1,0 +1,219 @@
+"""Inspecting LoRA files (`tune lora inspect`): format, architecture, modules per group, ranks,
+alphas, targets, trigger, metadata, hash check, and notes on which tools load the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tune.errors import ModelError
+from tune.lora.keys import (
+    _DOTTED_PREFIXES,
+    _KOHYA_PREFIX,
+    ADAPTER_METADATA_KEY,
+    SSHS_HASH_KEY,
+    Lora,
+    LoraModule,
+    _architecture_hint,
+    _cross_attention_width,
+    read_lora,
+    read_lora_file,
+    safetensors_data_hash,
+)
+
+_BLOCK_PREFIX = re.compile(
+    r"^(?:(?:down|up)_blocks\.\d+\.(?:attentions|resnets|downsamplers|upsamplers)\.\d+\."
+    r"|mid_block\.(?:attentions|resnets)\.\d+\.|(?:text_model\.)?encoder\.layers\.\d+\.)"
+    r"(?:transformer_blocks\.\d+\.)?"
+)
+
+
+def module_group(target: str) -> str:
+    """The row `tune lora inspect` reports a module in: unet attn1 / attn2 / ff / proj / resnets /
+    samplers / other, text_encoder self_attn / mlp."""
+    component, path = target.split(".", 1)
+    if component == "text_encoder":
+        return "text_encoder self_attn" if ".self_attn." in path else "text_encoder mlp"
+    for part, group in ((".attn1.", "attn1"), (".attn2.", "attn2"), (".ff.", "ff"), (".resnets.", "resnets")):
+        if part in path:
+            return f"unet {group}"
+    if path.endswith(("proj_in", "proj_out")):
+        return "unet proj"
+    if "samplers." in path:
+        return "unet samplers"
+    return "unet other"
+
+
+def module_leaf(target: str) -> str:
+    """`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` -> `attn1.to_q`: the
+    name a module has inside its block (what PEFT's target_modules usually lists)."""
+    return _BLOCK_PREFIX.sub("", target.split(".", 1)[1])
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """Modules of one kind (see `module_group`) and their ranks, alphas and scales alpha / r."""
+
+    name: str
+    modules: int
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+    scales: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    """What `tune lora inspect` prints about a file."""
+
+    path: Path
+    format: str
+    architecture: str
+    keys: int
+    dtypes: tuple[str, ...]
+    modules: dict[str, int]
+    """Modules per component."""
+    groups: tuple[LoraGroup, ...]
+    targets: dict[str, tuple[str, ...]]
+    """Module names inside their blocks (`module_leaf`), per component."""
+    trigger: str | None
+    metadata: dict[str, str]
+    data_hash: str
+    recorded_hash: str | None
+    notes: tuple[str, ...]
+    problem: str | None = None
+    """Why the file does not map onto SD1.x, when it does not."""
+
+    @property
+    def hash_ok(self) -> bool | None:
+        """sshs_model_hash == the data's hash; None when the file records none."""
+        return None if self.recorded_hash is None else self.recorded_hash == self.data_hash
+
+
+def _raw_format(keys: Iterable[str]) -> str:
+    styles = set()
+    for key in keys:
+        if _KOHYA_PREFIX.match(key):
+            styles.add("kohya")
+        elif key.startswith(_DOTTED_PREFIXES):
+            styles.add("diffusers")
+        else:
+            styles.add("peft")
+    return "+".join(sorted(styles))
+
+
+def _compatibility_notes(
+    lora: Lora, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> list[str]:
+    notes = []
+    if "kohya" in lora.formats:
+        attention = {
+            p.alpha for t, p in lora.modules.items() if module_group(t) in ("unet attn1", "unet attn2")
+        }
+        text = {p.alpha for t, p in lora.modules.items() if t.startswith("text_encoder.")}
+        if len(attention) > 1 or len(text) > 1:
+            notes.append(
+                "alphas differ between attention or text-encoder modules: diffusers loads them at the wrong "
+                "scale; `tune lora convert FILE --to kohya` writes one alpha with the scales folded in"
+            )
+        if any(key.startswith(("lora_te_encoder_", "lora_te1_encoder_")) for key in tensors):
+            notes.append(
+                "text-encoder keys lack `text_model` (written under transformers 5): ComfyUI and A1111 skip "
+                "them; `tune lora convert FILE --to kohya` writes canonical names"
+            )
+        if any(key.startswith("lora_te1_") for key in tensors):
+            notes.append(
+                "`lora_te1_` text-encoder keys: kohya's SD1 loader ignores them (A1111, ComfyUI read them)"
+            )
+    else:
+        notes.append(
+            "diffusers/PEFT keys: A1111 loads none of them and ComfyUI skips the U-Net attention modules; "
+            "share `tune lora convert FILE --to kohya` with those tools"
+        )
+        if "peft" in lora.formats and ADAPTER_METADATA_KEY not in metadata and lora.source:
+            if not Path(lora.source).with_name("adapter_config.json").is_file():
+                notes.append(
+                    "no adapter_config.json or lora_adapter_metadata: alpha = rank (scale 1) assumed"
+                )
+    return notes
+
+
+def inspect_lora(path: str | Path) -> LoraReport:
+    """Read a LoRA file and describe it (format, architecture, modules per group, ranks, alphas,
+    targets, trigger, metadata, hash check). Files we cannot map onto SD1.x are still described,
+    with `problem` saying why."""
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    data_hash = safetensors_data_hash(path)
+    dtypes = tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+    declared = " / ".join(
+        v for v in (metadata.get("modelspec.architecture"), metadata.get("ss_base_model_version")) if v
+    )
+    trigger = metadata.get("modelspec.trigger_phrase") or None
+    common: dict[str, Any] = {
+        "path": path,
+        "keys": len(tensors),
+        "dtypes": dtypes,
+        "trigger": trigger,
+        "metadata": metadata,
+        "data_hash": data_hash,
+        "recorded_hash": metadata.get(SSHS_HASH_KEY),
+    }
+    try:
+        lora = read_lora(path)
+    except ModelError as err:
+        keys = list(tensors)
+        guess = _architecture_hint(keys) or declared or "unknown"
+        return LoraReport(
+            format=_raw_format(keys),
+            architecture=f"not SD1.x: {guess}",
+            modules={},
+            groups=(),
+            targets={},
+            notes=(),
+            problem=str(err),
+            **common,
+        )
+
+    width = _cross_attention_width(lora)
+    if width == 768:
+        architecture = "SD1.x (cross-attention 768: CLIP ViT-L/14)"
+    elif width:
+        architecture = f"SD1.x topology, cross-attention width {width}"
+    else:
+        architecture = "SD1.x (no cross-attention module to tell the width by)"
+    if declared:
+        architecture += f"; declared {declared}"
+    rows: dict[str, list[LoraModule]] = {}
+    for target, pair in sorted(lora.modules.items()):
+        rows.setdefault(module_group(target), []).append(pair)
+    groups = tuple(
+        LoraGroup(
+            name=name,
+            modules=len(pairs),
+            ranks=tuple(sorted({p.rank for p in pairs})),
+            alphas=tuple(sorted({p.alpha for p in pairs})),
+            scales=tuple(sorted({p.alpha / p.rank for p in pairs})),
+        )
+        for name, pairs in sorted(rows.items())
+    )
+    modules: dict[str, int] = {}
+    targets: dict[str, set[str]] = {}
+    for target in lora.modules:
+        component = target.split(".", 1)[0]
+        modules[component] = modules.get(component, 0) + 1
+        targets.setdefault(component, set()).add(module_leaf(target))
+    return LoraReport(
+        format="/".join(sorted(lora.formats)),
+        architecture=architecture,
+        modules=modules,
+        groups=groups,
+        targets={component: tuple(sorted(names)) for component, names in targets.items()},
+        notes=tuple(_compatibility_notes(lora, tensors, metadata)),
+        **common,
+    )
