@@ -1,5 +1,6 @@
 """LoRA files (see `tune.lora.keys` for the formats); this package re-exports its public names."""
 
+from tune.lora.export import convert_lora_file, export_run
 from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
 from tune.lora.keys import (
     ADAPTER_METADATA_KEY,
@@ -20,10 +21,8 @@ from tune.lora.keys import (
     base_model_hash,
     canonical_path,
     checkpoint_adapter_path,
-    convert_lora_file,
     default_export_path,
     diffusers_stem,
-    export_run,
     final_adapter_path,
     find_run_adapter,
     kohya_stem,
