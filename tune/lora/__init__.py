@@ -4,10 +4,8 @@ from tune.lora.export import convert_lora_file, export_run
 from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
 from tune.lora.keys import (
     ADAPTER_METADATA_KEY,
-    CHECKPOINT_ADAPTER,
     COMPONENTS,
     DTYPES,
-    FINAL_ADAPTER,
     FORMATS,
     SSHS_HASH_KEY,
     AlphaRule,
@@ -20,11 +18,7 @@ from tune.lora.keys import (
     apply_loras,
     base_model_hash,
     canonical_path,
-    checkpoint_adapter_path,
-    default_export_path,
     diffusers_stem,
-    final_adapter_path,
-    find_run_adapter,
     kohya_stem,
     load_lora,
     lora_from_peft,
@@ -34,7 +28,6 @@ from tune.lora.keys import (
     parse_lora_spec,
     read_lora,
     read_lora_file,
-    run_metadata,
     safetensors_data_hash,
     save_adapter,
     save_lora,
@@ -42,6 +35,15 @@ from tune.lora.keys import (
     to_diffusers_state_dict,
     to_kohya_state_dict,
     write_lora_file,
+)
+from tune.lora.run_files import (
+    CHECKPOINT_ADAPTER,
+    FINAL_ADAPTER,
+    checkpoint_adapter_path,
+    default_export_path,
+    final_adapter_path,
+    find_run_adapter,
+    run_metadata,
 )
 
 __all__ = [

@@ -9,17 +9,8 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError
-from tune.lora.keys import (
-    DTYPES,
-    FORMATS,
-    ExportFormat,
-    Lora,
-    default_export_path,
-    find_run_adapter,
-    read_lora,
-    run_metadata,
-    save_lora,
-)
+from tune.lora.keys import DTYPES, FORMATS, ExportFormat, Lora, read_lora, save_lora
+from tune.lora.run_files import default_export_path, find_run_adapter, run_metadata
 
 
 def _check_target(path: Path, force: bool, *, source: Path | None = None) -> None:
