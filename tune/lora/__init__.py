@@ -1,5 +1,7 @@
 """LoRA files (see `tune.lora.keys` for the formats); this package re-exports its public names."""
 
+from typing import Any
+
 from tune.lora.export import convert_lora_file, export_run
 from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
 from tune.lora.keys import (
@@ -16,7 +18,6 @@ from tune.lora.keys import (
     LoraModule,
     LoraStack,
     apply_loras,
-    base_model_hash,
     canonical_path,
     diffusers_stem,
     kohya_stem,
@@ -94,3 +95,13 @@ __all__ = [
     "to_kohya_state_dict",
     "write_lora_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # base_model_hash is re-exported lazily: importing tune.models loads diffusers and transformers
+    # (seconds), which reading and writing LoRA files never needs.
+    if name == "base_model_hash":
+        from tune.models.identity import base_model_hash
+
+        return base_model_hash
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

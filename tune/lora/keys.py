@@ -54,9 +54,6 @@ Files we write (SD1.x only):
                save_lora_weights writes it; text-encoder names there go without `text_model.` so PEFT
                matches them under transformers 4 and 5). `pipe.load_lora_weights(dir, weight_name=)`.
 
-`tune_base_model_hash` is `base_model_hash()`: sha256 over the U-Net and text-encoder weight values
-(name, shape, float32 little-endian bytes, in name order), independent of file layout and load dtype.
-
 Merging: W <- W0 + sum_i scale_i * (alpha_i / r_i) * up_i @ down_i, computed in float32 from a saved copy
 of W0, so changing a scale or removing a LoRA restores the original weights bit-identically. For a
 Conv2d target the product is `up.flatten(1) @ down.flatten(1)` reshaped to [out, in, kh, kw]: for
@@ -1040,35 +1037,6 @@ def save_adapter(
     """
     lora = lora_from_peft(unet, text_encoder, adapter_name)
     return save_lora(lora, path, "diffusers", dtype=dtype, metadata=metadata)
-
-
-def base_model_hash(unet: nn.Module, text_encoder: nn.Module | None = None) -> str:
-    """`tune_base_model_hash`: sha256 over the U-Net's and text encoder's weights (not the VAE's: a
-    LoRA never touches it, and VAEs are swapped freely).
-
-    Hashed per tensor in name order: the name (text-encoder names in the canonical `text_model.`
-    spelling), the shape, then the values as little-endian float32. So the hash names the weights
-    themselves, whatever file layout (diffusers folder, single file) or load dtype they came from
-    (fp16 -> fp32 is exact), and whatever transformers version named the modules. PEFT adapter
-    tensors are skipped and `.base_layer` is dropped, so an injected model hashes as its base.
-    """
-    digest = hashlib.sha256()
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
-        state = {}
-        for key, tensor in model.state_dict().items():
-            if "lora_" in key:
-                continue
-            name = key.replace(".base_layer.", ".")
-            if component == "text_encoder" and not name.startswith(_TEXT_MODEL_LEVEL):
-                name = _TEXT_MODEL_LEVEL + name
-            state[f"{component}.{name}"] = tensor
-        for name in sorted(state):
-            tensor = state[name].detach().to("cpu", torch.float32).contiguous()
-            digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
-    return digest.hexdigest()
 
 
 def merge_loras(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tune.errors import ConfigError, ModelError, TuneError
-from tune.lora.keys import ExportFormat, base_model_hash
+from tune.lora.keys import ExportFormat
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def _run_base_hash(info: Mapping[str, Any]) -> str | None:
     if not base:
         return None
     from tune.models import load_pipeline
+    from tune.models.identity import base_model_hash
 
     logger.info("hashing base model %s (recipes can store base_model_hash in run.json to skip this)", base)
     try:
