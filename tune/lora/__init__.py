@@ -3,6 +3,7 @@
 from typing import Any
 
 from tune.lora.export import convert_lora_file, export_run
+from tune.lora.extract import lora_from_peft, save_adapter
 from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
 from tune.lora.keys import (
     ADAPTER_METADATA_KEY,
@@ -22,7 +23,6 @@ from tune.lora.keys import (
     diffusers_stem,
     kohya_stem,
     load_lora,
-    lora_from_peft,
     lora_targets,
     merge_loras,
     parse_lora,
@@ -30,7 +30,6 @@ from tune.lora.keys import (
     read_lora,
     read_lora_file,
     safetensors_data_hash,
-    save_adapter,
     save_lora,
     sd1_module_skeleton,
     to_diffusers_state_dict,
