@@ -17,14 +17,11 @@ from tune.lora.keys import (
     Lora,
     LoraFormat,
     LoraModule,
-    LoraStack,
-    apply_loras,
     canonical_path,
     diffusers_stem,
     kohya_stem,
     load_lora,
     lora_targets,
-    merge_loras,
     parse_lora,
     parse_lora_spec,
     read_lora,
@@ -36,6 +33,7 @@ from tune.lora.keys import (
     to_kohya_state_dict,
     write_lora_file,
 )
+from tune.lora.merge import LoraStack, apply_loras, merge_loras
 from tune.lora.run_files import (
     CHECKPOINT_ADAPTER,
     FINAL_ADAPTER,
