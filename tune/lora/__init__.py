@@ -6,32 +6,20 @@ from tune.lora.export import convert_lora_file, export_run
 from tune.lora.extract import lora_from_peft, save_adapter
 from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
 from tune.lora.keys import (
-    ADAPTER_METADATA_KEY,
     COMPONENTS,
-    DTYPES,
-    FORMATS,
-    SSHS_HASH_KEY,
     AlphaRule,
     Component,
     ExportFormat,
     Lora,
     LoraFormat,
     LoraModule,
-    canonical_path,
-    diffusers_stem,
-    kohya_stem,
     load_lora,
     lora_targets,
     parse_lora,
     parse_lora_spec,
     read_lora,
     read_lora_file,
-    safetensors_data_hash,
-    save_lora,
     sd1_module_skeleton,
-    to_diffusers_state_dict,
-    to_kohya_state_dict,
-    write_lora_file,
 )
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
 from tune.lora.run_files import (
@@ -42,6 +30,20 @@ from tune.lora.run_files import (
     final_adapter_path,
     find_run_adapter,
     run_metadata,
+)
+from tune.lora.write import (
+    ADAPTER_METADATA_KEY,
+    DTYPES,
+    FORMATS,
+    SSHS_HASH_KEY,
+    canonical_path,
+    diffusers_stem,
+    kohya_stem,
+    safetensors_data_hash,
+    save_lora,
+    to_diffusers_state_dict,
+    to_kohya_state_dict,
+    write_lora_file,
 )
 
 __all__ = [

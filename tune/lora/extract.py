@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tune.errors import ModelError
-from tune.lora.keys import _PEFT_PREFIX, Lora, LoraModule, _listing, save_lora
+from tune.lora.keys import _PEFT_PREFIX, Lora, LoraModule, _listing
+from tune.lora.write import save_lora
 
 
 def lora_from_peft(

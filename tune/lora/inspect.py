@@ -16,16 +16,14 @@ from tune.errors import ModelError
 from tune.lora.keys import (
     _DOTTED_PREFIXES,
     _KOHYA_PREFIX,
-    ADAPTER_METADATA_KEY,
-    SSHS_HASH_KEY,
     Lora,
     LoraModule,
     _architecture_hint,
     _cross_attention_width,
     read_lora,
     read_lora_file,
-    safetensors_data_hash,
 )
+from tune.lora.write import ADAPTER_METADATA_KEY, SSHS_HASH_KEY, safetensors_data_hash
 
 _BLOCK_PREFIX = re.compile(
     r"^(?:(?:down|up)_blocks\.\d+\.(?:attentions|resnets|downsamplers|upsamplers)\.\d+\."
