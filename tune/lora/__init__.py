@@ -17,9 +17,7 @@ from tune.lora.keys import (
     lora_targets,
     parse_lora,
     parse_lora_spec,
-    read_lora,
     read_lora_file,
-    sd1_module_skeleton,
 )
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
 from tune.lora.run_files import (
@@ -31,6 +29,7 @@ from tune.lora.run_files import (
     find_run_adapter,
     run_metadata,
 )
+from tune.lora.skeleton import read_lora, sd1_module_skeleton
 from tune.lora.write import (
     ADAPTER_METADATA_KEY,
     DTYPES,

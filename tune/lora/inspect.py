@@ -19,10 +19,9 @@ from tune.lora.keys import (
     Lora,
     LoraModule,
     _architecture_hint,
-    _cross_attention_width,
-    read_lora,
     read_lora_file,
 )
+from tune.lora.skeleton import _cross_attention_width, read_lora
 from tune.lora.write import ADAPTER_METADATA_KEY, SSHS_HASH_KEY, safetensors_data_hash
 
 _BLOCK_PREFIX = re.compile(
