@@ -13,13 +13,10 @@ from tune.lora.keys import (
     Lora,
     LoraFormat,
     LoraModule,
-    load_lora,
-    lora_targets,
     parse_lora,
-    parse_lora_spec,
-    read_lora_file,
 )
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
+from tune.lora.read import load_lora, lora_targets, parse_lora_spec, read_lora_file
 from tune.lora.run_files import (
     CHECKPOINT_ADAPTER,
     FINAL_ADAPTER,
