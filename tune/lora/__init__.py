@@ -1,20 +1,39 @@
-"""LoRA files (see `tune.lora.keys` for the formats); this package re-exports its public names."""
+"""LoRA files: read kohya / diffusers / PEFT safetensors, write kohya and diffusers files that load
+everywhere, convert, inspect, and merge them into a pipeline's weights.
+
+Layers (reading was there first; writing, conversion and inspection sit on the same normalized form),
+one job per module:
+
+    core       Lora, LoraModule: the normalized form, "<component>.<module path>" -> (down, up, alpha)
+    read       read_lora_file(path)          -> (tensors, metadata)   raw safetensors I/O, nothing else
+    keys       parse_lora(tensors, targets)  -> Lora                  key mapping into OUR module names
+    read       load_lora(path, pipe)         -> Lora                  the two above, plus the PEFT config
+    skeleton   read_lora(path)               -> Lora                  the same onto SD1.x names, no model
+    merge      LoraStack(pipe).add(lora, s)                           merge into weights, rescale, remove
+    write      save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write (+ sshs_model_hash)
+    extract    save_adapter(unet, text_encoder, path, metadata)       a PEFT-injected adapter -> file
+    run_files  checkpoint_adapter_path / final_adapter_path / find_run_adapter / run_metadata: run dirs
+  the commands:
+    export     export_run (`tune export`), convert_lora_file (`tune lora convert`)
+    merge      merge_loras (`tune lora merge`)
+    inspect    inspect_lora (`tune lora inspect`)
+
+The notes on each format sit with the code: key forms read in `keys`, files written in `write`, the
+run directory contract in `run_files`, the merge math in `merge`. `base_model_hash` lives in
+`tune.models.identity`; it is re-exported here but imported on first use, since `tune.models` loads
+diffusers and transformers.
+
+Every public name is re-exported, so `from tune import lora as lora_io; lora_io.save_lora(...)` and
+`from tune.lora import save_lora` work as they did when this package was one module.
+"""
 
 from typing import Any
 
+from tune.lora.core import COMPONENTS, Component, ExportFormat, Lora, LoraFormat, LoraModule
 from tune.lora.export import convert_lora_file, export_run
 from tune.lora.extract import lora_from_peft, save_adapter
 from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
-from tune.lora.keys import (
-    COMPONENTS,
-    AlphaRule,
-    Component,
-    ExportFormat,
-    Lora,
-    LoraFormat,
-    LoraModule,
-    parse_lora,
-)
+from tune.lora.keys import AlphaRule, parse_lora
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
 from tune.lora.read import load_lora, lora_targets, parse_lora_spec, read_lora_file
 from tune.lora.run_files import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError
-from tune.lora.keys import ExportFormat, Lora
+from tune.lora.core import ExportFormat, Lora
 from tune.lora.run_files import default_export_path, find_run_adapter, run_metadata
 from tune.lora.skeleton import read_lora
 from tune.lora.write import DTYPES, FORMATS, save_lora

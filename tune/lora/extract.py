@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tune.errors import ModelError
-from tune.lora.keys import _PEFT_PREFIX, Lora, LoraModule, _listing
+from tune.lora.core import Lora, LoraModule
+from tune.lora.keys import _PEFT_PREFIX, _listing
 from tune.lora.write import save_lora
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from tune.errors import ModelError
-from tune.lora.keys import _DOTTED_PREFIXES, _KOHYA_PREFIX, Lora, LoraModule, _architecture_hint
+from tune.lora.core import Lora, LoraModule
+from tune.lora.keys import _DOTTED_PREFIXES, _KOHYA_PREFIX, _architecture_hint
 from tune.lora.read import read_lora_file
 from tune.lora.skeleton import _cross_attention_width, read_lora
 from tune.lora.write import ADAPTER_METADATA_KEY, SSHS_HASH_KEY, safetensors_data_hash

@@ -1,21 +1,4 @@
-"""LoRA files: read kohya / diffusers / PEFT safetensors, write kohya and diffusers files that load
-everywhere, convert, inspect, and merge them into a pipeline's weights.
-
-Layers (reading was there first; writing, conversion and inspection sit on the same normalized form):
-
-    read_lora_file(path)          -> (tensors, metadata)           raw safetensors I/O, nothing else
-    parse_lora(tensors, targets)  -> Lora                          key mapping into OUR module names
-    load_lora(path, pipe)         -> Lora                          the two above, plus the PEFT config
-    read_lora(path)               -> Lora                          the same onto SD1.x names, no model
-    LoraStack(pipe).add(lora, s)                                   merge into weights, rescale, remove
-    save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write (+ sshs_model_hash)
-    save_adapter(unet, text_encoder, path, metadata)               a PEFT-injected adapter -> file
-    export_run(run_dir, format, ...) / convert_lora_file / merge_loras / inspect_lora   the commands
-
-The normalized representation is `Lora.modules`: `"<component>.<module path>" -> LoraModule(down, up,
-alpha)`, where component is `unet` or `text_encoder` and the module path is exactly what
-`named_modules()` of the *loaded* component reports (so under transformers 5 a text-encoder path is
-`encoder.layers.0.self_attn.q_proj`, without the `text_model.` level files usually carry).
+"""Key mapping: the keys of any LoRA file we read (kohya, diffusers, PEFT) -> `Lora` on OUR module names.
 
 Key forms understood (see /work/shared/reference/lora-formats.md):
 
@@ -39,19 +22,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from tune.errors import ModelError
+from tune.lora.core import Lora, LoraFormat, LoraModule
 
-Component = Literal["unet", "text_encoder"]
-COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder")
-LoraFormat = Literal["kohya", "diffusers", "peft"]
-ExportFormat = Literal["kohya", "diffusers"]
 AlphaRule = Callable[[str, int], "float | None"]
 """alpha_for(key stem, rank) -> alpha, for files whose alphas live outside the tensors (PEFT)."""
 
@@ -93,51 +71,6 @@ _PATH_REWRITES: tuple[tuple[re.Pattern[str], str], ...] = (
 # transformers < 5 (and every LoRA file) nests CLIPTextModel's modules under `text_model.`;
 # transformers >= 5 does not. Text-encoder names are indexed in both spellings.
 _TEXT_MODEL_LEVEL = "text_model."
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One low-rank pair for one Linear or Conv2d weight."""
-
-    down: torch.Tensor
-    """[r, in] for Linear, [r, in, kh, kw] for Conv2d (a 2-D down is accepted for 1x1 convs)."""
-    up: torch.Tensor
-    """[out, r] for Linear, [out, r, 1, 1] for Conv2d."""
-    alpha: float
-    """The file's alpha; the merged update is (alpha / rank) * up @ down."""
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def delta(self, shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
-        """(alpha / rank) * up @ down in float32, shaped like the target weight."""
-        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
-        down = self.down.to(device=device, dtype=torch.float32).flatten(1)
-        return (up @ down).reshape(shape) * (self.alpha / self.rank)
-
-
-@dataclass(frozen=True)
-class Lora:
-    """A LoRA file mapped onto our modules."""
-
-    modules: dict[str, LoraModule]
-    """`"unet.<module path>"` / `"text_encoder.<module path>"` -> the pair for that module's weight."""
-    formats: frozenset[LoraFormat]
-    """The key styles found in the file (usually one)."""
-    metadata: dict[str, str] = field(default_factory=dict)
-    """The safetensors header metadata, as stored."""
-    source: str = ""
-    """Where it was read from (for messages)."""
-
-    @property
-    def name(self) -> str:
-        return Path(self.source).stem if self.source else "lora"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Key mapping
-# ---------------------------------------------------------------------------------------------------
 
 
 class _ModuleIndex:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.keys import Lora, _check_shape
+from tune.lora.core import Lora
+from tune.lora.keys import _check_shape
 from tune.lora.read import load_lora, lora_targets
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.keys import _PEFT_PREFIX, COMPONENTS, AlphaRule, Lora, parse_lora
+from tune.lora.core import COMPONENTS, Lora
+from tune.lora.keys import _PEFT_PREFIX, AlphaRule, parse_lora
 
 logger = logging.getLogger(__name__)
 

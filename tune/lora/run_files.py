@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tune.errors import ConfigError, ModelError, TuneError
-from tune.lora.keys import ExportFormat
+from tune.lora.core import ExportFormat
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from tune.errors import ModelError
-from tune.lora.keys import Lora, parse_lora
+from tune.lora.core import Lora
+from tune.lora.keys import parse_lora
 from tune.lora.read import _peft_alpha_rule, read_lora_file
 
 # CLIP ViT-L/14's text tower, SD1.x's text encoder. Only module names, kinds and kernels are used.

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.keys import _TEXT_MODEL_LEVEL, COMPONENTS, ExportFormat, Lora, LoraModule
+from tune.lora.core import COMPONENTS, ExportFormat, Lora, LoraModule
+from tune.lora.keys import _TEXT_MODEL_LEVEL
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,60 @@
+"""The normalized form every part of `tune.lora` reads into and writes from: `Lora`, `LoraModule`.
+
+The normalized representation is `Lora.modules`: `"<component>.<module path>" -> LoraModule(down, up,
+alpha)`, where component is `unet` or `text_encoder` and the module path is exactly what
+`named_modules()` of the *loaded* component reports (so under transformers 5 a text-encoder path is
+`encoder.layers.0.self_attn.q_proj`, without the `text_model.` level files usually carry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Component = Literal["unet", "text_encoder"]
+COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder")
+LoraFormat = Literal["kohya", "diffusers", "peft"]
+ExportFormat = Literal["kohya", "diffusers"]
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One low-rank pair for one Linear or Conv2d weight."""
+
+    down: torch.Tensor
+    """[r, in] for Linear, [r, in, kh, kw] for Conv2d (a 2-D down is accepted for 1x1 convs)."""
+    up: torch.Tensor
+    """[out, r] for Linear, [out, r, 1, 1] for Conv2d."""
+    alpha: float
+    """The file's alpha; the merged update is (alpha / rank) * up @ down."""
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self, shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+        """(alpha / rank) * up @ down in float32, shaped like the target weight."""
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)
+        return (up @ down).reshape(shape) * (self.alpha / self.rank)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA file mapped onto our modules."""
+
+    modules: dict[str, LoraModule]
+    """`"unet.<module path>"` / `"text_encoder.<module path>"` -> the pair for that module's weight."""
+    formats: frozenset[LoraFormat]
+    """The key styles found in the file (usually one)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The safetensors header metadata, as stored."""
+    source: str = ""
+    """Where it was read from (for messages)."""
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source else "lora"
