@@ -28,12 +28,12 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from tune import lora as lora_io
 from tune import personalize as p
 from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.models import save_single_file
+from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
 from tune.runs import RunDir, atomic_folder, check_disk_space
 from tune.training import (
@@ -107,7 +107,7 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    base_hash = lora_io.base_model_hash(unet, text_encoder)
+    base_hash = base_model_hash(unet, text_encoder)
     dtype = p.weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, dtype)
     text_encoder.requires_grad_(cfg.train_text_encoder)

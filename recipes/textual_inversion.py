@@ -22,10 +22,10 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from tune import lora as lora_io
 from tune import personalize as p
 from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
+from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
 from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
@@ -90,7 +90,7 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    base_hash = lora_io.base_model_hash(unet, text_encoder)
+    base_hash = base_model_hash(unet, text_encoder)
     dtype = p.weight_dtype(accelerator)
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)

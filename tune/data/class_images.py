@@ -73,7 +73,7 @@ def generate_class_images(
 ) -> ClassImages:
     """`count` images of `prompt` from `pipe` (seeds seed .. seed + count - 1), from the cache when there.
 
-    `base_hash` names the model (`tune.lora.base_model_hash`); `cache_dir` defaults to
+    `base_hash` names the model (`tune.models.identity.base_model_hash`); `cache_dir` defaults to
     `$TUNE_CACHE_DIR` or `~/.cache/tune`. With an accelerator only the main process generates; the
     others wait and then read the same folder.
     """
