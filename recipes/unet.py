@@ -50,11 +50,13 @@ from tune.training import (
     start_run,
 )
 from tune.world.dataset import make_eval_prompts
+from tune.world.judge import attribute_accuracy
 from tune.world.scoring import (
     contact_sheet,
     format_table,
     judge_prompts,
     odd_prompts,
+    spec_label,
     try_load_judge,
     verdict_label,
 )
@@ -215,9 +217,8 @@ def evaluate(pipe: StableDiffusionPipeline, judge, cfg: Config, out_dir: Path, r
     kwargs = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
     report["settings"] = {**kwargs, "scheduler": "DDIMScheduler"}
     # Fresh seeds: neither validation's (1000 + i) nor each other's.
-    report["seen"], images, verdicts = judge_prompts(
-        pipe, judge, make_eval_prompts(cfg.eval_prompts, "train", 1), 20_000, **kwargs
-    )
+    seen_prompts = make_eval_prompts(cfg.eval_prompts, "train", 1)
+    report["seen"], images, verdicts = judge_prompts(pipe, judge, seen_prompts, 20_000, **kwargs)
     report["heldout"], *_ = judge_prompts(
         pipe, judge, make_eval_prompts(cfg.eval_prompts // 2, "heldout", 2), 10_000, **kwargs
     )
@@ -227,7 +228,11 @@ def evaluate(pipe: StableDiffusionPipeline, judge, cfg: Config, out_dir: Path, r
     tables = [f"## seen combinations\n\n{format_table(report['seen'])}"]
     tables.append(f"## held-out combinations\n\n{format_table(report['heldout'])}")
     (out_dir / "unet.md").write_text("\n\n".join(tables) + f"\n\nodd prompts: {report['odd_prompts']}\n")
-    contact_sheet(images[:64], [verdict_label(v) for v in verdicts[:64]]).save(out_dir / "unet_grid.png")
+    # Asked (first line) over read (second); red where the judge read any attribute otherwise.
+    asked = [p.spec for p in seen_prompts[:64]]
+    labels = [f"{spec_label(s)}\n-> {verdict_label(v)}" for s, v in zip(asked, verdicts, strict=False)]
+    wrong = [attribute_accuracy([v], [s])["all"] < 1 for s, v in zip(asked, verdicts, strict=False)]
+    contact_sheet(images[:64], labels, scale=3, wrong=wrong).save(out_dir / "unet_grid.png")
     return report
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from tune.errors import ModelError
 from tune.world.judge import Judge, Verdict, attribute_accuracy, load_judge
 from tune.world.render import render
-from tune.world.spec import STYLES, Spec, Split, sample_spec
+from tune.world.spec import COLORLESS_STYLES, COLORS, STYLES, Spec, Split, sample_spec
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +137,58 @@ def odd_prompts(pipe, judge: Judge, seeds: int, steps: int, guidance: float) -> 
 
 
 def contact_sheet(
-    images: Sequence[Image.Image], labels: Sequence[str], cols: int = 8, scale: int = 2
+    images: Sequence[Image.Image],
+    labels: Sequence[str],
+    cols: int = 8,
+    scale: int = 2,
+    wrong: Sequence[bool] | None = None,
 ) -> Image.Image:
-    """Images enlarged `scale` times with a label under each (e.g. the judge's verdict), `cols` across."""
+    """Images enlarged `scale` times with a label under each (e.g. what was asked, a newline, what the
+    judge read), `cols` across; a label whose `wrong` flag is set is written in red."""
     from PIL import ImageDraw
 
     side = images[0].width * scale
-    text_h = 24
+    max_lines = max(2, max(label.count("\n") + 2 for label in labels))
+    text_h = 11 * max_lines + 2
     rows = -(-len(images) // cols)
     sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         x, y = (i % cols) * side, (i // cols) * (side + text_h)
         sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
-        words, line, lines = label.split(), "", []
-        for word in words:  # wrap to the cell width, two lines at most
-            if draw.textlength(f"{line} {word}".strip()) > side - 2 and line:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        lines.append(line)
-        for k, text in enumerate(lines[:2]):
-            draw.text((x + 1, y + side + 1 + 11 * k), text, fill=(0, 0, 0))
+        lines = []
+        for segment in label.split("\n"):  # wrap each segment to the cell width
+            line = ""
+            for word in segment.split():
+                if draw.textlength(f"{line} {word}".strip()) > side - 2 and line:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = f"{line} {word}".strip()
+            lines.append(line)
+        colour = (200, 0, 0) if wrong is not None and wrong[i] else (0, 0, 0)
+        for k, text in enumerate(lines[:max_lines]):
+            draw.text((x + 1, y + side + 1 + 11 * k), text, fill=colour)
     return sheet
+
+
+def spec_label(spec: Spec) -> str:
+    """What a prompt asked for, in `verdict_label`'s words (colours left out of a sketch)."""
+    shown = spec.style not in COLORLESS_STYLES
+    return verdict_label(
+        Verdict(
+            cls=spec.cls,
+            color=spec.color if shown else None,
+            pattern=spec.pattern,
+            color2=spec.color2 if shown else None,
+            hair=spec.hair if shown else None,
+            background=spec.background if shown or spec.background not in COLORS else None,
+            style=spec.style,
+            size=spec.size,
+            position=spec.position,
+            confidence=1.0,
+        )
+    )
 
 
 def verdict_label(verdict: Verdict) -> str:
@@ -174,6 +202,6 @@ def verdict_label(verdict: Verdict) -> str:
         verdict.color2 or "",
         verdict.cls,
         f"h:{verdict.hair}" if verdict.hair else "",
-        f"/{verdict.background}",
+        f"/{verdict.background}" if verdict.background else "",
     ]
     return " ".join(p for p in parts if p)
