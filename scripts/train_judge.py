@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--pooling", choices=("mean", "attention"), default="attention")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -249,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     targets = judge_tensor_labels(specs)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # uint8
 
-    net = JudgeNet(args.width)
-    if args.init:
-        net.load_state_dict(
-            {k: v.float() for k, v in load_file(str(args.init / "model.safetensors")).items()}
+    net = JudgeNet(args.width, pooling=args.pooling)
+    if args.init:  # tensors of the same name and shape (a new pooling head starts fresh)
+        own = net.state_dict()
+        init = {k: v.float() for k, v in load_file(str(args.init / "model.safetensors")).items()}
+        kept = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
+        net.load_state_dict(kept, strict=False)
+        print(
+            f"init from {args.init}: {len(kept)} of {len(own)} tensors; new: {sorted(set(own) - set(kept))}"
         )
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.02)
     warmup = args.warmup
@@ -305,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         | {k: v for k, v in net.state_dict().items() if not v.is_floating_point()},
         str(args.out / "model.safetensors"),
     )
-    (args.out / "config.json").write_text(json.dumps({"width": args.width, "heads": HEADS}, indent=2) + "\n")
+    (args.out / "config.json").write_text(
+        json.dumps({"width": args.width, "pooling": args.pooling, "heads": HEADS}, indent=2) + "\n"
+    )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_card(args.out, report, report["command"])
     for kind in ("clean", "blur_1px"):

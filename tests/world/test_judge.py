@@ -74,3 +74,25 @@ def test_missing_judge_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ModelError, match="no world judge .*train_judge.py"):
         load_judge(tmp_path)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_a_saved_judge_loads_with_its_pooling(tmp_path: Path, pooling: str) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tune.world.judge import JudgeNet
+
+    torch.manual_seed(0)
+    net = JudgeNet(width=8, pooling=pooling).eval()
+    save_file(net.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"width": 8, "pooling": pooling}))
+    loaded = load_judge(tmp_path).net
+    assert loaded.pooling == pooling and hasattr(loaded, "attend") == (pooling == "attention")
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(net(x).values(), loaded(x).values(), strict=True))
+    with pytest.raises(ValueError, match="pooling must be"):
+        JudgeNet(width=8, pooling="max")

@@ -102,10 +102,17 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 class JudgeNet(nn.Module):
     """64 px RGB in [0, 1] -> logits per attribute. Global pooling for what an object is, a small
-    flattened 4x4 map for where it is and how big."""
+    flattened 4x4 map for where it is and how big.
 
-    def __init__(self, width: int = 32) -> None:
+    pooling="attention" adds learned attention pooling over the 8x8 map (four softmax maps, each a
+    weighted mean of the 8x8 features and the upsampled 4x4 ones): a small object's colours and
+    pattern are not averaged away with the background, as they are by the global mean alone.
+    """
+
+    def __init__(self, width: int = 32, pooling: str = "mean", attention_maps: int = 4) -> None:
         super().__init__()
+        if pooling not in ("mean", "attention"):
+            raise ValueError(f"pooling must be 'mean' or 'attention'; got {pooling!r}")
         w = width
         self.features = nn.Sequential(
             _block(3, w, 2),  # 32: a stride-2 stem still sees 3 px stripes, at a fifth of the cost
@@ -119,15 +126,25 @@ class JudgeNet(nn.Module):
         )
         self.where = nn.Conv2d(8 * w, 16, 1)
         hidden = 8 * w + 16 * 16
+        if pooling == "attention":
+            self.attend = nn.Conv2d(12 * w, attention_maps, 1)
+            hidden += attention_maps * 12 * w
         self.trunk = nn.Sequential(nn.Linear(hidden, 384), nn.SiLU(), nn.Dropout(0.1))
         self.heads = nn.ModuleDict({name: nn.Linear(384, len(values)) for name, values in HEADS.items()})
-        self.width = width
+        self.width, self.pooling = width, pooling
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.features((pixels - 0.5) / 0.25)
-        pooled = x.mean(dim=(2, 3))
-        where = self.where(x).flatten(1)
-        h = self.trunk(torch.cat([pooled, where], dim=1))
+        x = (pixels - 0.5) / 0.25
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i == 5:
+                eight = x  # the 8x8 map, before the last level
+        parts = [x.mean(dim=(2, 3)), self.where(x).flatten(1)]
+        if self.pooling == "attention":
+            fine = torch.cat([eight, F.interpolate(x, size=eight.shape[-2:], mode="nearest")], dim=1)
+            weights = self.attend(fine).flatten(2).softmax(-1)  # [B, maps, 64]
+            parts.append(torch.einsum("bkn,bcn->bkc", weights, fine.flatten(2)).flatten(1))
+        h = self.trunk(torch.cat(parts, dim=1))
         return {name: head(h) for name, head in self.heads.items()}
 
 
@@ -208,7 +225,7 @@ def load_judge(path: str | Path | None = None) -> Judge:
             "`git checkout models/` or train one with `python scripts/train_judge.py`"
         )
     settings = json.loads(config.read_text())
-    net = JudgeNet(width=int(settings["width"]))
+    net = JudgeNet(width=int(settings["width"]), pooling=settings.get("pooling", "mean"))
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     net.load_state_dict(state)
     return Judge(net)
