@@ -1,6 +1,8 @@
 """`tune eval`: score a personalization run's base model and checkpoints on one suite of prompts.
 
-The former tune/evaluation.py is `evaluator` for now; its parts move to modules of their own.
+The former tune/evaluation.py is `evaluator` for now; its parts move to modules of their own:
+
+    suites       load_suite(name | path) -> Suite, find_suite         eval/*.toml, read strictly
 
 Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
 `from tune.evaluation import decide` work as they did when this package was one module.
@@ -8,27 +10,23 @@ Every public name is re-exported, so `from tune import evaluation; evaluation.lo
 
 from tune.evaluation.evaluator import (
     CHECKPOINT_LOADERS,
-    DEFAULT_SUITE,
     DIVERSITY_KEEP,
     IMAGE_SUFFIXES,
     METRICS,
     PROMPT_KEEP,
-    SUITES_DIR,
     EvalSubject,
     Evaluator,
-    Suite,
     configure_cli,
     decide,
     evaluate_run,
-    find_suite,
     format_markdown,
     format_summary,
     load_photos,
-    load_suite,
     run_cli,
     run_subject,
     start_training_eval,
 )
+from tune.evaluation.suites import DEFAULT_SUITE, SUITES_DIR, Suite, find_suite, load_suite
 
 __all__ = [
     "CHECKPOINT_LOADERS",
