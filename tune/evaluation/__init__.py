@@ -3,6 +3,8 @@
 The former tune/evaluation.py is `evaluator` for now; its parts move to modules of their own:
 
     suites       load_suite(name | path) -> Suite, find_suite         eval/*.toml, read strictly
+    report       decide(base, checkpoints) -> best_step, overfit, reason
+                 format_markdown, format_summary                     torch-free: the verdict, report.md
 
 Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
 `from tune.evaluation import decide` work as they did when this package was one module.
@@ -10,21 +12,23 @@ Every public name is re-exported, so `from tune import evaluation; evaluation.lo
 
 from tune.evaluation.evaluator import (
     CHECKPOINT_LOADERS,
-    DIVERSITY_KEEP,
     IMAGE_SUFFIXES,
-    METRICS,
-    PROMPT_KEEP,
     EvalSubject,
     Evaluator,
     configure_cli,
-    decide,
     evaluate_run,
-    format_markdown,
-    format_summary,
     load_photos,
     run_cli,
     run_subject,
     start_training_eval,
+)
+from tune.evaluation.report import (
+    DIVERSITY_KEEP,
+    METRICS,
+    PROMPT_KEEP,
+    decide,
+    format_markdown,
+    format_summary,
 )
 from tune.evaluation.suites import DEFAULT_SUITE, SUITES_DIR, Suite, find_suite, load_suite
 
