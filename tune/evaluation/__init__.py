@@ -5,13 +5,14 @@ The former tune/evaluation.py is `evaluator` for now; its parts move to modules 
     suites       load_suite(name | path) -> Suite, find_suite         eval/*.toml, read strictly
     report       decide(base, checkpoints) -> best_step, overfit, reason
                  format_markdown, format_summary                     torch-free: the verdict, report.md
+    checkpoints  CHECKPOINT_LOADERS[recipe](pipe, folder)            one checkpoint's weights in, then out
 
 Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
 `from tune.evaluation import decide` work as they did when this package was one module.
 """
 
+from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
 from tune.evaluation.evaluator import (
-    CHECKPOINT_LOADERS,
     IMAGE_SUFFIXES,
     EvalSubject,
     Evaluator,
