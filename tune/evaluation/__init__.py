@@ -6,20 +6,20 @@ The former tune/evaluation.py is `evaluator` for now; its parts move to modules 
     report       decide(base, checkpoints) -> best_step, overfit, reason
                  format_markdown, format_summary                     torch-free: the verdict, report.md
     checkpoints  CHECKPOINT_LOADERS[recipe](pipe, folder)            one checkpoint's weights in, then out
+    cli          configure_cli, run_cli                              `tune eval`
 
 Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
 `from tune.evaluation import decide` work as they did when this package was one module.
 """
 
 from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
+from tune.evaluation.cli import configure_cli, run_cli
 from tune.evaluation.evaluator import (
     IMAGE_SUFFIXES,
     EvalSubject,
     Evaluator,
-    configure_cli,
     evaluate_run,
     load_photos,
-    run_cli,
     run_subject,
     start_training_eval,
 )

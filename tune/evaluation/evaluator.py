@@ -1,7 +1,5 @@
 """`tune eval`: score a personalization run's base model and checkpoints on one suite of prompts.
 
-    tune eval RUN_DIR [--suite default|FILE] [--checkpoints all|last] [--clip PATH] [--dino PATH]
-
 The base model and every complete checkpoint (lora: its adapter; dreambooth: its U-Net, the EMA
 weights where kept; textual_inversion: its embedding) draw the suite's prompts x seeds through the
 shared sampler into `RUN_DIR/eval/<label>/` (`base`, `step_000200`, ...: images, grid.png,
@@ -28,7 +26,6 @@ The lora and dreambooth recipes run the same evaluation in-process every `eval_e
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -39,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, DataError, TuneError
 from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
-from tune.evaluation.report import decide, format_markdown, format_summary
+from tune.evaluation.report import decide, format_markdown
 from tune.evaluation.suites import DEFAULT_SUITE, Suite, load_suite
 from tune.runs import step_dir_name, write_atomic
 
@@ -381,55 +378,3 @@ def _word_after(token: str, prompt: str) -> str:
     words = prompt.split()
     after = words.index(token) + 1 if token in words else len(words)
     return words[after] if after < len(words) else ""
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI: tune eval
-# ---------------------------------------------------------------------------------------------------
-
-
-def configure_cli(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tune eval` (tune/cli.py calls this)."""
-    from tune.metrics import DEFAULT_CLIP
-
-    parser.add_argument(
-        "run_dir", metavar="RUN_DIR", help="a lora, dreambooth or textual_inversion run directory"
-    )
-    parser.add_argument(
-        "--suite",
-        default=DEFAULT_SUITE,
-        metavar="FILE",
-        help="suite file or name in eval/ (default: default)",
-    )
-    parser.add_argument(
-        "--checkpoints", choices=["all", "last"], default="all", help="which checkpoints (default: all)"
-    )
-    parser.add_argument(
-        "--clip", default=DEFAULT_CLIP, metavar="PATH", help=f"CLIPModel folder (default: {DEFAULT_CLIP})"
-    )
-    parser.add_argument("--dino", default=None, metavar="PATH", help="ViT/Dinov2 folder for DINO fidelity")
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where to run (default: cuda if available)",
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`tune eval`: write the report, print its verdict."""
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
-    report = evaluate_run(
-        args.run_dir,
-        args.suite,
-        checkpoints=args.checkpoints,
-        clip=args.clip,
-        dino=args.dino,
-        device=None if args.device == "auto" else args.device,
-    )
-    print(format_summary(report))
-    print(Path(args.run_dir) / "eval" / "report.md")
-    return 0
