@@ -6,6 +6,7 @@ The former tune/evaluation.py is `evaluator` for now; its parts move to modules 
     report       decide(base, checkpoints) -> best_step, overfit, reason
                  format_markdown, format_summary                     torch-free: the verdict, report.md
     checkpoints  CHECKPOINT_LOADERS[recipe](pipe, folder)            one checkpoint's weights in, then out
+    run_dir      evaluate_run(run_dir, suite), run_subject(run)      a run directory, base + checkpoints
     cli          configure_cli, run_cli                              `tune eval`
 
 Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
@@ -18,9 +19,7 @@ from tune.evaluation.evaluator import (
     IMAGE_SUFFIXES,
     EvalSubject,
     Evaluator,
-    evaluate_run,
     load_photos,
-    run_subject,
     start_training_eval,
 )
 from tune.evaluation.report import (
@@ -31,6 +30,7 @@ from tune.evaluation.report import (
     format_markdown,
     format_summary,
 )
+from tune.evaluation.run_dir import evaluate_run, run_subject
 from tune.evaluation.suites import DEFAULT_SUITE, SUITES_DIR, Suite, find_suite, load_suite
 
 __all__ = [

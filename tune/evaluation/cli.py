@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from tune.errors import ConfigError
-from tune.evaluation.evaluator import evaluate_run
 from tune.evaluation.report import format_summary
+from tune.evaluation.run_dir import evaluate_run
 from tune.evaluation.suites import DEFAULT_SUITE
 
 
