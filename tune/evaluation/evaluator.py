@@ -1,9 +1,8 @@
-"""`tune eval`: score a personalization run's base model and checkpoints on one suite of prompts.
+"""The evaluator: one suite, one subject, any number of models (the base model, then checkpoints).
 
-The base model and every complete checkpoint (lora: its adapter; dreambooth: its U-Net, the EMA
-weights where kept; textual_inversion: its embedding) draw the suite's prompts x seeds through the
-shared sampler into `RUN_DIR/eval/<label>/` (`base`, `step_000200`, ...: images, grid.png,
-prompts.json), and are scored with `tune.metrics`:
+`Evaluator.evaluate(pipe, step)` draws the suite's prompts x seeds with `pipe` as it is through the
+shared sampler into `eval/<label>/` (`base`, `step_000200`, ...: images, grid.png, prompts.json) and
+scores them with `tune.metrics`:
 
     subject_fidelity   CLIP-I: mean cosine of the images with the concept's photos (subject prompts only)
     dino_fidelity      the same with DINO (--dino), else null
@@ -20,8 +19,8 @@ prompts.json), and are scored with `tune.metrics`:
 a world caption) shows whether the model still draws other things. The judge figures need the
 world judge (models/world-judge); without it they are null.
 
-The lora and dreambooth recipes run the same evaluation in-process every `eval_every` steps
-(`TrainingEval`) and keep the best step's weights in export/best/.
+`write()` writes eval/report.json and report.md (see `tune.evaluation.report`). `start_training_eval`
+builds the evaluator the lora and dreambooth recipes run every `eval_every` steps.
 """
 
 from __future__ import annotations
@@ -49,11 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The evaluator: one suite, one subject, any number of models
-# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -262,11 +256,6 @@ class Evaluator:
 
 def _step(entry: dict[str, Any]) -> int:
     return int(entry["step"])
-
-
-# ---------------------------------------------------------------------------------------------------
-# In training: eval_every
-# ---------------------------------------------------------------------------------------------------
 
 
 def start_training_eval(subject: Any, *, every: int, suite: str, clip: str) -> Evaluator | None:
