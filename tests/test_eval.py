@@ -4,6 +4,7 @@ checkpoint loaders of dreambooth and textual inversion, and one-line CLI errors.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +108,14 @@ def test_bad_suites_are_config_errors(tmp_path: Path, text: str, message: str) -
 def test_missing_suite_suggests_a_shipped_one() -> None:
     with pytest.raises(ConfigError, match="suite defualt not found \\(did you mean 'default'\\?\\)"):
         load_suite("defualt")
+
+
+def test_importing_evaluation_leaves_torch_unimported() -> None:
+    # `tune eval --help` imports the package, and the report's rule and text are torch-free: every
+    # module of tune.evaluation loads torch on first use.
+    code = "import sys, tune.evaluation; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("tune.export_cli", "export a run's LoRA as kohya or diffusers files"),
     "lora": ("tune.lora_cli", "inspect, convert and merge LoRA files (kohya, diffusers, PEFT)"),
     "dashboard": ("tune.dashboard_cli", "open the Streamlit dashboard over a runs folder"),
-    "eval": ("tune.evaluation", "evaluate a run: subject and prompt fidelity per checkpoint"),
+    "eval": ("tune.evaluation.cli", "evaluate a run: subject and prompt fidelity per checkpoint"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("tune.data.check", "check a photo folder: usable images, skipped files, captions, buckets"),

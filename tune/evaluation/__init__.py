@@ -1,0 +1,70 @@
+"""`tune eval`: score a personalization run's base model and checkpoints on one suite of prompts.
+
+The base model and every complete checkpoint (lora: its adapter; dreambooth: its U-Net, the EMA
+weights where kept; textual_inversion: its embedding) draw the suite's prompts x seeds through the
+shared sampler into `RUN_DIR/eval/<label>/`, are scored with `tune.metrics`, and the verdict (best
+step, overfit) is written to `RUN_DIR/eval/report.json` and `report.md`. The lora and dreambooth
+recipes run the same evaluation in-process every `eval_every` steps (`start_training_eval`) and keep
+the best step's weights in export/best/.
+
+One job per module:
+
+    suites       load_suite(name | path) -> Suite, find_suite         eval/*.toml, read strictly
+    report       decide(base, checkpoints) -> best_step, overfit, reason
+                 format_markdown, format_summary                     torch-free: the verdict, report.md
+    evaluator    Evaluator(suite, subject, run_path): evaluate(pipe, step), write(), resume()
+                 start_training_eval (eval_every)                    draw, score, keep the report
+    checkpoints  CHECKPOINT_LOADERS[recipe](pipe, folder)            one checkpoint's weights in, then out
+    run_dir      evaluate_run(run_dir, suite), run_subject(run)      a run directory, base + checkpoints
+    cli          configure_cli, run_cli                              `tune eval`
+
+The metrics are described in `evaluator`, report.json's layout in `report`, the command in `cli`.
+No module imports torch at import time, so importing this package (and `report`) stays light.
+
+Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
+`from tune.evaluation import decide` work as they did when this package was one module.
+"""
+
+from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
+from tune.evaluation.cli import configure_cli, run_cli
+from tune.evaluation.evaluator import (
+    IMAGE_SUFFIXES,
+    EvalSubject,
+    Evaluator,
+    load_photos,
+    start_training_eval,
+)
+from tune.evaluation.report import (
+    DIVERSITY_KEEP,
+    METRICS,
+    PROMPT_KEEP,
+    decide,
+    format_markdown,
+    format_summary,
+)
+from tune.evaluation.run_dir import evaluate_run, run_subject
+from tune.evaluation.suites import DEFAULT_SUITE, SUITES_DIR, Suite, find_suite, load_suite
+
+__all__ = [
+    "CHECKPOINT_LOADERS",
+    "DEFAULT_SUITE",
+    "DIVERSITY_KEEP",
+    "EvalSubject",
+    "Evaluator",
+    "IMAGE_SUFFIXES",
+    "METRICS",
+    "PROMPT_KEEP",
+    "SUITES_DIR",
+    "Suite",
+    "configure_cli",
+    "decide",
+    "evaluate_run",
+    "find_suite",
+    "format_markdown",
+    "format_summary",
+    "load_photos",
+    "load_suite",
+    "run_cli",
+    "run_subject",
+    "start_training_eval",
+]

@@ -1,0 +1,103 @@
+"""Evaluating a run directory: the base model, then every complete checkpoint, on one suite.
+
+`evaluate_run` reads the run (`run_subject`: its token, class word and photos), loads its base model
+once and puts each checkpoint's weights into it in turn (`tune.evaluation.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tune.errors import ConfigError, TuneError
+from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
+from tune.evaluation.evaluator import EvalSubject, Evaluator, _word_after
+from tune.evaluation.suites import DEFAULT_SUITE, load_suite
+from tune.runs import step_dir_name
+
+if TYPE_CHECKING:
+    from tune.runs import RunInfo
+
+log = logging.getLogger(__name__)
+
+
+def run_subject(run: RunInfo) -> EvalSubject:
+    """Token, class word and photos of a personalization run (run.json, else config.toml)."""
+    from tune.data.concepts import load_concept
+
+    info, config = run.info, run.config
+    token = str(info.get("trigger") or config.get("token") or "")
+    photos = info.get("instance_dir") or config.get("instance_dir")
+    if not token or not photos:
+        raise TuneError(
+            f"{run.path}/run.json names no trigger word or photos folder; did the run get past its start?"
+        )
+    class_word = str(info.get("class_word") or "")
+    concept = info.get("concept") or ""
+    if not class_word and concept and Path(concept, "concept.toml").is_file():
+        class_word = load_concept(concept).class_word
+    if not class_word:
+        class_word = _word_after(
+            token, str(info.get("instance_prompt") or config.get("instance_prompt") or "")
+        )
+    from tune.personalize import find_path
+
+    return EvalSubject(token=token, class_word=class_word, photos=find_path(str(photos)))
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    suite: str | Path = DEFAULT_SUITE,
+    *,
+    checkpoints: str = "all",
+    clip: str | Path | None = None,
+    dino: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's base model and checkpoints; write and return eval/report.json's content."""
+    from tqdm.auto import tqdm
+
+    from tune import metrics
+    from tune.personalize import load_base
+    from tune.runs import read_run
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise TuneError(f"run directory {path} not found")
+    run = read_run(path)
+    if run.recipe not in CHECKPOINT_LOADERS:
+        raise TuneError(
+            f"{path} is a {run.recipe} run; tune eval scores personalization runs ({', '.join(CHECKPOINT_LOADERS)})"
+        )
+    if checkpoints not in ("all", "last"):
+        raise ConfigError(f"--checkpoints must be all or last; got {checkpoints!r}")
+    the_suite = load_suite(suite)
+    subject = run_subject(run)
+    base_model = str(run.info.get("base_model") or run.config.get("base_model") or "")
+    if not base_model:
+        raise TuneError(f"{path} names no base_model in run.json or config.toml")
+    steps = run.checkpoint_steps[-1:] if checkpoints == "last" else run.checkpoint_steps
+    if not steps:
+        log.warning("%s has no complete checkpoint; evaluating the base model only", path)
+    evaluator = Evaluator(
+        the_suite, subject, path, clip=clip or metrics.DEFAULT_CLIP, dino=dino, device=device
+    )
+    pipe = load_base(base_model)
+    pipe.to(evaluator.clip.device)
+    apply = CHECKPOINT_LOADERS[run.recipe]
+    for step in tqdm([None, *steps], desc="eval", unit="model"):
+        if step is None:
+            evaluator.evaluate(pipe, 0, base=True)
+        else:
+            with apply(pipe, run.path / "checkpoints" / step_dir_name(step)):
+                evaluator.evaluate(pipe, step)
+        evaluator.write()  # after every model: a long eval shows its progress in the dashboard
+    report = evaluator.write()
+    log.info(
+        "wrote %s (best step %s, overfit %s)",
+        path / "eval" / "report.json",
+        report["best_step"],
+        report["overfit"],
+    )
+    return report

@@ -1,0 +1,122 @@
+"""Evaluation suites: TOML files in eval/ (see eval/default.toml), parsed strictly by `load_suite`."""
+
+from __future__ import annotations
+
+import string
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tune import PROJECT_ROOT
+from tune.config import suggest
+from tune.errors import ConfigError
+
+SUITES_DIR = PROJECT_ROOT / "eval"
+DEFAULT_SUITE = "default"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One evaluation suite (an eval/*.toml file)."""
+
+    name: str
+    """The suite's name: its `name` key, else the file's stem."""
+    prompts: tuple[str, ...]
+    """Prompt templates; {token} and {class} are filled in from the run's subject."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds, one image per prompt each (at least two: diversity compares them). `images_per_prompt = N`
+    in the file means seeds 0 .. N-1."""
+    steps: int = 20
+    """Denoising steps per image."""
+    guidance: float = 6.0
+    """Classifier-free guidance scale."""
+    scheduler: str = ""
+    """Sampler (ddim, ddpm, euler, euler_a, dpmpp_2m); "" means the base model's own."""
+    negative_prompt: str = ""
+    """Negative prompt ("" for none)."""
+    batch_size: int = 2
+    """Seeds per sampler call (faster; the same in every model of a report, so comparisons stay fair)."""
+    description: str = ""
+    """One line about what the suite measures."""
+
+
+_SUITE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "description": str,
+    "prompts": list,
+    "seeds": list,
+    "images_per_prompt": int,
+    "steps": int,
+    "guidance": (int, float),
+    "scheduler": str,
+    "negative_prompt": str,
+    "batch_size": int,
+}
+
+
+def find_suite(name: str | Path) -> Path:
+    """A suite file: the path as given when it exists, else eval/<name>.toml of the tune checkout."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SUITES_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+    raise ConfigError(
+        f"suite {name} not found{suggest(path.stem, names)}; shipped suites: {', '.join(names)}"
+    )
+
+
+def load_suite(name: str | Path = DEFAULT_SUITE) -> Suite:
+    """Read a suite strictly: unknown keys, wrong types and bad values are ConfigErrors naming the key."""
+    from tune.sampling import SCHEDULERS
+
+    path = find_suite(name)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for key, value in table.items():
+        if key not in _SUITE_TYPES:
+            raise ConfigError(f"{path}: unknown key '{key}'{suggest(key, list(_SUITE_TYPES))}")
+        expected = _SUITE_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{path}: '{key}' has the wrong type ({type(value).__name__}); got {value!r}")
+    prompts = table.get("prompts")
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError(f"{path}: 'prompts' must be a non-empty list of prompt strings")
+    for prompt in prompts:
+        _check_template(prompt, path)
+    if "seeds" in table and "images_per_prompt" in table:
+        raise ConfigError(f"{path}: give 'seeds' or 'images_per_prompt', not both")
+    seeds = table.get("seeds", list(range(table.get("images_per_prompt", 2))))
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < 2:
+        raise ConfigError(
+            f"{path}: need at least two distinct integer seeds (diversity compares the images of a prompt); "
+            f"got {seeds!r}"
+        )
+    values = {k: v for k, v in table.items() if k not in ("seeds", "images_per_prompt", "prompts")}
+    suite = Suite(**{"name": path.stem, **values, "prompts": tuple(prompts), "seeds": tuple(seeds)})
+    if suite.steps < 1 or suite.batch_size < 1:
+        raise ConfigError(
+            f"{path}: 'steps' and 'batch_size' must be >= 1; got {suite.steps}, {suite.batch_size}"
+        )
+    if suite.scheduler and suite.scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"{path}: unknown scheduler '{suite.scheduler}'{suggest(suite.scheduler, list(SCHEDULERS))}; "
+            f"choose from {', '.join(SCHEDULERS)} or ''"
+        )
+    return suite
+
+
+def _check_template(template: str, path: Path) -> None:
+    try:
+        names = {n for _, n, _, _ in string.Formatter().parse(template) if n is not None}
+    except ValueError as err:
+        raise ConfigError(f"{path}: prompt {template!r} is not a valid template ({err})") from None
+    unknown = names - {"token", "class"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: prompt {template!r} uses {{{sorted(unknown)[0]}}}; only {{token}} and {{class}} are filled in"
+        )
