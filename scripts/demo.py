@@ -38,8 +38,8 @@ def compare(run: Path, out: Path) -> Path:
     """Base (the step-0 samples) next to tuned (the last samples), one row per validation prompt."""
     from PIL import Image
 
+    from tune.grids import make_grid
     from tune.runs import read_run
-    from tune.sampling import make_grid
 
     steps = read_run(run).sample_steps
     first, last = run / "samples" / f"step_{steps[0]:06d}", run / "samples" / f"step_{steps[-1]:06d}"

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from tune import sampling
+from tune import grids, sampling
 from tune.errors import ConfigError, DataError, ModelError, TuneError
 from tune.models import load_pipeline
 
@@ -169,10 +169,10 @@ def test_trajectory_strip(pipe: StableDiffusionPipeline) -> None:
 def test_make_grid_places_cells_and_labels() -> None:
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
     images = [Image.new("RGB", (16, 16), c) for c in colors]
-    grid = sampling.make_grid(images, 2, 3)
+    grid = grids.make_grid(images, 2, 3)
     assert grid.size == (48, 32)
     assert grid.getpixel((16 + 8, 16 + 8)) == colors[4]
-    labelled = sampling.make_grid(images, 2, 3, row_labels=["first", "second"], col_labels=["a", "b", "c"])
+    labelled = grids.make_grid(images, 2, 3, row_labels=["first", "second"], col_labels=["a", "b", "c"])
     assert labelled.width > 48 and labelled.height > 32
     # The images sit at the bottom right; the margins hold dark text pixels.
     dx, dy = labelled.width - 48, labelled.height - 32
@@ -180,7 +180,7 @@ def test_make_grid_places_cells_and_labels() -> None:
     margin = np.asarray(labelled)[:, :dx]
     assert margin.min() < 128
     with pytest.raises(ValueError, match="needs 6 images"):
-        sampling.make_grid(images[:5], 2, 3)
+        grids.make_grid(images[:5], 2, 3)
 
 
 def test_sample_grid_writes_the_documented_files(pipe: StableDiffusionPipeline, tmp_path: Path) -> None:
