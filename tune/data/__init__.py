@@ -9,6 +9,7 @@ Modules (import them directly; this package imports nothing eagerly):
 - `tune.data.buckets`  aspect-ratio buckets and crop boxes.
 - `tune.data.sources`  folders, `metadata.jsonl` folders and `datasets` datasets into image records.
 - `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors).
+- `tune.data.dataset`  `build_dataset`: a source's checked photos as a `PhotoDataset`.
 - `tune.data.batches`  `Batch`, the batch type of every recipe, and `collate`.
 - `tune.data.loader`   `build_dataset`, `build_dataloader`, `Batch`: what recipes call.
 - `tune.data.check`    `tune data check PATH`.
