@@ -12,6 +12,7 @@ Modules (import them directly; this package imports nothing eagerly):
   `cache_text` fill them.
 - `tune.data.dataset`  `build_dataset`: a source's checked photos as a `PhotoDataset`.
 - `tune.data.batches`  `Batch`, the batch type of every recipe, and `collate`.
-- `tune.data.loader`   `build_dataset`, `build_dataloader`, `Batch`: what recipes call.
+- `tune.data.loader`   `build_dataloader`: batch order, sharding, resume; re-exports what recipes
+  call (`build_dataset`, `cache_latents`, `cache_text`, `Batch`).
 - `tune.data.check`    `tune data check PATH`.
 """

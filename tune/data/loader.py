@@ -9,6 +9,11 @@
         ...
     state = loader.state_dict()                               # save with the checkpoint; load_state_dict to resume
 
+This module orders the batches (`BucketBatchSampler`) and builds the loader (`build_dataloader`,
+`PhotoLoader`). What the lines above use from elsewhere is re-exported here: `build_dataset`,
+`PhotoDataset`, `ItemKey` from `tune.data.dataset`; `cache_latents`, `cache_text` from
+`tune.data.cache`; `Batch`, `collate` from `tune.data.batches`; `DataConfig` from `tune.data.config`.
+
 Determinism: the order of batches depends only on (seed, epoch); each sample's randomness (flip,
 random crop, caption shuffle / dropout, the latent's posterior sample) depends only on (seed, epoch,
 photo, draw). So the same seed gives the same batches whatever `num_workers`, and resuming from
