@@ -44,7 +44,7 @@ def test_second_run_loads_everything_and_never_encodes(photos: Path, tmp_path: P
     cache = tmp_path / "cache"
     _, first, vae1 = run(photos, cache)
     assert (first.encoded, first.loaded) == (6, 0) and vae1.calls > 0
-    with caplog.at_level("INFO", logger="tune.data.loader"):
+    with caplog.at_level("INFO", logger="tune.data.cache"):
         ds, second, vae2 = run(photos, cache)
     assert (second.encoded, second.loaded) == (0, 6) and second.hit_rate == 1.0
     assert vae2.calls == 0

@@ -83,7 +83,7 @@ def test_caption_dropout_rate() -> None:
 
 
 def test_instance_prompt_wins_over_sidecars(photos: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="tune.data.loader"):
+    with caplog.at_level(logging.INFO, logger="tune.data.dataset"):
         ds = build_dataset(photos, SMALL, instance_prompt="a photo of sks dog")
     assert {r.caption for r in ds.records} == {"a photo of sks dog"}
     assert "2 caption sidecars ignored" in caplog.text

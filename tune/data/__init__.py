@@ -8,7 +8,11 @@ Modules (import them directly; this package imports nothing eagerly):
 - `tune.data.concepts` `concepts/<name>/concept.toml` into a frozen `Concept`.
 - `tune.data.buckets`  aspect-ratio buckets and crop boxes.
 - `tune.data.sources`  folders, `metadata.jsonl` folders and `datasets` datasets into image records.
-- `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors).
-- `tune.data.loader`   `build_dataset`, `build_dataloader`, `Batch`: what recipes call.
+- `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors); `cache_latents`,
+  `cache_text` fill them.
+- `tune.data.dataset`  `build_dataset`: a source's checked photos as a `PhotoDataset`.
+- `tune.data.batches`  `Batch`, the batch type of every recipe, and `collate`.
+- `tune.data.loader`   `build_dataloader`: batch order, sharding, resume; re-exports what recipes
+  call (`build_dataset`, `cache_latents`, `cache_text`, `Batch`).
 - `tune.data.check`    `tune data check PATH`.
 """

@@ -16,26 +16,42 @@ any real change without reading all weights (a few ms even for SD's 83M-paramete
 
 A latent entry stores the VAE's posterior (`mean`, `std`) in float32 before scaling: the loader draws
 a fresh sample each step, like encoding on the fly would, then applies the VAE's shift/scale factors.
+
+`cache_latents(dataset, vae)` and `cache_text(dataset, text_encoder, tokenizer)` fill the caches for
+a `PhotoDataset`: each encodes only the entries not on disk yet (with an accelerator, each process
+its share), then points the dataset at the files.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tune.data.batches import _tokenize
+from tune.data.buckets import Bucket, crop_box
+
+if TYPE_CHECKING:
+    from tune.data.dataset import PhotoDataset
 
 CACHE_ENV = "TUNE_CACHE_DIR"
 FORMAT_VERSION = 1
 """Bump when what a cache entry means changes; old entries then miss."""
 _SAMPLES_PER_TENSOR = 1024
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -144,3 +160,153 @@ class CacheStats:
     def __str__(self) -> str:
         text = f"{self.kind} cache: {self.encoded} encoded, {self.loaded} loaded"
         return f"{text} ({self.note})" if self.note else text
+
+
+def _is_mine(position: int, accelerator: Any) -> bool:
+    """Whether the job at `position` of the full job list is this process's to encode. Sharding the full
+    list, not the missing entries, keeps the shares disjoint and complete when a faster process has
+    already written its share before another one looks at the disk."""
+    return accelerator is None or position % accelerator.num_processes == accelerator.process_index
+
+
+def _vae_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = vae.encode(pixels)
+    dist = getattr(out, "latent_dist", None)
+    if dist is not None:
+        return dist.mean, dist.std
+    # Deterministic encoders (AutoencoderTiny) return latents directly: a posterior with zero spread.
+    latents = out.latents if hasattr(out, "latents") else out[0]
+    return latents, torch.zeros_like(latents)
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset: PhotoDataset,
+    vae: torch.nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    accelerator: Any = None,
+) -> CacheStats:
+    """Encode every photo variant the run needs once; later runs on the same photos load from disk.
+
+    Afterwards the dataset yields `latents` (scaled by the VAE's shift/scaling factors) instead of
+    `pixel_values`. Returns (and logs) how many entries were encoded vs loaded. With an accelerator,
+    each process encodes its share, then all wait for each other.
+    """
+    cache_dir = dataset.cache_dir
+    model_fp = fingerprint_model(vae)
+    cfg = dataset.cfg
+    jobs = dataset.required_latents()
+    paths: dict[tuple[int, Bucket, bool], str] = {}
+    mine = []  # this process's share of the missing entries
+    stats = CacheStats("latent")
+    for position, job in enumerate(jobs):
+        index, bucket, flip = job
+        record = dataset.records[index]
+        box = crop_box(record.width, record.height, bucket, mode="center")
+        key = make_key(
+            kind="latent",
+            model=model_fp,
+            image=record.sha256,
+            resolution=cfg.resolution,
+            bucket=list(bucket),
+            box=list(box),
+            flip=flip,
+        )
+        path = entry_path(cache_dir, "latents", model_fp, key)
+        paths[job] = str(path)
+        if is_readable(path):
+            stats.loaded += 1
+        elif _is_mine(position, accelerator):
+            mine.append((job, box, path))
+    if mine:
+        vae_device = torch.device(device)
+        vae_dtype = dtype or next(vae.parameters()).dtype
+        by_bucket: dict[Bucket, list[Any]] = {}
+        for item in mine:
+            by_bucket.setdefault(item[0][1], []).append(item)
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with (
+            tqdm(total=len(mine), desc="caching latents", unit="img") as bar,
+            concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool,
+        ):
+            for items in by_bucket.values():
+                for start in range(0, len(items), batch_size):
+                    chunk = items[start : start + batch_size]
+                    pixels = list(
+                        pool.map(lambda it: dataset.load_pixels(it[0][0], it[0][1], it[1], it[0][2]), chunk)
+                    )
+                    batch = torch.stack(pixels).to(vae_device, vae_dtype)
+                    mean, std = _vae_posterior(vae, batch)
+                    for (_, _, path), m, s in zip(chunk, mean.float().cpu(), std.float().cpu(), strict=True):
+                        save_entry(path, {"mean": m, "std": s}, {"format": "tune-latent"})
+                    stats.encoded += len(chunk)
+                    bar.update(len(chunk))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    config = getattr(vae, "config", None)
+    dataset.latent_scale = float(getattr(config, "scaling_factor", None) or 1.0)
+    dataset.latent_shift = float(getattr(config, "shift_factor", None) or 0.0)
+    dataset.latent_files = paths
+    dataset.cache_stats["latent"] = stats
+    logger.info(str(stats))
+    return stats
+
+
+@torch.no_grad()
+def cache_text(
+    dataset: PhotoDataset,
+    text_encoder: torch.nn.Module,
+    tokenizer: Callable[..., Any],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    max_length: int | None = None,
+    accelerator: Any = None,
+) -> CacheStats:
+    """Encode each distinct caption once (`text_encoder(input_ids)[0]`, the `encoder_hidden_states`).
+
+    With caption dropout the empty caption is cached too (one entry per variant). With
+    `shuffle_captions` nothing is cached (every step is new text): the stats say so and batches keep
+    `input_ids` for the recipe to encode.
+    """
+    stats = CacheStats("text")
+    if dataset.cfg.shuffle_captions:
+        stats.note = "off: shuffle_captions makes new text every step"
+        dataset.text_files = None
+        dataset.cache_stats["text"] = stats
+        logger.info(str(stats))
+        return stats
+    captions = sorted(
+        {c for r in dataset.records for c in (r.caption, *r.alt_captions)}
+        | ({""} if dataset.cfg.caption_dropout > 0 else set())
+    )
+    model_fp = fingerprint_model(text_encoder)
+    ids = _tokenize(tokenizer, captions, max_length)
+    paths: dict[str, str] = {}
+    mine = []  # this process's share of the missing entries
+    for position, (caption, row) in enumerate(zip(captions, ids, strict=True)):
+        key = make_key(kind="text", model=model_fp, input_ids=[int(t) for t in row])
+        path = entry_path(dataset.cache_dir, "text", model_fp, key)
+        paths[caption] = str(path)
+        if is_readable(path):
+            stats.loaded += 1
+        elif _is_mine(position, accelerator):
+            mine.append((row, path))
+    with tqdm(total=len(mine), desc="caching text", unit="caption", disable=not mine) as bar:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            input_ids = torch.stack([row for row, _ in chunk]).to(device)
+            hidden = text_encoder(input_ids)[0]
+            for (_, path), h in zip(chunk, hidden.float().cpu(), strict=True):
+                save_entry(path, {"encoder_hidden_states": h}, {"format": "tune-text"})
+            stats.encoded += len(chunk)
+            bar.update(len(chunk))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    dataset.text_files = paths
+    dataset.cache_stats["text"] = stats
+    logger.info(str(stats))
+    return stats

@@ -1,0 +1,94 @@
+"""`Batch`, the one batch type of every recipe, and `collate`, which stacks dataset items into one.
+
+Images of a batch share one bucket (size). `collate` tokenizes the captions when a tokenizer is given
+and text is not cached; `_tokenize` is also how `cache_text` tokenizes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One batch, the same type for every recipe. Images of a batch share one bucket (size)."""
+
+    captions: list[str]
+    """Captions after shuffle / dropout, one per sample."""
+    is_prior: torch.Tensor
+    """bool [B]: class images for prior preservation (they follow the instance photos)."""
+    original_sizes: torch.Tensor
+    """long [B, 2]: (height, width) of each photo before cropping (SDXL micro-conditioning)."""
+    crop_top_lefts: torch.Tensor
+    """long [B, 2]: (top, left) of the crop in resized-photo pixels (SDXL micro-conditioning)."""
+    target_size: tuple[int, int]
+    """(height, width) of this batch's images."""
+    pixel_values: torch.Tensor | None = None
+    """float32 [B, 3, H, W] in [-1, 1]; None when latents are cached."""
+    latents: torch.Tensor | None = None
+    """[B, C, H/f, W/f], already shifted and scaled by the VAE's factors; None when not cached."""
+    input_ids: torch.Tensor | None = None
+    """long [B, L] token ids, when a tokenizer was given and text is not cached."""
+    encoder_hidden_states: torch.Tensor | None = None
+    """[B, L, D] text-encoder outputs, when text is cached."""
+    seeds: torch.Tensor | None = None
+    """long [B]: each sample's own seed, a function of (seed, epoch, photo, draw) only, for the noise and
+    timestep a recipe draws for it: the same however the photos are split into micro-batches or processes."""
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def to(
+        self, device: str | torch.device, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> Batch:
+        """A copy on `device`; `dtype` applies to the floating-point image/text tensors only."""
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                cast = dtype if (dtype is not None and value.is_floating_point()) else None
+                changes[f.name] = value.to(device=device, dtype=cast, non_blocking=non_blocking)
+            else:
+                changes[f.name] = value
+        return Batch(**changes)
+
+
+def _tokenize(tokenizer: Callable[..., Any], texts: list[str], max_length: int | None) -> torch.Tensor:
+    length = max_length or getattr(tokenizer, "model_max_length", None) or 77
+    out = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    if isinstance(out, torch.Tensor):
+        return out
+    # BatchEncoding and plain dicts both index by name.
+    return out["input_ids"]
+
+
+def collate(
+    items: list[dict[str, Any]],
+    *,
+    tokenizer: Callable[..., Any] | None = None,
+    max_length: int | None = None,
+) -> Batch:
+    """Stack dataset items into a `Batch`; tokenizes captions when a tokenizer is given and text is not cached."""
+    captions = [it["caption"] for it in items]
+    batch = Batch(
+        captions=captions,
+        is_prior=torch.tensor([it["is_prior"] for it in items], dtype=torch.bool),
+        original_sizes=torch.tensor([it["original_size"] for it in items], dtype=torch.long),
+        crop_top_lefts=torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long),
+        target_size=items[0]["target_size"],
+    )
+    if "seed" in items[0]:
+        batch.seeds = torch.tensor([it["seed"] for it in items], dtype=torch.long)
+    if "latents" in items[0]:
+        batch.latents = torch.stack([it["latents"] for it in items])
+    else:
+        batch.pixel_values = torch.stack([it["pixel_values"] for it in items])
+    if "encoder_hidden_states" in items[0]:
+        batch.encoder_hidden_states = torch.stack([it["encoder_hidden_states"] for it in items])
+    elif tokenizer is not None:
+        batch.input_ids = _tokenize(tokenizer, captions, max_length)
+    return batch
