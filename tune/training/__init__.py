@@ -1,26 +1,40 @@
 """The plumbing every training recipe shares: run start, seeding, accelerate, checkpoints and resume.
 
+A recipe calls, in order:
+
+    run, cfg = start_run("lora", cfg)                       # run dir, resolved config, seed
+    accelerator = build_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    ... build models, optimizer, lr schedule, loader; accelerator.prepare(...) ...
+    accelerator.register_for_checkpointing(loader)           # anything with state_dict/load_state_dict
+    step = resume_from_checkpoint(accelerator, run, cfg.resume)   # 0 when starting fresh
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
+    ... loop: loss, backward; `if nonfinite.check(loss): optimizer.step()`;
+              `if nonfinite.finish(run, step, loss_value): log the step`;
+              save_checkpoint(accelerator, run, step) every N steps ...
+
 One job per module:
 
-    run          start_run, ReplicaRunDir, build_accelerator, checkpoints, resume, NonFiniteGuard,
-                 module_bytes                                         (being split up)
+    run          start_run, ReplicaRunDir                            run dir, resolved config, seed
+    accelerator  build_accelerator                                   processes, mixed precision, grad accum
+    checkpoints  save_checkpoint, resume_from_checkpoint,            complete-marked checkpoints, resume,
+                 checkpoint_bytes, module_bytes                      sizes for disk-space checks
+    guard        NonFiniteGuard                                      skip NaN/inf steps, stop after N
 
 Every public name is re-exported, so `from tune.training import save_checkpoint` works as it did
 when this package was one module.
 """
 
-from tune.training.run import (
+from tune.training.accelerator import build_accelerator
+from tune.training.checkpoints import (
     PAUSE_AFTER_CHECKPOINT_ENV,
     PAUSE_IN_CHECKPOINT_ENV,
-    NonFiniteGuard,
-    ReplicaRunDir,
-    build_accelerator,
     checkpoint_bytes,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
-    start_run,
 )
+from tune.training.guard import NonFiniteGuard
+from tune.training.run import ReplicaRunDir, start_run
 
 __all__ = [
     "NonFiniteGuard",
