@@ -38,9 +38,15 @@ from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    build_trackers,
+    is_due,
+    log_step,
+    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
+    tracker_config,
+    weight_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -132,9 +138,9 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("lora", cfg)
-    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
@@ -142,7 +148,7 @@ def main(cfg: Config) -> RunDir:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     base_hash = lora_io.base_model_hash(unet, text_encoder)
     train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
-    dtype = p.weight_dtype(accelerator)
+    dtype = weight_dtype(accelerator)
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     unet.to(device, dtype)
@@ -231,7 +237,7 @@ def main(cfg: Config) -> RunDir:
         evaluator.attach(run.path, step)
     run.update_info(**p.run_info(subject, cfg, base_hash, dataset), lora_tensors=len(lora_params))
     if cfg.report_to != "none":
-        accelerator.init_trackers("lora", config=p.tracker_config(cfg))
+        accelerator.init_trackers("lora", config=tracker_config(cfg))
 
     def evaluate(at: int) -> None:  # eval_every: score the adapter as it is now, keep the best one
         if evaluator is None or not accelerator.is_main_process:
@@ -300,12 +306,12 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            p.log_step(
+            log_step(
                 run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+        if is_due(step, cfg.sample_every, cfg.max_steps):
             p.sample_validation(
                 pipe,
                 prompts,
@@ -314,9 +320,9 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=sampled_modules,
             )
-        if p.is_due(step, cfg.eval_every, cfg.max_steps):
+        if is_due(step, cfg.eval_every, cfg.max_steps):
             evaluate(step)
-        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+        if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
     if evaluator is not None:

@@ -32,9 +32,15 @@ from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    build_trackers,
+    is_due,
+    log_step,
+    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
+    tracker_config,
+    weight_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -82,16 +88,16 @@ def main(cfg: Config) -> RunDir:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     run, cfg = start_run("textual_inversion", cfg)
-    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     base_hash = base_model_hash(unet, text_encoder)
-    dtype = p.weight_dtype(accelerator)
+    dtype = weight_dtype(accelerator)
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     unet.to(device, dtype)
@@ -138,7 +144,7 @@ def main(cfg: Config) -> RunDir:
         token_ids=list(new_tokens.ids),
     )
     if cfg.report_to != "none":
-        accelerator.init_trackers("textual_inversion", config=p.tracker_config(cfg))
+        accelerator.init_trackers("textual_inversion", config=tracker_config(cfg))
 
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and cfg.sample_every:  # the base model, with the token at its initializer's embedding
@@ -176,12 +182,10 @@ def main(cfg: Config) -> RunDir:
         seconds = round(time.perf_counter() - t0, 4)
         lr = lr_schedule.get_last_lr()[0]
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            p.log_step(
-                run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds
-            )
+            log_step(run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+        if is_due(step, cfg.sample_every, cfg.max_steps):
             p.sample_validation(
                 pipe,
                 prompts,
@@ -190,7 +194,7 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=[text_encoder],
             )
-        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+        if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
 

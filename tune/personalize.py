@@ -40,12 +40,17 @@ from tune.errors import ConfigError, DataError, ModelError, TuneError
 from tune.optim import OptimConfig
 from tune.runs import check_not_in_use
 
+# The `x as x` names moved to tune.training; re-exported for callers that still reach them here (tests).
+from tune.training.accelerator import resolve_mixed_precision as resolve_mixed_precision
+from tune.training.steps import is_due as is_due
+from tune.training.steps import step_generator
+from tune.training.trackers import build_trackers as build_trackers
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from tune.data.concepts import Concept
     from tune.data.loader import Batch, PhotoDataset, PhotoLoader
-    from tune.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -442,40 +447,6 @@ def load_base(path: str) -> StableDiffusionPipeline:
     return pipe
 
 
-def resolve_mixed_precision(name: str) -> str:
-    """ "auto" -> bf16 on GPUs that have it, fp16 on other GPUs, "no" on CPUs; other names unchanged."""
-    if name != "auto":
-        return name
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def weight_dtype(accelerator: Any) -> torch.dtype:
-    """The dtype frozen weights are kept in: the mixed-precision type (trained weights stay fp32)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        str(accelerator.mixed_precision), torch.float32
-    )
-
-
-def build_trackers(report_to: str, run: RunDir) -> list[Any] | None:
-    """accelerate tracker objects for `report_to` (None for "none"); a missing package is a clear error."""
-    if report_to == "none":
-        return None
-    import importlib.util
-
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"report_to={report_to} needs the {package} package: pip install {package}")
-    from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-    # Tracker objects rather than names: accelerate wants a logging_dir for names, which
-    # tune.training.build_accelerator does not pass.
-    if report_to == "tensorboard":
-        return [TensorBoardTracker(run.path.name, run.path / "tensorboard")]
-    return [WandBTracker(run.path.name)]
-
-
 def enable_gradient_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> None:
     """Recompute activations in the backward pass of the U-Net (and of a trained text encoder)."""
     unet.enable_gradient_checkpointing()  # type: ignore[operator]
@@ -580,12 +551,6 @@ def forever(loader: PhotoLoader) -> Iterator[Batch]:
         yield from loader
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro-step's noise and timesteps: a function of (seed, micro-step) only, so a
-    resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(seed * 2**32 + micro_step)
-
-
 def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Generator] | torch.Generator:
     """The generators of a batch's noise and timesteps: one per sample, seeded by the sample itself (its
     photo, epoch and draw), so that batch 4 x grad_accum 1, batch 2 x grad_accum 2 and 2 processes x
@@ -655,11 +620,6 @@ def encode_batch(
 # ---------------------------------------------------------------------------------------------------
 # During training
 # ---------------------------------------------------------------------------------------------------
-
-
-def is_due(step: int, every: int, max_steps: int) -> bool:
-    """Whether a periodic action (sampling, checkpoint) runs after `step`: every N steps and at the end."""
-    return every > 0 and (step % every == 0 or step == max_steps)
 
 
 def sample_validation(
@@ -750,37 +710,6 @@ def on_checkpoint(accelerator: Any, write: Callable[[Path, int], None]) -> None:
             write(path, int(path.name.removeprefix("step_")))
 
     accelerator.register_save_state_pre_hook(hook)
-
-
-def log_step(run: RunDir, accelerator: Any, step: int, **values: float) -> None:
-    """One metrics.jsonl row, and the trackers' when report_to is set. Every process calls it: with several,
-    the logged loss is their mean (the loss of the whole batch), not the main process's share."""
-    if accelerator.num_processes > 1 and "loss" in values:
-        loss = torch.tensor([values["loss"]], device=accelerator.device)
-        values = {**values, "loss": float(accelerator.reduce(loss, reduction="mean"))}
-    if accelerator.is_main_process:
-        run.log_metrics(step, **values)
-    if accelerator.trackers:
-        accelerator.log(values, step=step)
-
-
-def tracker_config(cfg: Any) -> dict[str, Any]:
-    """The config as flat `a.b` -> scalar pairs (what TensorBoard's hparams and W&B accept)."""
-    from tune.config import to_dict
-
-    flat: dict[str, Any] = {}
-
-    def walk(table: dict[str, Any], prefix: str) -> None:
-        for key, value in table.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif isinstance(value, bool | int | float | str):
-                flat[prefix + key] = value
-            else:
-                flat[prefix + key] = str(value)
-
-    walk(to_dict(cfg), "")
-    return flat
 
 
 def run_info(

@@ -15,16 +15,19 @@ A recipe calls, in order:
 One job per module:
 
     run          start_run, ReplicaRunDir                            run dir, resolved config, seed
-    accelerator  build_accelerator                                   processes, mixed precision, grad accum
+    accelerator  build_accelerator, resolve_mixed_precision,         processes, mixed precision, grad accum
+                 weight_dtype
     checkpoints  save_checkpoint, resume_from_checkpoint,            complete-marked checkpoints, resume,
                  checkpoint_bytes, module_bytes                      sizes for disk-space checks
     guard        NonFiniteGuard                                      skip NaN/inf steps, stop after N
+    steps        is_due, log_step, step_generator                    cadence, metrics rows, per-step noise
+    trackers     build_trackers, tracker_config                      report_to: TensorBoard, W&B
 
 Every public name is re-exported, so `from tune.training import save_checkpoint` works as it did
 when this package was one module.
 """
 
-from tune.training.accelerator import build_accelerator
+from tune.training.accelerator import build_accelerator, resolve_mixed_precision, weight_dtype
 from tune.training.checkpoints import (
     PAUSE_AFTER_CHECKPOINT_ENV,
     PAUSE_IN_CHECKPOINT_ENV,
@@ -35,6 +38,8 @@ from tune.training.checkpoints import (
 )
 from tune.training.guard import NonFiniteGuard
 from tune.training.run import ReplicaRunDir, start_run
+from tune.training.steps import is_due, log_step, step_generator
+from tune.training.trackers import build_trackers, tracker_config
 
 __all__ = [
     "NonFiniteGuard",
@@ -42,9 +47,16 @@ __all__ = [
     "PAUSE_IN_CHECKPOINT_ENV",
     "ReplicaRunDir",
     "build_accelerator",
+    "build_trackers",
     "checkpoint_bytes",
+    "is_due",
+    "log_step",
     "module_bytes",
+    "resolve_mixed_precision",
     "resume_from_checkpoint",
     "save_checkpoint",
     "start_run",
+    "step_generator",
+    "tracker_config",
+    "weight_dtype",
 ]

@@ -1,9 +1,14 @@
-"""The accelerate `Accelerator` a recipe trains with (processes, mixed precision, gradient accumulation)."""
+"""The accelerate `Accelerator` a recipe trains with (processes, mixed precision, gradient accumulation),
+the mixed-precision choice and the dtype frozen weights are kept in."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +51,23 @@ def build_accelerator(
         # accelerate reads it from a loader passed through prepare(); tune's loader never is.
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
     return accelerator
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """ "auto" -> bf16 on GPUs that have it, fp16 on other GPUs, "no" on CPUs; other names unchanged."""
+    import torch
+
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def weight_dtype(accelerator: Any) -> torch.dtype:
+    """The dtype frozen weights are kept in: the mixed-precision type (trained weights stay fp32)."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        str(accelerator.mixed_precision), torch.float32
+    )
