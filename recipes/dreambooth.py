@@ -40,12 +40,15 @@ from tune.training import (
     NonFiniteGuard,
     build_accelerator,
     build_trackers,
+    compiled,
+    enable_gradient_checkpointing,
     is_due,
     log_step,
     module_bytes,
     resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
+    set_channels_last,
     start_run,
     tracker_config,
     weight_dtype,
@@ -131,8 +134,8 @@ def main(cfg: Config) -> RunDir:
             copy.deepcopy(unet).requires_grad_(False).eval()
         )  # holds the EMA weights to sample and export
     if cfg.gradient_checkpointing:
-        p.enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
-    p.set_channels_last(unet, cfg.channels_last)
+        enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
+    set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     sample_pipe = StableDiffusionPipeline(
         **{**pipe.components, "unet": ema_unet or unet}, requires_safety_checker=False
@@ -163,7 +166,7 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
-    unet_model = p.compiled(trained[0], cfg.compile, cfg.compile_mode)
+    unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
     text_model = trained[1] if cfg.train_text_encoder else text_encoder
     accelerator.register_for_checkpointing(loader)
     if ema is not None:

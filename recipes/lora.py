@@ -39,11 +39,16 @@ from tune.training import (
     NonFiniteGuard,
     build_accelerator,
     build_trackers,
+    checkpoint_trainable_only,
+    compiled,
+    enable_gradient_checkpointing,
     is_due,
     log_step,
+    on_checkpoint,
     resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
+    set_channels_last,
     start_run,
     tracker_config,
     weight_dtype,
@@ -184,8 +189,8 @@ def main(cfg: Config) -> RunDir:
     for q in lora_params:
         q.data = q.data.float()  # trained weights stay fp32 under mixed precision
     if cfg.gradient_checkpointing:
-        p.enable_gradient_checkpointing(unet, text_encoder if train_text else None)
-    p.set_channels_last(unet, cfg.channels_last)
+        enable_gradient_checkpointing(unet, text_encoder if train_text else None)
+    set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     log.info("lora: %d trainable adapter tensors, rank %d, alpha %g", len(lora_params), rank, alpha)
 
@@ -218,11 +223,11 @@ def main(cfg: Config) -> RunDir:
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
     unet_model, text_model = (
-        p.compiled(trained[0], cfg.compile, cfg.compile_mode),
+        compiled(trained[0], cfg.compile, cfg.compile_mode),
         (trained[1] if train_text else text_encoder),
     )
     accelerator.register_for_checkpointing(loader)
-    p.checkpoint_trainable_only(accelerator)
+    checkpoint_trainable_only(accelerator)
 
     def write_adapter(folder: Path, step: int) -> None:  # called inside each checkpoint save
         te = text_encoder if "text_encoder" in cfg.lora.targets else None
@@ -231,7 +236,7 @@ def main(cfg: Config) -> RunDir:
         if new_tokens is not None:
             save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, meta)
 
-    p.on_checkpoint(accelerator, write_adapter)
+    on_checkpoint(accelerator, write_adapter)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     if evaluator is not None:
         evaluator.attach(run.path, step)

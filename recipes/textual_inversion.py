@@ -33,11 +33,16 @@ from tune.training import (
     NonFiniteGuard,
     build_accelerator,
     build_trackers,
+    checkpoint_trainable_only,
+    compiled,
+    enable_gradient_checkpointing,
     is_due,
     log_step,
+    on_checkpoint,
     resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
+    set_channels_last,
     start_run,
     tracker_config,
     weight_dtype,
@@ -106,8 +111,8 @@ def main(cfg: Config) -> RunDir:
     new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.num_vectors)
     new_tokens.train_rows_only()
     if cfg.gradient_checkpointing:
-        p.enable_gradient_checkpointing(unet, text_encoder)
-    p.set_channels_last(unet, cfg.channels_last)
+        enable_gradient_checkpointing(unet, text_encoder)
+    set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -130,10 +135,10 @@ def main(cfg: Config) -> RunDir:
     # The prepared text encoder (a DDP wrapper on several GPUs) runs the training forward; `text_encoder`
     # stays the plain module that the pipeline samples with.
     text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
-    unet_model = p.compiled(unet, cfg.compile, cfg.compile_mode)
+    unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
     accelerator.register_for_checkpointing(loader)
-    p.checkpoint_trainable_only(accelerator)
-    p.on_checkpoint(
+    checkpoint_trainable_only(accelerator)
+    on_checkpoint(
         accelerator,
         lambda folder, step: save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, {"tune_step": str(step)}),
     )

@@ -15,8 +15,6 @@
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
 - `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
   model) and every `sample_every` steps, through the shared sampler.
-- `checkpoint_trainable_only`: accelerate checkpoints hold the trained weights only (a LoRA
-  checkpoint is megabytes, not the whole U-Net).
 
 The training loops themselves stay in the recipes, written out.
 """
@@ -27,7 +25,7 @@ import dataclasses
 import logging
 import re
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,12 +34,13 @@ import torch
 
 from tune import PROJECT_ROOT
 from tune.diffusion import DiffusionConfig, sample_noise
-from tune.errors import ConfigError, DataError, ModelError, TuneError
+from tune.errors import ConfigError, DataError, ModelError
 from tune.optim import OptimConfig
 from tune.runs import check_not_in_use
 
 # The `x as x` names moved to tune.training; re-exported for callers that still reach them here (tests).
 from tune.training.accelerator import resolve_mixed_precision as resolve_mixed_precision
+from tune.training.checkpoints import checkpoint_trainable_only as checkpoint_trainable_only
 from tune.training.steps import is_due as is_due
 from tune.training.steps import step_generator
 from tune.training.trackers import build_trackers as build_trackers
@@ -429,7 +428,7 @@ def prepare_class_images(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models and precision
+# The base model
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -445,15 +444,6 @@ def load_base(path: str) -> StableDiffusionPipeline:
     pipe = load_pipeline(str(resolve_model_path(path)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def enable_gradient_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> None:
-    """Recompute activations in the backward pass of the U-Net (and of a trained text encoder)."""
-    unet.enable_gradient_checkpointing()  # type: ignore[operator]
-    if text_encoder is not None:
-        # transformers 5 renamed it (the old name warns); 4.x only has the old one.
-        enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-        (enable or text_encoder.gradient_checkpointing_enable)()  # type: ignore[operator]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,34 +551,6 @@ def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Ge
     return [torch.Generator().manual_seed(s) for s in batch.seeds.tolist()]
 
 
-def compiled(model: torch.nn.Module, compile: bool, mode: str = "default") -> torch.nn.Module:
-    """`model`, or with `compile` torch.compile(model, mode=mode): the same weights, a compiled forward for
-    training (sampling and saving keep using the plain module).
-
-    The compiled forward skips dynamo's guards on module attributes (torch.compiler's
-    `skip_guard_on_all_nn_modules_unsafe`): checking them costs about 3 ms a call on CPU, a tenth of a
-    tiny model's step. That is safe here because only the training step calls it, always with the
-    modules in the state they were compiled in: sampling, evaluation and saving use the plain module and
-    put back whatever they change (train mode, LoRA scale, EMA weights). The inputs stay guarded, so a
-    new shape (another bucket) still recompiles.
-    """
-    if not compile:
-        return model
-    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    if skip_module_guards is None:  # an older torch
-        return torch.compile(model, mode=mode)  # type: ignore[return-value]
-    from torch._inductor import list_mode_options
-
-    options = {**list_mode_options(mode), "guard_filter_fn": skip_module_guards}
-    return torch.compile(model, options=options)  # type: ignore[return-value]
-
-
-def set_channels_last(unet: torch.nn.Module, channels_last: bool) -> None:
-    """Channels-last memory order for the U-Net's 4-D weights; convolutions then keep activations in it."""
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
-
-
 def encode_batch(
     batch: Batch,
     *,
@@ -657,59 +619,6 @@ def sample_validation(
     finally:
         for m, mode in modes:
             m.train(mode)
-
-
-def checkpoint_trainable_only(accelerator: Any) -> None:
-    """Make accelerate checkpoints hold each prepared model's trainable parameters only.
-
-    accelerate saves whole models; for a LoRA or a few embedding rows that is the frozen base model over
-    and over. Its save hook writes `trainable_<i>.safetensors` instead, and its load hook restores them
-    (and checks that the checkpoint was made with the same trainable set).
-    """
-    from safetensors.torch import load_file, save_file
-
-    def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        inner = accelerator.unwrap_model(model)
-        return {n: p for n, p in inner.named_parameters() if p.requires_grad}
-
-    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
-            for i, model in enumerate(models):
-                state = {n: p.detach().to("cpu").contiguous() for n, p in trainable(model).items()}
-                save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
-        weights.clear()  # accelerate then writes no whole-model files
-
-    def load_hook(models: list[Any], input_dir: str) -> None:
-        for i, model in enumerate(models):
-            path = Path(input_dir) / f"trainable_{i}.safetensors"
-            if not path.is_file():
-                raise TuneError(f"{input_dir} has no {path.name}; it was not written by this recipe")
-            saved, params = load_file(str(path)), trainable(model)
-            if set(saved) != set(params):
-                diff = sorted(set(saved) ^ set(params))
-                raise TuneError(
-                    f"checkpoint {input_dir} trained other weights than this run (e.g. {diff[0]}); resume with "
-                    "the settings it was made with (lora.targets, lora.rank, ...)"
-                )
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
-        models.clear()  # loaded here; accelerate must not look for whole-model files
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def on_checkpoint(accelerator: Any, write: Callable[[Path, int], None]) -> None:
-    """Call `write(checkpoint_dir, step)` inside every checkpoint save, before its COMPLETE marker (for the
-    files other tools read from a checkpoint: LoRA adapters, learned embeddings)."""
-
-    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
-            path = Path(output_dir)
-            write(path, int(path.name.removeprefix("step_")))
-
-    accelerator.register_save_state_pre_hook(hook)
 
 
 def run_info(

@@ -18,8 +18,11 @@ One job per module:
     accelerator  build_accelerator, resolve_mixed_precision,         processes, mixed precision, grad accum
                  weight_dtype
     checkpoints  save_checkpoint, resume_from_checkpoint,            complete-marked checkpoints, resume,
+                 checkpoint_trainable_only, on_checkpoint,           what they hold, files written with them,
                  checkpoint_bytes, module_bytes                      sizes for disk-space checks
     guard        NonFiniteGuard                                      skip NaN/inf steps, stop after N
+    speed        compiled, set_channels_last,                        torch.compile, memory order,
+                 enable_gradient_checkpointing                       activation recompute
     steps        is_due, log_step, step_generator                    cadence, metrics rows, per-step noise
     trackers     build_trackers, tracker_config                      report_to: TensorBoard, W&B
 
@@ -32,12 +35,15 @@ from tune.training.checkpoints import (
     PAUSE_AFTER_CHECKPOINT_ENV,
     PAUSE_IN_CHECKPOINT_ENV,
     checkpoint_bytes,
+    checkpoint_trainable_only,
     module_bytes,
+    on_checkpoint,
     resume_from_checkpoint,
     save_checkpoint,
 )
 from tune.training.guard import NonFiniteGuard
 from tune.training.run import ReplicaRunDir, start_run
+from tune.training.speed import compiled, enable_gradient_checkpointing, set_channels_last
 from tune.training.steps import is_due, log_step, step_generator
 from tune.training.trackers import build_trackers, tracker_config
 
@@ -49,12 +55,17 @@ __all__ = [
     "build_accelerator",
     "build_trackers",
     "checkpoint_bytes",
+    "checkpoint_trainable_only",
+    "compiled",
+    "enable_gradient_checkpointing",
     "is_due",
     "log_step",
     "module_bytes",
+    "on_checkpoint",
     "resolve_mixed_precision",
     "resume_from_checkpoint",
     "save_checkpoint",
+    "set_channels_last",
     "start_run",
     "step_generator",
     "tracker_config",

@@ -1,4 +1,4 @@
-"""Checkpoints: save (atomically complete), prune, resume; and the sizes disk-space checks use.
+"""Checkpoints: save (atomically complete), prune, resume; what they hold; the sizes disk-space checks use.
 
 Checkpoints are accelerate's `save_state` folders (models, optimizers, schedules, RNG states, and
 the data loader's position through `register_for_checkpointing`), each valid only once its
@@ -12,11 +12,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tune.errors import TuneError
 from tune.runs import COMPLETE_MARKER, RunDir, check_disk_space, fsync_tree, read_run
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +131,57 @@ def module_bytes(*objects: Any) -> int:
             tensors = [*obj.parameters(), *obj.buffers()]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total
+
+
+def checkpoint_trainable_only(accelerator: Any) -> None:
+    """Make accelerate checkpoints hold each prepared model's trainable parameters only.
+
+    accelerate saves whole models; for a LoRA or a few embedding rows that is the frozen base model over
+    and over. Its save hook writes `trainable_<i>.safetensors` instead, and its load hook restores them
+    (and checks that the checkpoint was made with the same trainable set).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        inner = accelerator.unwrap_model(model)
+        return {n: p for n, p in inner.named_parameters() if p.requires_grad}
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                state = {n: p.detach().to("cpu").contiguous() for n, p in trainable(model).items()}
+                save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()  # accelerate then writes no whole-model files
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"trainable_{i}.safetensors"
+            if not path.is_file():
+                raise TuneError(f"{input_dir} has no {path.name}; it was not written by this recipe")
+            saved, params = load_file(str(path)), trainable(model)
+            if set(saved) != set(params):
+                diff = sorted(set(saved) ^ set(params))
+                raise TuneError(
+                    f"checkpoint {input_dir} trained other weights than this run (e.g. {diff[0]}); resume with "
+                    "the settings it was made with (lora.targets, lora.rank, ...)"
+                )
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+        models.clear()  # loaded here; accelerate must not look for whole-model files
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def on_checkpoint(accelerator: Any, write: Callable[[Path, int], None]) -> None:
+    """Call `write(checkpoint_dir, step)` inside every checkpoint save, before its COMPLETE marker (for the
+    files other tools read from a checkpoint: LoRA adapters, learned embeddings)."""
+
+    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            path = Path(output_dir)
+            write(path, int(path.name.removeprefix("step_")))
+
+    accelerator.register_save_state_pre_hook(hook)
