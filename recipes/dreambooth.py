@@ -39,10 +39,19 @@ from tune.runs import RunDir, atomic_folder, check_disk_space
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    build_trackers,
+    compiled,
+    enable_gradient_checkpointing,
+    is_due,
+    log_step,
     module_bytes,
+    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
+    set_channels_last,
     start_run,
+    tracker_config,
+    weight_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -99,16 +108,16 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("dreambooth", cfg)
-    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     base_hash = base_model_hash(unet, text_encoder)
-    dtype = p.weight_dtype(accelerator)
+    dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, dtype)
     text_encoder.requires_grad_(cfg.train_text_encoder)
     text_encoder.to(device, torch.float32 if cfg.train_text_encoder else dtype)  # trained weights stay fp32
@@ -125,8 +134,8 @@ def main(cfg: Config) -> RunDir:
             copy.deepcopy(unet).requires_grad_(False).eval()
         )  # holds the EMA weights to sample and export
     if cfg.gradient_checkpointing:
-        p.enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
-    p.set_channels_last(unet, cfg.channels_last)
+        enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
+    set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     sample_pipe = StableDiffusionPipeline(
         **{**pipe.components, "unet": ema_unet or unet}, requires_safety_checker=False
@@ -157,7 +166,7 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
-    unet_model = p.compiled(trained[0], cfg.compile, cfg.compile_mode)
+    unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
     text_model = trained[1] if cfg.train_text_encoder else text_encoder
     accelerator.register_for_checkpointing(loader)
     if ema is not None:
@@ -169,7 +178,7 @@ def main(cfg: Config) -> RunDir:
         **p.run_info(subject, cfg, base_hash, dataset), unet_params=sum(q.numel() for q in unet.parameters())
     )
     if cfg.report_to != "none":
-        accelerator.init_trackers("dreambooth", config=p.tracker_config(cfg))
+        accelerator.init_trackers("dreambooth", config=tracker_config(cfg))
 
     def validate(at: int) -> None:
         if ema is not None and ema_unet is not None:
@@ -243,16 +252,16 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            p.log_step(
+            log_step(
                 run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+        if is_due(step, cfg.sample_every, cfg.max_steps):
             validate(step)
-        if p.is_due(step, cfg.eval_every, cfg.max_steps):
+        if is_due(step, cfg.eval_every, cfg.max_steps):
             evaluate(step)
-        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+        if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
     if evaluator is not None:

@@ -38,9 +38,20 @@ from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    build_trackers,
+    checkpoint_trainable_only,
+    compiled,
+    enable_gradient_checkpointing,
+    is_due,
+    log_step,
+    on_checkpoint,
+    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
+    set_channels_last,
     start_run,
+    tracker_config,
+    weight_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -132,9 +143,9 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("lora", cfg)
-    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
@@ -142,7 +153,7 @@ def main(cfg: Config) -> RunDir:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     base_hash = lora_io.base_model_hash(unet, text_encoder)
     train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
-    dtype = p.weight_dtype(accelerator)
+    dtype = weight_dtype(accelerator)
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     unet.to(device, dtype)
@@ -178,8 +189,8 @@ def main(cfg: Config) -> RunDir:
     for q in lora_params:
         q.data = q.data.float()  # trained weights stay fp32 under mixed precision
     if cfg.gradient_checkpointing:
-        p.enable_gradient_checkpointing(unet, text_encoder if train_text else None)
-    p.set_channels_last(unet, cfg.channels_last)
+        enable_gradient_checkpointing(unet, text_encoder if train_text else None)
+    set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     log.info("lora: %d trainable adapter tensors, rank %d, alpha %g", len(lora_params), rank, alpha)
 
@@ -212,11 +223,11 @@ def main(cfg: Config) -> RunDir:
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
     unet_model, text_model = (
-        p.compiled(trained[0], cfg.compile, cfg.compile_mode),
+        compiled(trained[0], cfg.compile, cfg.compile_mode),
         (trained[1] if train_text else text_encoder),
     )
     accelerator.register_for_checkpointing(loader)
-    p.checkpoint_trainable_only(accelerator)
+    checkpoint_trainable_only(accelerator)
 
     def write_adapter(folder: Path, step: int) -> None:  # called inside each checkpoint save
         te = text_encoder if "text_encoder" in cfg.lora.targets else None
@@ -225,13 +236,13 @@ def main(cfg: Config) -> RunDir:
         if new_tokens is not None:
             save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, meta)
 
-    p.on_checkpoint(accelerator, write_adapter)
+    on_checkpoint(accelerator, write_adapter)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     if evaluator is not None:
         evaluator.attach(run.path, step)
     run.update_info(**p.run_info(subject, cfg, base_hash, dataset), lora_tensors=len(lora_params))
     if cfg.report_to != "none":
-        accelerator.init_trackers("lora", config=p.tracker_config(cfg))
+        accelerator.init_trackers("lora", config=tracker_config(cfg))
 
     def evaluate(at: int) -> None:  # eval_every: score the adapter as it is now, keep the best one
         if evaluator is None or not accelerator.is_main_process:
@@ -300,12 +311,12 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            p.log_step(
+            log_step(
                 run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+        if is_due(step, cfg.sample_every, cfg.max_steps):
             p.sample_validation(
                 pipe,
                 prompts,
@@ -314,9 +325,9 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=sampled_modules,
             )
-        if p.is_due(step, cfg.eval_every, cfg.max_steps):
+        if is_due(step, cfg.eval_every, cfg.max_steps):
             evaluate(step)
-        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+        if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
     if evaluator is not None:

@@ -32,9 +32,20 @@ from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    build_trackers,
+    checkpoint_trainable_only,
+    compiled,
+    enable_gradient_checkpointing,
+    is_due,
+    log_step,
+    on_checkpoint,
+    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
+    set_channels_last,
     start_run,
+    tracker_config,
+    weight_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -82,16 +93,16 @@ def main(cfg: Config) -> RunDir:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     run, cfg = start_run("textual_inversion", cfg)
-    mixed_precision = p.resolve_mixed_precision(cfg.mixed_precision)
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, p.build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     base_hash = base_model_hash(unet, text_encoder)
-    dtype = p.weight_dtype(accelerator)
+    dtype = weight_dtype(accelerator)
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     unet.to(device, dtype)
@@ -100,8 +111,8 @@ def main(cfg: Config) -> RunDir:
     new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.num_vectors)
     new_tokens.train_rows_only()
     if cfg.gradient_checkpointing:
-        p.enable_gradient_checkpointing(unet, text_encoder)
-    p.set_channels_last(unet, cfg.channels_last)
+        enable_gradient_checkpointing(unet, text_encoder)
+    set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -124,10 +135,10 @@ def main(cfg: Config) -> RunDir:
     # The prepared text encoder (a DDP wrapper on several GPUs) runs the training forward; `text_encoder`
     # stays the plain module that the pipeline samples with.
     text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
-    unet_model = p.compiled(unet, cfg.compile, cfg.compile_mode)
+    unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
     accelerator.register_for_checkpointing(loader)
-    p.checkpoint_trainable_only(accelerator)
-    p.on_checkpoint(
+    checkpoint_trainable_only(accelerator)
+    on_checkpoint(
         accelerator,
         lambda folder, step: save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, {"tune_step": str(step)}),
     )
@@ -138,7 +149,7 @@ def main(cfg: Config) -> RunDir:
         token_ids=list(new_tokens.ids),
     )
     if cfg.report_to != "none":
-        accelerator.init_trackers("textual_inversion", config=p.tracker_config(cfg))
+        accelerator.init_trackers("textual_inversion", config=tracker_config(cfg))
 
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and cfg.sample_every:  # the base model, with the token at its initializer's embedding
@@ -176,12 +187,10 @@ def main(cfg: Config) -> RunDir:
         seconds = round(time.perf_counter() - t0, 4)
         lr = lr_schedule.get_last_lr()[0]
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            p.log_step(
-                run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds
-            )
+            log_step(run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if p.is_due(step, cfg.sample_every, cfg.max_steps):
+        if is_due(step, cfg.sample_every, cfg.max_steps):
             p.sample_validation(
                 pipe,
                 prompts,
@@ -190,7 +199,7 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=[text_encoder],
             )
-        if p.is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
+        if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
 

@@ -159,7 +159,7 @@ def test_cache_checkpoint_and_export_check_the_space(
             raise TuneError(f"not enough disk space for {what} in {folder}: 0 B free, {needed} B needed")
         real(folder, needed, what)
 
-    monkeypatch.setattr("tune.training.check_disk_space", filling)
+    monkeypatch.setattr("tune.training.checkpoints.check_disk_space", filling)
     out = tmp_path / "r"
     with pytest.raises(TuneError, match="the step 2 checkpoint"):
         recipe.main(config(setup, out, "max_steps=2"))

@@ -15,8 +15,6 @@
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
 - `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
   model) and every `sample_every` steps, through the shared sampler.
-- `checkpoint_trainable_only`: accelerate checkpoints hold the trained weights only (a LoRA
-  checkpoint is megabytes, not the whole U-Net).
 
 The training loops themselves stay in the recipes, written out.
 """
@@ -27,7 +25,7 @@ import dataclasses
 import logging
 import re
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,16 +34,22 @@ import torch
 
 from tune import PROJECT_ROOT
 from tune.diffusion import DiffusionConfig, sample_noise
-from tune.errors import ConfigError, DataError, ModelError, TuneError
+from tune.errors import ConfigError, DataError, ModelError
 from tune.optim import OptimConfig
 from tune.runs import check_not_in_use
+
+# The `x as x` names moved to tune.training; re-exported for callers that still reach them here (tests).
+from tune.training.accelerator import resolve_mixed_precision as resolve_mixed_precision
+from tune.training.checkpoints import checkpoint_trainable_only as checkpoint_trainable_only
+from tune.training.steps import is_due as is_due
+from tune.training.steps import step_generator
+from tune.training.trackers import build_trackers as build_trackers
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from tune.data.concepts import Concept
     from tune.data.loader import Batch, PhotoDataset, PhotoLoader
-    from tune.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +428,7 @@ def prepare_class_images(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models and precision
+# The base model
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -440,49 +444,6 @@ def load_base(path: str) -> StableDiffusionPipeline:
     pipe = load_pipeline(str(resolve_model_path(path)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def resolve_mixed_precision(name: str) -> str:
-    """ "auto" -> bf16 on GPUs that have it, fp16 on other GPUs, "no" on CPUs; other names unchanged."""
-    if name != "auto":
-        return name
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def weight_dtype(accelerator: Any) -> torch.dtype:
-    """The dtype frozen weights are kept in: the mixed-precision type (trained weights stay fp32)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        str(accelerator.mixed_precision), torch.float32
-    )
-
-
-def build_trackers(report_to: str, run: RunDir) -> list[Any] | None:
-    """accelerate tracker objects for `report_to` (None for "none"); a missing package is a clear error."""
-    if report_to == "none":
-        return None
-    import importlib.util
-
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"report_to={report_to} needs the {package} package: pip install {package}")
-    from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-    # Tracker objects rather than names: accelerate wants a logging_dir for names, which
-    # tune.training.build_accelerator does not pass.
-    if report_to == "tensorboard":
-        return [TensorBoardTracker(run.path.name, run.path / "tensorboard")]
-    return [WandBTracker(run.path.name)]
-
-
-def enable_gradient_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> None:
-    """Recompute activations in the backward pass of the U-Net (and of a trained text encoder)."""
-    unet.enable_gradient_checkpointing()  # type: ignore[operator]
-    if text_encoder is not None:
-        # transformers 5 renamed it (the old name warns); 4.x only has the old one.
-        enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-        (enable or text_encoder.gradient_checkpointing_enable)()  # type: ignore[operator]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -580,12 +541,6 @@ def forever(loader: PhotoLoader) -> Iterator[Batch]:
         yield from loader
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro-step's noise and timesteps: a function of (seed, micro-step) only, so a
-    resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(seed * 2**32 + micro_step)
-
-
 def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Generator] | torch.Generator:
     """The generators of a batch's noise and timesteps: one per sample, seeded by the sample itself (its
     photo, epoch and draw), so that batch 4 x grad_accum 1, batch 2 x grad_accum 2 and 2 processes x
@@ -594,34 +549,6 @@ def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Ge
     if batch.seeds is None:
         return step_generator(seed, micro_step)
     return [torch.Generator().manual_seed(s) for s in batch.seeds.tolist()]
-
-
-def compiled(model: torch.nn.Module, compile: bool, mode: str = "default") -> torch.nn.Module:
-    """`model`, or with `compile` torch.compile(model, mode=mode): the same weights, a compiled forward for
-    training (sampling and saving keep using the plain module).
-
-    The compiled forward skips dynamo's guards on module attributes (torch.compiler's
-    `skip_guard_on_all_nn_modules_unsafe`): checking them costs about 3 ms a call on CPU, a tenth of a
-    tiny model's step. That is safe here because only the training step calls it, always with the
-    modules in the state they were compiled in: sampling, evaluation and saving use the plain module and
-    put back whatever they change (train mode, LoRA scale, EMA weights). The inputs stay guarded, so a
-    new shape (another bucket) still recompiles.
-    """
-    if not compile:
-        return model
-    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    if skip_module_guards is None:  # an older torch
-        return torch.compile(model, mode=mode)  # type: ignore[return-value]
-    from torch._inductor import list_mode_options
-
-    options = {**list_mode_options(mode), "guard_filter_fn": skip_module_guards}
-    return torch.compile(model, options=options)  # type: ignore[return-value]
-
-
-def set_channels_last(unet: torch.nn.Module, channels_last: bool) -> None:
-    """Channels-last memory order for the U-Net's 4-D weights; convolutions then keep activations in it."""
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
 
 
 def encode_batch(
@@ -655,11 +582,6 @@ def encode_batch(
 # ---------------------------------------------------------------------------------------------------
 # During training
 # ---------------------------------------------------------------------------------------------------
-
-
-def is_due(step: int, every: int, max_steps: int) -> bool:
-    """Whether a periodic action (sampling, checkpoint) runs after `step`: every N steps and at the end."""
-    return every > 0 and (step % every == 0 or step == max_steps)
 
 
 def sample_validation(
@@ -697,90 +619,6 @@ def sample_validation(
     finally:
         for m, mode in modes:
             m.train(mode)
-
-
-def checkpoint_trainable_only(accelerator: Any) -> None:
-    """Make accelerate checkpoints hold each prepared model's trainable parameters only.
-
-    accelerate saves whole models; for a LoRA or a few embedding rows that is the frozen base model over
-    and over. Its save hook writes `trainable_<i>.safetensors` instead, and its load hook restores them
-    (and checks that the checkpoint was made with the same trainable set).
-    """
-    from safetensors.torch import load_file, save_file
-
-    def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        inner = accelerator.unwrap_model(model)
-        return {n: p for n, p in inner.named_parameters() if p.requires_grad}
-
-    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
-            for i, model in enumerate(models):
-                state = {n: p.detach().to("cpu").contiguous() for n, p in trainable(model).items()}
-                save_file(state, str(Path(output_dir) / f"trainable_{i}.safetensors"))
-        weights.clear()  # accelerate then writes no whole-model files
-
-    def load_hook(models: list[Any], input_dir: str) -> None:
-        for i, model in enumerate(models):
-            path = Path(input_dir) / f"trainable_{i}.safetensors"
-            if not path.is_file():
-                raise TuneError(f"{input_dir} has no {path.name}; it was not written by this recipe")
-            saved, params = load_file(str(path)), trainable(model)
-            if set(saved) != set(params):
-                diff = sorted(set(saved) ^ set(params))
-                raise TuneError(
-                    f"checkpoint {input_dir} trained other weights than this run (e.g. {diff[0]}); resume with "
-                    "the settings it was made with (lora.targets, lora.rank, ...)"
-                )
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
-        models.clear()  # loaded here; accelerate must not look for whole-model files
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def on_checkpoint(accelerator: Any, write: Callable[[Path, int], None]) -> None:
-    """Call `write(checkpoint_dir, step)` inside every checkpoint save, before its COMPLETE marker (for the
-    files other tools read from a checkpoint: LoRA adapters, learned embeddings)."""
-
-    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
-            path = Path(output_dir)
-            write(path, int(path.name.removeprefix("step_")))
-
-    accelerator.register_save_state_pre_hook(hook)
-
-
-def log_step(run: RunDir, accelerator: Any, step: int, **values: float) -> None:
-    """One metrics.jsonl row, and the trackers' when report_to is set. Every process calls it: with several,
-    the logged loss is their mean (the loss of the whole batch), not the main process's share."""
-    if accelerator.num_processes > 1 and "loss" in values:
-        loss = torch.tensor([values["loss"]], device=accelerator.device)
-        values = {**values, "loss": float(accelerator.reduce(loss, reduction="mean"))}
-    if accelerator.is_main_process:
-        run.log_metrics(step, **values)
-    if accelerator.trackers:
-        accelerator.log(values, step=step)
-
-
-def tracker_config(cfg: Any) -> dict[str, Any]:
-    """The config as flat `a.b` -> scalar pairs (what TensorBoard's hparams and W&B accept)."""
-    from tune.config import to_dict
-
-    flat: dict[str, Any] = {}
-
-    def walk(table: dict[str, Any], prefix: str) -> None:
-        for key, value in table.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif isinstance(value, bool | int | float | str):
-                flat[prefix + key] = value
-            else:
-                flat[prefix + key] = str(value)
-
-    walk(to_dict(cfg), "")
-    return flat
 
 
 def run_info(
