@@ -327,7 +327,7 @@ def main(cfg: Config) -> RunDir:
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
     round_trip, optimizer, lr_schedule = accelerator.prepare(RoundTrip(vae), optimizer, lr_schedule)
     accelerator.register_for_checkpointing(loader)
-    step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    step = start_step = resume_from_checkpoint(accelerator, run, cfg.resume)
     run.update_info(max_steps=cfg.max_steps, param_count=param_count)
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -430,6 +430,7 @@ def main(cfg: Config) -> RunDir:
         "eval_seed": cfg.eval_seed + 1,
         "train_seconds": round(train_seconds, 1),
         "steps": step,
+        "start_step": start_step,  # train_seconds covers steps start_step..steps of this process only
         "batch_size": cfg.batch_size,
         "param_count": param_count,
         "scaling_factor": 1.0 / latent_std,
@@ -446,7 +447,14 @@ def main(cfg: Config) -> RunDir:
         styles,
         judged.get("judge_agreement", "n/a"),
     )
-    log.info("%d steps of %d in %.0f s, %d parameters", step, cfg.batch_size, train_seconds, param_count)
+    log.info(
+        "steps %d-%d of %d in %.0f s, %d parameters",
+        start_step,
+        step,
+        cfg.batch_size,
+        train_seconds,
+        param_count,
+    )
     run.update_info(steps=step, train_seconds=report["train_seconds"], psnr_db=report["psnr_db"])
     run.finish()
     return run

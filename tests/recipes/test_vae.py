@@ -65,7 +65,8 @@ def test_run_directory_contract(first_run) -> None:
     for key in ("psnr_db", "train_seconds"):
         assert math.isfinite(report[key])
     assert set(report["psnr_db_by_style"]) == {"photo", "drawing", "sketch", "pixel"}
-    assert report["steps"] == 4 and report["batch_size"] == 4 and report["eval_images"] == 16
+    assert report["steps"] == 4 and report["start_step"] == 0 and report["batch_size"] == 4
+    assert report["eval_images"] == 16
     assert report["param_count"] == sum(p.numel() for p in vae.parameters())
     # The example subjects' photos through the VAE (what personalization on this base can learn).
     for name in ("sks-toy", "w-person"):
@@ -96,6 +97,8 @@ def test_same_seed_same_losses_and_exact_resume(world_dir, first_run, tmp_path, 
     assert read_run(resumed.path).status == "done"
     # Steps 3 and 4 come from the resumed process and match the uninterrupted run exactly.
     assert losses(resumed.path) == losses(first_run.path)
+    report = json.loads((resumed.path / "eval" / "vae.json").read_text())
+    assert (report["start_step"], report["steps"]) == (2, 4)  # its train_seconds covers steps 3-4
 
 
 def test_shipped_configs_load_strictly() -> None:
