@@ -1,0 +1,100 @@
+"""What the personalization recipes (lora, dreambooth, textual_inversion) share, so it is written once.
+
+    tune run lora base_model=PATH instance_dir=PATH instance_prompt="a photo of sks toy" output_dir=PATH
+    tune run lora concept=concepts/sks-toy
+
+- `PersonalizeConfig`: the keys every personalization command takes (each recipe's `Config`
+  subclasses it, adds its own keys and may change defaults), with the `[data]`, `[sample]` and
+  `[prior]` tables defined here.
+- `resolve_subject`: the subject from `concept=concepts/<name>` (photos, prompts, token, class word,
+  validation prompts, prior-preservation settings) or from `instance_dir` / `instance_prompt`;
+  keys given explicitly win over the concept's.
+- `load_base`: the base model (a diffusers folder or single file), with a clear error when the
+  default `models/world-base` is missing.
+- `build_photo_loader`: photos (plus class images) to batches through the shared loader, with cached
+  VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
+- `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
+  model) and every `sample_every` steps, through the shared sampler.
+
+The training loops themselves stay in the recipes, written out.
+
+Where each job lives:
+- `config`: `PersonalizeConfig` and its `[data]` (`PhotoOptions`), `[sample]` and `[prior]` tables;
+- `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, and the prior
+  (`resolve_prior`, `prepare_class_images`);
+- `loading`: `load_base` and the photo loader (`build_photo_loader`, `encode_batch`, ...);
+- `hooks`: `sample_validation` and `run_info`, called during and after training.
+Generic training helpers (precision, step cadence, trackers, compile, checkpoint hooks) live in
+`tune.training`; a few are re-exported here for callers that still reach them through this package.
+"""
+
+from __future__ import annotations
+
+from tune.personalize.config import (
+    DEFAULT_BASE_MODEL,
+    CompileMode,
+    MixedPrecision,
+    PersonalizeConfig,
+    PhotoOptions,
+    PriorConfig,
+    ReportTo,
+    SampleConfig,
+)
+from tune.personalize.hooks import run_info, sample_validation
+from tune.personalize.loading import (
+    build_photo_loader,
+    cache_info,
+    encode_batch,
+    forever,
+    latent_multiple,
+    load_base,
+    resolve_resolution,
+    sample_generators,
+)
+from tune.personalize.subject import (
+    Prior,
+    Subject,
+    find_path,
+    prepare_class_images,
+    resolve_prior,
+    resolve_subject,
+    trigger_and_class,
+    validation_prompts,
+)
+from tune.training.accelerator import resolve_mixed_precision
+from tune.training.checkpoints import checkpoint_trainable_only
+from tune.training.steps import is_due
+from tune.training.trackers import build_trackers
+
+__all__ = [
+    "CompileMode",
+    "DEFAULT_BASE_MODEL",
+    "MixedPrecision",
+    "PersonalizeConfig",
+    "PhotoOptions",
+    "Prior",
+    "PriorConfig",
+    "ReportTo",
+    "SampleConfig",
+    "Subject",
+    "build_photo_loader",
+    "build_trackers",
+    "cache_info",
+    "checkpoint_trainable_only",
+    "encode_batch",
+    "find_path",
+    "forever",
+    "is_due",
+    "latent_multiple",
+    "load_base",
+    "prepare_class_images",
+    "resolve_mixed_precision",
+    "resolve_prior",
+    "resolve_resolution",
+    "resolve_subject",
+    "run_info",
+    "sample_generators",
+    "sample_validation",
+    "trigger_and_class",
+    "validation_prompts",
+]

@@ -1,0 +1,76 @@
+"""During training: validation samples through the shared sampler, and the run.json summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tune.personalize.config import PersonalizeConfig, SampleConfig
+from tune.personalize.loading import cache_info
+from tune.personalize.subject import Subject, find_path
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from tune.data.loader import PhotoDataset
+
+
+def sample_validation(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    sample: SampleConfig,
+    out_dir: Path,
+    *,
+    accelerator: Any,
+    modules: Iterable[torch.nn.Module],
+) -> None:
+    """A prompts x seeds grid of `pipe` as it is now into `out_dir`; `modules` are put in eval mode
+    meanwhile (LoRA dropout off) and back afterwards. Only the main process samples (and writes)."""
+    from tune.sampling import sample_grid
+
+    if not accelerator.is_main_process:
+        return
+    modes = [(m, m.training) for m in modules]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with accelerator.autocast():
+            sample_grid(
+                pipe,
+                prompts,
+                list(sample.seeds),
+                out_dir,
+                steps=sample.steps,
+                guidance=sample.guidance,
+                scheduler=sample.scheduler or None,
+                negative_prompt=sample.negative_prompt or None,
+                batch_size=sample.batch_size,
+                progress=False,
+            )
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+def run_info(
+    subject: Subject, cfg: PersonalizeConfig, base_hash: str, dataset: PhotoDataset
+) -> dict[str, Any]:
+    """The facts run.json carries for eval, export and the dashboard."""
+    return {
+        "base_model": cfg.base_model,
+        "base_model_hash": base_hash,
+        "concept": str(find_path(cfg.concept).resolve()) if cfg.concept else "",
+        "concept_name": subject.concept.name if subject.concept else "",
+        "instance_dir": str(subject.photos),
+        "instance_prompt": subject.instance_prompt,
+        "class_prompt": subject.class_prompt,
+        "trigger": subject.token,
+        "class_word": subject.class_word,
+        "photos": len(dataset.instance_indices),
+        "class_images": len(dataset.prior_indices),
+        "max_steps": cfg.max_steps,
+        "cache": cache_info(dataset),
+    }

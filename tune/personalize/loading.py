@@ -1,0 +1,170 @@
+"""The base model, and the subject's photos (plus class images) as batches through the shared loader,
+with cached VAE latents whenever the crop is deterministic."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tune.diffusion import sample_noise
+from tune.errors import ConfigError, ModelError
+from tune.personalize.config import DEFAULT_BASE_MODEL, PhotoOptions
+from tune.training.steps import step_generator
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from tune.data.loader import Batch, PhotoDataset, PhotoLoader
+
+log = logging.getLogger(__name__)
+
+
+def load_base(path: str) -> StableDiffusionPipeline:
+    """The base pipeline (progress bars off); a missing default model says how to get one."""
+    from tune.models import load_pipeline, resolve_model_path
+
+    if path == DEFAULT_BASE_MODEL and not resolve_model_path(path).exists():
+        raise ModelError(
+            f"the default base model {DEFAULT_BASE_MODEL} is missing; restore it (git checkout models/), "
+            "rebuild it (make base) or pass base_model=PATH (a diffusers folder or a single-file SD1.x checkpoint)"
+        )
+    pipe = load_pipeline(str(resolve_model_path(path)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+
+
+def latent_multiple(pipe: StableDiffusionPipeline) -> int:
+    """Image sides must be multiples of this: the VAE factor times the U-Net's total downsampling."""
+    levels = len(pipe.unet.config.block_out_channels)
+    return int(pipe.vae_scale_factor) * 2 ** (levels - 1)
+
+
+def resolve_resolution(resolution: int, pipe: StableDiffusionPipeline) -> int:
+    from tune.sampling import native_size
+
+    side = resolution or native_size(pipe)[0]
+    multiple = latent_multiple(pipe)
+    if side % multiple:
+        raise ConfigError(f"resolution must be a multiple of {multiple} for this base model; got {side}")
+    return side
+
+
+def build_photo_loader(
+    photos: Path,
+    instance_prompt: str,
+    options: PhotoOptions,
+    *,
+    pipe: StableDiffusionPipeline,
+    resolution: int,
+    batch_size: int,
+    seed: int,
+    accelerator: Any,
+    class_dir: Path | None = None,
+    class_prompt: str | None = None,
+    cache_text: bool = False,
+) -> tuple[PhotoDataset, PhotoLoader]:
+    """The shared loader over the photos (plus class images), with cached latents when the crop allows.
+
+    cache_text: also cache the (frozen) text encoder's outputs; batches then carry
+    `encoder_hidden_states` instead of `input_ids`.
+    """
+    from tune.data import loader as photo_loader
+    from tune.data.config import DataConfig
+
+    cache = options.cache_latents and options.crop == "center"
+    if options.cache_latents and not cache:
+        log.info("data.crop = random: latents are encoded every step instead of cached")
+    data_cfg = DataConfig(
+        resolution=resolution,
+        bucketing=options.bucketing,
+        bucket_step=latent_multiple(pipe),
+        crop=options.crop,
+        flip=options.flip,
+        repeats=options.repeats,
+        cache_latents=cache,
+        cache_text=cache_text,
+        cache_dir=options.cache_dir or None,
+        num_workers=options.num_workers,
+        # Class images come at the model's native size, which may be below the loader's default minimum.
+        min_side=min(DataConfig.min_side, resolution),
+    )
+    dataset = photo_loader.build_dataset(
+        photos,
+        data_cfg,
+        instance_prompt=instance_prompt,
+        class_source=class_dir,
+        class_prompt=class_prompt if class_dir is not None else None,
+        seed=seed,
+    )
+    device = accelerator.device
+    if cache:
+        photo_loader.cache_latents(dataset, pipe.vae, device=device, accelerator=accelerator)
+    if cache_text:
+        photo_loader.cache_text(
+            dataset, pipe.text_encoder, pipe.tokenizer, device=device, accelerator=accelerator
+        )
+    loader = photo_loader.build_dataloader(
+        dataset, batch_size=batch_size, tokenizer=pipe.tokenizer, seed=seed, accelerator=accelerator
+    )
+    return dataset, loader
+
+
+def cache_info(dataset: PhotoDataset) -> dict[str, Any]:
+    """The caching passes' stats for run.json, e.g. {"latent": {"encoded": 0, "loaded": 10}}."""
+    return {
+        kind: {"encoded": s.encoded, "loaded": s.loaded, **({"note": s.note} if s.note else {})}
+        for kind, s in dataset.cache_stats.items()
+    }
+
+
+def forever(loader: PhotoLoader) -> Iterator[Batch]:
+    """Batches across epochs; the loader's state_dict stays exact for resume."""
+    while True:
+        yield from loader
+
+
+def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Generator] | torch.Generator:
+    """The generators of a batch's noise and timesteps: one per sample, seeded by the sample itself (its
+    photo, epoch and draw), so that batch 4 x grad_accum 1, batch 2 x grad_accum 2 and 2 processes x
+    batch 2 compute the same update, and a resumed run draws what an uninterrupted one would. Batches
+    without per-sample seeds get the micro-step's generator."""
+    if batch.seeds is None:
+        return step_generator(seed, micro_step)
+    return [torch.Generator().manual_seed(s) for s in batch.seeds.tolist()]
+
+
+def encode_batch(
+    batch: Batch,
+    *,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    generator: torch.Generator | list[torch.Generator],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, encoder_hidden_states) of a batch: cached ones as they are, the rest encoded now."""
+    if batch.latents is not None:
+        latents = batch.latents.to(dtype)
+    else:
+        assert batch.pixel_values is not None
+        pixels = batch.pixel_values.to(vae.device, vae.dtype)
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+        noise = sample_noise(dist.mean.float(), 0.0, generator)
+        sample = dist.mean.float() + dist.std.float() * noise
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((sample - shift) * vae.config.scaling_factor).to(dtype)
+    if batch.encoder_hidden_states is not None:
+        hidden = batch.encoder_hidden_states
+    else:
+        assert batch.input_ids is not None
+        hidden = text_encoder(batch.input_ids.to(text_encoder.device))[0]
+    return latents, hidden

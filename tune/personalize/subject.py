@@ -1,0 +1,206 @@
+"""The subject being taught: from a concept folder or instance_dir + instance_prompt, its trigger word
+and class, validation prompts, and the prior (class images drawn by the base model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tune import PROJECT_ROOT
+from tune.errors import ConfigError, DataError
+from tune.personalize.config import PersonalizeConfig, PriorConfig, SampleConfig
+from tune.runs import check_not_in_use
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from tune.data.concepts import Concept
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a personalization run teaches, resolved from a concept and/or explicit keys."""
+
+    photos: Path
+    instance_prompt: str
+    class_prompt: str
+    """"" when there is none."""
+    token: str
+    """The trigger word; "" when neither a concept nor `token` named one."""
+    class_word: str
+    """"" without a concept."""
+    validation_prompts: tuple[str, ...]
+    """Rendered validation prompts (the concept's; the recipe may replace them)."""
+    concept: Concept | None = None
+
+    def render(self, template: str) -> str:
+        """Fill {token} and {class} (other braces are left alone)."""
+        return template.replace("{token}", self.token).replace("{class}", self.class_word)
+
+
+def find_path(name: str) -> Path:
+    """A user path as given when it exists, else under the tune checkout (concepts/ and models/ ship there)."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path
+
+
+def resolve_subject(cfg: PersonalizeConfig) -> Subject:
+    """The subject from `cfg.concept` and/or `instance_dir`, `instance_prompt`, `class_prompt`, `token`.
+
+    The recipes call it first, so it also refuses an `output_dir` that another run is writing: that
+    error then comes before the base model loads (start_run takes the lock itself later)."""
+    from tune.data.concepts import load_concept
+
+    if cfg.output_dir:
+        check_not_in_use(cfg.output_dir)
+    concept = load_concept(find_path(cfg.concept)) if cfg.concept else None
+    if concept is None:
+        if not cfg.instance_dir:
+            raise ConfigError(
+                "instance_dir is required: a folder of photos of the subject (or concept=concepts/<name>)"
+            )
+        if not cfg.instance_prompt:
+            raise ConfigError(
+                'instance_prompt is required: the caption of the photos, e.g. instance_prompt="a photo of sks dog"'
+            )
+    photos = find_path(cfg.instance_dir) if cfg.instance_dir else concept.instance_dir  # type: ignore[union-attr]
+    if not photos.is_dir():
+        raise DataError(
+            f"instance_dir {photos} is not a folder; pass the folder that holds the subject's photos"
+        )
+    token = cfg.token or (concept.token if concept else "")
+    class_word = concept.class_word if concept else ""
+    if not token or not class_word:
+        prompt = cfg.instance_prompt or (concept.instance_caption if concept else "")
+        told = trigger_and_class(prompt, token)
+        if told is None:
+            raise ConfigError(
+                f"cannot tell the trigger word and the class from instance_prompt {prompt!r}: write it as "
+                '"a photo of TOKEN CLASS" (e.g. "a photo of sks toy") or give token=WORD'
+            )
+        token, class_word = token or told[0], class_word or told[1]
+    subject = Subject(
+        photos=photos,
+        instance_prompt=cfg.instance_prompt or concept.instance_caption,  # type: ignore[union-attr]
+        class_prompt=cfg.class_prompt or (concept.class_caption if concept else ""),
+        token=token,
+        class_word=class_word,
+        validation_prompts=(),
+        concept=concept,
+    )
+    if concept is not None:
+        rendered = tuple(subject.render(t) for t in concept.validation_prompts)
+        subject = dataclasses.replace(subject, validation_prompts=rendered)
+    if token and token not in subject.instance_prompt.split():
+        log.warning("the token %r does not appear in the instance prompt %r", token, subject.instance_prompt)
+    return subject
+
+
+_LEAD = re.compile(r"^(?:.*?\bof\s+)?(?:(?:a|an|the)\s+)?", re.IGNORECASE)
+
+
+def trigger_and_class(prompt: str, token: str = "") -> tuple[str, str] | None:
+    """(trigger, class word) of an instance prompt: the word after `token` when one is given, else the two
+    words after a leading "... of" and article ("a photo of sks toy" -> sks, toy; "a sks dog" -> sks,
+    dog); None when the prompt does not say."""
+    words = [w.strip(string.punctuation) for w in prompt.split()]
+    words = [w for w in words if w]
+    if token:
+        if token in words and words.index(token) + 1 < len(words):
+            return token, words[words.index(token) + 1]
+        return None
+    rest = _LEAD.sub("", " ".join(words), count=1).split()
+    if len(rest) < 2 or "of" in (w.lower() for w in rest[:2]):
+        return None
+    return rest[0], rest[1]
+
+
+def validation_prompts(subject: Subject, sample: SampleConfig) -> list[str]:
+    """`sample.prompts` (rendered), else the concept's, else the instance prompt and the class prompt."""
+    if sample.prompts:
+        return [subject.render(p) for p in sample.prompts]
+    if subject.validation_prompts:
+        return list(subject.validation_prompts)
+    return [subject.instance_prompt] + ([subject.class_prompt] if subject.class_prompt else [])
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Resolved prior-preservation settings."""
+
+    class_prompt: str
+    num_class_images: int
+    loss_weight: float
+    class_dir: Path | None
+    """Ready-made class images, or None to generate them."""
+
+
+def resolve_prior(prior: PriorConfig, subject: Subject) -> Prior | None:
+    """Prior preservation for this run (explicit keys, then the concept's settings, then defaults), or None."""
+    concept_prior = subject.concept.prior_preservation if subject.concept is not None else None
+    if prior.enabled is not None:
+        enabled = prior.enabled
+    elif concept_prior is not None:
+        enabled = concept_prior.enabled
+    else:
+        enabled = bool(subject.class_prompt)
+    if not enabled:
+        return None
+    if not subject.class_prompt:
+        raise ConfigError(
+            'prior preservation needs a class prompt: class_prompt="a photo of dog" (the subject\'s class), '
+            "or turn it off with prior.enabled=false"
+        )
+    class_dir = (
+        find_path(prior.class_dir)
+        if prior.class_dir
+        else (concept_prior.class_dir if concept_prior else None)
+    )
+    if class_dir is not None and not class_dir.is_dir():
+        raise DataError(f"prior class_dir {class_dir} is not a folder of class images")
+    count = prior.num_class_images or (concept_prior.num_class_images if concept_prior else 100)
+    weight = (
+        prior.loss_weight
+        if prior.loss_weight is not None
+        else (concept_prior.prior_loss_weight if concept_prior else 1.0)
+    )
+    return Prior(subject.class_prompt, max(1, count), weight, class_dir)
+
+
+def prepare_class_images(
+    pipe: StableDiffusionPipeline,
+    prior: Prior,
+    settings: PriorConfig,
+    *,
+    base_hash: str,
+    cache_dir: str,
+    accelerator: Any,
+) -> Path:
+    """The folder of class images: the ready-made one, or the base model's (generated once, cached)."""
+    from tune.data.class_images import generate_class_images
+
+    if prior.class_dir is not None:
+        return prior.class_dir
+    result = generate_class_images(
+        pipe,
+        prior.class_prompt,
+        prior.num_class_images,
+        base_hash=base_hash,
+        seed=settings.seed,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        batch_size=settings.batch_size,
+        cache_dir=cache_dir or None,
+        accelerator=accelerator,
+    )
+    return result.folder
