@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tune import PROJECT_ROOT
+from tune.evaluation.report import METRICS
 from tune.runs import RunInfo, list_runs, read_run, step_dir_name
 
 RUNS_ENV = "TUNE_RUNS_DIR"
@@ -348,17 +349,8 @@ def concept_photos(run: RunInfo, limit: int = 24) -> list[Path]:
 # Eval report (eval/report.json, written by `tune eval`)
 # ---------------------------------------------------------------------------------------------
 
-EVAL_SCORES = (
-    "subject_fidelity",
-    "prompt_fidelity",
-    "diversity",
-    "dino_fidelity",
-    "subject_found",
-    "background_right",
-    "style_right",
-    "prompt_right",
-    "subject_in_others",
-)
+EVAL_SCORES = METRICS
+"""The scores a report may hold per model (`tune eval`'s own list)."""
 
 
 def read_eval_report(run: RunInfo) -> dict[str, Any] | None:
