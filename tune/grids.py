@@ -17,7 +17,7 @@ def make_film_strip(frames: Sequence[Image.Image]) -> Image.Image:
     return make_grid(frames, 1, len(frames))
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int, max_lines: int) -> list[str]:
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int, max_lines: int) -> list[str]:
     """Greedy word wrap to `max_width` pixels; at most `max_lines` lines, the last cut with '...'."""
 
     def width(s: str) -> float:
@@ -81,12 +81,12 @@ def make_grid(
         longest = max(draw.textlength(label, font=font) for label in row_labels)
         text_w = int(min(longest, limit)) + 1
         max_lines = max(1, (cell_h - pad) // line_h)
-        row_lines = [_fit_text(draw, label, font, text_w, max_lines) for label in row_labels]
+        row_lines = [fit_text(draw, label, font, text_w, max_lines) for label in row_labels]
         margin_left = text_w + 2 * pad
     col_lines: list[list[str]] = []
     margin_top = 0
     if col_labels is not None:
-        col_lines = [_fit_text(draw, label, font, max(cell_w - 2, 1), 2) for label in col_labels]
+        col_lines = [fit_text(draw, label, font, max(cell_w - 2, 1), 2) for label in col_labels]
         margin_top = max(len(lines) for lines in col_lines) * line_h + 2 * pad
 
     canvas = Image.new("RGB", (margin_left + cols * cell_w, margin_top + rows * cell_h), "white")

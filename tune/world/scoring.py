@@ -145,30 +145,26 @@ def contact_sheet(
 ) -> Image.Image:
     """Images enlarged `scale` times with a label under each (e.g. what was asked, a newline, what the
     judge read), `cols` across; a label whose `wrong` flag is set is written in red."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
+
+    from tune.grids import fit_text
 
     side = images[0].width * scale
     max_lines = max(2, max(label.count("\n") + 2 for label in labels))
     text_h = 11 * max_lines + 2
     rows = -(-len(images) // cols)
     sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         x, y = (i % cols) * side, (i // cols) * (side + text_h)
         sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
-        lines = []
-        for segment in label.split("\n"):  # wrap each segment to the cell width
-            line = ""
-            for word in segment.split():
-                if draw.textlength(f"{line} {word}".strip()) > side - 2 and line:
-                    lines.append(line)
-                    line = word
-                else:
-                    line = f"{line} {word}".strip()
-            lines.append(line)
+        lines: list[str] = []
+        for segment in label.split("\n"):  # each segment wrapped to the cell width
+            if len(lines) < max_lines:
+                lines += fit_text(draw, segment, font, side - 2, max_lines - len(lines))
         colour = (200, 0, 0) if wrong is not None and wrong[i] else (0, 0, 0)
-        for k, text in enumerate(lines[:max_lines]):
-            draw.text((x + 1, y + side + 1 + 11 * k), text, fill=colour)
+        for k, text in enumerate(lines):
+            draw.text((x + 1, y + side + 1 + 11 * k), text, fill=colour, font=font)
     return sheet
 
 
