@@ -37,7 +37,7 @@ from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
 from tune.errors import ConfigError, DataError, ModelError
-from tune.models.presets import PRESETS, build_unet
+from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, build_unet
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
 from tune.sampling import sample_grid
@@ -85,6 +85,10 @@ class Config:
     unet_block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
     """Widths of SD1.5's four U-Net levels (keep the 1:2:4:4 ratio for single-file export; multiples of
     32 with GroupNorm(32), which ComfyUI's model code assumes)."""
+    unet_down_block_types: tuple[str, ...] = DOWN_BLOCK_TYPES
+    """Block type of each level, CrossAttnDownBlock2D (with attention) or DownBlock2D; the up blocks mirror
+    them. SD1.5 attends on the three outer levels; SDXL, like our base, not on the outermost one (at 16x16
+    latents its attention is more than half of a training step's time)."""
     unet_attention_heads: int = 4
     """Attention heads per transformer block (diffusers' `attention_head_dim`, as in SD1.5)."""
     unet_norm_num_groups: int = 32
@@ -161,6 +165,12 @@ class Config:
             raise ConfigError(
                 "unet_block_out_channels must be 4 widths divisible by unet_norm_num_groups and "
                 f"unet_attention_heads; got {list(widths)}"
+            )
+        blocks = self.unet_down_block_types
+        if len(blocks) != len(widths) or not set(blocks) <= {"CrossAttnDownBlock2D", "DownBlock2D"}:
+            raise ConfigError(
+                "unet_down_block_types must name one block per level, each CrossAttnDownBlock2D or "
+                f"DownBlock2D; got {list(blocks)}"
             )
         if self.diffusion.prediction_type == "epsilon" and self.beta_schedule == "squaredcos_cap_v2":
             raise ConfigError(
@@ -259,6 +269,7 @@ def main(cfg: Config) -> RunDir:
         unet_block_out_channels=tuple(cfg.unet_block_out_channels),
         unet_attention_heads=cfg.unet_attention_heads,
         unet_norm_num_groups=cfg.unet_norm_num_groups,
+        unet_down_block_types=tuple(cfg.unet_down_block_types),
     )
     unet = build_unet(preset, cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
     pred_type = "v_prediction" if cfg.diffusion.prediction_type == "auto" else cfg.diffusion.prediction_type

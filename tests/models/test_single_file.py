@@ -129,3 +129,35 @@ def test_unsupported_unet_is_refused() -> None:
         )
     with pytest.raises(ValueError, match="SD1.x U-Net layout only"):
         convert_to_ldm(unet.state_dict(), unet.config, {}, {"block_out_channels": [8]}, {})
+
+
+def test_outer_level_without_attention_round_trips(tmp_path: Path) -> None:
+    """SDXL's layout choice (no attention on the outermost level), which our base uses, exports and
+    reloads exactly; the file simply has no input_blocks.1.1 / output_blocks.11.1 attention."""
+    import dataclasses
+
+    from tune.models.presets import PRESETS, build_unet, mirror_block_types
+
+    down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert mirror_block_types(down) == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    pipe = build_pipeline("tiny", seed=1)
+    torch.manual_seed(3)
+    pipe.unet = build_unet(dataclasses.replace(PRESETS["tiny"], unet_down_block_types=down))
+    assert not hasattr(pipe.unet.down_blocks[0], "attentions")
+    config_dir = tmp_path / "config"
+    pipe.save_pretrained(config_dir)
+    path = save_single_file(pipe, tmp_path / "sdxl-style.safetensors", dtype=torch.float32)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.input_blocks.4.1.proj_in.weight" in keys
+    assert not any(
+        k.startswith(("model.diffusion_model.input_blocks.1.1.", "model.diffusion_model.output_blocks.11.1."))
+        for k in keys
+    )
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(1.0)  # the folder keeps the old weights; the file's must win
+    path = save_single_file(pipe, tmp_path / "sdxl-style.safetensors", dtype=torch.float32)
+    loaded = load_pipeline(path, config=config_dir)
+    for key, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(tensor, loaded.unet.state_dict()[key]), key

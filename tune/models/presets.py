@@ -29,7 +29,6 @@ PresetName = Literal["tiny", "small"]
 
 # SD1.5's block layout; also what `tune.models.single_file` knows how to export.
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-UP_BLOCK_TYPES = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 MID_BLOCK_TYPE = "UNetMidBlock2DCrossAttn"
 
 
@@ -54,6 +53,9 @@ class Preset:
     """Target size of the BPE vocabulary built from the default corpus."""
     vae_scaling_factor: float = 0.18215
     """SD's value as a starting point; a trained VAE should set it to 1 / std(latents)."""
+    unet_down_block_types: tuple[str, ...] = DOWN_BLOCK_TYPES
+    """SD1.5's (attention on the three outer levels); SDXL drops the outermost level's attention, the
+    costliest one, with `DownBlock2D` there. The up blocks mirror these."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -106,15 +108,21 @@ def get_preset(name: str) -> Preset:
     raise ModelError(f"unknown model preset {name!r}; {hint}choose one of: {', '.join(PRESETS)}")
 
 
+def mirror_block_types(down_block_types: tuple[str, ...]) -> tuple[str, ...]:
+    """The up blocks that mirror `down_block_types` (attention where the matching down level has it)."""
+    up = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    return tuple(up[block] for block in reversed(down_block_types))
+
+
 def build_unet(preset: Preset, cross_attention_dim: int | None = None) -> UNet2DConditionModel:
     """SD1.5's UNet2DConditionModel config with the preset's widths (weights from the global RNG)."""
     return UNet2DConditionModel(
         sample_size=preset.latent_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=DOWN_BLOCK_TYPES,
+        down_block_types=preset.unet_down_block_types,
         mid_block_type=MID_BLOCK_TYPE,
-        up_block_types=UP_BLOCK_TYPES,
+        up_block_types=mirror_block_types(preset.unet_down_block_types),
         block_out_channels=preset.unet_block_out_channels,
         layers_per_block=2,
         downsample_padding=1,

@@ -142,14 +142,14 @@ def _text_encoder_key_to_ldm(key: str) -> str:
 
 
 def _check_sd1_unet(config: Mapping[str, Any]) -> None:
-    blocks = len(config["block_out_channels"])
-    expected_down = ["CrossAttnDownBlock2D"] * (blocks - 1) + ["DownBlock2D"]
-    expected_up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (blocks - 1)
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    # SD1.x's layout, or SDXL's choice of which levels attend (the up blocks mirror the down blocks).
+    mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
     problems = []
-    if list(config["down_block_types"]) != expected_down:
-        problems.append(f"down_block_types={list(config['down_block_types'])}")
-    if list(config["up_block_types"]) != expected_up:
-        problems.append(f"up_block_types={list(config['up_block_types'])}")
+    if not set(down) <= set(mirror) or down[-1] != "DownBlock2D":
+        problems.append(f"down_block_types={down}")
+    elif up != [mirror[block] for block in reversed(down)]:
+        problems.append(f"up_block_types={up}")
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         problems.append(f"mid_block_type={config['mid_block_type']}")
     if not isinstance(config["layers_per_block"], int):
