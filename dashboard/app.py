@@ -300,8 +300,7 @@ def page_export(run: RunInfo, name: str) -> None:
             if summary.get("kind") == "LoRA" and st.button(
                 "Full inspect (loads torch)", key=f"inspect:{rel}"
             ):
-                from tune.lora import inspect_lora
-                from tune.lora_cli import format_report
+                from tune.lora import format_report, inspect_lora
 
                 try:
                     st.code(format_report(inspect_lora(path)), language=None)

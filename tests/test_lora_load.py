@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from tune import lora as lora_io
 from tune import sampling
+from tune.cli import sample as sample_cli
 from tune.errors import ConfigError, ModelError, TuneError
 from tune.models import load_pipeline
 
@@ -326,7 +327,7 @@ def test_parse_lora_spec() -> None:
 
 def _cli(tiny_pipeline_dir: str, out: Path, *lora: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    sampling.configure_cli(parser)
+    sample_cli.configure_cli(parser)
     argv = ["--model", tiny_pipeline_dir, "--prompt", "a red circle", "--steps", "3", "--device", "cpu"]
     return parser.parse_args([*argv, *(x for spec in lora for x in ("--lora", spec)), "--out", str(out)])
 
@@ -336,7 +337,7 @@ def test_cli_applies_loras_and_rejects_bad_specs(
 ) -> None:
     save_file(diffusers_file(random_pairs(pipe, seed=6)), tmp_path / "style.safetensors")
     out = tmp_path / "with_lora.png"
-    assert sampling.run_cli(_cli(tiny_pipeline_dir, out, f"{tmp_path / 'style.safetensors'}:0.5")) == 0
+    assert sample_cli.run_cli(_cli(tiny_pipeline_dir, out, f"{tmp_path / 'style.safetensors'}:0.5")) == 0
     lora_io.apply_loras(pipe, [(tmp_path / "style.safetensors", 0.5)])
     [expected] = sampling.generate(pipe, "a red circle", 0, steps=3)
     from PIL import Image
@@ -349,5 +350,5 @@ def test_cli_applies_loras_and_rejects_bad_specs(
         (str(tmp_path / "missing.safetensors"), ModelError, "LoRA file not found"),
     ]:
         with pytest.raises(TuneError, match=match) as err:
-            sampling.run_cli(_cli(tiny_pipeline_dir, tmp_path / "x.png", spec))
+            sample_cli.run_cli(_cli(tiny_pipeline_dir, tmp_path / "x.png", spec))
         assert isinstance(err.value, error)

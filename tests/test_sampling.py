@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from tune import grids, sampling
+from tune.cli import sample as sample_cli
 from tune.errors import ConfigError, DataError, ModelError, TuneError
 from tune.models import load_pipeline
 
@@ -38,7 +39,7 @@ def pipe(tiny_pipeline_dir: str) -> StableDiffusionPipeline:
 
 def cli_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tune sample")
-    sampling.configure_cli(parser)
+    sample_cli.configure_cli(parser)
     return parser.parse_args(list(argv))
 
 
@@ -216,7 +217,7 @@ def test_sample_grid_writes_the_documented_files(pipe: StableDiffusionPipeline, 
 def test_cli_writes_trajectory_next_to_the_image(tiny_pipeline_dir: str, tmp_path: Path) -> None:
     out = tmp_path / "cat.png"
     argv = ["--model", tiny_pipeline_dir, "--prompt", "a cat", "--steps", "4", "--trajectory", "2"]
-    assert sampling.run_cli(cli_args(*argv, "--device", "cpu", "--out", str(out))) == 0
+    assert sample_cli.run_cli(cli_args(*argv, "--device", "cpu", "--out", str(out))) == 0
     with Image.open(tmp_path / "cat_trajectory.png") as strip, Image.open(out) as image:
         assert strip.size == (2 * 32, 32)
         assert np.array_equal(pixels(strip.crop((32, 0, 64, 32))), pixels(image))
@@ -235,7 +236,7 @@ def test_cli_user_errors(
     argv = ["--model", tiny_pipeline_dir, "--prompt", "x", "--steps", "1", "--device", "cpu"]
     args = cli_args(*argv, "--out", str(tmp_path / "o.png"), *extra)
     with pytest.raises(error, match=match):
-        sampling.run_cli(args)
+        sample_cli.run_cli(args)
     assert not (tmp_path / "o.png").exists()
 
 
@@ -250,10 +251,10 @@ def test_cli_refuses_unsafe_outputs_and_missing_models(
         (not_png, "not a PNG image; refusing"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            sampling.run_cli(cli_args("--prompt", "x", "--out", str(out)))
+            sample_cli.run_cli(cli_args("--prompt", "x", "--out", str(out)))
     assert not_png.read_text() == "my notes"
     with pytest.raises(ModelError):
-        sampling.run_cli(
+        sample_cli.run_cli(
             cli_args("--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "a.png"))
         )
     # The default model (shipped in models/) may be missing: say so instead of a loader traceback.
@@ -261,4 +262,4 @@ def test_cli_refuses_unsafe_outputs_and_missing_models(
 
     monkeypatch.setattr(tune.models, "resolve_model_path", lambda name: tmp_path / "not-trained-yet")
     with pytest.raises(ModelError, match="default model models/world-base is missing.*make base"):
-        sampling.run_cli(cli_args("--prompt", "x", "--out", str(tmp_path / "a.png")))
+        sample_cli.run_cli(cli_args("--prompt", "x", "--out", str(tmp_path / "a.png")))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tune import dashboard_cli
+from tune.cli import dashboard as dashboard_cli
 from tune.cli import main
 
 

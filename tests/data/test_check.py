@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tune.data.check import check_data, configure_cli, format_report, run_cli
+from tune.cli.data import configure_check, run_check
+from tune.data.check import check_data, format_report
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import DataError
@@ -17,7 +18,7 @@ from data_testkit import BAD_FILES, GOOD_FILES, tree_hashes
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tune data check")
-    configure_cli(parser)
+    configure_check(parser)
     return parser.parse_args(list(argv))
 
 
@@ -32,9 +33,9 @@ def test_report_as_data(corpus: Path) -> None:
     assert report.buckets[(384, 576)] == 1  # the EXIF-rotated photo is portrait
 
 
-def test_run_cli_on_the_mixed_folder(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_check_on_the_mixed_folder(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = tree_hashes(corpus)
-    assert run_cli(parse(str(corpus))) == 0
+    assert run_check(parse(str(corpus))) == 0
     out, err = capsys.readouterr()
     assert err == ""
     assert f"{corpus}: 7 usable images, 5 skipped" in out
@@ -45,28 +46,30 @@ def test_run_cli_on_the_mixed_folder(corpus: Path, capsys: pytest.CaptureFixture
     assert tree_hashes(corpus) == before
 
 
-def test_run_cli_options(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(parse(str(corpus), "--resolution", "256", "--min-side", "90")) == 0
+def test_run_check_options(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_check(parse(str(corpus), "--resolution", "256", "--min-side", "90")) == 0
     out, _ = capsys.readouterr()
     assert "3 usable images, 9 skipped" in out and "buckets at 256 px" in out  # only sides >= 90 stay
 
 
-def test_run_cli_on_only_bad_files(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_check_on_only_bad_files(
+    tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in BAD_FILES:
         (bad / name).write_bytes((corpus / name).read_bytes())
-    assert run_cli(parse(str(bad))) == 2
+    assert run_check(parse(str(bad))) == 2
     out, err = capsys.readouterr()
     assert "0 usable images, 5 skipped" in out
     assert len(err.strip().splitlines()) == 1 and "no usable images" in err and "Traceback" not in err
 
 
-def test_run_cli_on_an_empty_or_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(parse(str(tmp_path))) == 2
+def test_run_check_on_an_empty_or_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_check(parse(str(tmp_path))) == 2
     assert "no image files" in capsys.readouterr().err
     with pytest.raises(DataError, match="no such folder"):
-        run_cli(parse(str(tmp_path / "missing")))
+        run_check(parse(str(tmp_path / "missing")))
 
 
 def test_folder_is_byte_identical_after_loading_and_caching(corpus: Path, tmp_path: Path) -> None:

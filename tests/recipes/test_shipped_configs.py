@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 from tune import PROJECT_ROOT
-from tune.cli import recipe_names
+from tune.cli.recipe_files import recipe_names
 from tune.config import load_config
 
 SHARED_KEYS = (

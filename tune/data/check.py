@@ -1,15 +1,12 @@
-"""`tune data check PATH`: what the loader would make of a folder, before any training.
+"""What the loader would make of a folder, before any training: the work behind `tune data check`.
 
-Prints the usable image count, every skipped file with its reason, caption coverage (usable images
-with their own caption sidecar / caption column) and the bucket histogram. Exit code 0 when at least
-one image is usable, else 2 with one line on stderr. Reads only; writes nothing into PATH.
+`check_data` finds the usable image count, every skipped file with its reason, caption coverage (usable
+images with their own caption sidecar / caption column) and the bucket histogram; `format_report`
+writes them as text. Reads only; writes nothing into the folder.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,36 +76,3 @@ def format_report(report: DataReport) -> str:
             bar = "#" * max(1, round(30 * n / top))
             lines.append(f"  {f'{w}x{h}':>9}  {n:>5}  {bar}")
     return "\n".join(lines)
-
-
-def configure_cli(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tune data check`."""
-    parser.add_argument("path", metavar="PATH", help="photo folder, metadata.jsonl folder or saved dataset")
-    parser.add_argument(
-        "--resolution", type=int, default=None, help=f"training resolution (default {DataConfig.resolution})"
-    )
-    parser.add_argument(
-        "--min-side",
-        type=int,
-        default=None,
-        help=f"skip images whose shorter side is below this (default {DataConfig.min_side})",
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Print the report; 0 when at least one image is usable, else 2 (one line on stderr)."""
-    overrides = {
-        key: value
-        for key, value in (("resolution", args.resolution), ("min_side", args.min_side))
-        if value is not None
-    }
-    cfg = dataclasses.replace(DataConfig(), **overrides)
-    report = check_data(args.path, cfg)
-    print(format_report(report))
-    if report.usable == 0:
-        counts = (
-            ", ".join(f"{n} {reason}" for reason, n in report.reason_counts().items()) or "no image files"
-        )
-        print(f"tune: error: no usable images in {report.source} ({counts})", file=sys.stderr)
-        return 2
-    return 0

@@ -16,9 +16,9 @@ One job per module:
                  start_training_eval (eval_every)                    draw, score, keep the report
     checkpoints  CHECKPOINT_LOADERS[recipe](pipe, folder)            one checkpoint's weights in, then out
     run_dir      evaluate_run(run_dir, suite), run_subject(run)      a run directory, base + checkpoints
-    cli          configure_cli, run_cli                              `tune eval`
 
-The metrics are described in `evaluator`, report.json's layout in `report`, the command in `cli`.
+The metrics are described in `evaluator`, report.json's layout in `report`; the command,
+`tune eval`, is `tune.cli.eval`.
 No module imports torch at import time, so importing this package (and `report`) stays light.
 
 Every public name is re-exported, so `from tune import evaluation; evaluation.load_suite(...)` and
@@ -26,7 +26,6 @@ Every public name is re-exported, so `from tune import evaluation; evaluation.lo
 """
 
 from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
-from tune.evaluation.cli import configure_cli, run_cli
 from tune.evaluation.evaluator import (
     IMAGE_SUFFIXES,
     EvalSubject,
@@ -56,7 +55,6 @@ __all__ = [
     "PROMPT_KEEP",
     "SUITES_DIR",
     "Suite",
-    "configure_cli",
     "decide",
     "evaluate_run",
     "find_suite",
@@ -64,7 +62,6 @@ __all__ = [
     "format_summary",
     "load_photos",
     "load_suite",
-    "run_cli",
     "run_subject",
     "start_training_eval",
 ]

@@ -16,7 +16,7 @@ one job per module:
   the commands:
     export     export_run (`tune export`), convert_lora_file (`tune lora convert`)
     merge      merge_loras (`tune lora merge`)
-    inspect    inspect_lora (`tune lora inspect`)
+    inspect    inspect_lora, format_report (`tune lora inspect`)
 
 The notes on each format sit with the code: key forms read in `keys`, files written in `write`, the
 run directory contract in `run_files`, the merge math in `merge`. `base_model_hash` lives in
@@ -32,7 +32,7 @@ from typing import Any
 from tune.lora.core import COMPONENTS, Component, ExportFormat, Lora, LoraFormat, LoraModule
 from tune.lora.export import convert_lora_file, export_run
 from tune.lora.extract import lora_from_peft, save_adapter
-from tune.lora.inspect import LoraGroup, LoraReport, inspect_lora, module_group, module_leaf
+from tune.lora.inspect import LoraGroup, LoraReport, format_report, inspect_lora, module_group, module_leaf
 from tune.lora.keys import AlphaRule, parse_lora
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
 from tune.lora.read import load_lora, lora_targets, parse_lora_spec, read_lora_file
@@ -88,6 +88,7 @@ __all__ = [
     "export_run",
     "final_adapter_path",
     "find_run_adapter",
+    "format_report",
     "inspect_lora",
     "kohya_stem",
     "load_lora",

@@ -10,10 +10,8 @@ draws one per step), and the spec's attributes, so `datasets.load_dataset("image
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -149,34 +147,3 @@ def make_eval_prompts(
                 break
         prompts.append(EvalPrompt(caption(spec), spec))
     return prompts
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: `tune data world OUT_DIR ...` (wired up by tune.cli)
-# ---------------------------------------------------------------------------------------------
-
-
-def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Write renders of the built-in toy world as a Hugging Face imagefolder."
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="new or empty output folder")
-    parser.add_argument("--count", type=int, default=30_000, help="number of images (default: 30000)")
-    parser.add_argument(
-        "--split",
-        choices=SPLITS,
-        default="train",
-        help="train: no held-out pairs or looks; heldout: only the held-out (colour, class) pairs; "
-        "all: everything but the example subjects' looks (default: train)",
-    )
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="render processes (default: 2)"
-    )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    out = write_imagefolder(
-        args.out_dir, args.count, args.split, args.seed, args.resolution, workers=args.workers, progress=True
-    )
-    print(f"wrote {args.count} {args.split} images ({args.resolution}px, seed {args.seed}) to {out}")
-    return 0

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tune export` (the lead's tune/cli.py calls this)."""
+    """Arguments of `tune export`."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a LoRA run directory")
     parser.add_argument(
         "--format",

@@ -24,7 +24,7 @@ DEFAULT_PORT = 8501
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tune dashboard` (tune/cli.py calls this)."""
+    """Arguments of `tune dashboard`."""
     parser.add_argument(
         "--runs", default=None, metavar="DIR", help="runs folder (default: $TUNE_RUNS_DIR, else ./runs)"
     )

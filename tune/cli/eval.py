@@ -17,7 +17,7 @@ from tune.evaluation.suites import DEFAULT_SUITE
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tune eval` (tune/cli.py calls this)."""
+    """Arguments of `tune eval`."""
     from tune.metrics import DEFAULT_CLIP
 
     parser.add_argument(

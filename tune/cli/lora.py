@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import textwrap
 
 from tune.lora import (
     DTYPES,
     FORMATS,
-    LoraReport,
     convert_lora_file,
+    format_report,
     inspect_lora,
     merge_loras,
     parse_lora_spec,
@@ -28,12 +27,9 @@ from tune.lora import (
 
 logger = logging.getLogger(__name__)
 
-# Long metadata values (the resolved TOML config, adapter configs) are summarised, not printed whole.
-_MAX_VALUE_CHARS = 80
-
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    """Subcommands of `tune lora` (the lead's tune/cli.py calls this)."""
+    """Subcommands of `tune lora`."""
     sub = parser.add_subparsers(dest="lora_command", metavar="COMMAND", parser_class=type(parser))
     sub.required = True
 
@@ -85,54 +81,3 @@ def _merge(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     print(merge_loras(args.base, specs, args.out, config=args.config, dtype=dtype, force=args.force))
     return 0
-
-
-def _numbers(values: tuple[float, ...] | tuple[int, ...]) -> str:
-    return ", ".join(f"{v:g}" for v in values)
-
-
-def _value(value: str) -> str:
-    lines = value.splitlines()
-    if len(lines) > 1:
-        return f"<{len(lines)} lines, {len(value)} chars>"
-    return value if len(value) <= _MAX_VALUE_CHARS else value[: _MAX_VALUE_CHARS - 3] + "..."
-
-
-def format_report(report: LoraReport) -> str:
-    """The text `tune lora inspect` prints for a `tune.lora.LoraReport`."""
-    modules = sum(report.modules.values())
-    per_component = ", ".join(f"{name} {count}" for name, count in sorted(report.modules.items()))
-    lines = [
-        f"file:          {report.path}",
-        f"format:        {report.format} ({report.keys} tensors, {'/'.join(report.dtypes)})",
-        f"architecture:  {report.architecture}",
-    ]
-    if report.problem:
-        lines.append(f"problem:       {report.problem}")
-    else:
-        lines.append(f"modules:       {modules} ({per_component})")
-        lines.append("groups:        group                     modules  rank      alpha     scale (alpha/r)")
-        for group in report.groups:
-            lines.append(
-                f"               {group.name:<25} {group.modules:>7}  {_numbers(group.ranks):<9} "
-                f"{_numbers(group.alphas):<9} {_numbers(group.scales)}"
-            )
-        for component, names in sorted(report.targets.items()):
-            lines.append(f"targets:       {component}: {', '.join(names)}")
-    lines.append(f"trigger:       {report.trigger or '(none recorded)'}")
-    if report.hash_ok is None:
-        lines.append(f"sshs hash:     not recorded (A1111 hashes the file itself); data {report.data_hash}")
-    elif report.hash_ok:
-        lines.append(f"sshs hash:     ok {report.data_hash}")
-    else:
-        lines.append(
-            f"sshs hash:     MISMATCH: metadata says {report.recorded_hash}, data is {report.data_hash}"
-        )
-    lines.append(f"metadata:      {len(report.metadata)} keys")
-    for key in sorted(report.metadata):
-        lines.append(f"  {key} = {_value(report.metadata[key])}")
-    for note in report.notes:
-        lines.extend(
-            textwrap.wrap(note, width=100, initial_indent="note:          ", subsequent_indent=" " * 15)
-        )
-    return "\n".join(lines)

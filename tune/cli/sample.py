@@ -1,0 +1,147 @@
+"""`tune sample`: one image (and optionally its denoising film strip) from a model and optional LoRAs.
+
+    tune sample --model PATH --prompt TEXT --out FILE.png [--lora FILE[:SCALE] ...] [--seed N] [--steps N]
+                [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
+                [--trajectory K] [--negative TEXT] [--config DIR] [--device auto|cpu|cuda]
+
+Draws through `tune.sampling.generate`, the sampler every recipe, `tune eval` and the dashboard use.
+An existing --out is overwritten only when it is a PNG image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from tune.errors import ConfigError, DataError, ModelError
+from tune.sampling import DEFAULT_MODEL, SCHEDULERS, generate
+
+logger = logging.getLogger(__name__)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `tune sample`."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"diffusers folder or checkpoint (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--config", default=None, metavar="DIR", help="diffusers config folder for a single-file checkpoint"
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (repeatable; scale default 1)",
+    )
+    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    parser.add_argument(
+        "--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the model's own)"
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)"
+    )
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    parser.add_argument("--init-image", default=None, metavar="FILE", help="start from this image (img2img)")
+    parser.add_argument(
+        "--strength", type=float, default=0.75, help="img2img noise strength in [0, 1] (default: 0.75)"
+    )
+    parser.add_argument(
+        "--trajectory",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also write a film strip with a frame every K steps",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run (default: cuda if available)",
+    )
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
+
+
+def _check_png_target(path: Path) -> None:
+    """Refuse targets we could clobber by mistake: non-.png names, folders, existing non-PNG files."""
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file; got {path}")
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; name a .png file inside it")
+    if path.exists():
+        with path.open("rb") as f:
+            if f.read(len(_PNG_MAGIC)) != _PNG_MAGIC:
+                raise ConfigError(f"--out {path} exists and is not a PNG image; refusing to overwrite it")
+        logger.info("%s exists; it will be overwritten", path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`tune sample`: one image (plus an optional trajectory strip) from a model and optional LoRAs."""
+    from tune import lora as lora_io
+    from tune import models
+
+    out = Path(args.out)
+    strip_out = out.with_name(f"{out.stem}_trajectory.png")
+    _check_png_target(out)
+    if args.trajectory:
+        _check_png_target(strip_out)
+    lora_specs = [lora_io.parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in lora_specs:
+        if not path.is_file():
+            raise ModelError(f"LoRA file not found: {path}")
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise DataError(f"init image not found: {args.init_image}")
+    device = _device(args.device)
+
+    model_path = models.resolve_model_path(args.model)
+    if args.model == DEFAULT_MODEL and not Path(model_path).exists():
+        # Other paths are load_pipeline's to judge (it raises ModelError with its own message).
+        raise ModelError(
+            f"the default model {DEFAULT_MODEL} is missing; restore it (git checkout models/), rebuild it "
+            "(make base) or pass --model PATH (a diffusers folder or a single-file checkpoint)"
+        )
+    pipe = models.load_pipeline(str(model_path), config=args.config)
+    pipe.to(device)
+    if lora_specs:
+        lora_io.apply_loras(pipe, lora_specs)
+
+    [sample] = generate(
+        pipe,
+        args.prompt,
+        args.seed,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        init_image=args.init_image,
+        strength=args.strength,
+        trajectory_every=args.trajectory,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample.image.save(out, format="PNG")
+    strip = sample.film_strip()
+    if strip is not None:
+        strip.save(strip_out, format="PNG")
+        logger.info("wrote %s (%d frames) and %s", strip_out, len(sample.frames), out)
+    else:
+        logger.info("wrote %s", out)
+    return 0
