@@ -57,6 +57,8 @@ from tune.world.render import render
 from tune.world.spec import TOYS, Spec, sample_spec
 
 log = logging.getLogger(__name__)
+# Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
+RECIPE = "clip"
 
 # The attributes the auxiliary heads predict (the judge's heads) -> their values, in label order.
 ATTRIBUTES: dict[str, tuple[str, ...]] = HEADS
@@ -307,7 +309,7 @@ def retrieval(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, 
 def main(cfg: Config) -> RunDir:
     # --- run dir & seed ----------------------------------------------------------------------
     captions = read_captions(cfg.data_dir)  # before start_run: a missing dataset leaves no run folder
-    run, cfg = start_run("clip", cfg)
+    run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(cfg.mixed_precision)
     device = accelerator.device
     run.update_info(max_steps=cfg.max_steps, data_dir=cfg.data_dir)

@@ -55,6 +55,8 @@ from tune.training import (
 )
 
 log = logging.getLogger(__name__)
+# Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
+RECIPE = "dreambooth"
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def main(cfg: Config) -> RunDir:
     prior = p.resolve_prior(cfg.prior, subject)
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
-    run, cfg = start_run("dreambooth", cfg)
+    run, cfg = start_run(RECIPE, cfg)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
         mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size

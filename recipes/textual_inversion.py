@@ -49,6 +49,8 @@ from tune.training import (
 )
 
 log = logging.getLogger(__name__)
+# Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
+RECIPE = "textual_inversion"
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def main(cfg: Config) -> RunDir:
     if not initializer:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
-    run, cfg = start_run("textual_inversion", cfg)
+    run, cfg = start_run(RECIPE, cfg)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
         mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size

@@ -62,6 +62,8 @@ from tune.world.scoring import (
 )
 
 log = logging.getLogger(__name__)
+# Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
+RECIPE = "unet"
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ def evaluate(pipe: StableDiffusionPipeline, judge, cfg: Config, out_dir: Path, r
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     check_inputs(cfg)
-    run, cfg = start_run("unet", cfg)
+    run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(cfg.mixed_precision)
     device = accelerator.device
 

@@ -47,6 +47,8 @@ from tune.world.scoring import agreement, fresh_renders, per_style, try_load_jud
 from tune.world.spec import STYLES
 
 log = logging.getLogger(__name__)
+# Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
+RECIPE = "vae"
 CONCEPTS = PROJECT_ROOT / "concepts"
 MIN_RESOLUTION = 16
 
@@ -307,7 +309,7 @@ def main(cfg: Config) -> RunDir:
             f"no training images at {cfg.data_dir}; write them with "
             f"`tune data world {cfg.data_dir} --count 30000 --split train`"
         )
-    run, cfg = start_run("vae", cfg)
+    run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(cfg.mixed_precision)
 
     # ---- models -------------------------------------------------------------------------------
