@@ -63,7 +63,7 @@ def run_tune(*args):
 def test_help_lists_every_command():
     out = run_tune("--help")
     assert out.returncode == 0
-    for command in ("ls", "run", "sample", "export", "lora", "eval", "dashboard", "data"):
+    for command in ("ls", "run", "cp", "sample", "export", "lora", "eval", "dashboard", "data"):
         assert f"    {command} " in out.stdout
 
 

@@ -1,8 +1,9 @@
 """The `tune` command line: `main()` and the argparse wiring. Each command is one module here:
 
     tune ls                                         ls.py         recipes, their configs, concepts
-    tune run <recipe> [--config NAME|FILE] [key=value ...] [--print-config] [--dry-run]
+    tune run <recipe>|FILE.py [--config NAME|FILE] [key=value ...] [--print-config] [--dry-run]
                                                     run.py        train with a recipe
+    tune cp <recipe> DEST.py                        cp.py         copy a shipped recipe to edit and run
     tune sample --model PATH --prompt TEXT --out FILE.png [...]
                                                     sample.py     images from a model (+ LoRAs)
     tune eval RUN_DIR [...]                         eval.py       score a run's checkpoints
@@ -35,7 +36,8 @@ from tune.errors import TuneError
 
 COMMANDS: dict[str, str] = {
     "ls": "list recipes, their configs and concepts",
-    "run": "run a training recipe",
+    "run": "run a training recipe (a shipped one, or a recipe file made by `tune cp`)",
+    "cp": "copy a shipped recipe to a file of your own, to edit and `tune run`",
     "sample": "generate images (prompt, seed, scheduler, LoRA, img2img, trajectory)",
     "export": "export a run's LoRA as kohya or diffusers files",
     "lora": "inspect, convert and merge LoRA files (kohya, diffusers, PEFT)",

@@ -1,7 +1,8 @@
-"""Where recipes and their configs are: `tune ls` and `tune run` look them up here.
+"""Where recipes and their configs are: `tune ls`, `tune run` and `tune cp` look them up here.
 
-A recipe is a module `recipes/<name>.py` with a `Config` dataclass and `main(cfg)`; its shipped configs
-are `recipes/configs/<name>/*.toml`.
+A recipe is a module with a `Config` dataclass and `main(cfg)`: a shipped one is `recipes/<name>.py`
+(run by name), a recipe file is any `.py` path (e.g. one written by `tune cp`). Both name their recipe
+in `RECIPE = "<name>"`, so `--config NAME` finds `recipes/configs/<name>/NAME.toml` for a copy too.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import ast
 import importlib
 import importlib.util
 import pkgutil
+import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -36,15 +39,53 @@ def load_recipe(name: str) -> ModuleType:
     return importlib.import_module(f"recipes.{name}")
 
 
+def recipe_source(name: str) -> Path:
+    """The file of a shipped recipe, found without importing it (recipes import torch)."""
+    check_recipe_name(name)
+    spec = importlib.util.find_spec(f"recipes.{name}")
+    if spec is None or spec.origin is None:
+        raise TuneError(f"recipe '{name}' has no source file to read")
+    return Path(spec.origin)
+
+
+def load_recipe_file(path: str | Path) -> ModuleType:
+    """Import a recipe file from its path (not from the `recipes` package) and check it is a recipe."""
+    file = Path(path)
+    if not file.is_file():
+        raise TuneError(f"recipe file {file} not found; `tune cp <recipe> {file}` writes one to edit")
+    # A name of its own in sys.modules: dataclasses and typing.get_type_hints look a class's module up
+    # by name, and a plain stem could shadow a real module (a recipe file called json.py).
+    name = "_tune_recipe_file_" + re.sub(r"\W", "_", file.stem)
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise TuneError(f"cannot import {file} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    missing = [attr for attr in ("Config", "main") if not hasattr(module, attr)]
+    if missing:
+        raise TuneError(f"{file} is not a recipe: it has no {' and no '.join(missing)} (see `tune cp`)")
+    return module
+
+
 def recipe_configs(name: str) -> list[Path]:
     folder = PROJECT_ROOT / "recipes" / "configs" / name
     return sorted(folder.glob("*.toml")) if folder.is_dir() else []
 
 
-def resolve_config(config: str, recipe: str) -> str:
+def resolve_config(config: str, recipe: str | None) -> str:
     """--config: a TOML file, else the name of one of `recipe`'s shipped configs (e.g. tiny)."""
     if Path(config).is_file():
         return config
+    if recipe is None:
+        raise ConfigError(
+            f'config file {config} not found; this recipe file has no RECIPE = "<name>" line, so '
+            "--config must be the path of a TOML file"
+        )
     shipped = PROJECT_ROOT / "recipes" / "configs" / recipe / config
     shipped = shipped if shipped.suffix else shipped.with_suffix(".toml")
     if not shipped.is_file():

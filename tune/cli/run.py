@@ -1,10 +1,12 @@
-"""`tune run`: train with a recipe.
+"""`tune run`: train with a recipe, a shipped one by name or a recipe file by path.
 
     tune run <recipe> [--config NAME|FILE] [key=value ...] [--print-config] [--dry-run]
+    tune run mine.py --config tiny output_dir=runs/mine     a file made by `tune cp lora mine.py`
 
 The recipe's `Config` is loaded from its dataclass defaults < the --config TOML < the key=value
 settings (`tune.config.load_config`), then `main(cfg)` runs. `--config NAME` is one of the recipe's
-shipped configs, `recipes/configs/<recipe>/NAME.toml`.
+shipped configs, `recipes/configs/<recipe>/NAME.toml`; a recipe file says which recipe it is in its
+`RECIPE = "<name>"` line.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from tune.cli.recipe_files import load_recipe, resolve_config
+from tune.cli.recipe_files import load_recipe, load_recipe_file, resolve_config
 from tune.config import load_config, to_toml
 from tune.errors import ConfigError
 
@@ -21,7 +23,7 @@ log = logging.getLogger("tune")
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe name (see `tune ls`)")
+    parser.add_argument("recipe", help="recipe name (see `tune ls`) or a recipe file (.py, see `tune cp`)")
     parser.add_argument("--config", help="TOML file, or the name of a shipped config (e.g. tiny)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. optim.lr=1e-4")
     parser.add_argument(
@@ -31,8 +33,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    module = load_recipe(args.recipe)
-    config_file = None if args.config is None else resolve_config(args.config, args.recipe)
+    if args.recipe.endswith(".py"):
+        module = load_recipe_file(args.recipe)
+        recipe = getattr(module, "RECIPE", None)
+    else:
+        module = load_recipe(args.recipe)
+        recipe = args.recipe
+    config_file = None if args.config is None else resolve_config(args.config, recipe)
     for item in args.overrides:
         if "=" not in item:
             raise ConfigError(f"unexpected argument '{item}': settings look like key=value, e.g. seed=1")
