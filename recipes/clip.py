@@ -27,7 +27,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
+from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.images import to_tensor
 from tune.data.loader import build_dataloader, build_dataset
@@ -46,6 +46,7 @@ from tune.runs import RunDir, atomic_folder
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
@@ -66,39 +67,23 @@ EVAL_SEED = 1_000_003
 VAL_SEED = 2_000_003
 EVAL_COUNT = 100
 """Distinct specs per retrieval test (validation, final held-out, final train): ranks 100 images."""
-_POSITIVE = ("max_steps", "sample_every", "checkpoint_every", "resolution", "patch_size", "projection_dim")
+_POSITIVE = ("resolution", "patch_size", "projection_dim")
 _POSITIVE += tuple(f"{t}_{k}" for t in ("text", "vision") for k in ("hidden_size", "num_layers", "num_heads"))
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     """Settings of the clip recipe."""
 
-    output_dir: str = ""
-    """Run directory; empty means runs/clip-<timestamp>."""
-    seed: int = 0
-    """Seed of the weights, the batch order and the caption choice."""
-    resume: str = ""
-    """'' to start fresh, 'latest' for output_dir's newest complete checkpoint, or a checkpoint folder."""
+    max_steps: int = 1000
+    batch_size: int = 128  # image-caption pairs, each contrasted against the rest of its batch
+    sample_every: int = 100  # retrieval on a fixed held-out set, logged to metrics.jsonl (no images)
+    checkpoint_every: int = 250
     data_dir: str = "data/world-train"
     """World imagefolder (metadata.jsonl with text, captions and attribute columns), written by
     `tune data world data/world-train --count 30000 --split train`."""
     resolution: int = 64
     """Image side in pixels: the training size and the vision tower's input size."""
-    max_steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 128
-    """Image-caption pairs per step; each is contrasted against the rest of its batch."""
-    sample_every: int = 100
-    """Validate every N steps: retrieval on a fixed held-out set, logged to metrics.jsonl (no images)."""
-    checkpoint_every: int = 250
-    """Save a resumable checkpoint every N steps (and at the end)."""
-    checkpoints_keep: int = 2
-    """How many of the newest checkpoints to keep (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision on a GPU; CPU always trains in fp32."""
     vocab_size: int = 1024
     """Upper bound on the BPE vocabulary learned from the captions (they run out of merges far below)."""
     text_hidden_size: int = 128
@@ -126,8 +111,8 @@ class Config:
     """Optimizer and schedule. A partial [optim] table starts from OptimConfig's defaults, not these."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = [(k, getattr(self, k) > 0, "must be > 0") for k in _POSITIVE] + [
-            ("checkpoints_keep", self.checkpoints_keep >= 0, "must be >= 0"),
             ("batch_size", self.batch_size >= 2, "must be >= 2 (pairs need in-batch negatives)"),
             (
                 "resolution",
@@ -384,11 +369,11 @@ def main(cfg: Config) -> RunDir:
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+            if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 val = retrieval(model, tokenizer, val_pixels, val_specs)
                 run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
                 log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break

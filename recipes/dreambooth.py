@@ -45,7 +45,6 @@ from tune.training import (
     is_due,
     log_step,
     module_bytes,
-    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -64,9 +63,7 @@ class Config(p.PersonalizeConfig):
     train_text_encoder: bool = False
     """Also fine-tune the text encoder (stronger subject, more language drift, more memory)."""
     max_steps: int = 300
-    """Optimizer steps."""
-    batch_size: int = 1
-    """Photos per micro-batch (prior preservation adds as many class images)."""
+    batch_size: int = 1  # photos; prior preservation adds as many class images
     optim: OptimConfig = OptimConfig(lr=5e-5, weight_decay=1e-2, warmup_steps=20)
     """Optimizer and learning-rate schedule; adamw8bit keeps about a quarter of adamw's state."""
     prior: p.PriorConfig = p.PriorConfig()
@@ -78,11 +75,8 @@ class Config(p.PersonalizeConfig):
     ema_power: float = 0.75
     """EMA warmup exponent (short fine-tunes need the average to follow early steps closely)."""
     sample_every: int = 150
-    """Validation grid every this many steps, at the last step and at step 0; 0 = never."""
     checkpoint_every: int = 150
-    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
-    checkpoints_keep: int = 1
-    """Newest checkpoints kept (0 keeps all); each holds the U-Net, its EMA and the optimizer state."""
+    checkpoints_keep: int = 1  # each holds the U-Net, its EMA and the optimizer state
     export_single_file: bool = True
     """Also write export/<run name>.safetensors, one fp16 SD1.x checkpoint for A1111 and ComfyUI."""
     eval_every: int = 0
@@ -108,9 +102,8 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("dreambooth", cfg)
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 

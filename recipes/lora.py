@@ -45,7 +45,6 @@ from tune.training import (
     is_due,
     log_step,
     on_checkpoint,
-    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -109,9 +108,7 @@ class Config(p.PersonalizeConfig):
     """Settings of the `lora` recipe."""
 
     max_steps: int = 400
-    """Optimizer steps."""
-    batch_size: int = 2
-    """Photos per micro-batch (prior preservation adds as many class images)."""
+    batch_size: int = 2  # photos; prior preservation adds as many class images
     optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=1e-4, schedule="constant", warmup_steps=20)
     """Optimizer and learning-rate schedule (of the adapters)."""
     lora: LoraOptions = LoraOptions()
@@ -143,9 +140,8 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run("lora", cfg)
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 

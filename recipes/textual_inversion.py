@@ -39,7 +39,6 @@ from tune.training import (
     is_due,
     log_step,
     on_checkpoint,
-    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -60,15 +59,11 @@ class Config(p.PersonalizeConfig):
     num_vectors: int = 1
     """Embedding vectors behind the token (more can hold more detail, and overfit sooner)."""
     max_steps: int = 500
-    """Optimizer steps."""
     batch_size: int = 2
-    """Photos per micro-batch."""
     optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20)
     """Optimizer and learning-rate schedule of the embedding (no weight decay: it would shrink the vector)."""
     sample_every: int = 250
-    """Validation grid every this many steps, at the last step and at step 0; 0 = never."""
     checkpoint_every: int = 250
-    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,9 +88,8 @@ def main(cfg: Config) -> RunDir:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     run, cfg = start_run("textual_inversion", cfg)
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 

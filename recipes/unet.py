@@ -33,6 +33,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
@@ -44,6 +45,7 @@ from tune.sampling import sample_grid
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
@@ -65,8 +67,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     """Settings of the `unet` recipe."""
+
+    max_steps: int = 1800
+    batch_size: int = 64
+    sample_every: int = 600  # samples and judged accuracy, with the EMA weights
+    checkpoint_every: int = 600
 
     vae: str = "runs/base-vae/export/vae"
     """AutoencoderKL folder (the `vae` recipe's export/vae); its scaling_factor scales the latents."""
@@ -74,12 +81,6 @@ class Config:
     """The `clip` recipe's export: a CLIPModel folder (or text_encoder/ subfolder) plus tokenizer/."""
     data_dir: str = "data/world-train"
     """World imagefolder (metadata.jsonl with a `captions` list per image), written by `tune data world`."""
-    output_dir: str = ""
-    """Run directory; empty means runs/unet-<timestamp>."""
-    seed: int = 0
-    """Seed of weights, data order, noise and timesteps."""
-    resume: str = ""
-    """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
     resolution: int = 64
     """Image side in pixels; the U-Net's sample_size is this over the VAE's downsampling factor."""
     unet_block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -104,22 +105,8 @@ class Config:
     """Largest EMA decay of the U-Net weights (the EMA weights are sampled and exported)."""
     ema_power: float = 0.75
     """EMA warmup: decay at step n is min(ema_decay, 1 - (1 + n) ** -ema_power)."""
-    max_steps: int = 1800
-    """Optimizer steps."""
-    batch_size: int = 64
-    """Images per step."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """bf16/fp16 autocast on a GPU; CPUs train in fp32."""
     optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100)
     """Optimizer and learning-rate schedule."""
-    sample_every: int = 600
-    """Validation (samples and detector accuracy, with the EMA weights) every this many steps and at the end."""
-    checkpoint_every: int = 600
-    """Checkpoint every this many steps and at the end."""
-    checkpoints_keep: int = 2
-    """Newest checkpoints kept (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     sample_prompts: tuple[str, ...] = (
         "a photo of a large pink and teal striped ring on a blue background",
         "a drawing of a small yellow ball with red spots on grass in the top left",
@@ -148,6 +135,7 @@ class Config:
     uniform (0: the density for the whole run)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in _POSITIVE:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0; got {getattr(self, key)}")
@@ -179,16 +167,8 @@ class Config:
             )
 
 
-_POSITIVE = (
-    "resolution",
-    "max_steps",
-    "batch_size",
-    "sample_every",
-    "checkpoint_every",
-    "sample_steps",
-    "max_nonfinite_steps",
-)
-_NON_NEGATIVE = ("checkpoints_keep", "val_prompts", "eval_prompts")
+_POSITIVE = ("resolution", "sample_steps")
+_NON_NEGATIVE = ("val_prompts", "eval_prompts")
 
 
 def check_inputs(cfg: Config) -> None:
@@ -353,7 +333,7 @@ def main(cfg: Config) -> RunDir:
                 run.log_metrics(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+            if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 ema.copy_to(ema_unet.parameters())
                 prompts, seeds, out = list(cfg.sample_prompts), list(cfg.sample_seeds), run.sample_dir(step)
                 sample_grid(
@@ -368,7 +348,7 @@ def main(cfg: Config) -> RunDir:
                     log.info(
                         "step %d judged: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
                     )
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break

@@ -20,7 +20,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
 from tune import PROJECT_ROOT
+from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError, DataError
@@ -38,6 +38,7 @@ from tune.runs import RunDir, atomic_folder, write_atomic
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
@@ -55,15 +56,13 @@ MAX_PSNR_DB = 100.0
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     """Settings of the `vae` recipe."""
 
-    output_dir: str = ""
-    """Run directory; empty means runs/vae-<timestamp>."""
-    seed: int = 0
-    """Seed for weights, data order and posterior samples."""
-    resume: str = ""
-    """'' (start fresh), 'latest' (newest complete checkpoint in output_dir) or a checkpoint folder."""
+    max_steps: int = 3200
+    batch_size: int = 16  # for a fixed CPU budget 16 beat 32 in short runs: more, cheaper steps
+    sample_every: int = 400  # originals over reconstructions, and the held-out PSNR
+    checkpoint_every: int = 800
     data_dir: str = "data/world-train"
     """Training images: an imagefolder written by `tune data world DIR --split train`."""
     resolution: int = 64
@@ -75,10 +74,6 @@ class Config:
     norm_num_groups: int = 8
     """GroupNorm groups; must divide every width. Keep several channels per group: a group of one channel
     is normalised alone and loses flat colours (see configs/vae/default.toml)."""
-    max_steps: int = 3200
-    """Optimizer steps (the data loader runs as many epochs as that takes)."""
-    batch_size: int = 16
-    """Images per step. For a fixed CPU budget 16 beat 32 in short runs: more, cheaper steps."""
     l1_weight: float = 1.0
     """Weight of the mean absolute pixel error (in [-1, 1] units): keeps flat colours exact."""
     mse_weight: float = 0.0
@@ -99,45 +94,29 @@ class Config:
     crops_per_image crops, which costs less than loading that many images."""
     kl_weight: float = 1e-6
     """Weight of the KL term, summed over the latent and divided by the image's pixel values (SD's scale)."""
-    sample_every: int = 400
-    """Steps between validation grids (originals over reconstructions) and PSNR; the last step always."""
     val_images: int = 64
     """Held-out images the validation PSNR is measured on (the grid shows the first 8)."""
-    checkpoint_every: int = 800
-    """Steps between checkpoints; the last step always gets one."""
-    checkpoints_keep: int = 2
-    """Newest checkpoints kept (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     scaling_images: int = 512
     """Training images whose sampled latents give scaling_factor = 1 / std."""
     eval_images: int = 1000
     """Fresh renders (styles taking turns) reconstructed and scored at the end."""
     eval_seed: int = 1000
     """Seed of the evaluation (and validation) images; keep it apart from the training set's seed."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """bf16/fp16 autocast on a GPU; CPU trains in fp32."""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0)
     )
     """Optimizer and learning-rate schedule."""
 
     def __post_init__(self) -> None:
-        positive = (
-            "resolution",
-            "layers_per_block",
-            "norm_num_groups",
-            "max_steps",
-            "batch_size",
-            "crops_per_image",
-        )
-        positive += ("sample_every", "val_images", "checkpoint_every", "scaling_images", "eval_images")
+        super().__post_init__()
+        positive = ("resolution", "layers_per_block", "norm_num_groups", "crops_per_image")
+        positive += ("val_images", "scaling_images", "eval_images")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
         if not 0 <= self.color_augment <= 1:
             raise ConfigError(f"color_augment must be in [0, 1]; got {self.color_augment}")
-        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight", "checkpoints_keep"):
+        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.train_crop and (self.train_crop % 4 or not 8 <= self.train_crop <= self.resolution):
@@ -370,7 +349,7 @@ def main(cfg: Config) -> RunDir:
             metrics = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
             if nonfinite.finish(run, step, loss.item()):  # else logged as skipped; N in a row stop the run
                 run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
-            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+            if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 vae.eval()
                 recons = to_images(reconstruct(vae, val_pixels))
                 val_psnr = float(np.mean(psnr_db(val_originals, recons)))
@@ -378,7 +357,7 @@ def main(cfg: Config) -> RunDir:
                 run.log_metrics(step, val_psnr_db=val_psnr)
                 log.info("step %d: loss %.4f, held-out PSNR %.2f dB", step, loss.item(), val_psnr)
                 vae.train()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break

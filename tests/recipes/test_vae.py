@@ -114,7 +114,7 @@ def test_bad_settings_and_missing_data(tmp_path) -> None:
         vae_recipe.Config(block_out_channels=(8, 12), norm_num_groups=8)
     with pytest.raises(ConfigError, match="resolution must be a multiple"):
         vae_recipe.Config(resolution=50)
-    with pytest.raises(ConfigError, match="max_steps must be > 0"):
+    with pytest.raises(ConfigError, match="max_steps must be >= 1"):
         vae_recipe.Config(max_steps=0)
     with pytest.raises(ConfigError, match="crops_per_image must be > 0"):
         vae_recipe.Config(crops_per_image=0)
