@@ -26,20 +26,18 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+from transformers import CLIPImageProcessorPil, CLIPModel
 
 from tune.config import TrainConfig
 from tune.data.config import DataConfig
-from tune.data.images import to_tensor
 from tune.data.loader import build_dataloader, build_dataset
-from tune.errors import ConfigError, DataError
+from tune.errors import ConfigError
 from tune.models import build_clip_tokenizer
+from tune.models.scratch import build_clip_model
 from tune.models.tokenizer import MIN_VOCAB_SIZE
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
@@ -52,10 +50,9 @@ from tune.training import (
     save_checkpoint,
     start_run,
 )
-from tune.world.captions import caption, parse, spec_attributes
+from tune.world.captions import parse, spec_attributes
 from tune.world.judge import HEADS, IGNORE, labels
-from tune.world.render import render
-from tune.world.spec import TOYS, Spec, sample_spec
+from tune.world.retrieval import fits, read_captions, retrieval, retrieval_set, text_labels
 
 log = logging.getLogger(__name__)
 
@@ -137,77 +134,6 @@ class Config(TrainConfig):
                 raise ConfigError(f"{key} {rule}; got {getattr(self, key)!r}")
 
 
-SPEC_FIELDS = ("cls", "color", "background", "style", "size", "position", "pattern", "color2", "hair")
-
-
-def read_captions(data_dir: str) -> dict[str, tuple[tuple[str, ...], Spec]]:
-    """canonical caption -> (the image's training captions, its spec)."""
-    meta = Path(data_dir) / "metadata.jsonl"
-    command = f"tune data world {data_dir} --count 30000 --split train"
-    if not meta.is_file():
-        raise DataError(f"no world dataset in {data_dir}; write one with `{command}`")
-    table = {}
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            try:
-                spec = Spec(**{key: row[key] for key in SPEC_FIELDS})
-                table[row["text"]] = (tuple(row["captions"]), spec)
-            except (KeyError, TypeError, ValueError) as err:
-                raise DataError(
-                    f"{meta} line {n} is not a world row ({err}); write one with `{command}`"
-                ) from None
-    return table
-
-
-def text_labels(text: str) -> list[int]:
-    """Attribute labels of what a caption names (IGNORE for what it leaves out or calls just "toy")."""
-    named = parse(text)
-    return [
-        values.index(named[key]) if named.get(key) in values else IGNORE for key, values in ATTRIBUTES.items()
-    ]
-
-
-def fits(named: dict[str, str], truth: dict[str, str]) -> bool:
-    """Whether attributes a caption names (`parse`) fit a spec's (`spec_attributes`); "toy" fits any toy."""
-    return all(
-        truth.get(key) == value or (key == "cls" and value == "toy" and truth["cls"] in TOYS)
-        for key, value in named.items()
-    )
-
-
-def describes(text: str, spec: Spec) -> bool:
-    """Whether a caption fits a spec: every attribute it names is the spec's."""
-    return fits(parse(text), spec_attributes(spec))
-
-
-def build_model(cfg: Config, tokenizer: CLIPTokenizer) -> CLIPModel:
-    # The text tower's settings are presets.build_text_encoder's, so it drops into the base model.
-    text = dict(
-        hidden_size=cfg.text_hidden_size,
-        num_hidden_layers=cfg.text_num_layers,
-        num_attention_heads=cfg.text_num_heads,
-        intermediate_size=4 * cfg.text_hidden_size,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=cfg.vision_hidden_size,
-        num_hidden_layers=cfg.vision_num_layers,
-        num_attention_heads=cfg.vision_num_heads,
-        intermediate_size=4 * cfg.vision_hidden_size,
-        image_size=cfg.resolution,
-        patch_size=cfg.patch_size,
-        hidden_act="quick_gelu",
-    )
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
-
-
 def contrastive_loss(logits_per_text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE; `same[i, j]` (off the diagonal): caption i also describes image j, a false
     negative, masked in both directions."""
@@ -252,43 +178,6 @@ class ClipTraining(torch.nn.Module):
         return out, loss_attr
 
 
-def retrieval_set(split: str, count: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[Spec]]:
-    """`count` distinct specs of a split (styles taking turns), rendered fresh: (pixels in [-1, 1], specs)."""
-    rng = np.random.default_rng([seed, 3])
-    specs: list[Spec] = []
-    while len(specs) < count:
-        spec = sample_spec(rng, split, style=("photo", "drawing", "sketch", "pixel")[len(specs) % 4])  # type: ignore[arg-type]
-        if spec not in specs:
-            specs.append(spec)
-    images = [
-        render(spec, np.random.default_rng([seed, i]), resolution, resolution) for i, spec in enumerate(specs)
-    ]
-    return torch.stack([to_tensor(im) for im in images]), specs
-
-
-@torch.no_grad()
-def retrieval(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, specs: list[Spec]) -> dict:
-    """Top-1 text-to-image and image-to-text accuracy, canonical captions padded to 77 as the U-Net's.
-    A pick counts as right when the caption describes the picked image too (two sketches that differ
-    only in colour look the same)."""
-    was_training, device = model.training, model.device
-    texts = [caption(s) for s in specs]
-    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
-    model.eval()
-    logits = model(input_ids=ids.input_ids.to(device), pixel_values=pixels.to(device)).logits_per_text.float()
-    model.train(was_training)
-    t2i = [describes(texts[i], specs[j]) for i, j in enumerate(logits.argmax(dim=1).tolist())]
-    i2t = [describes(texts[i], specs[j]) for j, i in enumerate(logits.argmax(dim=0).tolist())]
-    picked = logits.argmax(dim=1).tolist()
-    wrong = [(specs[i], specs[j]) for i, j in enumerate(picked) if not t2i[i]]
-    errors = {key: sum(getattr(a, key) != getattr(b, key) for a, b in wrong) for key in SPEC_FIELDS}
-    return {
-        "t2i_top1": float(np.mean(t2i)),
-        "i2t_top1": float(np.mean(i2t)),
-        "t2i_errors_by_attribute": errors,
-    }
-
-
 def main(cfg: Config) -> RunDir:
     # --- run dir & seed ----------------------------------------------------------------------
     captions = read_captions(cfg.data_dir)  # before start_run: a missing dataset leaves no run folder
@@ -301,7 +190,14 @@ def main(cfg: Config) -> RunDir:
     texts = sorted({text for caps, _ in captions.values() for text in caps})  # what the tokenizer learns
     with tempfile.TemporaryDirectory(prefix="tune-clip-tokenizer-") as tmp:
         tokenizer = build_clip_tokenizer(texts, cfg.vocab_size, tmp)  # deterministic: rebuilt at export
-    model = build_model(cfg, tokenizer)
+    model = build_clip_model(
+        tokenizer,
+        text=(cfg.text_hidden_size, cfg.text_num_layers, cfg.text_num_heads),
+        vision=(cfg.vision_hidden_size, cfg.vision_num_layers, cfg.vision_num_heads),
+        resolution=cfg.resolution,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.projection_dim,
+    )
     n_labels = sum(len(v) for v in ATTRIBUTES.values())
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(cfg.projection_dim, n_labels) for k in ("text", "image")})
     log.info("clip: %.2fM parameters; vocabulary %d tokens", model.num_parameters() / 1e6, len(tokenizer))

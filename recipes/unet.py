@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -28,17 +27,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
-from tune.errors import ConfigError, DataError, ModelError
+from tune.errors import ConfigError, DataError
 from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, build_unet
+from tune.models.scratch import check_base_parts, load_base_parts
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
 from tune.sampling import sample_grid
@@ -52,16 +51,7 @@ from tune.training import (
     start_run,
 )
 from tune.world.dataset import make_eval_prompts
-from tune.world.judge import attribute_accuracy
-from tune.world.scoring import (
-    contact_sheet,
-    format_table,
-    judge_prompts,
-    odd_prompts,
-    spec_label,
-    try_load_judge,
-    verdict_label,
-)
+from tune.world.scoring import evaluate_generation, judge_prompts, try_load_judge
 
 log = logging.getLogger(__name__)
 
@@ -173,57 +163,13 @@ _NON_NEGATIVE = ("val_prompts", "eval_prompts")
 
 def check_inputs(cfg: Config) -> None:
     """Say what to run when the VAE, the CLIP export or the data is missing (before a run dir exists)."""
-    if not (Path(cfg.vae) / "config.json").is_file():
-        raise ModelError(
-            f"vae: no AutoencoderKL folder at {cfg.vae}; train one with `tune run vae` or set vae=PATH"
-        )
-    text_dir, tokenizer_dir = clip_paths(cfg.clip)
-    has_tokenizer = any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "vocab.json"))
-    if not (text_dir / "config.json").is_file() or not has_tokenizer:
-        raise ModelError(
-            f"clip: no CLIP model and tokenizer at {cfg.clip}; train one with `tune run clip` or set clip=PATH"
-        )
+    check_base_parts(cfg.vae, cfg.clip)
     if not Path(cfg.data_dir).is_dir():
         res = "" if cfg.resolution == 64 else f" --resolution {cfg.resolution}"
         raise DataError(
             f"no world data at {cfg.data_dir}; write it with "
             f"`tune data world {cfg.data_dir} --count 30000 --split train{res}` or set data_dir=PATH"
         )
-
-
-def clip_paths(clip: str) -> tuple[Path, Path]:
-    """The text tower's folder (text_encoder/ if there, else the CLIPModel folder) and the tokenizer's.
-
-    CLIPTextModel also loads from a whole CLIPModel folder: the text weights have the same names."""
-    root = Path(clip)
-    text_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
-    return text_dir, root / "tokenizer" if (root / "tokenizer").is_dir() else root
-
-
-def evaluate(pipe: StableDiffusionPipeline, judge, cfg: Config, out_dir: Path, report: dict) -> dict:  # noqa: ANN001
-    """Seen and held-out canonical prompts and the odd prompts, judged: `unet.json`, a grid of the first
-    64 seen-prompt images with the judge's verdict under each, and the tables in `unet.md`."""
-    t0 = time.perf_counter()
-    kwargs = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
-    report["settings"] = {**kwargs, "scheduler": "DDIMScheduler"}
-    # Fresh seeds: neither validation's (1000 + i) nor each other's.
-    seen_prompts = make_eval_prompts(cfg.eval_prompts, "train", 1)
-    report["seen"], images, verdicts = judge_prompts(pipe, judge, seen_prompts, 20_000, **kwargs)
-    report["heldout"], *_ = judge_prompts(
-        pipe, judge, make_eval_prompts(cfg.eval_prompts // 2, "heldout", 2), 10_000, **kwargs
-    )
-    report["odd_prompts"] = odd_prompts(pipe, judge, cfg.odd_prompt_seeds, **kwargs)
-    report["eval_time_s"] = round(time.perf_counter() - t0, 1)
-    (out_dir / "unet.json").write_text(json.dumps(report, indent=2) + "\n")
-    tables = [f"## seen combinations\n\n{format_table(report['seen'])}"]
-    tables.append(f"## held-out combinations\n\n{format_table(report['heldout'])}")
-    (out_dir / "unet.md").write_text("\n\n".join(tables) + f"\n\nodd prompts: {report['odd_prompts']}\n")
-    # Asked (first line) over read (second); red where the judge read any attribute otherwise.
-    asked = [p.spec for p in seen_prompts[:64]]
-    labels = [f"{spec_label(s)}\n-> {verdict_label(v)}" for s, v in zip(asked, verdicts, strict=False)]
-    wrong = [attribute_accuracy([v], [s])["all"] < 1 for s, v in zip(asked, verdicts, strict=False)]
-    contact_sheet(images[:64], labels, scale=3, wrong=wrong).save(out_dir / "unet_grid.png")
-    return report
 
 
 def main(cfg: Config) -> RunDir:
@@ -234,10 +180,7 @@ def main(cfg: Config) -> RunDir:
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
-    vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False).eval().to(device)
-    text_dir, tokenizer_dir = clip_paths(cfg.clip)
-    text_encoder = CLIPTextModel.from_pretrained(text_dir).requires_grad_(False).eval().to(device)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    vae, text_encoder, tokenizer = load_base_parts(cfg.vae, cfg.clip, device)  # frozen
     vae_levels = tuple(vae.config.block_out_channels)
     if cfg.resolution % 2 ** (len(vae_levels) - 1):
         raise ConfigError(f"resolution must be a multiple of the VAE's factor {2 ** (len(vae_levels) - 1)}")
@@ -367,14 +310,13 @@ def main(cfg: Config) -> RunDir:
     judge = try_load_judge()  # read again: a judge retrained while this run trained reads its final images
     if cfg.eval_prompts and judge is not None:
         # Times of this process (a resumed run trained from start_step on).
-        times = {"data_time_s": data_time_s, "train_time_s": train_time_s}
-        report: dict = {"step": step, "start_step": start_step, "unet_params": n_params}
-        report = evaluate(pipe, judge, cfg, run.eval_dir, report | {k: round(v, 1) for k, v in times.items()})
-        log.info(
-            "eval: seen %s; held-out %s; odd prompts %s",
-            report["seen"]["overall"],
-            report["heldout"]["overall"],
-            report["odd_prompts"],
+        times = {"data_time_s": round(data_time_s, 1), "train_time_s": round(train_time_s, 1)}
+        report = {"step": step, "start_step": start_step, "unet_params": n_params, **times}
+        sizes = dict(prompts=cfg.eval_prompts, odd_prompt_seeds=cfg.odd_prompt_seeds)
+        report = evaluate_generation(
+            pipe, judge, run.eval_dir / "unet", report, **sizes, steps=cfg.sample_steps, guidance=cfg.guidance
         )
+        seen, heldout = report["seen"]["overall"], report["heldout"]["overall"]
+        log.info("eval: seen %s; held-out %s; odd prompts %s", seen, heldout, report["odd_prompts"])
     run.finish()
     return run

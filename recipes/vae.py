@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from tune import PROJECT_ROOT
 from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError, DataError
+from tune.models.scratch import build_autoencoder, sample_latents
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder, write_atomic
 from tune.training import (
@@ -44,15 +42,18 @@ from tune.training import (
     save_checkpoint,
     start_run,
 )
-from tune.world.scoring import agreement, fresh_renders, per_style, try_load_judge
-from tune.world.spec import STYLES
+from tune.world.reconstruction import (
+    evaluate_reconstructions,
+    pixels_of,
+    psnr_db,
+    reconstruct,
+    save_recon_grid,
+    to_images,
+)
+from tune.world.scoring import fresh_renders
 
 log = logging.getLogger(__name__)
-CONCEPTS = PROJECT_ROOT / "concepts"
 MIN_RESOLUTION = 16
-
-MAX_PSNR_DB = 100.0
-"""PSNR of a pixel-exact reconstruction (its MSE is 0), so that means stay finite."""
 
 
 @dataclass(frozen=True)
@@ -142,23 +143,6 @@ class Config(TrainConfig):
             )
 
 
-def build_vae(cfg: Config) -> AutoencoderKL:
-    """SD's AutoencoderKL layout (4 latent channels, mid-block attention) at the configured widths."""
-    levels = len(cfg.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        act_fn="silu",
-        latent_channels=4,
-        norm_num_groups=cfg.norm_num_groups,
-        sample_size=cfg.resolution,
-    )
-
-
 def edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 between the images' horizontal and vertical pixel differences (outlines, not colours)."""
     dx = (recon.diff(dim=-1) - target.diff(dim=-1)).abs().mean()
@@ -208,77 +192,6 @@ class RoundTrip(torch.nn.Module):
         return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()
 
 
-@torch.no_grad()  # without it 1,000 reconstructions kept their graphs: 23 GB, killed by the OOM killer
-def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Decode the posterior mode of each image (what an encode/decode round trip gives), in [-1, 1]."""
-    device = next(vae.parameters()).device
-    outs = [
-        vae.decode(vae.encode(chunk.to(device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
-        for chunk in pixels.split(batch_size)
-    ]
-    return torch.cat(outs)
-
-
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] BCHW tensors -> 8-bit RGB images (what a user would save and see)."""
-    arrays = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a, mode="RGB") for a in arrays]
-
-
-def psnr_db(originals: list[Image.Image], recons: list[Image.Image]) -> list[float]:
-    """Per-image PSNR of 8-bit images, capped at MAX_PSNR_DB."""
-    out = []
-    for a, b in zip(originals, recons, strict=True):
-        mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)) / 255.0**2
-        out.append(min(MAX_PSNR_DB, 10 * math.log10(1 / mse)) if mse > 0 else MAX_PSNR_DB)
-    return out
-
-
-def subject_round_trip(vae: AutoencoderKL, resolution: int, judge) -> dict[str, float]:  # noqa: ANN001
-    """Each example subject's photos (centre square, `resolution` px, as the photo loader crops) through
-    the VAE: mean PSNR, and how many reconstructions (and originals) the judge finds the subject in."""
-    from tune.data.buckets import crop_box, square_bucket
-    from tune.data.images import crop_and_resize
-    from tune.world.subjects import SUBJECTS
-
-    square = square_bucket(resolution)
-    out: dict[str, float] = {}
-    for name in ("sks-toy", "w-person"):
-        paths = sorted((CONCEPTS / name / "photos").glob("*.jpg"))
-        if not paths:
-            continue
-        photos = []
-        for path in paths:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-                photos.append(crop_and_resize(rgb, crop_box(rgb.width, rgb.height, square), rgb.size, square))
-        with torch.no_grad():
-            recons = to_images(reconstruct(vae, pixels_of(photos)))
-        out[f"{name}_psnr_db"] = float(np.mean(psnr_db(photos, recons)))
-        out[f"{name}_photos"] = len(photos)
-        if judge is not None:
-            subject = SUBJECTS[name]
-            out[f"{name}_found"] = sum(subject.found(v) for v in judge.read(recons))
-            out[f"{name}_found_originals"] = sum(subject.found(v) for v in judge.read(photos))
-    return out
-
-
-def pixels_of(images: list[Image.Image]) -> torch.Tensor:
-    """8-bit RGB images -> a BCHW float tensor in [-1, 1], as the data loader gives them."""
-    array = np.stack([np.asarray(img, dtype=np.float32) for img in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def save_grid(originals: list[Image.Image], recons: list[Image.Image], path: Path) -> None:
-    """Originals on the top row, their reconstructions below."""
-    side = originals[0].width
-    grid = Image.new("RGB", (side * len(originals), side * 2), "white")
-    for i, (a, b) in enumerate(zip(originals, recons, strict=True)):
-        grid.paste(a, (i * side, 0))
-        grid.paste(b, (i * side, side))
-    grid.save(path)
-
-
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed ---------------------------------------------------------------------
     if not Path(cfg.data_dir).exists():
@@ -290,7 +203,7 @@ def main(cfg: Config) -> RunDir:
     accelerator = build_accelerator(cfg.mixed_precision)
 
     # ---- models -------------------------------------------------------------------------------
-    vae = build_vae(cfg)
+    vae = build_autoencoder(cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.resolution)
     param_count = sum(p.numel() for p in vae.parameters())
     log.info("vae: %.2fM parameters, widths %s", param_count / 1e6, list(cfg.block_out_channels))
 
@@ -353,7 +266,7 @@ def main(cfg: Config) -> RunDir:
                 vae.eval()
                 recons = to_images(reconstruct(vae, val_pixels))
                 val_psnr = float(np.mean(psnr_db(val_originals, recons)))
-                save_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
+                save_recon_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
                 run.log_metrics(step, val_psnr_db=val_psnr)
                 log.info("step %d: loss %.4f, held-out PSNR %.2f dB", step, loss.item(), val_psnr)
                 vae.train()
@@ -373,10 +286,7 @@ def main(cfg: Config) -> RunDir:
     count = min(cfg.scaling_images, len(dataset))
     train_pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(cfg.seed)
-    with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(c).latent_dist.sample(generator) for c in train_pixels.split(64)]
-        ).float()
+    latents = sample_latents(vae, train_pixels, generator)
     latent_mean, latent_std = latents.mean().item(), latents.std().item()
     vae.register_to_config(scaling_factor=1.0 / latent_std)
     with atomic_folder(run.export_dir / "vae", module_bytes(vae)) as folder:  # complete or absent
@@ -384,27 +294,8 @@ def main(cfg: Config) -> RunDir:
     log.info("latents: mean %.3f, std %.3f -> scaling_factor %.4f", latent_mean, latent_std, 1 / latent_std)
 
     # Fresh renders of every style (a seed no training folder uses), and the example subjects' photos.
-    originals, specs = fresh_renders(cfg.eval_images, cfg.eval_seed + 1, resolution=cfg.resolution)
-    recons = to_images(reconstruct(vae, pixels_of(originals)))
-    psnr = psnr_db(originals, recons)
-    by_style = {
-        style: float(np.mean([p for p, spec in zip(psnr, specs, strict=True) if spec.style == style]))
-        for style in STYLES
-    }
-    judge = try_load_judge()
-    judged: dict = {}
-    if judge is not None:
-        blurred = [r.filter(ImageFilter.GaussianBlur(1.0)) for r in recons]
-        judged = {
-            "judge_agreement": agreement(judge, originals, recons),
-            "judge_agreement_blurred": agreement(judge, originals, blurred),
-            "judge_on_recons": per_style(judge.read(recons), specs),
-        }
     report = {
-        "psnr_db": float(np.mean(psnr)),
-        "psnr_db_by_style": by_style,
-        **judged,
-        **subject_round_trip(vae, cfg.resolution, judge),
+        **evaluate_reconstructions(vae, cfg.eval_images, cfg.eval_seed + 1, cfg.resolution),
         "eval_images": cfg.eval_images,
         "eval_seed": cfg.eval_seed + 1,
         "train_seconds": round(train_seconds, 1),
@@ -418,22 +309,15 @@ def main(cfg: Config) -> RunDir:
         "latent_shape": list(latents.shape[1:]),
     }
     write_atomic(run.eval_dir / "vae.json", json.dumps(report, indent=2) + "\n")
-    styles = ", ".join(f"{k} {v:.2f}" for k, v in by_style.items())
+    styles = ", ".join(f"{k} {v:.2f}" for k, v in report["psnr_db_by_style"].items())
     log.info(
         "fresh renders (%d): PSNR %.2f dB (%s); judge agreement %s",
         cfg.eval_images,
         report["psnr_db"],
         styles,
-        judged.get("judge_agreement", "n/a"),
+        report.get("judge_agreement", "n/a"),
     )
-    log.info(
-        "steps %d-%d of %d in %.0f s, %d parameters",
-        start_step,
-        step,
-        cfg.batch_size,
-        train_seconds,
-        param_count,
-    )
+    log.info("steps %d-%d in %.0f s, %d parameters", start_step, step, train_seconds, param_count)
     run.update_info(steps=step, train_seconds=report["train_seconds"], psnr_db=report["psnr_db"])
     run.finish()
     return run
