@@ -29,7 +29,6 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from tune import personalize as p
-from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.models import save_single_file
@@ -161,6 +160,10 @@ def main(cfg: Config) -> RunDir:
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
     unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
     text_model = trained[1] if cfg.train_text_encoder else text_encoder
+    weight = prior.loss_weight if prior else 1.0
+    photo_loss = p.PhotoLoss(
+        unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight
+    )
     accelerator.register_for_checkpointing(loader)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -216,20 +219,7 @@ def main(cfg: Config) -> RunDir:
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
             with accelerator.accumulate(*trained), accelerator.autocast():
-                generator = p.sample_generators(batch, cfg.seed, micro)
-                latents, hidden = p.encode_batch(
-                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
-                )
-                loss = diffusion_step(
-                    unet_model,
-                    noise_scheduler,
-                    latents,
-                    hidden,
-                    cfg.diffusion,
-                    generator,
-                    is_prior=batch.is_prior,
-                    prior_loss_weight=prior.loss_weight if prior else 1.0,
-                )
+                loss = photo_loss(batch, micro)
                 accelerator.backward(loss)
                 applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
                 if applied:

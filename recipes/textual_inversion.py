@@ -23,7 +23,6 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from tune import personalize as p
-from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
@@ -130,6 +129,7 @@ def main(cfg: Config) -> RunDir:
     # stays the plain module that the pipeline samples with.
     text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
     unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
+    photo_loss = p.PhotoLoss(unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype)
     accelerator.register_for_checkpointing(loader)
     checkpoint_trainable_only(accelerator)
     on_checkpoint(
@@ -161,11 +161,7 @@ def main(cfg: Config) -> RunDir:
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
             with accelerator.accumulate(text_model), accelerator.autocast():
-                generator = p.sample_generators(batch, cfg.seed, micro)
-                latents, hidden = p.encode_batch(
-                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
-                )
-                loss = diffusion_step(unet_model, noise_scheduler, latents, hidden, cfg.diffusion, generator)
+                loss = photo_loss(batch, micro)
                 accelerator.backward(loss)
                 if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
