@@ -26,35 +26,33 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+from transformers import CLIPImageProcessorPil, CLIPModel
 
+from tune.config import TrainConfig
 from tune.data.config import DataConfig
-from tune.data.images import to_tensor
 from tune.data.loader import build_dataloader, build_dataset
-from tune.errors import ConfigError, DataError
+from tune.errors import ConfigError
 from tune.models import build_clip_tokenizer
+from tune.models.scratch import build_clip_model
 from tune.models.tokenizer import MIN_VOCAB_SIZE
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
 )
-from tune.world.captions import caption, parse, spec_attributes
+from tune.world.captions import parse, spec_attributes
 from tune.world.judge import HEADS, IGNORE, labels
-from tune.world.render import render
-from tune.world.spec import TOYS, Spec, sample_spec
+from tune.world.retrieval import fits, read_captions, retrieval, retrieval_set, text_labels
 
 log = logging.getLogger(__name__)
 # Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
@@ -68,39 +66,23 @@ EVAL_SEED = 1_000_003
 VAL_SEED = 2_000_003
 EVAL_COUNT = 100
 """Distinct specs per retrieval test (validation, final held-out, final train): ranks 100 images."""
-_POSITIVE = ("max_steps", "sample_every", "checkpoint_every", "resolution", "patch_size", "projection_dim")
+_POSITIVE = ("resolution", "patch_size", "projection_dim")
 _POSITIVE += tuple(f"{t}_{k}" for t in ("text", "vision") for k in ("hidden_size", "num_layers", "num_heads"))
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     """Settings of the clip recipe."""
 
-    output_dir: str = ""
-    """Run directory; empty means runs/clip-<timestamp>."""
-    seed: int = 0
-    """Seed of the weights, the batch order and the caption choice."""
-    resume: str = ""
-    """'' to start fresh, 'latest' for output_dir's newest complete checkpoint, or a checkpoint folder."""
+    max_steps: int = 1000
+    batch_size: int = 128  # image-caption pairs, each contrasted against the rest of its batch
+    sample_every: int = 100  # retrieval on a fixed held-out set, logged to metrics.jsonl (no images)
+    checkpoint_every: int = 250
     data_dir: str = "data/world-train"
     """World imagefolder (metadata.jsonl with text, captions and attribute columns), written by
     `tune data world data/world-train --count 30000 --split train`."""
     resolution: int = 64
     """Image side in pixels: the training size and the vision tower's input size."""
-    max_steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 128
-    """Image-caption pairs per step; each is contrasted against the rest of its batch."""
-    sample_every: int = 100
-    """Validate every N steps: retrieval on a fixed held-out set, logged to metrics.jsonl (no images)."""
-    checkpoint_every: int = 250
-    """Save a resumable checkpoint every N steps (and at the end)."""
-    checkpoints_keep: int = 2
-    """How many of the newest checkpoints to keep (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision on a GPU; CPU always trains in fp32."""
     vocab_size: int = 1024
     """Upper bound on the BPE vocabulary learned from the captions (they run out of merges far below)."""
     text_hidden_size: int = 128
@@ -128,8 +110,8 @@ class Config:
     """Optimizer and schedule. A partial [optim] table starts from OptimConfig's defaults, not these."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = [(k, getattr(self, k) > 0, "must be > 0") for k in _POSITIVE] + [
-            ("checkpoints_keep", self.checkpoints_keep >= 0, "must be >= 0"),
             ("batch_size", self.batch_size >= 2, "must be >= 2 (pairs need in-batch negatives)"),
             (
                 "resolution",
@@ -152,77 +134,6 @@ class Config:
         for key, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{key} {rule}; got {getattr(self, key)!r}")
-
-
-SPEC_FIELDS = ("cls", "color", "background", "style", "size", "position", "pattern", "color2", "hair")
-
-
-def read_captions(data_dir: str) -> dict[str, tuple[tuple[str, ...], Spec]]:
-    """canonical caption -> (the image's training captions, its spec)."""
-    meta = Path(data_dir) / "metadata.jsonl"
-    command = f"tune data world {data_dir} --count 30000 --split train"
-    if not meta.is_file():
-        raise DataError(f"no world dataset in {data_dir}; write one with `{command}`")
-    table = {}
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            try:
-                spec = Spec(**{key: row[key] for key in SPEC_FIELDS})
-                table[row["text"]] = (tuple(row["captions"]), spec)
-            except (KeyError, TypeError, ValueError) as err:
-                raise DataError(
-                    f"{meta} line {n} is not a world row ({err}); write one with `{command}`"
-                ) from None
-    return table
-
-
-def text_labels(text: str) -> list[int]:
-    """Attribute labels of what a caption names (IGNORE for what it leaves out or calls just "toy")."""
-    named = parse(text)
-    return [
-        values.index(named[key]) if named.get(key) in values else IGNORE for key, values in ATTRIBUTES.items()
-    ]
-
-
-def fits(named: dict[str, str], truth: dict[str, str]) -> bool:
-    """Whether attributes a caption names (`parse`) fit a spec's (`spec_attributes`); "toy" fits any toy."""
-    return all(
-        truth.get(key) == value or (key == "cls" and value == "toy" and truth["cls"] in TOYS)
-        for key, value in named.items()
-    )
-
-
-def describes(text: str, spec: Spec) -> bool:
-    """Whether a caption fits a spec: every attribute it names is the spec's."""
-    return fits(parse(text), spec_attributes(spec))
-
-
-def build_model(cfg: Config, tokenizer: CLIPTokenizer) -> CLIPModel:
-    # The text tower's settings are presets.build_text_encoder's, so it drops into the base model.
-    text = dict(
-        hidden_size=cfg.text_hidden_size,
-        num_hidden_layers=cfg.text_num_layers,
-        num_attention_heads=cfg.text_num_heads,
-        intermediate_size=4 * cfg.text_hidden_size,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=cfg.vision_hidden_size,
-        num_hidden_layers=cfg.vision_num_layers,
-        num_attention_heads=cfg.vision_num_heads,
-        intermediate_size=4 * cfg.vision_hidden_size,
-        image_size=cfg.resolution,
-        patch_size=cfg.patch_size,
-        hidden_act="quick_gelu",
-    )
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
 
 
 def contrastive_loss(logits_per_text: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -269,43 +180,6 @@ class ClipTraining(torch.nn.Module):
         return out, loss_attr
 
 
-def retrieval_set(split: str, count: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[Spec]]:
-    """`count` distinct specs of a split (styles taking turns), rendered fresh: (pixels in [-1, 1], specs)."""
-    rng = np.random.default_rng([seed, 3])
-    specs: list[Spec] = []
-    while len(specs) < count:
-        spec = sample_spec(rng, split, style=("photo", "drawing", "sketch", "pixel")[len(specs) % 4])  # type: ignore[arg-type]
-        if spec not in specs:
-            specs.append(spec)
-    images = [
-        render(spec, np.random.default_rng([seed, i]), resolution, resolution) for i, spec in enumerate(specs)
-    ]
-    return torch.stack([to_tensor(im) for im in images]), specs
-
-
-@torch.no_grad()
-def retrieval(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, specs: list[Spec]) -> dict:
-    """Top-1 text-to-image and image-to-text accuracy, canonical captions padded to 77 as the U-Net's.
-    A pick counts as right when the caption describes the picked image too (two sketches that differ
-    only in colour look the same)."""
-    was_training, device = model.training, model.device
-    texts = [caption(s) for s in specs]
-    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
-    model.eval()
-    logits = model(input_ids=ids.input_ids.to(device), pixel_values=pixels.to(device)).logits_per_text.float()
-    model.train(was_training)
-    t2i = [describes(texts[i], specs[j]) for i, j in enumerate(logits.argmax(dim=1).tolist())]
-    i2t = [describes(texts[i], specs[j]) for j, i in enumerate(logits.argmax(dim=0).tolist())]
-    picked = logits.argmax(dim=1).tolist()
-    wrong = [(specs[i], specs[j]) for i, j in enumerate(picked) if not t2i[i]]
-    errors = {key: sum(getattr(a, key) != getattr(b, key) for a, b in wrong) for key in SPEC_FIELDS}
-    return {
-        "t2i_top1": float(np.mean(t2i)),
-        "i2t_top1": float(np.mean(i2t)),
-        "t2i_errors_by_attribute": errors,
-    }
-
-
 def main(cfg: Config) -> RunDir:
     # --- run dir & seed ----------------------------------------------------------------------
     captions = read_captions(cfg.data_dir)  # before start_run: a missing dataset leaves no run folder
@@ -318,7 +192,14 @@ def main(cfg: Config) -> RunDir:
     texts = sorted({text for caps, _ in captions.values() for text in caps})  # what the tokenizer learns
     with tempfile.TemporaryDirectory(prefix="tune-clip-tokenizer-") as tmp:
         tokenizer = build_clip_tokenizer(texts, cfg.vocab_size, tmp)  # deterministic: rebuilt at export
-    model = build_model(cfg, tokenizer)
+    model = build_clip_model(
+        tokenizer,
+        text=(cfg.text_hidden_size, cfg.text_num_layers, cfg.text_num_heads),
+        vision=(cfg.vision_hidden_size, cfg.vision_num_layers, cfg.vision_num_heads),
+        resolution=cfg.resolution,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.projection_dim,
+    )
     n_labels = sum(len(v) for v in ATTRIBUTES.values())
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(cfg.projection_dim, n_labels) for k in ("text", "image")})
     log.info("clip: %.2fM parameters; vocabulary %d tokens", model.num_parameters() / 1e6, len(tokenizer))
@@ -386,11 +267,11 @@ def main(cfg: Config) -> RunDir:
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+            if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 val = retrieval(model, tokenizer, val_pixels, val_specs)
                 run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
                 log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break

@@ -29,7 +29,6 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from tune import personalize as p
-from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.models import save_single_file
@@ -45,7 +44,6 @@ from tune.training import (
     is_due,
     log_step,
     module_bytes,
-    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -66,9 +64,7 @@ class Config(p.PersonalizeConfig):
     train_text_encoder: bool = False
     """Also fine-tune the text encoder (stronger subject, more language drift, more memory)."""
     max_steps: int = 300
-    """Optimizer steps."""
-    batch_size: int = 1
-    """Photos per micro-batch (prior preservation adds as many class images)."""
+    batch_size: int = 1  # photos; prior preservation adds as many class images
     optim: OptimConfig = OptimConfig(lr=5e-5, weight_decay=1e-2, warmup_steps=20)
     """Optimizer and learning-rate schedule; adamw8bit keeps about a quarter of adamw's state."""
     prior: p.PriorConfig = p.PriorConfig()
@@ -80,11 +76,8 @@ class Config(p.PersonalizeConfig):
     ema_power: float = 0.75
     """EMA warmup exponent (short fine-tunes need the average to follow early steps closely)."""
     sample_every: int = 150
-    """Validation grid every this many steps, at the last step and at step 0; 0 = never."""
     checkpoint_every: int = 150
-    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
-    checkpoints_keep: int = 1
-    """Newest checkpoints kept (0 keeps all); each holds the U-Net, its EMA and the optimizer state."""
+    checkpoints_keep: int = 1  # each holds the U-Net, its EMA and the optimizer state
     export_single_file: bool = True
     """Also write export/<run name>.safetensors, one fp16 SD1.x checkpoint for A1111 and ComfyUI."""
     eval_every: int = 0
@@ -110,9 +103,8 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
@@ -170,6 +162,10 @@ def main(cfg: Config) -> RunDir:
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
     unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
     text_model = trained[1] if cfg.train_text_encoder else text_encoder
+    weight = prior.loss_weight if prior else 1.0
+    photo_loss = p.PhotoLoss(
+        unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight
+    )
     accelerator.register_for_checkpointing(loader)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -225,20 +221,7 @@ def main(cfg: Config) -> RunDir:
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
             with accelerator.accumulate(*trained), accelerator.autocast():
-                generator = p.sample_generators(batch, cfg.seed, micro)
-                latents, hidden = p.encode_batch(
-                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
-                )
-                loss = diffusion_step(
-                    unet_model,
-                    noise_scheduler,
-                    latents,
-                    hidden,
-                    cfg.diffusion,
-                    generator,
-                    is_prior=batch.is_prior,
-                    prior_loss_weight=prior.loss_weight if prior else 1.0,
-                )
+                loss = photo_loss(batch, micro)
                 accelerator.backward(loss)
                 applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
                 if applied:

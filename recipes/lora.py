@@ -24,14 +24,13 @@ from typing import Literal
 
 import torch
 from diffusers import DDPMScheduler
-from peft import LoraConfig, inject_adapter_in_model
 from tqdm.auto import tqdm
 
 from tune import lora as lora_io
 from tune import personalize as p
-from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
+from tune.lora.inject import LoraTarget, inject_lora
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
 from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
@@ -45,7 +44,6 @@ from tune.training import (
     is_due,
     log_step,
     on_checkpoint,
-    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -58,16 +56,6 @@ log = logging.getLogger(__name__)
 # Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
 RECIPE = "lora"
 
-LoraTarget = Literal["attn2", "attn1", "ff", "proj", "resnets", "text_encoder"]
-# Module-name patterns (peft matches them against the full name) of each target group.
-UNET_TARGETS: dict[str, str] = {
-    "attn2": r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",
-    "attn1": r".*\.attn1\.(to_q|to_k|to_v|to_out\.0)",
-    "ff": r".*\.ff\.net\.(0\.proj|2)",
-    "proj": r".*\.attentions\.\d+\.(proj_in|proj_out)",
-    "resnets": r".*\.resnets\.\d+\.(conv1|conv2|conv_shortcut)",
-}
-TEXT_ENCODER_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -111,9 +99,7 @@ class Config(p.PersonalizeConfig):
     """Settings of the `lora` recipe."""
 
     max_steps: int = 400
-    """Optimizer steps."""
-    batch_size: int = 2
-    """Photos per micro-batch (prior preservation adds as many class images)."""
+    batch_size: int = 2  # photos; prior preservation adds as many class images
     optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=1e-4, schedule="constant", warmup_steps=20)
     """Optimizer and learning-rate schedule (of the adapters)."""
     lora: LoraOptions = LoraOptions()
@@ -145,9 +131,8 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
@@ -171,17 +156,7 @@ def main(cfg: Config) -> RunDir:
         initializer = cfg.pivotal.initializer_token or subject.class_word
         new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.pivotal.num_vectors)
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
-    unet_groups = [UNET_TARGETS[t] for t in cfg.lora.targets if t in UNET_TARGETS]
-    if not unet_groups:
-        raise ConfigError(
-            "lora.targets must include at least one U-Net group (attn2, attn1, ff, proj, resnets)"
-        )
-    adapter = dict(r=rank, lora_alpha=alpha, lora_dropout=cfg.lora.dropout, init_lora_weights="gaussian")
-    unet.add_adapter(LoraConfig(target_modules="(?:" + "|".join(unet_groups) + ")", **adapter))
-    # The text encoder takes peft's own injection, not transformers' `add_adapter` gate (transformers 5.24
-    # demands an unreleased peft there); it also freezes all but the adapters and records `peft_config`.
-    if "text_encoder" in cfg.lora.targets:
-        inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **adapter), text_encoder)
+    inject_lora(unet, text_encoder, cfg.lora.targets, rank, alpha, cfg.lora.dropout)
     if new_tokens is not None:
         new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters
     embedding = {id(new_tokens.weight)} if new_tokens else set()
@@ -224,9 +199,11 @@ def main(cfg: Config) -> RunDir:
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
-    unet_model, text_model = (
-        compiled(trained[0], cfg.compile, cfg.compile_mode),
-        (trained[1] if train_text else text_encoder),
+    unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
+    text_model = trained[1] if train_text else text_encoder
+    weight = prior.loss_weight if prior else 1.0
+    photo_loss = p.PhotoLoss(
+        unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight
     )
     accelerator.register_for_checkpointing(loader)
     checkpoint_trainable_only(accelerator)
@@ -284,20 +261,7 @@ def main(cfg: Config) -> RunDir:
                 torch.manual_seed(cfg.seed * 2**32 + micro)
             batch = next(batches).to(device)
             with accelerator.accumulate(*trained), accelerator.autocast():
-                generator = p.sample_generators(batch, cfg.seed, micro)
-                latents, hidden = p.encode_batch(
-                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
-                )
-                loss = diffusion_step(
-                    unet_model,
-                    noise_scheduler,
-                    latents,
-                    hidden,
-                    cfg.diffusion,
-                    generator,
-                    is_prior=batch.is_prior,
-                    prior_loss_weight=prior.loss_weight if prior else 1.0,
-                )
+                loss = photo_loss(batch, micro)
                 accelerator.backward(loss)
                 if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:

@@ -23,7 +23,6 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from tune import personalize as p
-from tune.diffusion import diffusion_step
 from tune.errors import ConfigError
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
@@ -39,7 +38,6 @@ from tune.training import (
     is_due,
     log_step,
     on_checkpoint,
-    resolve_mixed_precision,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -62,15 +60,11 @@ class Config(p.PersonalizeConfig):
     num_vectors: int = 1
     """Embedding vectors behind the token (more can hold more detail, and overfit sooner)."""
     max_steps: int = 500
-    """Optimizer steps."""
     batch_size: int = 2
-    """Photos per micro-batch."""
     optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20)
     """Optimizer and learning-rate schedule of the embedding (no weight decay: it would shrink the vector)."""
     sample_every: int = 250
-    """Validation grid every this many steps, at the last step and at step 0; 0 = never."""
     checkpoint_every: int = 250
-    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,9 +89,8 @@ def main(cfg: Config) -> RunDir:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     run, cfg = start_run(RECIPE, cfg)
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = build_accelerator(
-        mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
+        cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
     )
     device = accelerator.device
 
@@ -138,6 +131,7 @@ def main(cfg: Config) -> RunDir:
     # stays the plain module that the pipeline samples with.
     text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
     unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
+    photo_loss = p.PhotoLoss(unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype)
     accelerator.register_for_checkpointing(loader)
     checkpoint_trainable_only(accelerator)
     on_checkpoint(
@@ -169,11 +163,7 @@ def main(cfg: Config) -> RunDir:
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
             with accelerator.accumulate(text_model), accelerator.autocast():
-                generator = p.sample_generators(batch, cfg.seed, micro)
-                latents, hidden = p.encode_batch(
-                    batch, vae=vae, text_encoder=text_model, generator=generator, dtype=dtype
-                )
-                loss = diffusion_step(unet_model, noise_scheduler, latents, hidden, cfg.diffusion, generator)
+                loss = photo_loss(batch, micro)
                 accelerator.backward(loss)
                 if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -28,38 +27,31 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
+from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
-from tune.errors import ConfigError, DataError, ModelError
+from tune.errors import ConfigError, DataError
 from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, build_unet
+from tune.models.scratch import check_base_parts, load_base_parts
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
 from tune.sampling import sample_grid
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
 )
 from tune.world.dataset import make_eval_prompts
-from tune.world.judge import attribute_accuracy
-from tune.world.scoring import (
-    contact_sheet,
-    format_table,
-    judge_prompts,
-    odd_prompts,
-    spec_label,
-    try_load_judge,
-    verdict_label,
-)
+from tune.world.scoring import evaluate_generation, judge_prompts, try_load_judge
 
 log = logging.getLogger(__name__)
 # Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
@@ -67,8 +59,13 @@ RECIPE = "unet"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     """Settings of the `unet` recipe."""
+
+    max_steps: int = 1800
+    batch_size: int = 64
+    sample_every: int = 600  # samples and judged accuracy, with the EMA weights
+    checkpoint_every: int = 600
 
     vae: str = "runs/base-vae/export/vae"
     """AutoencoderKL folder (the `vae` recipe's export/vae); its scaling_factor scales the latents."""
@@ -76,12 +73,6 @@ class Config:
     """The `clip` recipe's export: a CLIPModel folder (or text_encoder/ subfolder) plus tokenizer/."""
     data_dir: str = "data/world-train"
     """World imagefolder (metadata.jsonl with a `captions` list per image), written by `tune data world`."""
-    output_dir: str = ""
-    """Run directory; empty means runs/unet-<timestamp>."""
-    seed: int = 0
-    """Seed of weights, data order, noise and timesteps."""
-    resume: str = ""
-    """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
     resolution: int = 64
     """Image side in pixels; the U-Net's sample_size is this over the VAE's downsampling factor."""
     unet_block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -106,22 +97,8 @@ class Config:
     """Largest EMA decay of the U-Net weights (the EMA weights are sampled and exported)."""
     ema_power: float = 0.75
     """EMA warmup: decay at step n is min(ema_decay, 1 - (1 + n) ** -ema_power)."""
-    max_steps: int = 1800
-    """Optimizer steps."""
-    batch_size: int = 64
-    """Images per step."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """bf16/fp16 autocast on a GPU; CPUs train in fp32."""
     optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100)
     """Optimizer and learning-rate schedule."""
-    sample_every: int = 600
-    """Validation (samples and detector accuracy, with the EMA weights) every this many steps and at the end."""
-    checkpoint_every: int = 600
-    """Checkpoint every this many steps and at the end."""
-    checkpoints_keep: int = 2
-    """Newest checkpoints kept (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     sample_prompts: tuple[str, ...] = (
         "a photo of a large pink and teal striped ring on a blue background",
         "a drawing of a small yellow ball with red spots on grass in the top left",
@@ -150,6 +127,7 @@ class Config:
     uniform (0: the density for the whole run)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in _POSITIVE:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0; got {getattr(self, key)}")
@@ -181,71 +159,19 @@ class Config:
             )
 
 
-_POSITIVE = (
-    "resolution",
-    "max_steps",
-    "batch_size",
-    "sample_every",
-    "checkpoint_every",
-    "sample_steps",
-    "max_nonfinite_steps",
-)
-_NON_NEGATIVE = ("checkpoints_keep", "val_prompts", "eval_prompts")
+_POSITIVE = ("resolution", "sample_steps")
+_NON_NEGATIVE = ("val_prompts", "eval_prompts")
 
 
 def check_inputs(cfg: Config) -> None:
     """Say what to run when the VAE, the CLIP export or the data is missing (before a run dir exists)."""
-    if not (Path(cfg.vae) / "config.json").is_file():
-        raise ModelError(
-            f"vae: no AutoencoderKL folder at {cfg.vae}; train one with `tune run vae` or set vae=PATH"
-        )
-    text_dir, tokenizer_dir = clip_paths(cfg.clip)
-    has_tokenizer = any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "vocab.json"))
-    if not (text_dir / "config.json").is_file() or not has_tokenizer:
-        raise ModelError(
-            f"clip: no CLIP model and tokenizer at {cfg.clip}; train one with `tune run clip` or set clip=PATH"
-        )
+    check_base_parts(cfg.vae, cfg.clip)
     if not Path(cfg.data_dir).is_dir():
         res = "" if cfg.resolution == 64 else f" --resolution {cfg.resolution}"
         raise DataError(
             f"no world data at {cfg.data_dir}; write it with "
             f"`tune data world {cfg.data_dir} --count 30000 --split train{res}` or set data_dir=PATH"
         )
-
-
-def clip_paths(clip: str) -> tuple[Path, Path]:
-    """The text tower's folder (text_encoder/ if there, else the CLIPModel folder) and the tokenizer's.
-
-    CLIPTextModel also loads from a whole CLIPModel folder: the text weights have the same names."""
-    root = Path(clip)
-    text_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
-    return text_dir, root / "tokenizer" if (root / "tokenizer").is_dir() else root
-
-
-def evaluate(pipe: StableDiffusionPipeline, judge, cfg: Config, out_dir: Path, report: dict) -> dict:  # noqa: ANN001
-    """Seen and held-out canonical prompts and the odd prompts, judged: `unet.json`, a grid of the first
-    64 seen-prompt images with the judge's verdict under each, and the tables in `unet.md`."""
-    t0 = time.perf_counter()
-    kwargs = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
-    report["settings"] = {**kwargs, "scheduler": "DDIMScheduler"}
-    # Fresh seeds: neither validation's (1000 + i) nor each other's.
-    seen_prompts = make_eval_prompts(cfg.eval_prompts, "train", 1)
-    report["seen"], images, verdicts = judge_prompts(pipe, judge, seen_prompts, 20_000, **kwargs)
-    report["heldout"], *_ = judge_prompts(
-        pipe, judge, make_eval_prompts(cfg.eval_prompts // 2, "heldout", 2), 10_000, **kwargs
-    )
-    report["odd_prompts"] = odd_prompts(pipe, judge, cfg.odd_prompt_seeds, **kwargs)
-    report["eval_time_s"] = round(time.perf_counter() - t0, 1)
-    (out_dir / "unet.json").write_text(json.dumps(report, indent=2) + "\n")
-    tables = [f"## seen combinations\n\n{format_table(report['seen'])}"]
-    tables.append(f"## held-out combinations\n\n{format_table(report['heldout'])}")
-    (out_dir / "unet.md").write_text("\n\n".join(tables) + f"\n\nodd prompts: {report['odd_prompts']}\n")
-    # Asked (first line) over read (second); red where the judge read any attribute otherwise.
-    asked = [p.spec for p in seen_prompts[:64]]
-    labels = [f"{spec_label(s)}\n-> {verdict_label(v)}" for s, v in zip(asked, verdicts, strict=False)]
-    wrong = [attribute_accuracy([v], [s])["all"] < 1 for s, v in zip(asked, verdicts, strict=False)]
-    contact_sheet(images[:64], labels, scale=3, wrong=wrong).save(out_dir / "unet_grid.png")
-    return report
 
 
 def main(cfg: Config) -> RunDir:
@@ -256,10 +182,7 @@ def main(cfg: Config) -> RunDir:
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
-    vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False).eval().to(device)
-    text_dir, tokenizer_dir = clip_paths(cfg.clip)
-    text_encoder = CLIPTextModel.from_pretrained(text_dir).requires_grad_(False).eval().to(device)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    vae, text_encoder, tokenizer = load_base_parts(cfg.vae, cfg.clip, device)  # frozen
     vae_levels = tuple(vae.config.block_out_channels)
     if cfg.resolution % 2 ** (len(vae_levels) - 1):
         raise ConfigError(f"resolution must be a multiple of the VAE's factor {2 ** (len(vae_levels) - 1)}")
@@ -355,7 +278,7 @@ def main(cfg: Config) -> RunDir:
                 run.log_metrics(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+            if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 ema.copy_to(ema_unet.parameters())
                 prompts, seeds, out = list(cfg.sample_prompts), list(cfg.sample_seeds), run.sample_dir(step)
                 sample_grid(
@@ -370,7 +293,7 @@ def main(cfg: Config) -> RunDir:
                     log.info(
                         "step %d judged: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
                     )
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break
@@ -389,14 +312,13 @@ def main(cfg: Config) -> RunDir:
     judge = try_load_judge()  # read again: a judge retrained while this run trained reads its final images
     if cfg.eval_prompts and judge is not None:
         # Times of this process (a resumed run trained from start_step on).
-        times = {"data_time_s": data_time_s, "train_time_s": train_time_s}
-        report: dict = {"step": step, "start_step": start_step, "unet_params": n_params}
-        report = evaluate(pipe, judge, cfg, run.eval_dir, report | {k: round(v, 1) for k, v in times.items()})
-        log.info(
-            "eval: seen %s; held-out %s; odd prompts %s",
-            report["seen"]["overall"],
-            report["heldout"]["overall"],
-            report["odd_prompts"],
+        times = {"data_time_s": round(data_time_s, 1), "train_time_s": round(train_time_s, 1)}
+        report = {"step": step, "start_step": start_step, "unet_params": n_params, **times}
+        sizes = dict(prompts=cfg.eval_prompts, odd_prompt_seeds=cfg.odd_prompt_seeds)
+        report = evaluate_generation(
+            pipe, judge, run.eval_dir / "unet", report, **sizes, steps=cfg.sample_steps, guidance=cfg.guidance
         )
+        seen, heldout = report["seen"]["overall"], report["heldout"]["overall"]
+        log.info("eval: seen %s; held-out %s; odd prompts %s", seen, heldout, report["odd_prompts"])
     run.finish()
     return run

@@ -16,56 +16,56 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from tune import PROJECT_ROOT
+from tune.config import TrainConfig
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError, DataError
+from tune.models.scratch import build_autoencoder, sample_latents
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder, write_atomic
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
 )
-from tune.world.scoring import agreement, fresh_renders, per_style, try_load_judge
-from tune.world.spec import STYLES
+from tune.world.reconstruction import (
+    evaluate_reconstructions,
+    pixels_of,
+    psnr_db,
+    reconstruct,
+    save_recon_grid,
+    to_images,
+)
+from tune.world.scoring import fresh_renders
 
 log = logging.getLogger(__name__)
 # Runs record this name; a copy made by `tune cp` keeps it, so `--config NAME` finds its configs.
 RECIPE = "vae"
-CONCEPTS = PROJECT_ROOT / "concepts"
 MIN_RESOLUTION = 16
-
-MAX_PSNR_DB = 100.0
-"""PSNR of a pixel-exact reconstruction (its MSE is 0), so that means stay finite."""
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     """Settings of the `vae` recipe."""
 
-    output_dir: str = ""
-    """Run directory; empty means runs/vae-<timestamp>."""
-    seed: int = 0
-    """Seed for weights, data order and posterior samples."""
-    resume: str = ""
-    """'' (start fresh), 'latest' (newest complete checkpoint in output_dir) or a checkpoint folder."""
+    max_steps: int = 3200
+    batch_size: int = 16  # for a fixed CPU budget 16 beat 32 in short runs: more, cheaper steps
+    sample_every: int = 400  # originals over reconstructions, and the held-out PSNR
+    checkpoint_every: int = 800
     data_dir: str = "data/world-train"
     """Training images: an imagefolder written by `tune data world DIR --split train`."""
     resolution: int = 64
@@ -77,10 +77,6 @@ class Config:
     norm_num_groups: int = 8
     """GroupNorm groups; must divide every width. Keep several channels per group: a group of one channel
     is normalised alone and loses flat colours (see configs/vae/default.toml)."""
-    max_steps: int = 3200
-    """Optimizer steps (the data loader runs as many epochs as that takes)."""
-    batch_size: int = 16
-    """Images per step. For a fixed CPU budget 16 beat 32 in short runs: more, cheaper steps."""
     l1_weight: float = 1.0
     """Weight of the mean absolute pixel error (in [-1, 1] units): keeps flat colours exact."""
     mse_weight: float = 0.0
@@ -101,45 +97,29 @@ class Config:
     crops_per_image crops, which costs less than loading that many images."""
     kl_weight: float = 1e-6
     """Weight of the KL term, summed over the latent and divided by the image's pixel values (SD's scale)."""
-    sample_every: int = 400
-    """Steps between validation grids (originals over reconstructions) and PSNR; the last step always."""
     val_images: int = 64
     """Held-out images the validation PSNR is measured on (the grid shows the first 8)."""
-    checkpoint_every: int = 800
-    """Steps between checkpoints; the last step always gets one."""
-    checkpoints_keep: int = 2
-    """Newest checkpoints kept (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the run."""
     scaling_images: int = 512
     """Training images whose sampled latents give scaling_factor = 1 / std."""
     eval_images: int = 1000
     """Fresh renders (styles taking turns) reconstructed and scored at the end."""
     eval_seed: int = 1000
     """Seed of the evaluation (and validation) images; keep it apart from the training set's seed."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """bf16/fp16 autocast on a GPU; CPU trains in fp32."""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0)
     )
     """Optimizer and learning-rate schedule."""
 
     def __post_init__(self) -> None:
-        positive = (
-            "resolution",
-            "layers_per_block",
-            "norm_num_groups",
-            "max_steps",
-            "batch_size",
-            "crops_per_image",
-        )
-        positive += ("sample_every", "val_images", "checkpoint_every", "scaling_images", "eval_images")
+        super().__post_init__()
+        positive = ("resolution", "layers_per_block", "norm_num_groups", "crops_per_image")
+        positive += ("val_images", "scaling_images", "eval_images")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
         if not 0 <= self.color_augment <= 1:
             raise ConfigError(f"color_augment must be in [0, 1]; got {self.color_augment}")
-        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight", "checkpoints_keep"):
+        for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.train_crop and (self.train_crop % 4 or not 8 <= self.train_crop <= self.resolution):
@@ -163,23 +143,6 @@ class Config:
                 f"resolution must be a multiple of the VAE factor {factor} and >= {MIN_RESOLUTION}; "
                 f"got {self.resolution}"
             )
-
-
-def build_vae(cfg: Config) -> AutoencoderKL:
-    """SD's AutoencoderKL layout (4 latent channels, mid-block attention) at the configured widths."""
-    levels = len(cfg.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        act_fn="silu",
-        latent_channels=4,
-        norm_num_groups=cfg.norm_num_groups,
-        sample_size=cfg.resolution,
-    )
 
 
 def edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -231,77 +194,6 @@ class RoundTrip(torch.nn.Module):
         return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()
 
 
-@torch.no_grad()  # without it 1,000 reconstructions kept their graphs: 23 GB, killed by the OOM killer
-def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Decode the posterior mode of each image (what an encode/decode round trip gives), in [-1, 1]."""
-    device = next(vae.parameters()).device
-    outs = [
-        vae.decode(vae.encode(chunk.to(device)).latent_dist.mode()).sample.clamp(-1, 1).cpu()
-        for chunk in pixels.split(batch_size)
-    ]
-    return torch.cat(outs)
-
-
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] BCHW tensors -> 8-bit RGB images (what a user would save and see)."""
-    arrays = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a, mode="RGB") for a in arrays]
-
-
-def psnr_db(originals: list[Image.Image], recons: list[Image.Image]) -> list[float]:
-    """Per-image PSNR of 8-bit images, capped at MAX_PSNR_DB."""
-    out = []
-    for a, b in zip(originals, recons, strict=True):
-        mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)) / 255.0**2
-        out.append(min(MAX_PSNR_DB, 10 * math.log10(1 / mse)) if mse > 0 else MAX_PSNR_DB)
-    return out
-
-
-def subject_round_trip(vae: AutoencoderKL, resolution: int, judge) -> dict[str, float]:  # noqa: ANN001
-    """Each example subject's photos (centre square, `resolution` px, as the photo loader crops) through
-    the VAE: mean PSNR, and how many reconstructions (and originals) the judge finds the subject in."""
-    from tune.data.buckets import crop_box, square_bucket
-    from tune.data.images import crop_and_resize
-    from tune.world.subjects import SUBJECTS
-
-    square = square_bucket(resolution)
-    out: dict[str, float] = {}
-    for name in ("sks-toy", "w-person"):
-        paths = sorted((CONCEPTS / name / "photos").glob("*.jpg"))
-        if not paths:
-            continue
-        photos = []
-        for path in paths:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-                photos.append(crop_and_resize(rgb, crop_box(rgb.width, rgb.height, square), rgb.size, square))
-        with torch.no_grad():
-            recons = to_images(reconstruct(vae, pixels_of(photos)))
-        out[f"{name}_psnr_db"] = float(np.mean(psnr_db(photos, recons)))
-        out[f"{name}_photos"] = len(photos)
-        if judge is not None:
-            subject = SUBJECTS[name]
-            out[f"{name}_found"] = sum(subject.found(v) for v in judge.read(recons))
-            out[f"{name}_found_originals"] = sum(subject.found(v) for v in judge.read(photos))
-    return out
-
-
-def pixels_of(images: list[Image.Image]) -> torch.Tensor:
-    """8-bit RGB images -> a BCHW float tensor in [-1, 1], as the data loader gives them."""
-    array = np.stack([np.asarray(img, dtype=np.float32) for img in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def save_grid(originals: list[Image.Image], recons: list[Image.Image], path: Path) -> None:
-    """Originals on the top row, their reconstructions below."""
-    side = originals[0].width
-    grid = Image.new("RGB", (side * len(originals), side * 2), "white")
-    for i, (a, b) in enumerate(zip(originals, recons, strict=True)):
-        grid.paste(a, (i * side, 0))
-        grid.paste(b, (i * side, side))
-    grid.save(path)
-
-
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed ---------------------------------------------------------------------
     if not Path(cfg.data_dir).exists():
@@ -313,7 +205,7 @@ def main(cfg: Config) -> RunDir:
     accelerator = build_accelerator(cfg.mixed_precision)
 
     # ---- models -------------------------------------------------------------------------------
-    vae = build_vae(cfg)
+    vae = build_autoencoder(cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.resolution)
     param_count = sum(p.numel() for p in vae.parameters())
     log.info("vae: %.2fM parameters, widths %s", param_count / 1e6, list(cfg.block_out_channels))
 
@@ -372,15 +264,15 @@ def main(cfg: Config) -> RunDir:
             metrics = {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "edge": edge.item()}
             if nonfinite.finish(run, step, loss.item()):  # else logged as skipped; N in a row stop the run
                 run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
-            if (step % cfg.sample_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+            if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 vae.eval()
                 recons = to_images(reconstruct(vae, val_pixels))
                 val_psnr = float(np.mean(psnr_db(val_originals, recons)))
-                save_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
+                save_recon_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
                 run.log_metrics(step, val_psnr_db=val_psnr)
                 log.info("step %d: loss %.4f, held-out PSNR %.2f dB", step, loss.item(), val_psnr)
                 vae.train()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break
@@ -396,10 +288,7 @@ def main(cfg: Config) -> RunDir:
     count = min(cfg.scaling_images, len(dataset))
     train_pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)]).to(accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(cfg.seed)
-    with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(c).latent_dist.sample(generator) for c in train_pixels.split(64)]
-        ).float()
+    latents = sample_latents(vae, train_pixels, generator)
     latent_mean, latent_std = latents.mean().item(), latents.std().item()
     vae.register_to_config(scaling_factor=1.0 / latent_std)
     with atomic_folder(run.export_dir / "vae", module_bytes(vae)) as folder:  # complete or absent
@@ -407,27 +296,8 @@ def main(cfg: Config) -> RunDir:
     log.info("latents: mean %.3f, std %.3f -> scaling_factor %.4f", latent_mean, latent_std, 1 / latent_std)
 
     # Fresh renders of every style (a seed no training folder uses), and the example subjects' photos.
-    originals, specs = fresh_renders(cfg.eval_images, cfg.eval_seed + 1, resolution=cfg.resolution)
-    recons = to_images(reconstruct(vae, pixels_of(originals)))
-    psnr = psnr_db(originals, recons)
-    by_style = {
-        style: float(np.mean([p for p, spec in zip(psnr, specs, strict=True) if spec.style == style]))
-        for style in STYLES
-    }
-    judge = try_load_judge()
-    judged: dict = {}
-    if judge is not None:
-        blurred = [r.filter(ImageFilter.GaussianBlur(1.0)) for r in recons]
-        judged = {
-            "judge_agreement": agreement(judge, originals, recons),
-            "judge_agreement_blurred": agreement(judge, originals, blurred),
-            "judge_on_recons": per_style(judge.read(recons), specs),
-        }
     report = {
-        "psnr_db": float(np.mean(psnr)),
-        "psnr_db_by_style": by_style,
-        **judged,
-        **subject_round_trip(vae, cfg.resolution, judge),
+        **evaluate_reconstructions(vae, cfg.eval_images, cfg.eval_seed + 1, cfg.resolution),
         "eval_images": cfg.eval_images,
         "eval_seed": cfg.eval_seed + 1,
         "train_seconds": round(train_seconds, 1),
@@ -441,22 +311,15 @@ def main(cfg: Config) -> RunDir:
         "latent_shape": list(latents.shape[1:]),
     }
     write_atomic(run.eval_dir / "vae.json", json.dumps(report, indent=2) + "\n")
-    styles = ", ".join(f"{k} {v:.2f}" for k, v in by_style.items())
+    styles = ", ".join(f"{k} {v:.2f}" for k, v in report["psnr_db_by_style"].items())
     log.info(
         "fresh renders (%d): PSNR %.2f dB (%s); judge agreement %s",
         cfg.eval_images,
         report["psnr_db"],
         styles,
-        judged.get("judge_agreement", "n/a"),
+        report.get("judge_agreement", "n/a"),
     )
-    log.info(
-        "steps %d-%d of %d in %.0f s, %d parameters",
-        start_step,
-        step,
-        cfg.batch_size,
-        train_seconds,
-        param_count,
-    )
+    log.info("steps %d-%d in %.0f s, %d parameters", start_step, step, train_seconds, param_count)
     run.update_info(steps=step, train_seconds=report["train_seconds"], psnr_db=report["psnr_db"])
     run.finish()
     return run

@@ -20,6 +20,7 @@ from recipes import lora as recipe
 from tune import PROJECT_ROOT, runs
 from tune.config import load_config
 from tune.errors import TrainingError, TuneError
+from tune.personalize import loading as photo_loading
 from tune.runs import RunDir, atomic_folder, read_metrics, read_run, write_atomic
 
 sys.path.insert(0, str(Path(__file__).parent / "recipes"))
@@ -55,7 +56,7 @@ def config(setup: dict[str, str], out: Path, *extra: str) -> recipe.Config:
 
 def nan_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
     """Make the lora recipe's loss NaN at these (1-based) steps; its gradients are NaN too."""
-    real = recipe.diffusion_step
+    real = photo_loading.diffusion_step  # what the recipe's PhotoLoss calls
     calls = []
 
     def step(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -63,7 +64,7 @@ def nan_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) in steps else loss
 
-    monkeypatch.setattr(recipe, "diffusion_step", step)
+    monkeypatch.setattr(photo_loading, "diffusion_step", step)
 
 
 def trained(run: Path, step: int) -> dict[str, torch.Tensor]:

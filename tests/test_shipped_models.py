@@ -128,8 +128,8 @@ def test_world_clip_loads_with_transformers_and_matches_captions():
 def round_trip() -> dict:
     from diffusers import AutoencoderKL
 
-    from recipes.vae import subject_round_trip
     from tune.world.judge import load_judge
+    from tune.world.reconstruction import subject_round_trip
 
     vae = AutoencoderKL.from_pretrained(BASE / "vae").float().eval()
     return subject_round_trip(vae, 64, load_judge())

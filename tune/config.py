@@ -8,6 +8,10 @@ literal is taken as a plain string (`instance_prompt=a photo of sks toy`).
 
 Unknown keys, wrong types and bad choices raise `ConfigError` naming the key, with a suggestion.
 Nested dataclass fields are TOML tables (`[optim]` in a file, `optim.lr=...` on the command line).
+
+`TrainConfig` holds the run keys every recipe takes (output_dir, seed, resume, max_steps, ...), each with
+one meaning and one docstring; a recipe's `Config` extends it and may re-declare a field only to change
+its default (its docstring stays TrainConfig's).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import textwrap
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -29,12 +34,57 @@ import tomli_w
 from tune.errors import ConfigError
 
 T = TypeVar("T")
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
 
 def suggest(word: str, choices: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run keys every recipe shares.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Keys every training recipe takes; each recipe's `Config` extends this. A recipe re-declares a field
+    only to give it its own default (`max_steps: int = 3200`), never another meaning or docstring."""
+
+    output_dir: str = ""
+    """Run directory; "" means runs/<recipe>-<timestamp>."""
+    seed: int = 0
+    """Seed of everything training draws: initial weights, data order, noise and timesteps. Per-step
+    draws depend on (seed, step) only, so a resumed run repeats an uninterrupted one."""
+    resume: str = ""
+    """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
+    max_steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Training examples per step (per micro-batch where the recipe has gradient accumulation)."""
+    mixed_precision: MixedPrecision = "no"
+    """bf16/fp16 autocast on a GPU (a fine-tuned base keeps its frozen weights in that type); "auto" picks
+    bf16 where the GPU has it, else fp16; "no" trains in fp32, as every CPU run does."""
+    sample_every: int = 200
+    """Validation (grids, metrics) every this many steps and at the last step (fine-tunes also at step 0,
+    showing the base model); 0 = never."""
+    checkpoint_every: int = 200
+    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
+    checkpoints_keep: int = 2
+    """Newest checkpoints kept (0 keeps all)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the
+    run with an error, its checkpoints untouched."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "max_nonfinite_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}")
+        for key in ("sample_every", "checkpoint_every", "checkpoints_keep"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
 
 
 # ---------------------------------------------------------------------------------------------

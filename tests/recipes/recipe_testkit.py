@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tune.personalize import loading as photo_loading
 from tune.runs import RunDir, read_metrics, read_run
 from tune.world.render import render
 from tune.world.subjects import SUBJECTS
@@ -33,6 +34,12 @@ def make_concept(root: Path, count: int = 4) -> Path:
     return root
 
 
+def loss_module(recipe: ModuleType) -> ModuleType:
+    """The module whose `diffusion_step` a recipe's loss calls: the recipe's own (unet), or
+    tune.personalize's PhotoLoss for the personalization recipes."""
+    return recipe if hasattr(recipe, "diffusion_step") else photo_loading
+
+
 def crash_then_resume(
     recipe: ModuleType,
     monkeypatch: pytest.MonkeyPatch,
@@ -44,8 +51,9 @@ def crash_then_resume(
 
     Returns the complete checkpoint steps the crash left behind and the resumed run.
     """
+    where = loss_module(recipe)
     calls = []
-    real_step = recipe.diffusion_step
+    real_step = where.diffusion_step
 
     def crashing_step(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -53,10 +61,10 @@ def crash_then_resume(
             raise RuntimeError("simulated crash")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "diffusion_step", crashing_step)
+    monkeypatch.setattr(where, "diffusion_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         recipe.main(make_config(run_dir))
     gc.collect()  # drop the crashed run's frames, which hold its run-directory lock
-    monkeypatch.setattr(recipe, "diffusion_step", real_step)
+    monkeypatch.setattr(where, "diffusion_step", real_step)
     left = read_run(run_dir).checkpoint_steps
     return left, recipe.main(make_config(run_dir, "resume=latest"))

@@ -16,6 +16,7 @@ from recipes import unet as recipe
 from tune import PROJECT_ROOT
 from tune.config import load_config
 from tune.errors import ConfigError, DataError, ModelError
+from tune.models.scratch import clip_paths
 from tune.runs import read_run
 from tune.world.dataset import write_imagefolder
 
@@ -170,13 +171,13 @@ def test_text_tower_loads_from_a_bare_clipmodel_folder(inputs: dict[str, str], t
         )
     )
     clip.save_pretrained(tmp_path / "clip")
-    text_dir, tokenizer_dir = recipe.clip_paths(str(tmp_path / "clip"))
+    text_dir, tokenizer_dir = clip_paths(str(tmp_path / "clip"))
     assert text_dir == tokenizer_dir == tmp_path / "clip"
     loaded = CLIPTextModel.from_pretrained(text_dir)
     assert all(
         torch.equal(a, b) for a, b in zip(loaded.parameters(), clip.text_model.parameters(), strict=True)
     )
-    assert recipe.clip_paths(inputs["clip"]) == (
+    assert clip_paths(inputs["clip"]) == (
         Path(inputs["clip"]) / "text_encoder",
         Path(inputs["clip"]) / "tokenizer",
     )

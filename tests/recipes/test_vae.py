@@ -101,6 +101,14 @@ def test_same_seed_same_losses_and_exact_resume(world_dir, first_run, tmp_path, 
     assert (report["start_step"], report["steps"]) == (2, 4)  # its train_seconds covers steps 3-4
 
 
+def test_zero_cadences_mean_never_and_only_at_the_end(world_dir, tmp_path) -> None:
+    """sample_every=0 and checkpoint_every=0 mean what they mean in every recipe (TrainConfig)."""
+    run = run_tiny(world_dir, tmp_path / "z", "max_steps=2", "sample_every=0", "checkpoint_every=0")
+    info = read_run(run.path)
+    assert info.status == "done" and info.sample_steps == [] and info.checkpoint_steps == [2]
+    assert not [m for m in info.metrics if "val_psnr_db" in m]
+
+
 def test_shipped_configs_load_strictly() -> None:
     for name in ("tiny", "default"):
         cfg = load_config(vae_recipe.Config, CONFIGS / f"{name}.toml")
@@ -114,7 +122,7 @@ def test_bad_settings_and_missing_data(tmp_path) -> None:
         vae_recipe.Config(block_out_channels=(8, 12), norm_num_groups=8)
     with pytest.raises(ConfigError, match="resolution must be a multiple"):
         vae_recipe.Config(resolution=50)
-    with pytest.raises(ConfigError, match="max_steps must be > 0"):
+    with pytest.raises(ConfigError, match="max_steps must be >= 1"):
         vae_recipe.Config(max_steps=0)
     with pytest.raises(ConfigError, match="crops_per_image must be > 0"):
         vae_recipe.Config(crops_per_image=0)

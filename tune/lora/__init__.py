@@ -11,6 +11,7 @@ one job per module:
     skeleton   read_lora(path)               -> Lora                  the same onto SD1.x names, no model
     merge      LoraStack(pipe).add(lora, s)                           merge into weights, rescale, remove
     write      save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write (+ sshs_model_hash)
+    inject     inject_lora(unet, text_encoder, targets, rank, alpha)  trainable peft adapters, by group
     extract    save_adapter(unet, text_encoder, path, metadata)       a PEFT-injected adapter -> file
     run_files  checkpoint_adapter_path / final_adapter_path / find_run_adapter / run_metadata: run dirs
   the commands:
@@ -32,6 +33,7 @@ from typing import Any
 from tune.lora.core import COMPONENTS, Component, ExportFormat, Lora, LoraFormat, LoraModule
 from tune.lora.export import convert_lora_file, export_run
 from tune.lora.extract import lora_from_peft, save_adapter
+from tune.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraTarget, inject_lora
 from tune.lora.inspect import LoraGroup, LoraReport, format_report, inspect_lora, module_group, module_leaf
 from tune.lora.keys import AlphaRule, parse_lora
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
@@ -77,7 +79,10 @@ __all__ = [
     "LoraModule",
     "LoraReport",
     "LoraStack",
+    "LoraTarget",
     "SSHS_HASH_KEY",
+    "TEXT_ENCODER_TARGETS",
+    "UNET_TARGETS",
     "apply_loras",
     "base_model_hash",
     "canonical_path",
@@ -89,6 +94,7 @@ __all__ = [
     "final_adapter_path",
     "find_run_adapter",
     "format_report",
+    "inject_lora",
     "inspect_lora",
     "kohya_stem",
     "load_lora",

@@ -22,7 +22,7 @@ Where each job lives:
 - `config`: `PersonalizeConfig` and its `[data]` (`PhotoOptions`), `[sample]` and `[prior]` tables;
 - `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, and the prior
   (`resolve_prior`, `prepare_class_images`);
-- `loading`: `load_base` and the photo loader (`build_photo_loader`, `encode_batch`, ...);
+- `loading`: `load_base`, the photo loader (`build_photo_loader`, `encode_batch`, ...) and `PhotoLoss`;
 - `hooks`: `sample_validation` and `run_info`, called during and after training.
 Generic training helpers (precision, step cadence, trackers, compile, checkpoint hooks) live in
 `tune.training`; a few are re-exported here for callers that still reach them through this package.
@@ -42,6 +42,7 @@ from tune.personalize.config import (
 )
 from tune.personalize.hooks import run_info, sample_validation
 from tune.personalize.loading import (
+    PhotoLoss,
     build_photo_loader,
     cache_info,
     encode_batch,
@@ -71,6 +72,7 @@ __all__ = [
     "DEFAULT_BASE_MODEL",
     "MixedPrecision",
     "PersonalizeConfig",
+    "PhotoLoss",
     "PhotoOptions",
     "Prior",
     "PriorConfig",

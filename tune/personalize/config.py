@@ -1,21 +1,17 @@
-"""The keys every personalization recipe takes: `PersonalizeConfig` and its `[data]`, `[sample]` and
-`[prior]` tables (each recipe's `Config` subclasses it)."""
+"""The keys every personalization recipe takes beyond TrainConfig's: `PersonalizeConfig` and its `[data]`,
+`[sample]` and `[prior]` tables (each recipe's `Config` subclasses it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from tune.config import MixedPrecision, TrainConfig
 from tune.diffusion import DiffusionConfig
 from tune.errors import ConfigError
 from tune.optim import OptimConfig
 
-if TYPE_CHECKING:
-    pass
-
-
 DEFAULT_BASE_MODEL = "models/world-base"
-MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -120,9 +116,11 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
-class PersonalizeConfig:
-    """Keys every personalization recipe takes. A recipe's `Config` subclasses this."""
+class PersonalizeConfig(TrainConfig):
+    """Keys every personalization recipe takes, beyond TrainConfig's. A recipe's `Config` subclasses this."""
 
+    # A fine-tune's frozen base is most of its memory: bf16/fp16 by default where a GPU has them.
+    mixed_precision: MixedPrecision = "auto"
     base_model: str = DEFAULT_BASE_MODEL
     """Base model: a diffusers folder or a single .safetensors/.ckpt file (relative paths are tried
     against the current folder, then the tune checkout)."""
@@ -139,23 +137,10 @@ class PersonalizeConfig:
     a validation prompt that shows the class keeps its meaning; "" means the concept's (or none)."""
     token: str = ""
     """The word that names the subject in prompts (the trigger), e.g. "sks"; "" means the concept's token."""
-    output_dir: str = ""
-    """Run directory; "" means runs/<recipe>-<timestamp>."""
-    seed: int = 0
-    """Seed of initial weights, data order, noise and timesteps."""
-    resume: str = ""
-    """"" (start fresh), "latest" (newest complete checkpoint of output_dir) or a checkpoint folder."""
     resolution: int = 0
     """Training size in pixels (square); 0 means the base model's native size (64 for world-base)."""
-    max_steps: int = 400
-    """Optimizer steps."""
-    batch_size: int = 1
-    """Photos per micro-batch (prior preservation adds as many class images)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
-    mixed_precision: MixedPrecision = "auto"
-    """bf16/fp16 autocast with frozen weights in that type, on a GPU; "auto" picks bf16 where the GPU has
-    it, else fp16, and fp32 on a CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less GPU memory, about 20% slower."""
     channels_last: bool = False
@@ -167,15 +152,6 @@ class PersonalizeConfig:
     compile_mode: CompileMode = "default"
     """torch.compile's mode with `compile`: "max-autotune-no-cudagraphs" compiles longer (minutes) and times
     kernel variants to pick the fastest; "reduce-overhead" and "max-autotune" also use CUDA graphs (GPUs)."""
-    sample_every: int = 200
-    """Validation grid every this many steps, at the last step and at step 0 (the base model); 0 = never."""
-    checkpoint_every: int = 200
-    """Checkpoint every this many steps and at the last step; 0 = only at the last step."""
-    checkpoints_keep: int = 2
-    """Newest checkpoints kept (0 keeps all)."""
-    max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or infinite is skipped (no update) and logged; this many in a row stop the
-    run with an error, its checkpoints untouched."""
     report_to: ReportTo = "none"
     """Also log metrics to TensorBoard (<output_dir>/tensorboard) or Weights & Biases through accelerate."""
     optim: OptimConfig = OptimConfig()
@@ -188,9 +164,8 @@ class PersonalizeConfig:
     """Validation prompts, seeds and sampler settings."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "max_nonfinite_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}")
-        for key in ("resolution", "sample_every", "checkpoint_every", "checkpoints_keep"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+        super().__post_init__()
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1; got {self.grad_accum}")
+        if self.resolution < 0:
+            raise ConfigError(f"resolution must be >= 0; got {self.resolution}")

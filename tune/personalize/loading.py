@@ -1,16 +1,17 @@
 """The base model, and the subject's photos (plus class images) as batches through the shared loader,
-with cached VAE latents whenever the crop is deterministic."""
+with cached VAE latents whenever the crop is deterministic; `PhotoLoss`, the loss of one such batch."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tune.diffusion import sample_noise
+from tune.diffusion import DiffusionConfig, diffusion_step, sample_noise
 from tune.errors import ConfigError, ModelError
 from tune.personalize.config import DEFAULT_BASE_MODEL, PhotoOptions
 from tune.training.steps import step_generator
@@ -168,3 +169,38 @@ def encode_batch(
         assert batch.input_ids is not None
         hidden = text_encoder(batch.input_ids.to(text_encoder.device))[0]
     return latents, hidden
+
+
+@dataclass(frozen=True)
+class PhotoLoss:
+    """The denoising loss of one photo batch, as every personalization recipe computes it: per-sample noise
+    and timesteps (`sample_generators`), cached or freshly encoded latents and text states
+    (`encode_batch`), and `diffusion_step`, with prior preservation's weight on the class images.
+
+    `unet` and `text_encoder` are the modules the training forward runs through (DDP wrappers or compiled
+    where the recipe prepared them)."""
+
+    unet: Any
+    vae: torch.nn.Module
+    text_encoder: Any
+    noise_scheduler: Any
+    diffusion: DiffusionConfig
+    seed: int
+    dtype: torch.dtype
+    prior_loss_weight: float = 1.0
+
+    def __call__(self, batch: Batch, micro_step: int) -> torch.Tensor:
+        generator = sample_generators(batch, self.seed, micro_step)
+        latents, hidden = encode_batch(
+            batch, vae=self.vae, text_encoder=self.text_encoder, generator=generator, dtype=self.dtype
+        )
+        return diffusion_step(
+            self.unet,
+            self.noise_scheduler,
+            latents,
+            hidden,
+            self.diffusion,
+            generator,
+            is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
+            prior_loss_weight=self.prior_loss_weight,
+        )

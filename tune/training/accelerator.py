@@ -24,7 +24,8 @@ def _distributed_cpu() -> bool:
 def build_accelerator(
     mixed_precision: str = "no", grad_accum: int = 1, log_with: str | None = None, batch_size: int = 1
 ):
-    """An `accelerate.Accelerator`; bf16/fp16 only where a GPU can use them (CPU trains in fp32).
+    """An `accelerate.Accelerator`; bf16/fp16 only where a GPU can use them (CPU trains in fp32), "auto"
+    as `resolve_mixed_precision` picks.
 
     Under `torchrun` / `accelerate launch` it joins the process group (DDP, or FSDP / DeepSpeed from an
     accelerate config). `max_steps` counts optimizer steps of the whole job and `batch_size` is each
@@ -36,6 +37,7 @@ def build_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    mixed_precision = resolve_mixed_precision(mixed_precision)
     if mixed_precision != "no" and not torch.cuda.is_available():
         log.warning("mixed_precision=%s needs a GPU; training in fp32 on CPU", mixed_precision)
         mixed_precision = "no"

@@ -1,18 +1,22 @@
 """Measuring models on the world with the judge: fresh renders, per-style attribute tables, agreement.
 
 Used by the vae recipe (are reconstructions read like the originals?), the unet recipe (does the base
-draw what the prompt says?) and `tune eval` on the world suites.
+draw what the prompt says? `evaluate_generation`) and `tune eval` on the world suites.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tune.errors import ModelError
+from tune.world.dataset import make_eval_prompts
 from tune.world.judge import Judge, Verdict, attribute_accuracy, load_judge
 from tune.world.render import render
 from tune.world.spec import COLORLESS_STYLES, COLORS, STYLES, Spec, Split, sample_spec
@@ -201,3 +205,44 @@ def verdict_label(verdict: Verdict) -> str:
         f"/{verdict.background}" if verdict.background else "",
     ]
     return " ".join(p for p in parts if p)
+
+
+def evaluate_generation(
+    pipe,  # noqa: ANN001
+    judge: Judge,
+    out_stem: Path,
+    report: dict,
+    *,
+    prompts: int,
+    odd_prompt_seeds: int,
+    steps: int,
+    guidance: float,
+) -> dict:
+    """A text-to-image pipeline's final evaluation on the world: `prompts` seen-combination prompts and
+    half as many held-out ones (one image each) and the odd prompts, judged. Adds the tables to `report`
+    and writes `<out_stem>.json`, the tables in `<out_stem>.md` and `<out_stem>_grid.png`: the first 64
+    seen-prompt images with the judge's verdict under each."""
+    t0 = time.perf_counter()
+    kwargs = dict(steps=steps, guidance=guidance)
+    report["settings"] = {**kwargs, "scheduler": "DDIMScheduler"}
+    # Fresh seeds: neither validation's (1000 + i) nor each other's.
+    seen_prompts = make_eval_prompts(prompts, "train", 1)
+    report["seen"], images, verdicts = judge_prompts(pipe, judge, seen_prompts, 20_000, **kwargs)
+    report["heldout"], *_ = judge_prompts(
+        pipe, judge, make_eval_prompts(prompts // 2, "heldout", 2), 10_000, **kwargs
+    )
+    report["odd_prompts"] = odd_prompts(pipe, judge, odd_prompt_seeds, **kwargs)
+    report["eval_time_s"] = round(time.perf_counter() - t0, 1)
+    out_stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    tables = [f"## seen combinations\n\n{format_table(report['seen'])}"]
+    tables.append(f"## held-out combinations\n\n{format_table(report['heldout'])}")
+    out_stem.with_suffix(".md").write_text(
+        "\n\n".join(tables) + f"\n\nodd prompts: {report['odd_prompts']}\n"
+    )
+    # Asked (first line) over read (second); red where the judge read any attribute otherwise.
+    asked = [p.spec for p in seen_prompts[:64]]
+    labels = [f"{spec_label(s)}\n-> {verdict_label(v)}" for s, v in zip(asked, verdicts, strict=False)]
+    wrong = [attribute_accuracy([v], [s])["all"] < 1 for s, v in zip(asked, verdicts, strict=False)]
+    sheet = contact_sheet(images[:64], labels, scale=3, wrong=wrong)
+    sheet.save(out_stem.with_name(f"{out_stem.name}_grid.png"))
+    return report
