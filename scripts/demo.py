@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tune.cli import PROJECT_ROOT
+from tune import PROJECT_ROOT
 from tune.cli import main as tune
 
 log = logging.getLogger("demo")

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from tune.errors import ConfigError, DataError, ModelError
 from tune.grids import make_film_strip, make_grid
+from tune.paths import missing_shipped
 
 logger = logging.getLogger(__name__)
 
@@ -486,8 +487,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.model == DEFAULT_MODEL and not Path(model_path).exists():
         # Other paths are load_pipeline's to judge (it raises ModelError with its own message).
         raise ModelError(
-            f"the default model {DEFAULT_MODEL} is missing; restore it (git checkout models/), rebuild it "
-            "(make base) or pass --model PATH (a diffusers folder or a single-file checkpoint)"
+            f"the default model {missing_shipped(DEFAULT_MODEL, rebuild='make base')}, "
+            "or pass --model PATH (a diffusers folder or a single-file checkpoint)"
         )
     pipe = models.load_pipeline(str(model_path), config=args.config)
     pipe.to(device)
