@@ -31,7 +31,7 @@ def test_current_folder_then_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_the_clone_is_the_data_root_here() -> None:
     # These tests run from a clone (or its editable install): no tune/_shipped/ copy.
     assert paths.DATA_ROOT == ROOT
-    assert find_path("models/world-base") == ROOT / "models" / "world-base" or Path.cwd() == ROOT
+    assert find_path("models/world-base").resolve() == ROOT / "models" / "world-base"
 
 
 def test_missing_shipped_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
