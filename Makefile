@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LOCK  := requirements/lock.txt
 LATEST ?= .venv-latest
 
-.PHONY: install test test-latest lock demo lint clean-demo base judge
+.PHONY: install test test-slow test-latest lock demo lint clean-demo base judge
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
+# The fast tier: everything but the tests marked slow.
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The slow tier alone (torchrun runs, compiled vs eager, SIGKILL kill-resume, the wheel in a fresh venv);
+# `make test PYTEST_ARGS=--runslow` runs both tiers in one go.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --runslow -m slow $(PYTEST_ARGS)
 
 # The newest releases pyproject admits, in a throwaway venv, with the default (fast) tests: drift shows up
 # here before users meet it. It does not touch .venv or the lock.

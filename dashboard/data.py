@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune import PROJECT_ROOT
 from tune.evaluation.report import METRICS
+from tune.paths import find_path
 from tune.runs import RunInfo, list_runs, read_run, step_dir_name
 
 RUNS_ENV = "TUNE_RUNS_DIR"
@@ -311,24 +311,16 @@ def column_label(step: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _find(name: str) -> Path:
-    """A path as recorded: absolute, else relative to the current folder, else to the tune checkout."""
-    path = Path(name).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    return PROJECT_ROOT / path if (PROJECT_ROOT / path).exists() else path
-
-
 def concept_photos(run: RunInfo, limit: int = 24) -> list[Path]:
     """The subject's photos: run.json's instance_dir, else config's instance_dir, else the concept
     folder's (its concept.toml names the photo folder, "photos" by default)."""
     folders = []
     for value in (run.info.get("instance_dir"), run.config.get("instance_dir")):
         if value:
-            folders.append(_find(str(value)))
+            folders.append(find_path(str(value)))
     concept = _setting(run, "concept")
     if concept:
-        root = _find(str(concept))
+        root = find_path(str(concept))
         sub = "photos"
         try:
             sub = str(

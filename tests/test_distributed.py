@@ -70,6 +70,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir:
     return {"root": root, "photos": photos, "runs": runs, "run": out}
 
 
+@pytest.mark.slow  # shares the 2-process torchrun run (~25 s, once per module)
 def test_two_processes_write_one_run_directory(two_process_run: dict[str, Path]) -> None:
     out = two_process_run["run"]
     assert [p.name for p in two_process_run["runs"].iterdir()] == ["two"]
@@ -94,6 +95,7 @@ def test_two_processes_write_one_run_directory(two_process_run: dict[str, Path])
     assert position == {"epoch": 3, "position": 1, "seed": 0, "num_processes": 2}
 
 
+@pytest.mark.slow  # shares the 2-process torchrun run (~25 s, once per module)
 def test_two_processes_train_what_one_process_with_their_batch_trains(
     two_process_run: dict[str, Path], tiny_pipeline_dir: str
 ) -> None:
@@ -110,6 +112,7 @@ def test_two_processes_train_what_one_process_with_their_batch_trains(
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # shares the 2-process torchrun run (~25 s, once per module)
 def test_resume_with_one_process(two_process_run: dict[str, Path], tiny_pipeline_dir: str) -> None:
     root = two_process_run["root"]
     out = root / "resumed"
@@ -124,6 +127,7 @@ def test_resume_with_one_process(two_process_run: dict[str, Path], tiny_pipeline
     assert position == {"epoch": 4, "position": 2, "seed": 0}
 
 
+@pytest.mark.slow  # torchrun processes: ~25 s for the 2-process run, ~60 s for the base recipes
 def test_base_model_recipes_train_under_torchrun(tmp_path: Path) -> None:
     """vae, clip and unet (each recipe's tiny config, the unet on the other two's exports) with 2 processes:
     each gets its share of the batches, its gradients synchronised through the wrapped module's forward,

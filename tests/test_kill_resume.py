@@ -34,6 +34,9 @@ from tune.training import PAUSE_AFTER_CHECKPOINT_ENV, PAUSE_IN_CHECKPOINT_ENV
 sys.path.insert(0, str(Path(__file__).parent / "recipes"))
 from recipe_testkit import losses, make_concept  # noqa: E402
 
+# Slow: each test trains the run several times over in killed processes (~10 s each with the reference).
+pytestmark = pytest.mark.slow
+
 CONFIG = PROJECT_ROOT / "recipes" / "configs" / "lora" / "tiny.toml"
 MAX_STEPS = 8
 # 8 steps, a checkpoint every 2 (the 2 newest kept, so kills also land in pruning); fp32 exports, so the

@@ -109,7 +109,9 @@ def test_missing_default_base_model_says_how_to_get_one(tmp_path: Path, monkeypa
     import tune.models
 
     monkeypatch.setattr(tune.models, "resolve_model_path", lambda name: tmp_path / "deleted")
-    with pytest.raises(ModelError, match="is missing; restore it.*make base.*base_model=PATH"):
+    with pytest.raises(
+        ModelError, match="is missing from the clone .*; restore it.*make base.*base_model=PATH"
+    ):
         p.load_base(p.DEFAULT_BASE_MODEL)
 
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from tune.errors import ModelError
+from tune.paths import find_path
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ def _preprocess(folder: Path, image_size: int, mean: Sequence[float], std: Seque
 
 
 def _check_folder(path: str | Path, what: str, hint: str) -> Path:
-    from tune.personalize import find_path
-
     folder = find_path(str(path))
     if not (folder / "config.json").is_file():
         raise ModelError(f"{what} model folder {folder} not found (no config.json); {hint}")

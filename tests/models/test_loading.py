@@ -12,9 +12,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-import tune.models.loading as loading
 from tune.errors import ModelError
-from tune.models import load_pipeline, resolve_model_path, save_single_file
+from tune.models import load_pipeline, save_single_file
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +43,6 @@ def test_load_pipeline_from_folder(tiny_pipeline_dir: str) -> None:
     assert pipe.unet.dtype == torch.float32
     half = load_pipeline(Path(tiny_pipeline_dir), torch_dtype=torch.float16)
     assert half.unet.dtype == torch.float16
-
-
-def test_resolve_relative_to_cwd_then_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    project, cwd = tmp_path / "project", tmp_path / "cwd"
-    (project / "models" / "base").mkdir(parents=True)
-    (project / "models" / "shipped").mkdir(parents=True)
-    (cwd / "models" / "base").mkdir(parents=True)
-    monkeypatch.setattr(loading, "PROJECT_ROOT", project)
-    monkeypatch.chdir(cwd)
-    assert resolve_model_path("models/base") == Path("models/base")  # the CWD wins
-    assert resolve_model_path("models/shipped") == project / "models" / "shipped"
-    assert resolve_model_path("models/nowhere") == Path("models/nowhere")
-    assert resolve_model_path(str(project)) == project
-
-
-def test_project_root_is_where_tune_lives() -> None:
-    assert (loading.PROJECT_ROOT / "tune" / "models" / "loading.py").is_file()
 
 
 def test_single_file_with_sibling_config_folder(

@@ -149,6 +149,7 @@ def test_resume_is_exact_and_reuses_the_latent_cache(
     assert read_run(resumed).info["cache"]["latent"] == {"encoded": 0, "loaded": 4}
 
 
+@pytest.mark.slow  # torch.compile of the training step: ~35 s
 def test_compiled_training_matches_eager(
     first_run: Path, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError, DataError, ModelError
+from tune.paths import missing_shipped
 from tune.sampling import DEFAULT_MODEL, SCHEDULERS, generate
 
 logger = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.model == DEFAULT_MODEL and not Path(model_path).exists():
         # Other paths are load_pipeline's to judge (it raises ModelError with its own message).
         raise ModelError(
-            f"the default model {DEFAULT_MODEL} is missing; restore it (git checkout models/), rebuild it "
-            "(make base) or pass --model PATH (a diffusers folder or a single-file checkpoint)"
+            f"the default model {missing_shipped(DEFAULT_MODEL, rebuild='make base')}, "
+            "or pass --model PATH (a diffusers folder or a single-file checkpoint)"
         )
     pipe = models.load_pipeline(str(model_path), config=args.config)
     pipe.to(device)

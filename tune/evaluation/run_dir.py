@@ -14,6 +14,7 @@ from tune.errors import ConfigError, TuneError
 from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
 from tune.evaluation.evaluator import EvalSubject, Evaluator, _word_after
 from tune.evaluation.suites import DEFAULT_SUITE, load_suite
+from tune.paths import find_path
 from tune.runs import step_dir_name
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ def run_subject(run: RunInfo) -> EvalSubject:
         class_word = _word_after(
             token, str(info.get("instance_prompt") or config.get("instance_prompt") or "")
         )
-    from tune.personalize import find_path
-
     return EvalSubject(token=token, class_word=class_word, photos=find_path(str(photos)))
 
 

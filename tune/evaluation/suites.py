@@ -7,11 +7,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune import PROJECT_ROOT
 from tune.config import suggest
 from tune.errors import ConfigError
+from tune.paths import DATA_ROOT, find_path, missing_shipped
 
-SUITES_DIR = PROJECT_ROOT / "eval"
+SUITES_DIR = DATA_ROOT / "eval"
 DEFAULT_SUITE = "default"
 
 
@@ -55,13 +55,15 @@ _SUITE_TYPES: dict[str, type | tuple[type, ...]] = {
 
 
 def find_suite(name: str | Path) -> Path:
-    """A suite file: the path as given when it exists, else eval/<name>.toml of the tune checkout."""
+    """A suite file: the path as given when it exists, else eval/<name>.toml (./eval, then the shipped one)."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = SUITES_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    shipped = find_path(Path("eval") / (path.name if path.suffix == ".toml" else f"{path.name}.toml"))
     if shipped.is_file():
         return shipped
+    if not SUITES_DIR.is_dir():
+        raise ConfigError(f"suite {name} not found: {missing_shipped('eval')}, or pass a suite file")
     names = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
     raise ConfigError(
         f"suite {name} not found{suggest(path.stem, names)}; shipped suites: {', '.join(names)}"

@@ -27,9 +27,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tune import PROJECT_ROOT
 from tune.errors import ModelError
 from tune.models.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, convert_to_ldm
+from tune.paths import DATA_ROOT, find_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,8 @@ _PIPELINE_KWARGS = {"safety_checker": None, "requires_safety_checker": False}
 
 
 def resolve_model_path(name: str | os.PathLike[str]) -> Path:
-    """Absolute paths as given; relative ones against the CWD first, then the project root.
-
-    Returns the CWD-relative path when neither exists, so error messages name what the user typed.
-    """
-    path = Path(name).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    shipped = PROJECT_ROOT / path
-    return shipped if shipped.exists() else path
+    """A model path as given when it exists, else the shipped one of that name (tune.paths.find_path)."""
+    return find_path(name)
 
 
 def is_offline() -> bool:
@@ -110,7 +103,7 @@ def _load_diffusers_folder(path: Path, torch_dtype: torch.dtype | None) -> Stabl
 
 
 def _load_from_hub(name: str, torch_dtype: torch.dtype | None) -> StableDiffusionPipeline:
-    where = "" if Path(name).is_absolute() else f" (looked in {Path.cwd()} and {PROJECT_ROOT})"
+    where = "" if Path(name).is_absolute() else f" (looked in {Path.cwd()} and {DATA_ROOT})"
     if not _HUB_ID.fullmatch(name):
         raise ModelError(f"no model file or folder at {name!r}{where}; check the path")
     if is_offline():

@@ -30,6 +30,7 @@ Generic training helpers (precision, step cadence, trackers, compile, checkpoint
 
 from __future__ import annotations
 
+from tune.paths import find_path  # re-exported: the recipes look concepts and photos up with it
 from tune.personalize.config import (
     DEFAULT_BASE_MODEL,
     CompileMode,
@@ -55,7 +56,6 @@ from tune.personalize.loading import (
 from tune.personalize.subject import (
     Prior,
     Subject,
-    find_path,
     prepare_class_images,
     resolve_prior,
     resolve_subject,

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tune.paths import find_path
 from tune.personalize.config import PersonalizeConfig, SampleConfig
 from tune.personalize.loading import cache_info
-from tune.personalize.subject import Subject, find_path
+from tune.personalize.subject import Subject
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

@@ -13,6 +13,7 @@ import torch
 
 from tune.diffusion import DiffusionConfig, diffusion_step, sample_noise
 from tune.errors import ConfigError, ModelError
+from tune.paths import missing_shipped
 from tune.personalize.config import DEFAULT_BASE_MODEL, PhotoOptions
 from tune.training.steps import step_generator
 
@@ -30,8 +31,8 @@ def load_base(path: str) -> StableDiffusionPipeline:
 
     if path == DEFAULT_BASE_MODEL and not resolve_model_path(path).exists():
         raise ModelError(
-            f"the default base model {DEFAULT_BASE_MODEL} is missing; restore it (git checkout models/), "
-            "rebuild it (make base) or pass base_model=PATH (a diffusers folder or a single-file SD1.x checkpoint)"
+            f"the default base model {missing_shipped(DEFAULT_BASE_MODEL, rebuild='make base')}, "
+            "or pass base_model=PATH (a diffusers folder or a single-file SD1.x checkpoint)"
         )
     pipe = load_pipeline(str(resolve_model_path(path)))
     pipe.set_progress_bar_config(disable=True)

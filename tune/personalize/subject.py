@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tune import PROJECT_ROOT
 from tune.errors import ConfigError, DataError
+from tune.paths import find_path
 from tune.personalize.config import PersonalizeConfig, PriorConfig, SampleConfig
 from tune.runs import check_not_in_use
 
@@ -43,15 +43,6 @@ class Subject:
     def render(self, template: str) -> str:
         """Fill {token} and {class} (other braces are left alone)."""
         return template.replace("{token}", self.token).replace("{class}", self.class_word)
-
-
-def find_path(name: str) -> Path:
-    """A user path as given when it exists, else under the tune checkout (concepts/ and models/ ship there)."""
-    path = Path(name).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    shipped = PROJECT_ROOT / path
-    return shipped if shipped.exists() else path
 
 
 def resolve_subject(cfg: PersonalizeConfig) -> Subject:

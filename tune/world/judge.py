@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tune.errors import ModelError
+from tune.paths import find_path, missing_shipped
 from tune.world.spec import (
     BACKGROUNDS,
     CLASSES,
@@ -52,7 +53,8 @@ HEADS: dict[str, tuple[str, ...]] = {
 """Attribute -> its values, in label order."""
 IGNORE = -100
 RESOLUTION = 64
-DEFAULT_JUDGE = Path(__file__).resolve().parents[2] / "models" / "world-judge"
+DEFAULT_JUDGE = "models/world-judge"
+"""The shipped judge (looked up with tune.paths.find_path: ./models/world-judge first)."""
 
 
 def labels(spec: Spec) -> dict[str, int]:
@@ -217,12 +219,17 @@ class Judge:
 
 def load_judge(path: str | Path | None = None) -> Judge:
     """The judge saved in `path` (default: the shipped models/world-judge)."""
-    folder = Path(path) if path is not None else DEFAULT_JUDGE
+    folder = Path(path) if path is not None else find_path(DEFAULT_JUDGE)
     weights, config = folder / "model.safetensors", folder / "config.json"
     if not weights.is_file() or not config.is_file():
+        if path is None:
+            raise ModelError(
+                f"no world judge (model.safetensors + config.json): "
+                f"{missing_shipped(DEFAULT_JUDGE, rebuild='make judge')}, or pass a judge folder"
+            )
         raise ModelError(
-            f"no world judge at {folder} (model.safetensors + config.json); restore it with "
-            "`git checkout models/` or train one with `python scripts/train_judge.py`"
+            f"no world judge at {folder} (model.safetensors + config.json); pass the folder that "
+            "`python scripts/train_judge.py --out DIR` wrote"
         )
     settings = json.loads(config.read_text())
     net = JudgeNet(width=int(settings["width"]), pooling=settings.get("pooling", "mean"))
