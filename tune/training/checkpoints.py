@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Test-only hooks (tests/test_kill_resume.py): pause a checkpoint save of step N so a test can kill the
+# Test-only hooks (tests/training/test_kill_resume.py): pause a checkpoint save of step N so a test can kill the
 # process at a known moment. Unset in real use; each value is a step number.
 PAUSE_IN_CHECKPOINT_ENV = "TUNE_TEST_PAUSE_IN_CHECKPOINT"
 """Pause after the checkpoint's files are written, before its COMPLETE marker."""

@@ -31,7 +31,7 @@ from tune.config import load_config
 from tune.runs import COMPLETE_MARKER, read_metrics, read_run
 from tune.training import PAUSE_AFTER_CHECKPOINT_ENV, PAUSE_IN_CHECKPOINT_ENV
 
-sys.path.insert(0, str(Path(__file__).parent / "recipes"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 from recipe_testkit import losses, make_concept  # noqa: E402
 
 # Slow: each test trains the run several times over in killed processes (~10 s each with the reference).

@@ -21,7 +21,7 @@ from tune.evaluation import decide, load_suite
 from tune.evaluation.report import METRICS
 from tune.models import load_pipeline
 
-sys.path.insert(0, str(Path(__file__).parent / "recipes"))  # the recipe tests' testkit
+sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
 from test_metrics import save_tiny_clip  # noqa: E402
 
 from recipe_testkit import make_concept  # noqa: E402
