@@ -36,7 +36,7 @@ from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
 from tune.errors import ConfigError, DataError
-from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, build_unet
+from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, UP_BLOCK_FOR, build_unet
 from tune.models.scratch import check_base_parts, load_base_parts
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir, atomic_folder
@@ -147,7 +147,7 @@ class Config(TrainConfig):
                 f"unet_attention_heads; got {list(widths)}"
             )
         blocks = self.unet_down_block_types
-        if len(blocks) != len(widths) or not set(blocks) <= {"CrossAttnDownBlock2D", "DownBlock2D"}:
+        if len(blocks) != len(widths) or not set(blocks) <= set(UP_BLOCK_FOR):
             raise ConfigError(
                 "unet_down_block_types must name one block per level, each CrossAttnDownBlock2D or "
                 f"DownBlock2D; got {list(blocks)}"

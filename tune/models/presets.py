@@ -108,10 +108,13 @@ def get_preset(name: str) -> Preset:
     raise ModelError(f"unknown model preset {name!r}; {hint}choose one of: {', '.join(PRESETS)}")
 
 
+UP_BLOCK_FOR = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+"""The down blocks our U-Nets may use (SD1.x's and SDXL's), each with the up block that mirrors it."""
+
+
 def mirror_block_types(down_block_types: tuple[str, ...]) -> tuple[str, ...]:
     """The up blocks that mirror `down_block_types` (attention where the matching down level has it)."""
-    up = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
-    return tuple(up[block] for block in reversed(down_block_types))
+    return tuple(UP_BLOCK_FOR[block] for block in reversed(down_block_types))
 
 
 def build_unet(preset: Preset, cross_attention_dim: int | None = None) -> UNet2DConditionModel:

@@ -26,6 +26,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from tune.models.presets import UP_BLOCK_FOR, mirror_block_types
 from tune.runs import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -144,11 +145,10 @@ def _text_encoder_key_to_ldm(key: str) -> str:
 def _check_sd1_unet(config: Mapping[str, Any]) -> None:
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     # SD1.x's layout, or SDXL's choice of which levels attend (the up blocks mirror the down blocks).
-    mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
     problems = []
-    if not set(down) <= set(mirror) or down[-1] != "DownBlock2D":
+    if not set(down) <= set(UP_BLOCK_FOR) or down[-1] != "DownBlock2D":
         problems.append(f"down_block_types={down}")
-    elif up != [mirror[block] for block in reversed(down)]:
+    elif up != list(mirror_block_types(down)):
         problems.append(f"up_block_types={up}")
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         problems.append(f"mid_block_type={config['mid_block_type']}")
