@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from kohya_math import expected_delta
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
@@ -115,18 +115,6 @@ def run_dir(adapted: StableDiffusionPipeline, tiny_pipeline_dir: str, tmp_path_f
     lora_io.save_adapter(adapted.unet, adapted.text_encoder, lora_io.final_adapter_path(path))
     run.finish()
     return path
-
-
-def kohya_delta(down: torch.Tensor, up: torch.Tensor, alpha: float, shape: torch.Size) -> torch.Tensor:
-    """kohya's LoRAInfModule.merge_to, written independently of tune.lora."""
-    down, up, rank = down.float(), up.float(), down.shape[0]
-    if down.ndim == 2:
-        product = up @ down
-    elif down.shape[2:] == (1, 1):
-        product = (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-    else:
-        product = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-    return product.reshape(shape) * (alpha / rank)
 
 
 def weight_shape(pair: lora_io.LoraModule) -> tuple[int, ...]:
@@ -248,7 +236,7 @@ def test_kohya_file_loads_in_diffusers_at_the_right_scale(
     for target, delta in truth.items():
         stem = lora_io.kohya_stem(target)
         down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
-        file_deltas[target] = kohya_delta(down, up, float(tensors[f"{stem}.alpha"]), delta.shape)
+        file_deltas[target] = expected_delta(down, up, float(tensors[f"{stem}.alpha"])).reshape(delta.shape)
         assert rel_error(file_deltas[target], delta) < 1e-2, target
 
     # ... and diffusers applies exactly that, text encoder included, and nothing else.

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from kohya_math import expected_delta
 from safetensors.torch import save_file
 
 from tune import lora as lora_io
@@ -107,18 +107,6 @@ def diffusers_file(pairs: dict) -> dict[str, torch.Tensor]:
         sd[f"{name}.lora_A.weight"] = down
         sd[f"{name}.lora_B.weight"] = up
     return sd
-
-
-def expected_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
-    """kohya's merge math (LoRAInfModule.merge_to), written independently of tune.lora."""
-    down, up, rank = down.float(), up.float(), down.shape[0]
-    if down.ndim == 2:
-        product = up @ down
-    elif down.shape[2:] == (1, 1):
-        product = (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-    else:
-        product = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-    return product * (alpha / rank)
 
 
 def snapshot(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
