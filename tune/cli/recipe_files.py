@@ -72,8 +72,13 @@ def load_recipe_file(path: str | Path) -> ModuleType:
     return module
 
 
+def configs_folder(name: str) -> Path:
+    """Where recipe `name`'s shipped configs are: recipes/configs/<name>/."""
+    return PROJECT_ROOT / "recipes" / "configs" / name
+
+
 def recipe_configs(name: str) -> list[Path]:
-    folder = PROJECT_ROOT / "recipes" / "configs" / name
+    folder = configs_folder(name)
     return sorted(folder.glob("*.toml")) if folder.is_dir() else []
 
 
@@ -86,7 +91,7 @@ def resolve_config(config: str, recipe: str | None) -> str:
             f'config file {config} not found; this recipe file has no RECIPE = "<name>" line, so '
             "--config must be the path of a TOML file"
         )
-    shipped = PROJECT_ROOT / "recipes" / "configs" / recipe / config
+    shipped = configs_folder(recipe) / config
     shipped = shipped if shipped.suffix else shipped.with_suffix(".toml")
     if not shipped.is_file():
         names = [p.stem for p in recipe_configs(recipe)]
