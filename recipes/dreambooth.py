@@ -34,7 +34,7 @@ from tune.evaluation import start_training_eval
 from tune.models import save_single_file
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
-from tune.runs import RunDir, atomic_folder, check_disk_space
+from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder, check_disk_space
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -265,12 +265,13 @@ def main(cfg: Config) -> RunDir:
             components["text_encoder"] = text_encoder.to(torch.float32)
         export = StableDiffusionPipeline(**components, requires_safety_checker=False)
         size = module_bytes(*components.values())  # checked against the free space before writing
-        with atomic_folder(run.export_dir / "pipeline", size) as folder:  # complete or absent, never half
+        # complete or absent, never half
+        with atomic_folder(run.export_dir / EXPORT_PIPELINE, size) as folder:
             export.save_pretrained(folder)
         if cfg.export_single_file:
             check_disk_space(run.export_dir, size // 2, "the single-file export")
             save_single_file(export, run.export_dir / f"{run.path.resolve().name}.safetensors")
-        log.info("exported %s", run.export_dir / "pipeline")
+        log.info("exported %s", run.export_dir / EXPORT_PIPELINE)
     accelerator.end_training()
     run.finish()
     return run

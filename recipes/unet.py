@@ -39,7 +39,7 @@ from tune.errors import ConfigError, DataError
 from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, UP_BLOCK_FOR, build_unet
 from tune.models.scratch import check_base_parts, load_base_parts
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
-from tune.runs import RunDir, atomic_folder
+from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder
 from tune.sampling import sample_grid
 from tune.training import (
     NonFiniteGuard,
@@ -306,9 +306,9 @@ def main(cfg: Config) -> RunDir:
 
     # ---- save/export --------------------------------------------------------------------------------
     ema.copy_to(ema_unet.parameters())
-    with atomic_folder(run.export_dir / "pipeline", module_bytes(*pipe.components.values())) as folder:
+    with atomic_folder(run.export_dir / EXPORT_PIPELINE, module_bytes(*pipe.components.values())) as folder:
         pipe.save_pretrained(folder)  # swapped in complete, after the free space was checked
-    log.info("exported the pipeline (EMA U-Net) to %s", run.export_dir / "pipeline")
+    log.info("exported the pipeline (EMA U-Net) to %s", run.export_dir / EXPORT_PIPELINE)
     judge = try_load_judge()  # read again: a judge retrained while this run trained reads its final images
     if cfg.eval_prompts and judge is not None:
         # Times of this process (a resumed run trained from start_step on).

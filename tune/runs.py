@@ -7,7 +7,7 @@
   metrics.jsonl       one JSON object per line, each with "step" (a torn last line is ignored)
   samples/step_XXXXXX/   validation images (written by tune.sampling.sample_grid)
   checkpoints/step_XXXXXX/  complete only once its COMPLETE marker exists (written last)
-  export/             LoRA / weights files for other tools
+  export/             LoRA / weights files for other tools; export/pipeline/ a whole diffusers pipeline
   eval/               evaluation reports
   LOCK                held (flock) by the one process writing the run
   DONE                written last, when the run finished
@@ -38,6 +38,8 @@ from tune.errors import TuneError
 
 STEP_DIR_FORMAT = "step_{:06d}"
 COMPLETE_MARKER = "COMPLETE"
+EXPORT_PIPELINE = "pipeline"
+"""export/<this>/: the folder `save_pretrained` writes where a recipe exports a whole pipeline (unet, dreambooth)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -367,6 +369,13 @@ class RunInfo:
 
     def samples_at(self, step: int) -> Path:
         return self.path / "samples" / step_dir_name(step)
+
+    def checkpoint_at(self, step: int) -> Path:
+        return self.path / "checkpoints" / step_dir_name(step)
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
