@@ -1,5 +1,6 @@
-"""tune eval: suites, the best-step/overfit rule, reports of a tiny lora run (in training and after), the
-checkpoint loaders of dreambooth and textual inversion, and one-line CLI errors."""
+"""tune eval: suites, the best-step/overfit rule, reports of tiny lora and dreambooth runs (in training
+and after), and one-line CLI errors. Putting a checkpoint's weights in and out again is tested in
+tests/personalize/test_weights.py."""
 
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from recipes import lora as lora_recipe
-from tune import PROJECT_ROOT, evaluation
+from tune import PROJECT_ROOT
 from tune.cli import main as cli_main
 from tune.config import load_config
-from tune.errors import ConfigError, ModelError
+from tune.errors import ConfigError
 from tune.evaluation import decide, load_suite
 from tune.evaluation.report import METRICS
-from tune.models import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
 from test_metrics import save_tiny_clip  # noqa: E402
@@ -266,7 +264,7 @@ def test_tune_eval_scores_base_and_checkpoints(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoint loaders of the other recipes
+# The other recipes
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -297,39 +295,6 @@ def test_dreambooth_run_evaluated_in_training_and_after(
     after = json.loads((run / "eval" / "report.json").read_text())
     for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
         assert after["checkpoints"][0][key] == pytest.approx(during["checkpoints"][0][key], abs=1e-4)
-
-
-def test_dreambooth_checkpoint_loads_the_ema_unet_and_restores(
-    tiny_pipeline_dir: str, tmp_path: Path
-) -> None:
-    pipe = load_pipeline(tiny_pipeline_dir)
-    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    trained = {k: v + 1.0 for k, v in original.items()}
-    save_file(trained, str(tmp_path / "model.safetensors"))
-    ema = [p.detach() + 2.0 for p in pipe.unet.parameters()]
-    torch.save({"decay": 0.999, "shadow_params": ema}, tmp_path / "custom_checkpoint_1.pkl")
-    torch.save({"epoch": 0}, tmp_path / "custom_checkpoint_0.pkl")  # the data loader's state
-    with evaluation.CHECKPOINT_LOADERS["dreambooth"](pipe, tmp_path):
-        for p, e in zip(pipe.unet.parameters(), ema, strict=True):
-            assert torch.equal(p, e)
-    for k, v in pipe.unet.state_dict().items():
-        assert torch.equal(v, original[k])
-    with pytest.raises(ModelError, match="no model.safetensors"):
-        with evaluation.CHECKPOINT_LOADERS["dreambooth"](pipe, tmp_path / "empty"):
-            pass
-
-
-def test_textual_inversion_checkpoint_adds_the_token(tiny_pipeline_dir: str, tmp_path: Path) -> None:
-    pipe = load_pipeline(tiny_pipeline_dir)
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    for step, value in ((2, 0.5), (4, -0.25)):
-        folder = tmp_path / f"step_{step}"
-        folder.mkdir()
-        save_file({"<sks>": torch.full((2, width), value)}, str(folder / "learned_embeds.safetensors"))
-        with evaluation.CHECKPOINT_LOADERS["textual_inversion"](pipe, folder):
-            ids = pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])
-            rows = pipe.text_encoder.get_input_embeddings().weight[ids]
-            assert torch.equal(rows, torch.full((2, width), value))
 
 
 # ---------------------------------------------------------------------------------------------------

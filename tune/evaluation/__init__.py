@@ -14,9 +14,10 @@ One job per module:
                  format_markdown, format_summary                     torch-free: the verdict, report.md
     evaluator    Evaluator(suite, subject, run_path): evaluate(pipe, step), write(), resume()
                  start_training_eval (eval_every)                    draw, score, keep the report
-    checkpoints  CHECKPOINT_LOADERS[recipe](pipe, folder)            one checkpoint's weights in, then out
     run_dir      evaluate_run(run_dir, suite), run_subject(run)      a run directory, base + checkpoints
 
+Each checkpoint's weights go into the base pipeline, and out again, through
+`tune.personalize.weights.apply_run_weights`, which the dashboard's live images use too.
 The metrics are described in `evaluator`, report.json's layout in `report`; the command,
 `tune eval`, is `tune.cli.eval`.
 No module imports torch at import time, so importing this package (and `report`) stays light.
@@ -25,7 +26,6 @@ Every public name is re-exported, so `from tune import evaluation; evaluation.lo
 `from tune.evaluation import decide` work as they did when this package was one module.
 """
 
-from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
 from tune.evaluation.evaluator import (
     IMAGE_SUFFIXES,
     EvalSubject,
@@ -45,7 +45,6 @@ from tune.evaluation.run_dir import evaluate_run, run_subject
 from tune.evaluation.suites import DEFAULT_SUITE, SUITES_DIR, Suite, find_suite, load_suite
 
 __all__ = [
-    "CHECKPOINT_LOADERS",
     "DEFAULT_SUITE",
     "DIVERSITY_KEEP",
     "EvalSubject",

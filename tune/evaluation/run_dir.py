@@ -1,7 +1,7 @@
 """Evaluating a run directory: the base model, then every complete checkpoint, on one suite.
 
 `evaluate_run` reads the run (`run_subject`: its token, class word and photos), loads its base model
-once and puts each checkpoint's weights into it in turn (`tune.evaluation.checkpoints`).
+once and puts each checkpoint's weights into it in turn (`tune.personalize.weights.apply_run_weights`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, TuneError
-from tune.evaluation.checkpoints import CHECKPOINT_LOADERS
 from tune.evaluation.evaluator import EvalSubject, Evaluator, _word_after
 from tune.evaluation.suites import DEFAULT_SUITE, load_suite
 from tune.paths import find_path
-from tune.runs import step_dir_name
 
 if TYPE_CHECKING:
     from tune.runs import RunInfo
@@ -59,15 +57,16 @@ def evaluate_run(
 
     from tune import metrics
     from tune.personalize import load_base
+    from tune.personalize.weights import RECIPES, apply_run_weights
     from tune.runs import read_run
 
     path = Path(run_dir)
     if not path.is_dir():
         raise TuneError(f"run directory {path} not found")
     run = read_run(path)
-    if run.recipe not in CHECKPOINT_LOADERS:
+    if run.recipe not in RECIPES:
         raise TuneError(
-            f"{path} is a {run.recipe} run; tune eval scores personalization runs ({', '.join(CHECKPOINT_LOADERS)})"
+            f"{path} is a {run.recipe} run; tune eval scores personalization runs ({', '.join(RECIPES)})"
         )
     if checkpoints not in ("all", "last"):
         raise ConfigError(f"--checkpoints must be all or last; got {checkpoints!r}")
@@ -84,12 +83,11 @@ def evaluate_run(
     )
     pipe = load_base(base_model)
     pipe.to(evaluator.clip.device)
-    apply = CHECKPOINT_LOADERS[run.recipe]
     for step in tqdm([None, *steps], desc="eval", unit="model"):
         if step is None:
             evaluator.evaluate(pipe, 0, base=True)
         else:
-            with apply(pipe, run.path / "checkpoints" / step_dir_name(step)):
+            with apply_run_weights(pipe, run.path, step):
                 evaluator.evaluate(pipe, step)
         evaluator.write()  # after every model: a long eval shows its progress in the dashboard
     report = evaluator.write()

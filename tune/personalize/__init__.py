@@ -15,6 +15,8 @@
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
 - `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
   model) and every `sample_every` steps, through the shared sampler.
+- `apply_run_weights`: a finished run's (or one checkpoint's) tuned weights put into its base pipeline
+  for a `with` block, and taken out again (`tune eval`, the dashboard's live images).
 
 The training loops themselves stay in the recipes, written out.
 
@@ -23,7 +25,8 @@ Where each job lives:
 - `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, and the prior
   (`resolve_prior`, `prepare_class_images`);
 - `loading`: `load_base`, the photo loader (`build_photo_loader`, `encode_batch`, ...) and `PhotoLoss`;
-- `hooks`: `sample_validation` and `run_info`, called during and after training.
+- `hooks`: `sample_validation` and `run_info`, called during and after training;
+- `weights`: `apply_run_weights` (with `AppliedWeights`, `RECIPES`), used once a run has weights.
 Generic training helpers (precision, step cadence, trackers, compile, checkpoint hooks) live in
 `tune.training`; a few are re-exported here for callers that still reach them through this package.
 """
@@ -62,12 +65,14 @@ from tune.personalize.subject import (
     trigger_and_class,
     validation_prompts,
 )
+from tune.personalize.weights import AppliedWeights, apply_run_weights
 from tune.training.accelerator import resolve_mixed_precision
 from tune.training.checkpoints import checkpoint_trainable_only
 from tune.training.steps import is_due
 from tune.training.trackers import build_trackers
 
 __all__ = [
+    "AppliedWeights",
     "CompileMode",
     "DEFAULT_BASE_MODEL",
     "MixedPrecision",
@@ -79,6 +84,7 @@ __all__ = [
     "ReportTo",
     "SampleConfig",
     "Subject",
+    "apply_run_weights",
     "build_photo_loader",
     "build_trackers",
     "cache_info",

@@ -1,0 +1,243 @@
+"""tune.personalize.weights: a run's tuned weights into its base pipeline and out again, for tiny lora,
+textual_inversion and dreambooth runs written in-process through the run directory's own writers.
+
+The reference each time is what the callers did before they shared `apply_run_weights`: the dashboard's
+LoraStack at a scale plus diffusers' `load_textual_inversion`, and loading export/pipeline/ whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tune import lora as lora_io
+from tune.errors import ConfigError, ModelError
+from tune.models import load_pipeline
+from tune.personalize import apply_run_weights
+from tune.runs import EXPORT_PIPELINE, RunDir
+from tune.sampling import generate
+from tune.tokens import EMBEDDINGS_FILE
+
+PROMPT = "a photo of <sks> toy"
+
+
+def make_run(path: Path, recipe: str, base: str, steps: tuple[int, ...] = ()) -> Path:
+    """A run directory as a recipe leaves it: run.json, config.toml, complete (empty) checkpoints, DONE."""
+    run = RunDir.create(path, recipe, f'base_model = "{base}"\n')
+    run.update_info(base_model=base)
+    for step in steps:
+        run.checkpoint_dir(step).mkdir(parents=True)
+        run.mark_checkpoint_complete(step)
+    run.finish()
+    return path
+
+
+def save_embedding(path: Path, width: int, value: float | None = None, vectors: int = 2) -> torch.Tensor:
+    """A learned_embeds.safetensors of the token <sks> (`vectors` rows: <sks>, <sks>_1 ...)."""
+    rows = torch.full((vectors, width), value) if value is not None else torch.randn(vectors, width)
+    save_file({"<sks>": rows}, str(path))
+    return rows
+
+
+def state(pipe) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Every weight the run's files can change, copied."""
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name in ("unet", "text_encoder")
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def assert_is_base(pipe, base: dict[str, torch.Tensor], vocab: dict[str, int]) -> None:  # noqa: ANN001
+    assert_same(state(pipe), base)
+    assert pipe.tokenizer.get_vocab() == vocab and "<sks>" not in pipe.tokenizer.get_vocab()
+    assert pipe.text_encoder.config.vocab_size == len(vocab)
+
+
+def image(pipe) -> np.ndarray:  # noqa: ANN001
+    [sample] = generate(pipe, PROMPT, 0, steps=2, scheduler="ddim", progress=False)
+    return np.asarray(sample.image)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lora
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_pipeline_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lora run with pivotal tuning: random (non-zero) U-Net and text-encoder adapters, one at step 2
+    and another exported, each with its trigger embedding."""
+    run = make_run(tmp_path_factory.mktemp("weights") / "lora", "lora", tiny_pipeline_dir, steps=(2,))
+    pipe = load_pipeline(tiny_pipeline_dir)
+    lora_io.inject_lora(pipe.unet, pipe.text_encoder, ["attn2", "text_encoder"], rank=4, alpha=4)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(0)
+    for folder, path in (
+        (run / "checkpoints" / "step_000002", lora_io.checkpoint_adapter_path(run, 2)),
+        (run / "export", lora_io.final_adapter_path(run)),
+    ):
+        with torch.no_grad():
+            for module in (pipe.unet, pipe.text_encoder):
+                for name, param in module.named_parameters():
+                    if "lora_" in name:
+                        param.copy_(torch.randn_like(param) * 0.5)
+        lora_io.save_adapter(pipe.unet, pipe.text_encoder, path)
+        save_embedding(folder / EMBEDDINGS_FILE, width)
+    return run
+
+
+@pytest.mark.parametrize("step", [2, None], ids=["checkpoint", "export"])
+def test_lora_run_equals_the_stack_and_diffusers_embedding_then_the_base(
+    lora_run: Path, tiny_pipeline_dir: str, step: int | None
+) -> None:
+    folder = lora_run / "checkpoints" / "step_000002" if step else lora_run / "export"
+    adapter = lora_io.checkpoint_adapter_path(lora_run, 2) if step else lora_io.final_adapter_path(lora_run)
+    expected = load_pipeline(tiny_pipeline_dir)  # the dashboard's way, before apply_run_weights
+    expected.load_textual_inversion(str(folder / EMBEDDINGS_FILE), token="<sks>")
+    stack = lora_io.LoraStack(expected)
+    stack.add(lora_io.load_lora(adapter, expected), 0.7, name="run")
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    base, vocab, base_image = state(pipe), pipe.tokenizer.get_vocab(), image(pipe)
+    with apply_run_weights(pipe, lora_run, step, lora_scale=0.7) as applied:
+        assert applied.step == step and applied.files == (adapter, folder / EMBEDDINGS_FILE)
+        assert_same(state(pipe), state(expected))
+        assert pipe.tokenizer.get_vocab() == expected.tokenizer.get_vocab()
+        assert np.array_equal(image(pipe), image(expected))
+        stack.set_scale("run", 1.0)
+        applied.set_lora_scale(1.0)
+        assert applied.lora_scale == 1.0
+        assert_same(state(pipe), state(expected))
+        applied.set_lora_scale(0.0)  # no adapter left in the weights; the embedding stays
+        assert_same(
+            {k: v for k, v in state(pipe).items() if "token_embedding" not in k},
+            {k: v for k, v in base.items() if "token_embedding" not in k},
+        )
+    assert_is_base(pipe, base, vocab)
+    assert np.array_equal(image(pipe), base_image)
+    with pytest.raises(RuntimeError, match="boom"), apply_run_weights(pipe, lora_run, step):
+        raise RuntimeError("boom")  # an error inside the block takes the weights out too
+    assert_is_base(pipe, base, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------
+# textual_inversion
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_textual_inversion_run_adds_the_token_per_step_and_takes_it_out(
+    tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    run = make_run(tmp_path / "ti", "textual_inversion", tiny_pipeline_dir, steps=(2, 4))
+    pipe = load_pipeline(tiny_pipeline_dir)
+    base, vocab = state(pipe), pipe.tokenizer.get_vocab()
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    for step, value in ((2, 0.5), (4, -0.25)):
+        save_embedding(run / "checkpoints" / f"step_{step:06d}" / EMBEDDINGS_FILE, width, value)
+        with apply_run_weights(pipe, run, step):
+            ids = pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])
+            rows = pipe.text_encoder.get_input_embeddings().weight[ids]
+            assert torch.equal(rows, torch.full((2, width), value))
+        assert_is_base(pipe, base, vocab)
+    # The export, as diffusers' load_textual_inversion (the dashboard's way before) puts it in.
+    save_embedding(run / "export" / EMBEDDINGS_FILE, width, vectors=3)
+    expected = load_pipeline(tiny_pipeline_dir)
+    expected.load_textual_inversion(str(run / "export" / EMBEDDINGS_FILE), token="<sks>")
+    with apply_run_weights(pipe, run) as applied:
+        assert applied.step is None and applied.lora_scale is None
+        assert_same(state(pipe), state(expected))
+        assert pipe.tokenizer.get_vocab() == expected.tokenizer.get_vocab()
+        assert np.array_equal(image(pipe), image(expected))
+        with pytest.raises(ConfigError, match="only lora runs have a LoRA scale"):
+            applied.set_lora_scale(0.5)
+    assert_is_base(pipe, base, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dreambooth
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_dreambooth_checkpoint_loads_the_ema_unet_and_restores(
+    tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    run = make_run(tmp_path / "db", "dreambooth", tiny_pipeline_dir, steps=(1, 2))
+    folder = run / "checkpoints" / "step_000001"
+    pipe = load_pipeline(tiny_pipeline_dir)
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    trained = {k: v + 1.0 for k, v in original.items()}
+    save_file(trained, str(folder / "model.safetensors"))
+    ema = [p.detach() + 2.0 for p in pipe.unet.parameters()]
+    torch.save({"decay": 0.999, "shadow_params": ema}, folder / "custom_checkpoint_1.pkl")
+    torch.save({"epoch": 0}, folder / "custom_checkpoint_0.pkl")  # the data loader's state
+    text_encoder = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    save_file({k: v - 1.0 for k, v in text_encoder.items()}, str(folder / "model_1.safetensors"))
+    with apply_run_weights(pipe, run, 1) as applied:
+        for p, e in zip(pipe.unet.parameters(), ema, strict=True):
+            assert torch.equal(p, e)
+        assert applied.files == (folder / "model.safetensors", folder / "model_1.safetensors")
+        for k, v in pipe.text_encoder.state_dict().items():  # trained with train_text_encoder
+            assert torch.equal(v, text_encoder[k] - 1.0)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, original[k])
+    assert_same({k: v for k, v in pipe.text_encoder.state_dict().items()}, text_encoder)
+    with pytest.raises(ModelError, match="no model.safetensors"):
+        with apply_run_weights(pipe, run, 2):  # a complete checkpoint without the U-Net
+            pass
+
+
+def test_dreambooth_export_equals_loading_the_exported_pipeline(
+    tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    run = make_run(tmp_path / "db", "dreambooth", tiny_pipeline_dir)
+    tuned = load_pipeline(tiny_pipeline_dir)
+    with torch.no_grad():
+        for module, shift in ((tuned.unet, 0.01), (tuned.text_encoder, -0.01)):
+            for param in module.parameters():
+                param.add_(shift)
+    tuned.save_pretrained(run / "export" / EXPORT_PIPELINE)
+    expected = load_pipeline(str(run / "export" / EXPORT_PIPELINE))  # the dashboard's way before
+    pipe = load_pipeline(tiny_pipeline_dir)
+    base, vocab = state(pipe), pipe.tokenizer.get_vocab()
+    with apply_run_weights(pipe, run) as applied:
+        assert applied.files == (run / "export" / EXPORT_PIPELINE,)
+        assert_same(state(pipe), state(expected))
+    assert_is_base(pipe, base, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear error, the pipeline untouched
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "step", "error", "message"),
+    [
+        ("lora", None, ModelError, "no export/pytorch_lora_weights.safetensors and no complete"),
+        ("lora", 2, ModelError, "step_000002 has no lora.safetensors; is it a lora run's checkpoint"),
+        ("textual_inversion", None, ModelError, r"export has no learned_embeds.safetensors; .* step \(2\)"),
+        ("textual_inversion", 2, ModelError, "step_000002 has no learned_embeds.safetensors"),
+        ("dreambooth", None, ModelError, r"export/pipeline has no model_index.json; .*has it finished"),
+        ("dreambooth", 3, ConfigError, r"no complete checkpoint at step 3; complete checkpoints: 2"),
+        ("unet", None, ModelError, "is a unet run; only lora, dreambooth, textual_inversion runs"),
+    ],
+)
+def test_a_run_without_its_files_says_which_and_what_to_do(
+    tiny_pipeline_dir: str, tmp_path: Path, recipe: str, step: int | None, error: type, message: str
+) -> None:
+    run = make_run(tmp_path / recipe, recipe, tiny_pipeline_dir, steps=(2,))
+    pipe = load_pipeline(tiny_pipeline_dir)
+    base, vocab = state(pipe), pipe.tokenizer.get_vocab()
+    with pytest.raises(error, match=message), apply_run_weights(pipe, run, step):
+        pass
+    assert_is_base(pipe, base, vocab)
