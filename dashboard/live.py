@@ -3,13 +3,10 @@
 This module imports torch and diffusers (through tune.sampling), so the app imports it only when the
 user asks for an image (a live prompt, a LoRA scale, a film strip): browsing stays torch-free.
 
-What "tuned" is depends on the run's recipe (its run directory contract):
-
-    lora                the base model + the run's adapter (export/pytorch_lora_weights.safetensors, or a
-                        checkpoint's lora.safetensors for a given step) merged at a scale, plus the
-                        pivotal-tuning embedding when the run exported one
-    textual_inversion   the base model + export/learned_embeds.safetensors (or a checkpoint's)
-    dreambooth          export/pipeline/ (a whole diffusers pipeline)
+"Tuned" is a second copy of the base model with the run's weights put in at a step (None: the export)
+by `tune.personalize.weights.apply_run_weights`, as `tune eval` does: a lora run's adapter at the
+slider's scale (plus its pivotal-tuning embedding), a textual_inversion run's embedding, a dreambooth
+run's U-Net (and text encoder). Another step takes the weights out and puts that step's in.
 
 Images are drawn with the settings of the run's step-0 samples (steps, guidance, scheduler, size,
 negative prompt), so a live image of a grid prompt and seed matches the grid's.
@@ -17,18 +14,20 @@ negative prompt), so a live image of a grid prompt and seed matches the grid's.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dashboard.data import read_sample_set
 from tune.errors import ModelError
-from tune.runs import read_run, step_dir_name
+from tune.runs import read_run
 from tune.sampling import SCHEDULERS, Sample, generate
 
-EMBEDDINGS_FILE = "learned_embeds.safetensors"
+if TYPE_CHECKING:
+    from tune.personalize.weights import AppliedWeights
 
 
 def _device() -> torch.device:
@@ -50,8 +49,9 @@ class LiveModel:
         self._lock = threading.Lock()
         self._base: Any = None
         self._tuned: Any = None
-        self._stack: Any = None
-        self._tuned_step: int | None | str = "unloaded"
+        self._weights = contextlib.ExitStack()  # holds the tuned pipeline's weights in until closed
+        self._applied: AppliedWeights | None = None
+        self._applied_step: int | None = None  # the step asked for (a lora run's None may be a checkpoint)
         first = min(self.run.sample_steps) if self.run.sample_steps else None
         found = read_sample_set(self.run.samples_at(first), first) if first is not None else None
         self.settings = _generate_settings(found.settings if found else {})
@@ -74,44 +74,24 @@ class LiveModel:
         return self._base
 
     def tuned(self, step: int | None = None, scale: float = 1.0) -> Any:
-        """The tuned pipeline (for LoRA and textual inversion: at checkpoint `step`, None = final)."""
-        if self.kind == "dreambooth":
-            if self._tuned is None:
-                folder = self.run.path / "export" / "pipeline"
-                if not (folder / "model_index.json").is_file():
-                    raise ModelError(
-                        f"{self.run.path} has no export/pipeline/ yet (the run has not finished)"
-                    )
-                self._tuned = self._load(folder)
-            return self._tuned
-        if self.kind not in ("lora", "textual_inversion"):
+        """The tuned pipeline at checkpoint `step` (None = the export); lora runs at `scale`."""
+        from tune.personalize.weights import RECIPES, apply_run_weights
+
+        if self.kind not in RECIPES:
             raise ModelError(
-                f"live tuned images need a lora, textual_inversion or dreambooth run; this is {self.kind}"
+                f"live tuned images need a run of {', '.join(RECIPES)}; this is a {self.kind} run"
             )
-        if self._tuned_step != step:
-            self._tuned, self._stack = self._load(self.base_model), None
-            self._tuned_step = step
-            folder = (
-                self.run.path / "export"
-                if step is None
-                else self.run.path / "checkpoints" / step_dir_name(step)
+        if self._tuned is None:
+            self._tuned = self._load(self.base_model)
+        if self._applied is None or self._applied_step != step:
+            self._weights.close()  # the previous step's weights out: the base model again
+            self._applied = None
+            self._applied = self._weights.enter_context(
+                apply_run_weights(self._tuned, self.run.path, step, lora_scale=scale)
             )
-            embeds = folder / EMBEDDINGS_FILE
-            if embeds.is_file():
-                from tune.tokens import load_embeddings
-
-                token, _ = load_embeddings(embeds)
-                self._tuned.load_textual_inversion(str(embeds), token=token)
-            elif self.kind == "textual_inversion":
-                raise ModelError(f"{folder} has no {EMBEDDINGS_FILE}")
-            if self.kind == "lora":
-                from tune import lora as lora_io
-
-                adapter, _ = lora_io.find_run_adapter(self.run.path, step)
-                self._stack = lora_io.LoraStack(self._tuned)
-                self._stack.add(lora_io.load_lora(adapter, self._tuned), scale, name="run")
-        if self._stack is not None and self._stack.scales.get("run") != scale:
-            self._stack.set_scale("run", scale)
+            self._applied_step = step
+        elif self.has_scale:
+            self._applied.set_lora_scale(scale)
         return self._tuned
 
     def generate(

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from tune import PROJECT_ROOT
 from tune import lora as lora_io
+from tune.errors import ConfigError
 from tune.models import load_pipeline
 
 PROMPT = "a photo of sks toy on a red background"
@@ -71,3 +72,17 @@ def test_compare_page_generates_base_and_tuned_side_by_side(live_runs: Path, mon
     assert any("on a blue background" in m.value and "LoRA scale 1" in m.value for m in at.markdown)
     at.slider(key="live_scale:lora-live").set_value(0.5).run()  # moving the slider draws again
     assert any("LoRA scale 0.5" in m.value for m in at.markdown)
+
+
+def test_live_model_takes_a_step_out_before_the_next_and_retries_after_an_error(live_runs: Path):
+    from dashboard.live import LiveModel
+
+    model = LiveModel(live_runs / "lora-live")
+    base = {k: v.clone() for k, v in model.base().unet.state_dict().items()}
+    with pytest.raises(ConfigError, match="no complete checkpoint at step 7"):
+        model.tuned(step=7)
+    tuned = model.tuned(scale=1.0)  # the failed step left nothing behind; the export goes in
+    assert any(not torch.equal(v, base[k]) for k, v in tuned.unet.state_dict().items())
+    with pytest.raises(ConfigError):
+        model.tuned(step=7)  # the export's adapter came out before the step was tried
+    assert all(torch.equal(v, base[k]) for k, v in tuned.unet.state_dict().items())
