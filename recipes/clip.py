@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessorPil, CLIPModel
 
-from tune.config import TrainConfig
+from tune.config import TrainConfig, check_at_least
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError
@@ -111,7 +111,8 @@ class Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        checks = [(k, getattr(self, k) > 0, "must be > 0") for k in _POSITIVE] + [
+        check_at_least(self, _POSITIVE, 1)  # before the checks below divide by patch_size
+        checks = [
             ("batch_size", self.batch_size >= 2, "must be >= 2 (pairs need in-batch negatives)"),
             (
                 "resolution",

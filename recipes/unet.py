@@ -31,7 +31,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from tune.config import TrainConfig
+from tune.config import TrainConfig, check_at_least
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
@@ -128,12 +128,8 @@ class Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in _POSITIVE:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0; got {getattr(self, key)}")
-        for key in _NON_NEGATIVE:
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+        check_at_least(self, _POSITIVE, 1)
+        check_at_least(self, _NON_NEGATIVE, 0)
         if not (0 <= self.caption_dropout < 1 and 0 < self.ema_decay < 1 and self.ema_power > 0):
             raise ConfigError("need 0 <= caption_dropout < 1, 0 < ema_decay < 1 and ema_power > 0")
         if not (self.sample_prompts and self.sample_seeds):

@@ -79,12 +79,16 @@ class TrainConfig:
     run with an error, its checkpoints untouched."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "max_nonfinite_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}")
-        for key in ("sample_every", "checkpoint_every", "checkpoints_keep"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0; got {getattr(self, key)}")
+        check_at_least(self, ("max_steps", "batch_size", "max_nonfinite_steps"), 1)
+        check_at_least(self, ("sample_every", "checkpoint_every", "checkpoints_keep"), 0)
+
+
+def check_at_least(config: object, keys: typing.Iterable[str], minimum: int) -> None:
+    """ConfigError "<key> must be >= <minimum>; got <value>" for the first of `keys` below `minimum`: the
+    bound checks of TrainConfig and the recipes' configs, in one wording."""
+    for key in keys:
+        if getattr(config, key) < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}; got {getattr(config, key)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,16 @@ def test_shared_keys_are_validated_the_same(name: str) -> None:
         load_config(cls, None, ["sample_evry=3"])
 
 
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("unet", "resolution"), ("unet", "sample_steps"), ("clip", "patch_size"), ("clip", "text_num_heads")],
+)
+def test_recipe_bounds_are_worded_as_the_shared_keys_are(name: str, key: str) -> None:
+    # tune.config.check_at_least: max_steps' words (clip's patch_size=0 or *_num_heads=0 divided by zero before).
+    with pytest.raises(ConfigError, match=f"{key} must be >= 1; got 0"):
+        load_config(config_class(name), None, [f"{key}=0"])
+
+
 @pytest.mark.parametrize("name", recipe_names())
 def test_shared_keys_are_documented_in_the_saved_config(name: str) -> None:
     text = to_toml(config_class(name)(), comments=True)
