@@ -192,7 +192,7 @@ def main(cfg: Config) -> RunDir:
         unet_norm_num_groups=cfg.unet_norm_num_groups,
         unet_down_block_types=tuple(cfg.unet_down_block_types),
     )
-    unet = build_unet(preset, cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
+    unet = build_unet(preset, text_encoder.config.hidden_size, vae.config.latent_channels).to(device).train()
     pred_type = "v_prediction" if cfg.diffusion.prediction_type == "auto" else cfg.diffusion.prediction_type
     noise_scheduler = DDPMScheduler(
         beta_schedule=cfg.beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=pred_type

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from tune.config import TrainConfig
+from tune.config import TrainConfig, check_at_least
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError, DataError
@@ -77,6 +77,9 @@ class Config(TrainConfig):
     norm_num_groups: int = 8
     """GroupNorm groups; must divide every width. Keep several channels per group: a group of one channel
     is normalised alone and loses flat colours (see configs/vae/default.toml)."""
+    latent_channels: int = 4
+    """Channels of the latent (SD1.x/2.x: 4). More carry finer detail (stripes, spots, pixel cells) through
+    the round trip; the U-Net recipe follows whatever the VAE has."""
     l1_weight: float = 1.0
     """Weight of the mean absolute pixel error (in [-1, 1] units): keeps flat colours exact."""
     mse_weight: float = 0.0
@@ -112,11 +115,8 @@ class Config(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("resolution", "layers_per_block", "norm_num_groups", "crops_per_image")
-        positive += ("val_images", "scaling_images", "eval_images")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
+        positive = ("resolution", "layers_per_block", "norm_num_groups", "crops_per_image", "latent_channels")
+        check_at_least(self, (*positive, "val_images", "scaling_images", "eval_images"), 1)
         if not 0 <= self.color_augment <= 1:
             raise ConfigError(f"color_augment must be in [0, 1]; got {self.color_augment}")
         for name in ("l1_weight", "mse_weight", "edge_weight", "kl_weight"):
@@ -205,7 +205,9 @@ def main(cfg: Config) -> RunDir:
     accelerator = build_accelerator(cfg.mixed_precision)
 
     # ---- models -------------------------------------------------------------------------------
-    vae = build_autoencoder(cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.resolution)
+    vae = build_autoencoder(
+        cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.resolution, cfg.latent_channels
+    )
     param_count = sum(p.numel() for p in vae.parameters())
     log.info("vae: %.2fM parameters, widths %s", param_count / 1e6, list(cfg.block_out_channels))
 

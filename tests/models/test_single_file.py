@@ -161,3 +161,31 @@ def test_outer_level_without_attention_round_trips(tmp_path: Path) -> None:
     loaded = load_pipeline(path, config=config_dir)
     for key, tensor in pipe.unet.state_dict().items():
         assert torch.equal(tensor, loaded.unet.state_dict()[key]), key
+
+
+def test_eight_latent_channels_round_trip_and_draw(tmp_path: Path) -> None:
+    """A VAE with 8 latent channels (the vae recipe's latent_channels) and a U-Net built to follow it:
+    the pipeline draws, and the single file keeps every weight exactly."""
+    import dataclasses
+
+    from tune.models.presets import PRESETS, build_unet
+    from tune.models.scratch import build_autoencoder
+
+    tiny = PRESETS["tiny"]
+    pipe = build_pipeline("tiny", seed=1)
+    torch.manual_seed(5)
+    pipe.vae = build_autoencoder(tiny.vae_block_out_channels, 1, tiny.vae_norm_num_groups, tiny.resolution, 8)
+    pipe.unet = build_unet(dataclasses.replace(tiny), pipe.text_encoder.config.hidden_size, latent_channels=8)
+    assert pipe.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape[1] == 8
+    image = pipe(
+        "a ring", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    )
+    assert image.images.shape == (1, 32, 32, 3)
+    config_dir = tmp_path / "config"
+    pipe.save_pretrained(config_dir)
+    path = save_single_file(pipe, tmp_path / "lc8.safetensors", dtype=torch.float32)
+    loaded = load_pipeline(path, config=config_dir)
+    assert loaded.unet.config.in_channels == loaded.vae.config.latent_channels == 8
+    for name in ("unet", "vae"):
+        for key, tensor in getattr(pipe, name).state_dict().items():
+            assert torch.equal(tensor, getattr(loaded, name).state_dict()[key]), f"{name}.{key}"

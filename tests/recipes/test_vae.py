@@ -124,8 +124,10 @@ def test_bad_settings_and_missing_data(tmp_path) -> None:
         vae_recipe.Config(resolution=50)
     with pytest.raises(ConfigError, match="max_steps must be >= 1"):
         vae_recipe.Config(max_steps=0)
-    with pytest.raises(ConfigError, match="crops_per_image must be > 0"):
+    with pytest.raises(ConfigError, match="crops_per_image must be >= 1"):
         vae_recipe.Config(crops_per_image=0)
+    with pytest.raises(ConfigError, match="latent_channels must be >= 1; got 0"):
+        vae_recipe.Config(latent_channels=0)
     missing = tmp_path / "nope"
     with pytest.raises(DataError, match=f"tune data world {missing} --count 30000 --split train"):
         vae_recipe.main(vae_recipe.Config(data_dir=str(missing), output_dir=str(tmp_path / "run")))

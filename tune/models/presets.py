@@ -117,12 +117,14 @@ def mirror_block_types(down_block_types: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(UP_BLOCK_FOR[block] for block in reversed(down_block_types))
 
 
-def build_unet(preset: Preset, cross_attention_dim: int | None = None) -> UNet2DConditionModel:
+def build_unet(
+    preset: Preset, cross_attention_dim: int | None = None, latent_channels: int = 4
+) -> UNet2DConditionModel:
     """SD1.5's UNet2DConditionModel config with the preset's widths (weights from the global RNG)."""
     return UNet2DConditionModel(
         sample_size=preset.latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=preset.unet_down_block_types,
         mid_block_type=MID_BLOCK_TYPE,
         up_block_types=mirror_block_types(preset.unet_down_block_types),

@@ -18,9 +18,14 @@ from tune.errors import ModelError
 
 
 def build_autoencoder(
-    block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, resolution: int
+    block_out_channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_num_groups: int,
+    resolution: int,
+    latent_channels: int = 4,
 ) -> AutoencoderKL:
-    """SD's AutoencoderKL layout (4 latent channels, mid-block attention) at the given widths."""
+    """SD's AutoencoderKL layout (mid-block attention; SD's 4 latent channels unless told) at the given
+    widths."""
     levels = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -30,7 +35,7 @@ def build_autoencoder(
         block_out_channels=block_out_channels,
         layers_per_block=layers_per_block,
         act_fn="silu",
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=norm_num_groups,
         sample_size=resolution,
     )
