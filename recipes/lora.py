@@ -33,7 +33,7 @@ from tune.evaluation import start_training_eval
 from tune.lora.inject import LoraTarget, inject_lora
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
-from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
+from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -129,6 +129,8 @@ def main(cfg: Config) -> RunDir:
             f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
         )
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    if cfg.pivotal.enabled:
+        check_new_token(pipe.tokenizer, subject.token, cfg.pivotal.num_vectors)
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(

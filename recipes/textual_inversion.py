@@ -27,7 +27,7 @@ from tune.errors import ConfigError
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
-from tune.tokens import EMBEDDINGS_FILE, add_tokens, save_embeddings
+from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -88,6 +88,7 @@ def main(cfg: Config) -> RunDir:
     if not initializer:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    check_new_token(pipe.tokenizer, subject.token, cfg.num_vectors)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
         cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size

@@ -89,17 +89,10 @@ def token_ids(tokenizer, word: str) -> list[int]:  # noqa: ANN001 - any HF token
     return list(tokenizer(word, add_special_tokens=False)["input_ids"])
 
 
-def add_tokens(
-    tokenizer,  # noqa: ANN001 - any HF tokenizer (CLIPTokenizer for SD1.x)
-    text_encoder: nn.Module,
-    token: str,
-    initializer: str,
-    num_vectors: int = 1,
-) -> NewTokens:
-    """Add `token` (and `token_1` ... for more vectors) and initialise every new row from `initializer`.
+def check_new_token(tokenizer, token: str, num_vectors: int = 1) -> tuple[str, ...]:  # noqa: ANN001
+    """The tokens `add_tokens` would add (`token`, `token_1`, ...); a ConfigError when they cannot be added.
 
-    A multi-piece initializer ("swim ring") starts from the mean of its pieces' embeddings. Raises
-    ConfigError when the token already exists, is not one word, or the initializer is empty.
+    Recipes call it before their run directory exists, so a taken word leaves nothing behind.
     """
     if num_vectors < 1:
         raise ConfigError(f"num_vectors must be >= 1; got {num_vectors}")
@@ -112,6 +105,22 @@ def add_tokens(
         raise ConfigError(
             f"the token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new word, e.g. '<{token}>'"
         )
+    return tokens
+
+
+def add_tokens(
+    tokenizer,  # noqa: ANN001 - any HF tokenizer (CLIPTokenizer for SD1.x)
+    text_encoder: nn.Module,
+    token: str,
+    initializer: str,
+    num_vectors: int = 1,
+) -> NewTokens:
+    """Add `token` (and `token_1` ... for more vectors) and initialise every new row from `initializer`.
+
+    A multi-piece initializer ("swim ring") starts from the mean of its pieces' embeddings. Raises
+    ConfigError when the token already exists, is not one word, or the initializer is empty.
+    """
+    tokens = check_new_token(tokenizer, token, num_vectors)
     if len(token_ids(tokenizer, token)) == 1:
         # Rare words (DreamBooth's "sks") are fine; a common one would stop meaning itself in every prompt.
         logger.warning("the new token %r replaces a word the tokenizer already knows as one token", token)
