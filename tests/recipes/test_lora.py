@@ -247,8 +247,9 @@ def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: 
         recipe.main(load_config(recipe.Config, None, [f"output_dir={tmp_path / 'x'}"]))
     with pytest.raises(ConfigError, match="must be in the instance prompt"):
         recipe.main(config(setup, tmp_path / "x", "pivotal.enabled=true", "token=zwx"))
-    with pytest.raises(ConfigError, match="'w' is already in the tokenizer's vocabulary"):  # a letter is a token
-        recipe.main(config(setup, tmp_path / "x", "pivotal.enabled=true", "token=w", "instance_prompt=a photo of w toy"))
+    taken = ("pivotal.enabled=true", "token=w", "instance_prompt=a photo of w toy")  # a letter is a token
+    with pytest.raises(ConfigError, match="'w' is already in the tokenizer's vocabulary"):
+        recipe.main(config(setup, tmp_path / "x", *taken))
     with pytest.raises(ModelError, match="no model file or folder"):
         recipe.main(config({**setup, "base": str(tmp_path / "no-model")}, tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # all checked before the run directory is made

@@ -151,7 +151,8 @@ def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
     ]
     with pytest.raises(ConfigError, match="cannot tell the trigger word"):
         recipe.main(load_config(recipe.Config, None, [*explicit, "token=zwx", "initializer_token=toy"]))
-    taken = [f"instance_dir={photos}", "instance_prompt=a photo of w toy", "token=w", f"output_dir={tmp_path / 'x'}"]
+    # A letter is a token: 'w' cannot be a new word.
+    taken = [f"instance_dir={photos}", "instance_prompt=a photo of w toy", f"output_dir={tmp_path / 'x'}"]
     with pytest.raises(ConfigError, match="'w' is already in the tokenizer's vocabulary"):
-        recipe.main(load_config(recipe.Config, None, [*taken, "initializer_token=toy"]))
+        recipe.main(load_config(recipe.Config, None, [*taken, "token=w", "initializer_token=toy"]))
     assert not (tmp_path / "x").exists()
