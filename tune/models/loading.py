@@ -1,4 +1,7 @@
-"""Load a Stable Diffusion 1.x base model from a diffusers folder, a single file, or (online) the hub.
+"""Load a Stable Diffusion base model from a diffusers folder, a single file, or (online) the hub.
+
+Diffusers folders of every family load (SD1.x, SD2.x, SDXL: `tune.models.families` tells them apart);
+single files are SD1.x.
 
 Everything a user can get wrong here (a path that does not exist, a folder that is not a pipeline, a
 LoRA or random file passed as a checkpoint, a checkpoint that does not match its config folder) is
@@ -24,10 +27,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tune.errors import ModelError
+from tune.models.families import Family, family_of_folder
 from tune.models.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, convert_to_ldm
 from tune.paths import DATA_ROOT, find_path
 
@@ -38,6 +42,12 @@ TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # owner/name, as the hub spells repository ids.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _PIPELINE_KWARGS = {"safety_checker": None, "requires_safety_checker": False}
+PIPELINE_CLASSES: dict[Family, type] = {
+    "sd1": StableDiffusionPipeline,
+    "sd2": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+}
+"""The diffusers text-to-image pipeline of each family (SD2 shares SD1's; its scheduler says v-prediction)."""
 
 
 def resolve_model_path(name: str | os.PathLike[str]) -> Path:
@@ -87,16 +97,17 @@ def _load_diffusers_folder(path: Path, torch_dtype: torch.dtype | None) -> Stabl
             f"{path} is a folder without model_index.json; pass a diffusers pipeline folder "
             "(as written by save_pretrained) or a single .safetensors checkpoint"
         )
+    pipeline_class = PIPELINE_CLASSES[family_of_folder(path)]
+    kwargs = _PIPELINE_KWARGS if pipeline_class is StableDiffusionPipeline else {"add_watermarker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, dtype=torch_dtype, **_PIPELINE_KWARGS
-        )
+        pipe = pipeline_class.from_pretrained(path, local_files_only=True, dtype=torch_dtype, **kwargs)
     # Any failure inside diffusers here means unusable files, which the user has to fix, not a bug.
     except Exception as error:
         logger.debug("loading %s failed", path, exc_info=True)
         raise ModelError(
             f"could not load the diffusers folder {path} ({_one_line(error)}); check that it is a complete "
-            "Stable Diffusion 1.x pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            "Stable Diffusion pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also "
+            "text_encoder_2/, tokenizer_2/)"
         ) from error
     _check_no_missing_weights(pipe, path)
     return pipe
@@ -289,7 +300,8 @@ def _load_single_file(
 def _check_no_missing_weights(pipe: StableDiffusionPipeline, source: object) -> None:
     # diffusers builds models on the meta device and fills them from the file; anything the file
     # lacked stays on meta and would only fail later, deep inside a forward pass.
-    for name in ("unet", "vae", "text_encoder"):
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if hasattr(pipe, "text_encoder_2") else ())
+    for name in names:
         module = getattr(pipe, name, None)
         if module is None:
             raise ModelError(f"{source} has no {name}; pass a complete Stable Diffusion 1.x model")

@@ -14,13 +14,14 @@ import difflib
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from tune.errors import ModelError
+from tune.models.presets_families import FAMILY_PRESETS, build_family_pipeline
 from tune.models.tokenizer import DEFAULT_CORPUS, build_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,10 @@ def get_preset(name: str) -> Preset:
     for preset_name, preset in PRESETS.items():
         if name == preset_name:
             return preset
-    close = difflib.get_close_matches(name, list(PRESETS), n=1)
+    names = [*PRESETS, *FAMILY_PRESETS]
+    close = difflib.get_close_matches(name, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ModelError(f"unknown model preset {name!r}; {hint}choose one of: {', '.join(PRESETS)}")
+    raise ModelError(f"unknown model preset {name!r}; {hint}choose one of: {', '.join(names)}")
 
 
 UP_BLOCK_FOR = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
@@ -195,14 +197,17 @@ def build_scheduler() -> DDIMScheduler:
     )
 
 
-def build_pipeline(
-    preset: str = "tiny", seed: int = 0, tokenizer: CLIPTokenizer | None = None
-) -> StableDiffusionPipeline:
-    """A randomly initialised StableDiffusionPipeline of the named preset.
+def build_pipeline(preset: str = "tiny", seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> Any:
+    """A randomly initialised StableDiffusionPipeline of the named preset (a StableDiffusionXLPipeline for
+    the SDXL ones: `tune.models.presets_families`).
 
     The same preset and seed give bit-identical weights. Without a tokenizer, one is built from
     `DEFAULT_CORPUS` (deterministic too); the text encoder's vocabulary matches the tokenizer's size.
     """
+    if preset in FAMILY_PRESETS:
+        if tokenizer is not None:
+            raise ModelError(f"preset {preset!r} builds its own tokenizers; pass no tokenizer")
+        return build_family_pipeline(preset, seed)
     spec = get_preset(preset)
     if tokenizer is None:
         with tempfile.TemporaryDirectory(prefix="tune-tokenizer-") as tmp:
