@@ -1,7 +1,7 @@
 """The normalized form every part of `tune.lora` reads into and writes from: `Lora`, `LoraModule`.
 
 The normalized representation is `Lora.modules`: `"<component>.<module path>" -> LoraModule(down, up,
-alpha)`, where component is `unet` or `text_encoder` and the module path is exactly what
+alpha)`, where component is `unet`, `text_encoder` or (SDXL) `text_encoder_2` and the module path is exactly what
 `named_modules()` of the *loaded* component reports (so under transformers 5 a text-encoder path is
 `encoder.layers.0.self_attn.q_proj`, without the `text_model.` level files usually carry).
 """
@@ -14,8 +14,9 @@ from typing import Literal
 
 import torch
 
-Component = Literal["unet", "text_encoder"]
-COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder")
+Component = Literal["unet", "text_encoder", "text_encoder_2"]
+COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder", "text_encoder_2")
+"""text_encoder_2 is SDXL's second text encoder (OpenCLIP bigG); SD1.x and SD2.x have none."""
 LoraFormat = Literal["kohya", "diffusers", "peft"]
 ExportFormat = Literal["kohya", "diffusers"]
 
