@@ -117,7 +117,7 @@ def main(cfg: Config) -> RunDir:
     text_encoders = [m for m in (text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     base_hash = base_model_hash(unet, text_encoder)
     dtype = weight_dtype(accelerator)
-    vae.requires_grad_(False).to(device, p.vae_dtype(vae, dtype))
+    vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:
         model.requires_grad_(cfg.train_text_encoder)
         model.to(device, torch.float32 if cfg.train_text_encoder else dtype)  # trained weights stay fp32
@@ -178,7 +178,8 @@ def main(cfg: Config) -> RunDir:
     if evaluator is not None:
         evaluator.attach(run.path, step)
     run.update_info(
-        **p.run_info(subject, cfg, base_hash, dataset), unet_params=sum(q.numel() for q in unet.parameters())
+        **p.run_info(subject, cfg, base_hash, dataset, pipe=pipe),
+        unet_params=sum(q.numel() for q in unet.parameters()),
     )
     if cfg.report_to != "none":
         accelerator.init_trackers("dreambooth", config=tracker_config(cfg))

@@ -151,7 +151,7 @@ def main(cfg: Config) -> RunDir:
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     unet.to(device, dtype)
-    vae.to(device, p.vae_dtype(vae, dtype))
+    vae.to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:
         model.to(device, torch.float32 if train_text else dtype)  # a trained text encoder stays fp32
     class_dir = None
@@ -233,7 +233,7 @@ def main(cfg: Config) -> RunDir:
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     if evaluator is not None:
         evaluator.attach(run.path, step)
-    run.update_info(**p.run_info(subject, cfg, base_hash, dataset), lora_tensors=len(lora_params))
+    run.update_info(**p.run_info(subject, cfg, base_hash, dataset, pipe=pipe), lora_tensors=len(lora_params))
     if cfg.report_to != "none":
         accelerator.init_trackers("lora", config=tracker_config(cfg))
 

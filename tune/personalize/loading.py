@@ -60,11 +60,13 @@ def with_components(pipe: Any, **components: Any) -> Any:
     return new
 
 
-def vae_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
-    """The VAE's dtype under mixed precision `dtype`: fp32 instead of fp16 when the VAE's config says
-    `force_upcast` (SDXL's original VAE overflows in fp16; bf16 has fp32's range and is kept)."""
-    force_upcast = getattr(getattr(vae, "config", None), "force_upcast", False)
-    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
+def vae_dtype(pipe: Any, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype under mixed precision `dtype`: on SDXL, fp32 instead of fp16 when the VAE's config
+    says `force_upcast` (SDXL's original VAE overflows in fp16; bf16 has fp32's range and is kept). Like
+    diffusers' pipelines, SD1/SD2 ignore the flag (diffusers' AutoencoderKL defaults it to True)."""
+    force_upcast = getattr(pipe.vae.config, "force_upcast", False)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return torch.float32 if sdxl and dtype == torch.float16 and force_upcast else dtype
 
 
 def latent_multiple(pipe: StableDiffusionPipeline) -> int:
