@@ -5,9 +5,11 @@
 
 Adapters (peft) go on the U-Net's cross-attention projections (attn2 to_q, to_k, to_v, to_out.0) by
 default; `lora.targets` adds self-attention, feed-forward, transformer projections, resnet convs or
-the text encoder. Zero-initialised up-projections make the adapter a no-op at step 0, so the step-0
+the text encoder(s). Zero-initialised up-projections make the adapter a no-op at step 0, so the step-0
 grid is the base model's. Optionally (`pivotal.enabled`) the trigger word becomes a new token whose
-embedding trains alongside (pivotal tuning); its embedding is exported too.
+embedding trains alongside (pivotal tuning); its embedding is exported too. On an SDXL base the
+U-Net gets both text encoders' states, the pooled text embeds and each photo's size and crop
+(`tune.models.conditioning`), and `text_encoder` puts adapters on both encoders (pivotal: not yet).
 
 Writes checkpoints/step_N/lora.safetensors (the adapter at step N), export/pytorch_lora_weights.safetensors
 (diffusers: `pipe.load_lora_weights(path)`), export/<run name>.safetensors (kohya: A1111, ComfyUI) and,
@@ -72,7 +74,8 @@ class LoraOptions:
     """Dropout on the adapters' input during training."""
     targets: tuple[LoraTarget, ...] = ("attn2",)
     """Module groups that get adapters: attn2 (cross-attention), attn1 (self-attention), ff (feed-forward),
-    proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2)."""
+    proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2; on
+    SDXL of both text encoders)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or (self.alpha is not None and self.alpha <= 0) or not 0 <= self.dropout < 1:
@@ -170,12 +173,8 @@ def main(cfg: Config) -> RunDir:
     if new_tokens is not None:
         new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters
     embedding = {id(new_tokens.weight)} if new_tokens else set()
-    lora_params = [
-        q
-        for m in (unet, *text_encoders)
-        for q in m.parameters()
-        if q.requires_grad and id(q) not in embedding
-    ]
+    trainable = (q for m in (unet, *text_encoders) for q in m.parameters() if q.requires_grad)
+    lora_params = [q for q in trainable if id(q) not in embedding]
     for q in lora_params:
         q.data = q.data.float()  # trained weights stay fp32 under mixed precision
     if cfg.gradient_checkpointing:
