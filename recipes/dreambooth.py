@@ -12,8 +12,11 @@ and the loss is instance loss + prior.loss_weight * class loss, so the class wor
 An exponential moving average of the U-Net weights (diffusers' EMAModel) is what the validation
 grids show and what is exported.
 
-Writes export/pipeline/ (a complete diffusers StableDiffusionPipeline folder) and, by default,
-export/<run name>.safetensors (one SD1.x checkpoint file for A1111 and ComfyUI).
+On SDXL both text encoders condition the U-Net (and train with train_text_encoder), with pooled text
+embeds and each image's size and crop (`tune.models.conditioning`).
+
+Writes export/pipeline/ (a complete diffusers folder of the base's pipeline class) and, by default,
+export/<run name>.safetensors (one checkpoint file for A1111 and ComfyUI).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -32,6 +35,7 @@ from tune import personalize as p
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.models import save_single_file
+from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
 from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder, check_disk_space
@@ -110,11 +114,13 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    text_encoders = [m for m in (text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     base_hash = base_model_hash(unet, text_encoder)
     dtype = weight_dtype(accelerator)
-    vae.requires_grad_(False).to(device, dtype)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    text_encoder.to(device, torch.float32 if cfg.train_text_encoder else dtype)  # trained weights stay fp32
+    vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
+    for model in text_encoders:
+        model.requires_grad_(cfg.train_text_encoder)
+        model.to(device, torch.float32 if cfg.train_text_encoder else dtype)  # trained weights stay fp32
     unet.requires_grad_(True).to(device, torch.float32)
     class_dir = None
     if prior is not None:  # drawn by the base model, before training changes it
@@ -128,12 +134,11 @@ def main(cfg: Config) -> RunDir:
             copy.deepcopy(unet).requires_grad_(False).eval()
         )  # holds the EMA weights to sample and export
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, text_encoder if cfg.train_text_encoder else None)
+        for model in text_encoders if cfg.train_text_encoder else [None]:
+            enable_gradient_checkpointing(unet, model)
     set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    sample_pipe = StableDiffusionPipeline(
-        **{**pipe.components, "unet": ema_unet or unet}, requires_safety_checker=False
-    )
+    sample_pipe = p.with_components(pipe, unet=ema_unet or unet)
     sample_pipe.set_progress_bar_config(disable=True)
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -153,15 +158,15 @@ def main(cfg: Config) -> RunDir:
     prompts = p.validation_prompts(subject, cfg.sample)
 
     # ---- optimizer ----------------------------------------------------------------------------------
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    trained = [unet, *text_encoders] if cfg.train_text_encoder else [unet]
+    params = [q for model in trained for q in model.parameters()]
     optimizer = build_optimizer(params, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
-    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that are averaged, sampled and exported.
     unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
-    text_model = trained[1] if cfg.train_text_encoder else text_encoder
+    text_model = TextEncoders.of(pipe, *trained[1:])  # the prepared encoders when they train
     weight = prior.loss_weight if prior else 1.0
     photo_loss = p.PhotoLoss(
         unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight
@@ -173,7 +178,8 @@ def main(cfg: Config) -> RunDir:
     if evaluator is not None:
         evaluator.attach(run.path, step)
     run.update_info(
-        **p.run_info(subject, cfg, base_hash, dataset), unet_params=sum(q.numel() for q in unet.parameters())
+        **p.run_info(subject, cfg, base_hash, dataset, pipe=pipe),
+        unet_params=sum(q.numel() for q in unet.parameters()),
     )
     if cfg.report_to != "none":
         accelerator.init_trackers("dreambooth", config=tracker_config(cfg))
@@ -187,7 +193,7 @@ def main(cfg: Config) -> RunDir:
             cfg.sample,
             run.sample_dir(at),
             accelerator=accelerator,
-            modules=[unet, text_encoder],
+            modules=[unet, *text_encoders],
         )
 
     def evaluate(at: int) -> None:  # eval_every: score the (EMA) model as it is now, keep the best one
@@ -195,7 +201,7 @@ def main(cfg: Config) -> RunDir:
             return
         if ema is not None and ema_unet is not None:
             ema.copy_to(ema_unet.parameters())
-        modules = [unet, text_encoder]
+        modules = [unet, *text_encoders]
         evaluator.evaluate(
             sample_pipe, at, base=at == 0, accelerator=accelerator, modules=modules, progress=False
         )
@@ -209,7 +215,8 @@ def main(cfg: Config) -> RunDir:
     if step == 0:
         evaluate(0)
     unet.train()
-    text_encoder.train(cfg.train_text_encoder)
+    for model in text_encoders:
+        model.train(cfg.train_text_encoder)
     batches = p.forever(loader)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     applied = True
@@ -260,11 +267,12 @@ def main(cfg: Config) -> RunDir:
         final_unet = ema_unet or unet
         if dtype != torch.float32:  # the frozen parts were cast for training: export the base's own weights
             pipe = p.load_base(cfg.base_model)
-        components = {**pipe.components, "unet": final_unet.to(torch.float32)}
-        if cfg.train_text_encoder:
-            components["text_encoder"] = text_encoder.to(torch.float32)
-        export = StableDiffusionPipeline(**components, requires_safety_checker=False)
-        size = module_bytes(*components.values())  # checked against the free space before writing
+        components = {"unet": final_unet.to(torch.float32)}
+        if cfg.train_text_encoder:  # the trained ones, also when `pipe` was reloaded
+            names = ("text_encoder", "text_encoder_2")
+            components.update(zip(names, (m.to(torch.float32) for m in text_encoders), strict=False))
+        export = p.with_components(pipe, **components)
+        size = module_bytes(*export.components.values())  # checked against the free space before writing
         # complete or absent, never half
         with atomic_folder(run.export_dir / EXPORT_PIPELINE, size) as folder:
             export.save_pretrained(folder)

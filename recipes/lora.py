@@ -5,9 +5,11 @@
 
 Adapters (peft) go on the U-Net's cross-attention projections (attn2 to_q, to_k, to_v, to_out.0) by
 default; `lora.targets` adds self-attention, feed-forward, transformer projections, resnet convs or
-the text encoder. Zero-initialised up-projections make the adapter a no-op at step 0, so the step-0
+the text encoder(s). Zero-initialised up-projections make the adapter a no-op at step 0, so the step-0
 grid is the base model's. Optionally (`pivotal.enabled`) the trigger word becomes a new token whose
-embedding trains alongside (pivotal tuning); its embedding is exported too.
+embedding trains alongside (pivotal tuning); its embedding is exported too. On an SDXL base the
+U-Net gets both text encoders' states, the pooled text embeds and each photo's size and crop
+(`tune.models.conditioning`), and `text_encoder` puts adapters on both encoders (pivotal: not yet).
 
 Writes checkpoints/step_N/lora.safetensors (the adapter at step N), export/pytorch_lora_weights.safetensors
 (diffusers: `pipe.load_lora_weights(path)`), export/<run name>.safetensors (kohya: A1111, ComfyUI) and,
@@ -31,6 +33,7 @@ from tune import personalize as p
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.lora.inject import LoraTarget, inject_lora
+from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
 from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings
@@ -71,7 +74,8 @@ class LoraOptions:
     """Dropout on the adapters' input during training."""
     targets: tuple[LoraTarget, ...] = ("attn2",)
     """Module groups that get adapters: attn2 (cross-attention), attn1 (self-attention), ff (feed-forward),
-    proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2)."""
+    proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2; on
+    SDXL of both text encoders)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or (self.alpha is not None and self.alpha <= 0) or not 0 <= self.dropout < 1:
@@ -129,6 +133,9 @@ def main(cfg: Config) -> RunDir:
             f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
         )
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
+    if cfg.pivotal.enabled and text_encoder_2 is not None:
+        raise ConfigError("pivotal tuning on SDXL: not yet; set pivotal.enabled=false")
     if cfg.pivotal.enabled:
         check_new_token(pipe.tokenizer, subject.token, cfg.pivotal.num_vectors)
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
@@ -143,11 +150,13 @@ def main(cfg: Config) -> RunDir:
     base_hash = lora_io.base_model_hash(unet, text_encoder)
     train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
     dtype = weight_dtype(accelerator)
-    for model in (unet, vae, text_encoder):
+    text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     unet.to(device, dtype)
-    vae.to(device, dtype)
-    text_encoder.to(device, torch.float32 if train_text else dtype)  # a trained text encoder stays fp32
+    vae.to(device, p.vae_dtype(pipe, dtype))
+    for model in text_encoders:
+        model.to(device, torch.float32 if train_text else dtype)  # a trained text encoder stays fp32
     class_dir = None
     if prior is not None:  # drawn by the base model, before any adapter exists
         class_dir = p.prepare_class_images(
@@ -158,17 +167,19 @@ def main(cfg: Config) -> RunDir:
         initializer = cfg.pivotal.initializer_token or subject.class_word
         new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.pivotal.num_vectors)
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
-    inject_lora(unet, text_encoder, cfg.lora.targets, rank, alpha, cfg.lora.dropout)
+    inject_lora(
+        unet, text_encoder, cfg.lora.targets, rank, alpha, cfg.lora.dropout, text_encoder_2=text_encoder_2
+    )
     if new_tokens is not None:
         new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters
     embedding = {id(new_tokens.weight)} if new_tokens else set()
-    lora_params = [
-        q for m in (unet, text_encoder) for q in m.parameters() if q.requires_grad and id(q) not in embedding
-    ]
+    trainable = (q for m in (unet, *text_encoders) for q in m.parameters() if q.requires_grad)
+    lora_params = [q for q in trainable if id(q) not in embedding]
     for q in lora_params:
         q.data = q.data.float()  # trained weights stay fp32 under mixed precision
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, text_encoder if train_text else None)
+        for model in text_encoders if train_text else [None]:
+            enable_gradient_checkpointing(unet, model)
     set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     log.info("lora: %d trainable adapter tensors, rank %d, alpha %g", len(lora_params), rank, alpha)
@@ -197,23 +208,23 @@ def main(cfg: Config) -> RunDir:
         groups.append({"params": [new_tokens.weight], "lr": cfg.pivotal.lr, "weight_decay": 0.0})
     optimizer = build_optimizer(groups, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
-    trained = [unet, text_encoder] if train_text else [unet]
+    trained = [unet, *text_encoders] if train_text else [unet]
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
     # `text_encoder` stay the plain modules that the pipeline samples with and the files are written from.
     unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
-    text_model = trained[1] if train_text else text_encoder
+    text_model = TextEncoders.of(pipe, *trained[1:])  # the prepared encoders when they train
     weight = prior.loss_weight if prior else 1.0
     photo_loss = p.PhotoLoss(
         unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight
     )
     accelerator.register_for_checkpointing(loader)
     checkpoint_trainable_only(accelerator)
+    te, te2 = (text_encoder, text_encoder_2) if "text_encoder" in cfg.lora.targets else (None, None)
 
     def write_adapter(folder: Path, step: int) -> None:  # called inside each checkpoint save
-        te = text_encoder if "text_encoder" in cfg.lora.targets else None
         meta = {"tune_step": str(step)}
-        lora_io.save_adapter(unet, te, folder / lora_io.CHECKPOINT_ADAPTER, meta)
+        lora_io.save_adapter(unet, te, folder / lora_io.CHECKPOINT_ADAPTER, meta, text_encoder_2=te2)
         if new_tokens is not None:
             save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, meta)
 
@@ -221,7 +232,7 @@ def main(cfg: Config) -> RunDir:
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     if evaluator is not None:
         evaluator.attach(run.path, step)
-    run.update_info(**p.run_info(subject, cfg, base_hash, dataset), lora_tensors=len(lora_params))
+    run.update_info(**p.run_info(subject, cfg, base_hash, dataset, pipe=pipe), lora_tensors=len(lora_params))
     if cfg.report_to != "none":
         accelerator.init_trackers("lora", config=tracker_config(cfg))
 
@@ -233,16 +244,16 @@ def main(cfg: Config) -> RunDir:
         )
         evaluator.write()
         if at and evaluator.best_step == at:
-            te = text_encoder if "text_encoder" in cfg.lora.targets else None
             best = run.export_dir / "best"
+            meta = {"tune_step": str(at)}
             lora_io.save_adapter(
-                unet, te, best / lora_io.FINAL_ADAPTER, {"tune_step": str(at)}, dtype=torch.float16
+                unet, te, best / lora_io.FINAL_ADAPTER, meta, dtype=torch.float16, text_encoder_2=te2
             )
             if new_tokens is not None:
                 save_embeddings(new_tokens, best / EMBEDDINGS_FILE, {"tune_step": str(at)})
 
     # ---- loop ---------------------------------------------------------------------------------------
-    sampled_modules = [unet, text_encoder]
+    sampled_modules = [unet, *text_encoders]
     if step == 0 and cfg.sample_every:  # the base model (the adapter is still a no-op)
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=sampled_modules
@@ -250,7 +261,8 @@ def main(cfg: Config) -> RunDir:
     if step == 0:
         evaluate(0)
     unet.train()
-    text_encoder.train(train_text)
+    for model in text_encoders:
+        model.train(train_text)
     batches = p.forever(loader)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="lora", unit="step")
@@ -303,11 +315,9 @@ def main(cfg: Config) -> RunDir:
 
     # ---- save/export --------------------------------------------------------------------------------
     if accelerator.is_main_process:
-        te = text_encoder if "text_encoder" in cfg.lora.targets else None
         file_dtype = EXPORT_DTYPES[cfg.export_dtype]
-        lora_io.save_adapter(
-            unet, te, lora_io.final_adapter_path(run.path), {"tune_step": "final"}, dtype=file_dtype
-        )
+        final = lora_io.final_adapter_path(run.path)
+        lora_io.save_adapter(unet, te, final, {"tune_step": "final"}, dtype=file_dtype, text_encoder_2=te2)
         kohya = lora_io.export_run(run.path, "kohya", dtype=file_dtype, force=True)
         if new_tokens is not None:
             save_embeddings(new_tokens, run.export_dir / EMBEDDINGS_FILE, {"tune_base_model_hash": base_hash})

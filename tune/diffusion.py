@@ -125,13 +125,20 @@ def diffusion_step(
     generator: Generators = None,
     is_prior: torch.Tensor | None = None,
     prior_loss_weight: float = 1.0,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One denoising-loss evaluation: noise the latents, predict, compare with the target."""
+    """One denoising-loss evaluation: noise the latents, predict, compare with the target.
+
+    added_cond_kwargs: the U-Net's extra conditioning (SDXL: `text_embeds` and `time_ids`, see
+    `tune.models.conditioning`); None for SD1/SD2."""
     pred_type = prediction_type(noise_scheduler, cfg)
     noise = sample_noise(latents, cfg.noise_offset, generator)
     timesteps = sample_timesteps(latents.shape[0], noise_scheduler, generator, cfg).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    if added_cond_kwargs is None:
+        model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    else:
+        model_pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
     target = training_target(noise_scheduler, pred_type, latents, noise, timesteps)
     weights = loss_weights(noise_scheduler, timesteps.cpu(), pred_type, cfg.snr_gamma)
     return denoising_loss(model_pred, target, weights, is_prior, prior_loss_weight)

@@ -8,8 +8,9 @@ Modules (import them directly; this package imports nothing eagerly):
 - `tune.data.concepts` `concepts/<name>/concept.toml` into a frozen `Concept`.
 - `tune.data.buckets`  aspect-ratio buckets and crop boxes.
 - `tune.data.sources`  folders, `metadata.jsonl` folders and `datasets` datasets into image records.
-- `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors); `cache_latents`,
-  `cache_text` fill them.
+- `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors); `cache_latents` fills
+  the latent one.
+- `tune.data.text_cache` `cache_text`: the text one (SDXL: both encoders, pooled embeds too).
 - `tune.data.dataset`  `build_dataset`: a source's checked photos as a `PhotoDataset`.
 - `tune.data.batches`  `Batch`, the batch type of every recipe, and `collate`.
 - `tune.data.loader`   `build_dataloader`: batch order, sharding, resume; re-exports what recipes

@@ -1,7 +1,8 @@
 """`Batch`, the one batch type of every recipe, and `collate`, which stacks dataset items into one.
 
 Images of a batch share one bucket (size). `collate` tokenizes the captions when a tokenizer is given
-and text is not cached; `_tokenize` is also how `cache_text` tokenizes them.
+and text is not cached (SDXL: with `tokenizer_2` too, into `input_ids_2`); `_tokenize` is also how
+`cache_text` tokenizes them.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ class Batch:
     """[B, C, H/f, W/f], already shifted and scaled by the VAE's factors; None when not cached."""
     input_ids: torch.Tensor | None = None
     """long [B, L] token ids, when a tokenizer was given and text is not cached."""
+    input_ids_2: torch.Tensor | None = None
+    """long [B, L] token ids of SDXL's second tokenizer, when it was given and text is not cached."""
     encoder_hidden_states: torch.Tensor | None = None
-    """[B, L, D] text-encoder outputs, when text is cached."""
+    """[B, L, D] text-encoder outputs, when text is cached (SDXL: both encoders' penultimate states)."""
+    pooled_text_embeds: torch.Tensor | None = None
+    """[B, P] SDXL's pooled text embeddings (the U-Net's `text_embeds`), when text is cached."""
     seeds: torch.Tensor | None = None
     """long [B]: each sample's own seed, a function of (seed, epoch, photo, draw) only, for the noise and
     timestep a recipe draws for it: the same however the photos are split into micro-batches or processes."""
@@ -71,8 +76,10 @@ def collate(
     *,
     tokenizer: Callable[..., Any] | None = None,
     max_length: int | None = None,
+    tokenizer_2: Callable[..., Any] | None = None,
 ) -> Batch:
-    """Stack dataset items into a `Batch`; tokenizes captions when a tokenizer is given and text is not cached."""
+    """Stack dataset items into a `Batch`; tokenizes captions when a tokenizer is given and text is not
+    cached (with `tokenizer_2` as well, SDXL's second one, into `input_ids_2`)."""
     captions = [it["caption"] for it in items]
     batch = Batch(
         captions=captions,
@@ -89,6 +96,10 @@ def collate(
         batch.pixel_values = torch.stack([it["pixel_values"] for it in items])
     if "encoder_hidden_states" in items[0]:
         batch.encoder_hidden_states = torch.stack([it["encoder_hidden_states"] for it in items])
+        if "pooled_text_embeds" in items[0]:
+            batch.pooled_text_embeds = torch.stack([it["pooled_text_embeds"] for it in items])
     elif tokenizer is not None:
         batch.input_ids = _tokenize(tokenizer, captions, max_length)
+        if tokenizer_2 is not None:
+            batch.input_ids_2 = _tokenize(tokenizer_2, captions, max_length)
     return batch

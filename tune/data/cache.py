@@ -6,7 +6,8 @@ Layout: `<cache_dir>/<kind>/<model fingerprint[:16]>/<key[:2]>/<key>.safetensors
 Cache keys (sha256 of a small JSON document) hold everything the stored tensor depends on:
 - latents: model fingerprint, the photo's content hash (sha256 of the file bytes, so a renamed photo
   still hits and an edited one misses), training resolution, bucket, crop box and flip;
-- text: model fingerprint and the token ids (so a tokenizer change is a miss too).
+- text: model fingerprint and the token ids (so a tokenizer change is a miss too); SDXL's entries add
+  the second encoder's fingerprint and the second tokenizer's ids (`tune.data.text_cache`).
 
 The model fingerprint (`fingerprint_model`) is a sha256 of the model class, its config (minus keys
 starting with "_" and library versions, so the same weights loaded from another path still hit)
@@ -17,8 +18,8 @@ any real change without reading all weights (a few ms even for SD's 83M-paramete
 A latent entry stores the VAE's posterior (`mean`, `std`) in float32 before scaling: the loader draws
 a fresh sample each step, like encoding on the fly would, then applies the VAE's shift/scale factors.
 
-`cache_latents(dataset, vae)` and `cache_text(dataset, text_encoder, tokenizer)` fill the caches for
-a `PhotoDataset`: each encodes only the entries not on disk yet (with an accelerator, each process
+`cache_latents(dataset, vae)` and `cache_text(dataset, text_encoder, tokenizer)` (in
+`tune.data.text_cache`) fill the caches for a `PhotoDataset`: each encodes only the entries not on disk yet (with an accelerator, each process
 its share), then points the dataset at the files.
 """
 
@@ -30,7 +31,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tune.data.batches import _tokenize
 from tune.data.buckets import Bucket, crop_box
 
 if TYPE_CHECKING:
@@ -251,62 +250,5 @@ def cache_latents(
     dataset.latent_shift = float(getattr(config, "shift_factor", None) or 0.0)
     dataset.latent_files = paths
     dataset.cache_stats["latent"] = stats
-    logger.info(str(stats))
-    return stats
-
-
-@torch.no_grad()
-def cache_text(
-    dataset: PhotoDataset,
-    text_encoder: torch.nn.Module,
-    tokenizer: Callable[..., Any],
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 32,
-    max_length: int | None = None,
-    accelerator: Any = None,
-) -> CacheStats:
-    """Encode each distinct caption once (`text_encoder(input_ids)[0]`, the `encoder_hidden_states`).
-
-    With caption dropout the empty caption is cached too (one entry per variant). With
-    `shuffle_captions` nothing is cached (every step is new text): the stats say so and batches keep
-    `input_ids` for the recipe to encode.
-    """
-    stats = CacheStats("text")
-    if dataset.cfg.shuffle_captions:
-        stats.note = "off: shuffle_captions makes new text every step"
-        dataset.text_files = None
-        dataset.cache_stats["text"] = stats
-        logger.info(str(stats))
-        return stats
-    captions = sorted(
-        {c for r in dataset.records for c in (r.caption, *r.alt_captions)}
-        | ({""} if dataset.cfg.caption_dropout > 0 else set())
-    )
-    model_fp = fingerprint_model(text_encoder)
-    ids = _tokenize(tokenizer, captions, max_length)
-    paths: dict[str, str] = {}
-    mine = []  # this process's share of the missing entries
-    for position, (caption, row) in enumerate(zip(captions, ids, strict=True)):
-        key = make_key(kind="text", model=model_fp, input_ids=[int(t) for t in row])
-        path = entry_path(dataset.cache_dir, "text", model_fp, key)
-        paths[caption] = str(path)
-        if is_readable(path):
-            stats.loaded += 1
-        elif _is_mine(position, accelerator):
-            mine.append((row, path))
-    with tqdm(total=len(mine), desc="caching text", unit="caption", disable=not mine) as bar:
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            input_ids = torch.stack([row for row, _ in chunk]).to(device)
-            hidden = text_encoder(input_ids)[0]
-            for (_, path), h in zip(chunk, hidden.float().cpu(), strict=True):
-                save_entry(path, {"encoder_hidden_states": h}, {"format": "tune-text"})
-            stats.encoded += len(chunk)
-            bar.update(len(chunk))
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    dataset.text_files = paths
-    dataset.cache_stats["text"] = stats
     logger.info(str(stats))
     return stats

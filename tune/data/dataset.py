@@ -4,7 +4,8 @@ A `PhotoDataset` holds the checked image records and the transforms of a `DataCo
 by `ItemKey` (photo, epoch, draw, bucket), which the loader's batch sampler hands it, and draws each
 sample's randomness (flip, crop, caption choice / shuffle / dropout, the cached latent's posterior
 sample) from (seed, epoch, photo, draw) only. After `cache_latents` / `cache_text` its items carry
-`latents` / `encoder_hidden_states` read from the cache instead of `pixel_values` / nothing.
+`latents` / `encoder_hidden_states` (SDXL: and `pooled_text_embeds`) read from the cache instead of
+`pixel_values` / nothing.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         else:
             item["pixel_values"] = self.load_pixels(key.index, bucket, box, flip)
         if self.text_files is not None:
-            item["encoder_hidden_states"] = load_entry(self.text_files[caption])["encoder_hidden_states"]
+            item.update(load_entry(self.text_files[caption]))  # encoder_hidden_states (+ pooled_text_embeds)
         return item
 
     def required_latents(self) -> list[tuple[int, Bucket, bool]]:

@@ -3,7 +3,7 @@
     cfg = DataConfig(resolution=512, cache_latents=True)
     dataset = build_dataset("photos/", cfg, instance_prompt="a photo of sks dog", seed=0)
     cache_latents(dataset, vae, device="cuda")              # when cfg.cache_latents
-    cache_text(dataset, text_encoder, tokenizer, device="cuda")  # when cfg.cache_text
+    cache_text(dataset, text_encoder, tokenizer, device="cuda")  # when cfg.cache_text (SDXL: + text_encoder_2=, tokenizer_2=)
     loader = build_dataloader(dataset, batch_size=4, tokenizer=tokenizer, accelerator=accelerator)
     for batch in loader:                                      # Batch; batch.to(device)
         ...
@@ -11,8 +11,8 @@
 
 This module orders the batches (`BucketBatchSampler`) and builds the loader (`build_dataloader`,
 `PhotoLoader`). What the lines above use from elsewhere is re-exported here: `build_dataset`,
-`PhotoDataset`, `ItemKey` from `tune.data.dataset`; `cache_latents`, `cache_text` from
-`tune.data.cache`; `Batch`, `collate` from `tune.data.batches`; `DataConfig` from `tune.data.config`.
+`PhotoDataset`, `ItemKey` from `tune.data.dataset`; `cache_latents` from `tune.data.cache`, `cache_text`
+from `tune.data.text_cache`; `Batch`, `collate` from `tune.data.batches`; `DataConfig` from `tune.data.config`.
 
 Determinism: the order of batches depends only on (seed, epoch); each sample's randomness (flip,
 random crop, caption shuffle / dropout, the latent's posterior sample) depends only on (seed, epoch,
@@ -49,9 +49,10 @@ import torch
 
 from tune.data.batches import Batch, collate
 from tune.data.buckets import Bucket
-from tune.data.cache import cache_latents, cache_text
+from tune.data.cache import cache_latents
 from tune.data.config import DataConfig
 from tune.data.dataset import ItemKey, PhotoDataset, build_dataset
+from tune.data.text_cache import cache_text
 from tune.errors import DataError
 
 __all__ = [
@@ -202,6 +203,7 @@ def build_dataloader(
     batch_size: int,
     tokenizer: Callable[..., Any] | None = None,
     max_length: int | None = None,
+    tokenizer_2: Callable[..., Any] | None = None,
     seed: int | None = None,
     accelerator: Any = None,
     num_processes: int = 1,
@@ -211,6 +213,7 @@ def build_dataloader(
 
     tokenizer: any HF-style tokenizer / callable `(texts, padding="max_length", max_length=...,
         truncation=True, return_tensors="pt")`; batches then carry `input_ids` (unless text is cached).
+    tokenizer_2: SDXL's second tokenizer; batches then carry `input_ids_2` too.
     seed: the order's seed; defaults to the dataset's.
     accelerator / num_processes, process_index: shard across processes (see the module docstring).
     """
@@ -229,7 +232,9 @@ def build_dataloader(
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, tokenizer=tokenizer, max_length=max_length),
+        collate_fn=functools.partial(
+            collate, tokenizer=tokenizer, max_length=max_length, tokenizer_2=tokenizer_2
+        ),
         num_workers=dataset.cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,

@@ -17,16 +17,25 @@ from tune.lora.write import save_lora
 
 
 def lora_from_peft(
-    unet: nn.Module | None, text_encoder: nn.Module | None = None, adapter_name: str = "default"
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None = None,
+    adapter_name: str = "default",
+    *,
+    text_encoder_2: nn.Module | None = None,
 ) -> Lora:
     """The adapter `adapter_name` of PEFT-injected models (`unet.add_adapter`, `text_encoder.add_adapter`,
     `inject_adapter_in_model` or `get_peft_model`) as a Lora, each module at its effective scale
-    (the layer's own `scaling`, so rank_pattern, alpha_pattern and rsLoRA are all honoured)."""
+    (the layer's own `scaling`, so rank_pattern, alpha_pattern and rsLoRA are all honoured).
+    SDXL's `text_encoder_2` adapters become component "text_encoder_2"."""
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
     modules: dict[str, LoraModule] = {}
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for component, model in (
+        ("unet", unet),
+        ("text_encoder", text_encoder),
+        ("text_encoder_2", text_encoder_2),
+    ):
         if model is None:
             continue
         configs = getattr(model, "peft_config", None) or {}
@@ -72,14 +81,15 @@ def save_adapter(
     *,
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
     """Write a PEFT-injected adapter as the run directory's diffusers-format adapter file.
 
     The recipe calls it for `checkpoints/step_NNNNNN/lora.safetensors` and
     `export/pytorch_lora_weights.safetensors` (see `tune.lora.run_files`); either model may be None
-    when only the other one was trained. fp32 by default: `tune export` picks the shipping dtype.
+    when only the other one was trained; SDXL's `text_encoder_2` is written with the text encoder. fp32 by default: `tune export` picks the shipping dtype.
     Each module's scale is baked into lora_B (alpha = r), so the file is for sampling, export and
     sharing; resume training from the accelerate state, not by loading this file into the adapter.
     """
-    lora = lora_from_peft(unet, text_encoder, adapter_name)
+    lora = lora_from_peft(unet, text_encoder, adapter_name, text_encoder_2=text_encoder_2)
     return save_lora(lora, path, "diffusers", dtype=dtype, metadata=metadata)

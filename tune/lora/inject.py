@@ -29,10 +29,13 @@ def inject_lora(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
+    *,
+    text_encoder_2: nn.Module | None = None,
 ) -> None:
     """Add a trainable adapter (rank, alpha, dropout; gaussian down, zero up: a no-op at first) to every
-    module of the `targets` groups; "text_encoder" targets the text encoder's attention and MLP. peft
-    freezes everything else of an injected model."""
+    module of the `targets` groups; "text_encoder" targets the text encoder's attention and MLP, and
+    SDXL's second text encoder's (`text_encoder_2`) too. peft freezes everything else of an injected
+    model."""
     from peft import LoraConfig, inject_adapter_in_model
 
     unet_groups = [UNET_TARGETS[t] for t in targets if t in UNET_TARGETS]
@@ -45,4 +48,6 @@ def inject_lora(
     # The text encoder takes peft's own injection, not transformers' `add_adapter` gate (transformers 5.24
     # demands an unreleased peft there); it also freezes all but the adapters and records `peft_config`.
     if "text_encoder" in targets:
-        inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **adapter), text_encoder)
+        for model in (text_encoder, text_encoder_2):
+            if model is not None:
+                inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **adapter), model)

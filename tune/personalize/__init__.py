@@ -55,6 +55,8 @@ from tune.personalize.loading import (
     load_base,
     resolve_resolution,
     sample_generators,
+    vae_dtype,
+    with_components,
 )
 from tune.personalize.subject import (
     Prior,
@@ -102,6 +104,8 @@ __all__ = [
     "resolve_subject",
     "run_info",
     "sample_generators",
+    "vae_dtype",
+    "with_components",
     "sample_validation",
     "trigger_and_class",
     "validation_prompts",

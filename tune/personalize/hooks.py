@@ -57,10 +57,17 @@ def sample_validation(
 
 
 def run_info(
-    subject: Subject, cfg: PersonalizeConfig, base_hash: str, dataset: PhotoDataset
+    subject: Subject, cfg: PersonalizeConfig, base_hash: str, dataset: PhotoDataset, *, pipe: Any = None
 ) -> dict[str, Any]:
-    """The facts run.json carries for eval, export and the dashboard."""
+    """The facts run.json carries for eval, export and the dashboard; with the base `pipe`, also its
+    family (`base_family`: sd1, sd2 or sdxl)."""
+    family = {}
+    if pipe is not None:
+        from tune.models.families import family_of_pipeline
+
+        family["base_family"] = family_of_pipeline(pipe)
     return {
+        **family,
         "base_model": cfg.base_model,
         "base_model_hash": base_hash,
         "concept": str(find_path(cfg.concept).resolve()) if cfg.concept else "",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from tune.data.loader import Batch, PhotoDataset, PhotoLoader
+    from tune.models.conditioning import TextEncoders
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,30 @@ def load_base(path: str) -> StableDiffusionPipeline:
 # ---------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------
+
+
+def with_components(pipe: Any, **components: Any) -> Any:
+    """A pipeline of `pipe`'s class (SD1/SD2 or SDXL) on its components, with `components` swapped in;
+    no safety checker, no watermark."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    extra: dict[str, Any] = {}
+    if isinstance(pipe, StableDiffusionPipeline):
+        extra["requires_safety_checker"] = False
+    elif isinstance(pipe, StableDiffusionXLPipeline):
+        extra["add_watermarker"] = False
+    new = type(pipe)(**{**pipe.components, **components}, **extra)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def vae_dtype(pipe: Any, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype under mixed precision `dtype`: on SDXL, fp32 instead of fp16 when the VAE's config
+    says `force_upcast` (SDXL's original VAE overflows in fp16; bf16 has fp32's range and is kept). Like
+    diffusers' pipelines, SD1/SD2 ignore the flag (diffusers' AutoencoderKL defaults it to True)."""
+    force_upcast = getattr(pipe.vae.config, "force_upcast", False)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return torch.float32 if sdxl and dtype == torch.float16 and force_upcast else dtype
 
 
 def latent_multiple(pipe: StableDiffusionPipeline) -> int:
@@ -77,7 +102,8 @@ def build_photo_loader(
     """The shared loader over the photos (plus class images), with cached latents when the crop allows.
 
     cache_text: also cache the (frozen) text encoder's outputs; batches then carry
-    `encoder_hidden_states` instead of `input_ids`.
+    `encoder_hidden_states` instead of `input_ids`. An SDXL pipe's second tokenizer and encoder take part
+    too (`input_ids_2`; cached: `pooled_text_embeds`).
     """
     from tune.data import loader as photo_loader
     from tune.data.config import DataConfig
@@ -112,10 +138,21 @@ def build_photo_loader(
         photo_loader.cache_latents(dataset, pipe.vae, device=device, accelerator=accelerator)
     if cache_text:
         photo_loader.cache_text(
-            dataset, pipe.text_encoder, pipe.tokenizer, device=device, accelerator=accelerator
+            dataset,
+            pipe.text_encoder,
+            pipe.tokenizer,
+            text_encoder_2=getattr(pipe, "text_encoder_2", None),
+            tokenizer_2=getattr(pipe, "tokenizer_2", None),
+            device=device,
+            accelerator=accelerator,
         )
     loader = photo_loader.build_dataloader(
-        dataset, batch_size=batch_size, tokenizer=pipe.tokenizer, seed=seed, accelerator=accelerator
+        dataset,
+        batch_size=batch_size,
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        seed=seed,
+        accelerator=accelerator,
     )
     return dataset, loader
 
@@ -148,11 +185,14 @@ def encode_batch(
     batch: Batch,
     *,
     vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    text_encoder: torch.nn.Module | TextEncoders,
     generator: torch.Generator | list[torch.Generator],
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, encoder_hidden_states) of a batch: cached ones as they are, the rest encoded now."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(latents, encoder_hidden_states, pooled text embeds or None) of a batch: cached ones as they are,
+    the rest encoded now. `text_encoder` is SD1/SD2's encoder or (any family) a `TextEncoders`."""
+    from tune.models.conditioning import TextEncoders  # tune.models loads diffusers: on first use
+
     if batch.latents is not None:
         latents = batch.latents.to(dtype)
     else:
@@ -165,11 +205,11 @@ def encode_batch(
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = ((sample - shift) * vae.config.scaling_factor).to(dtype)
     if batch.encoder_hidden_states is not None:
-        hidden = batch.encoder_hidden_states
-    else:
-        assert batch.input_ids is not None
-        hidden = text_encoder(batch.input_ids.to(text_encoder.device))[0]
-    return latents, hidden
+        return latents, batch.encoder_hidden_states, batch.pooled_text_embeds
+    assert batch.input_ids is not None
+    encoders = text_encoder if isinstance(text_encoder, TextEncoders) else TextEncoders(text_encoder)
+    hidden, pooled = encoders(batch.input_ids, batch.input_ids_2)
+    return latents, hidden, pooled
 
 
 @dataclass(frozen=True)
@@ -179,7 +219,9 @@ class PhotoLoss:
     (`encode_batch`), and `diffusion_step`, with prior preservation's weight on the class images.
 
     `unet` and `text_encoder` are the modules the training forward runs through (DDP wrappers or compiled
-    where the recipe prepared them)."""
+    where the recipe prepared them); `text_encoder` is SD1/SD2's encoder or a `TextEncoders`, which for
+    SDXL also gives the U-Net the pooled text embeds and each image's `add_time_ids` (its own original
+    size and crop, class images included)."""
 
     unet: Any
     vae: torch.nn.Module
@@ -191,10 +233,13 @@ class PhotoLoss:
     prior_loss_weight: float = 1.0
 
     def __call__(self, batch: Batch, micro_step: int) -> torch.Tensor:
+        from tune.models.conditioning import add_time_ids, added_cond_kwargs
+
         generator = sample_generators(batch, self.seed, micro_step)
-        latents, hidden = encode_batch(
+        latents, hidden, pooled = encode_batch(
             batch, vae=self.vae, text_encoder=self.text_encoder, generator=generator, dtype=self.dtype
         )
+        time_ids = add_time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_size)
         return diffusion_step(
             self.unet,
             self.noise_scheduler,
@@ -204,4 +249,5 @@ class PhotoLoss:
             generator,
             is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
             prior_loss_weight=self.prior_loss_weight,
+            added_cond_kwargs=added_cond_kwargs(pooled, time_ids),
         )
