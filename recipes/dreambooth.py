@@ -115,7 +115,7 @@ def main(cfg: Config) -> RunDir:
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     text_encoders = [m for m in (text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    base_hash = base_model_hash(unet, text_encoder)
+    base_hash = base_model_hash(unet, text_encoder, getattr(pipe, "text_encoder_2", None))
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:

@@ -147,7 +147,7 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    base_hash = lora_io.base_model_hash(unet, text_encoder)
+    base_hash = lora_io.base_model_hash(unet, text_encoder, getattr(pipe, "text_encoder_2", None))
     train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
     dtype = weight_dtype(accelerator)
     text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]

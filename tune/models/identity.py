@@ -19,9 +19,12 @@ from torch import nn
 _TEXT_MODEL_LEVEL = "text_model."
 
 
-def base_model_hash(unet: nn.Module, text_encoder: nn.Module | None = None) -> str:
-    """`tune_base_model_hash`: sha256 over the U-Net's and text encoder's weights (not the VAE's: a
-    LoRA never touches it, and VAEs are swapped freely).
+def base_model_hash(
+    unet: nn.Module, text_encoder: nn.Module | None = None, text_encoder_2: nn.Module | None = None
+) -> str:
+    """`tune_base_model_hash`: sha256 over the U-Net's and text encoders' weights (not the VAE's: a
+    LoRA never touches it, and VAEs are swapped freely). `text_encoder_2` is SDXL's second encoder;
+    without one (SD1.x, SD2.x) the hash is what it always was.
 
     Hashed per tensor in name order: the name (text-encoder names in the canonical `text_model.`
     spelling), the shape, then the values as little-endian float32. So the hash names the weights
@@ -30,7 +33,8 @@ def base_model_hash(unet: nn.Module, text_encoder: nn.Module | None = None) -> s
     tensors are skipped and `.base_layer` is dropped, so an injected model hashes as its base.
     """
     digest = hashlib.sha256()
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    components = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+    for component, model in components:
         if model is None:
             continue
         state = {}
@@ -38,7 +42,7 @@ def base_model_hash(unet: nn.Module, text_encoder: nn.Module | None = None) -> s
             if "lora_" in key:
                 continue
             name = key.replace(".base_layer.", ".")
-            if component == "text_encoder" and not name.startswith(_TEXT_MODEL_LEVEL):
+            if component.startswith("text_encoder") and not name.startswith(_TEXT_MODEL_LEVEL):
                 name = _TEXT_MODEL_LEVEL + name
             state[f"{component}.{name}"] = tensor
         for name in sorted(state):
