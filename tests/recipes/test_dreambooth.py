@@ -106,8 +106,10 @@ def test_export_is_the_ema_unet_and_samples_like_the_run(first_run: Path, tmp_pa
         pipe, ["a photo of sks toy", "a photo of toy"], [0], tmp_path, steps=2, guidance=6.0, progress=False
     )
     for name in ("p00_s0.png", "p01_s0.png"):
-        ours = np.asarray(Image.open(first_run / "samples" / "step_000004" / name))
-        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), ours)
+        ours = np.asarray(Image.open(first_run / "samples" / "step_000004" / name)).astype(int)
+        # Equal up to a last-bit rounding on some CPUs (1 of 255 on 1 of 3072 values seen); step 2's
+        # samples differ from step 4's by up to 20 on most values.
+        assert np.abs(np.asarray(Image.open(tmp_path / name)).astype(int) - ours).max() <= 1
 
 
 def test_resume_is_exact(
