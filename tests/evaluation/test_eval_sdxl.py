@@ -1,8 +1,9 @@
 """tune eval on a run whose base model is SDXL (tiny-sdxl-shallow, 64 px): the base and each checkpoint's
 LoRA (U-Net and both text encoders) are drawn through StableDiffusionXLPipeline and scored.
 
-The run directory is written here as the lora recipe leaves it (run.json, complete checkpoints holding
-lora.safetensors, DONE); the lora recipe itself on SDXL is tested with the recipes."""
+The first test writes the run directory as the lora recipe leaves it (run.json, complete checkpoints
+holding lora.safetensors, DONE); the second runs the lora recipe itself on SDXL with eval_every, as
+test_eval.py does on SD1."""
 
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 
+from recipes import lora as lora_recipe
+from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.cli import main as cli_main
+from tune.config import load_config
 from tune.lora.core import Lora
 from tune.models import build_pipeline, load_pipeline
 from tune.runs import RunDir
 from tune.sampling import generate
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
+from test_eval import TINY_SUITE, check_report  # noqa: E402
 from test_metrics import save_tiny_clip  # noqa: E402
 
 from recipe_testkit import make_concept  # noqa: E402
@@ -104,3 +109,34 @@ def test_tune_eval_scores_an_sdxl_run(sdxl_run: dict[str, Path]) -> None:
         got = np.asarray(drawn[f"step_{step:06d}"], dtype=np.float64)
         assert np.abs(got - np.asarray(expected.image, dtype=np.float64)).mean() < 1.0
         assert np.abs(got - np.asarray(drawn["base"], dtype=np.float64)).mean() > 1.0
+
+
+def test_lora_recipe_on_sdxl_is_evaluated_in_training_and_after(
+    sdxl_run: dict[str, Path], tmp_path: Path
+) -> None:
+    """The lora recipe on the SDXL base with eval_every: the report written during training, and
+    `tune eval` afterwards scoring the same numbers (needs the lora recipe on SDXL)."""
+    (tmp_path / "suite.toml").write_text(TINY_SUITE)
+    overrides = [
+        f"base_model={sdxl_run['base']}",
+        f"concept={make_concept(tmp_path / 'concept')}",
+        f"output_dir={tmp_path / 'lora'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "resolution=64",
+        "eval_every=2",
+        f"eval_suite={tmp_path / 'suite.toml'}",
+        f"eval_clip={sdxl_run['clip']}",
+        "sample_every=0",
+    ]
+    cfg = load_config(lora_recipe.Config, PROJECT_ROOT / "recipes/configs/lora/tiny.toml", overrides)
+    run = lora_recipe.main(cfg).path
+    during = json.loads((run / "eval" / "report.json").read_text())
+    check_report(during, run, [2, 4])
+    args = ["eval", str(run), "--suite", str(tmp_path / "suite.toml"), "--clip", str(sdxl_run["clip"])]
+    assert cli_main([*args, "--device", "cpu"]) == 0
+    after = json.loads((run / "eval" / "report.json").read_text())
+    check_report(after, run, [2, 4])
+    for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
+        assert after["base"][key] == pytest.approx(during["base"][key], abs=1e-5)
+        for a, b in zip(after["checkpoints"], during["checkpoints"], strict=True):
+            assert a[key] == pytest.approx(b[key], abs=1e-3)
