@@ -154,8 +154,10 @@ def test_every_scheduler_matches_diffusers(family_dir: tuple[str, str]) -> None:
     assert mean_abs_diff(negative.image, plain.image) > 0.5
 
 
-def test_trajectory_and_grid_on_sdxl(sdxl_dir: str, tmp_path: Path) -> None:
-    pipe = load_pipeline(sdxl_dir)
+def test_trajectory_and_grid(family_dir: tuple[str, str], tmp_path: Path) -> None:
+    """Film strips of x0 predictions (SD2: from v-prediction) and the grid files, at the native size."""
+    pipe = load_pipeline(family_dir[1])
+    side = sampling.native_size(pipe)[0]
     samples = sampling.sample_grid(pipe, [PROMPT, NEGATIVE], [0, 5], tmp_path, steps=6, trajectory_every=2)
     sample = samples[0]
     [plain] = sampling.generate(pipe, PROMPT, 0, steps=6, progress=False)
@@ -163,7 +165,7 @@ def test_trajectory_and_grid_on_sdxl(sdxl_dir: str, tmp_path: Path) -> None:
     assert np.array_equal(pixels(sample.image), pixels(plain.image))  # decoding frames changes nothing
     assert mean_abs_diff(sample.frames[0], sample.image) > 1  # x0 predictions evolve
     with Image.open(tmp_path / "p00_s0_trajectory.png") as strip:
-        assert strip.size == (3 * 64, 64)
+        assert strip.size == (3 * side, side)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "p01_s5.png").is_file()
 
 
