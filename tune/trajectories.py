@@ -43,13 +43,15 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents * std_t / config.scaling_factor + mean_t
     else:
         latents = latents / config.scaling_factor
+    # torch's Module.to, not diffusers' ModelMixin.to: diffusers 0.42 logs a warning on every dtype cast,
+    # which would repeat twice per frame; the cast itself is the same.
     if upcast:
-        vae.to(torch.float32)
+        torch.nn.Module.to(vae, torch.float32)
     try:
         decoded = vae.decode(latents, return_dict=False)[0]
     finally:
         if upcast:
-            vae.to(torch.float16)
+            torch.nn.Module.to(vae, torch.float16)
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
