@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -62,12 +63,13 @@ def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved tiny-sdxl-shallow folder for the SDXL-only tests."""
     path = tmp_path_factory.mktemp("tiny-sdxl-shallow-lora")
     build_pipeline("tiny-sdxl-shallow", seed=0).save_pretrained(path)
     return str(path)
 
 
-def reference(preset: str, folder: str, img2img: bool = False) -> StableDiffusionPipeline:
+def reference(preset: str, folder: str, img2img: bool = False) -> DiffusionPipeline:
     text_cls, img_cls, text_kwargs, img_kwargs = REFERENCE[preset]
     cls, kwargs = (img_cls, img_kwargs) if img2img else (text_cls, text_kwargs)
     pipe = cls.from_pretrained(folder, local_files_only=True, **kwargs)
