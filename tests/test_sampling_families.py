@@ -198,9 +198,12 @@ def add_random_lora(model: torch.nn.Module, targets: list[str], seed: int) -> No
                 param.copy_(torch.randn_like(param) * 0.3)
 
 
-def test_tune_sample_lora_on_sdxl_equals_the_in_memory_adapter(sdxl_dir: str, tmp_path: Path) -> None:
-    """A LoRA on the U-Net and both text encoders, written as a diffusers-format file: `tune sample --lora`
-    draws what the PEFT adapters draw in memory."""
+@pytest.mark.parametrize("file_format", ["diffusers", "kohya"])
+def test_tune_sample_lora_on_sdxl_equals_the_in_memory_adapter(
+    sdxl_dir: str, tmp_path: Path, file_format: str
+) -> None:
+    """A LoRA on the U-Net and both text encoders, written as a diffusers or kohya (SGM U-Net names,
+    lora_te1_/lora_te2_) file: `tune sample --lora` draws what the PEFT adapters draw in memory."""
     pipe = load_pipeline(sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
     attention = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -211,7 +214,7 @@ def test_tune_sample_lora_on_sdxl_equals_the_in_memory_adapter(sdxl_dir: str, tm
     second = lora_io.lora_from_peft(None, pipe.text_encoder_2).modules
     modules |= {f"text_encoder_2.{k.removeprefix('text_encoder.')}": v for k, v in second.items()}
     lora = Lora(modules=modules, formats=frozenset({"peft"}))
-    path = lora_io.save_lora(lora, tmp_path / "x.safetensors", "diffusers", dtype=torch.float32)
+    path = lora_io.save_lora(lora, tmp_path / "x.safetensors", file_format, dtype=torch.float32)
     [in_memory] = sampling.generate(pipe, PROMPT, 4, steps=6, progress=False)
     out = tmp_path / "lora.png"
     argv = ["sample", "--model", sdxl_dir, "--prompt", PROMPT, "--lora", str(path), "--steps", "6"]
