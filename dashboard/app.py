@@ -268,6 +268,10 @@ def page_trajectory(run: RunInfo, name: str) -> None:
         st.image(result[3], caption="generated live: noise (left) to image (right)")
 
 
+_EXPORT_FACTS = "kind format base tensors parameters dtypes modules ranks vectors trigger".split()
+"""What the Export page shows of each file's summary (data.describe_safetensors), in this order."""
+
+
 def page_export(run: RunInfo, name: str) -> None:
     st.header(f"Export · {name}")
     files = data.export_files(run)
@@ -282,11 +286,7 @@ def page_export(run: RunInfo, name: str) -> None:
             if "problem" in summary:
                 st.error(summary["problem"])
                 continue
-            facts = {
-                k: summary[k]
-                for k in ("kind", "format", "tensors", "parameters", "dtypes", "modules", "ranks", "trigger")
-                if k in summary
-            }
+            facts = {k: summary[k] for k in _EXPORT_FACTS if k in summary}
             st.json(facts, expanded=True)
             st.download_button(
                 f"Download {path.name}",

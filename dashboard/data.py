@@ -406,6 +406,7 @@ _DOWN_SUFFIXES += (".lora_linear_layer.down.weight",)
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
 _DTYPE_NAMES |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _DTYPE_NAMES |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
 
 
 def _dtype_name(code: object) -> str:
@@ -445,7 +446,7 @@ def describe_safetensors(path: str | Path) -> dict[str, Any]:
         )
         components: dict[str, int] = {}
         for k in downs:
-            comp = "text_encoder" if k.startswith(("lora_te", "text_encoder")) else "unet"
+            comp = _lora_component(k)
             components[comp] = components.get(comp, 0) + 1
         summary.update(
             kind="LoRA",
@@ -455,12 +456,27 @@ def describe_safetensors(path: str | Path) -> dict[str, Any]:
         )
     elif len(keys) == 1 and len(shapes[keys[0]]) <= 2:
         summary.update(kind="embedding", token=keys[0], vectors=shapes[keys[0]][0] if shapes[keys[0]] else 1)
+    elif set(keys) == set(_SDXL_EMBEDDING_KEYS) and all(len(shapes[k]) == 2 for k in keys):
+        # SDXL's one-file textual inversion: a row block per text encoder; the token is the file name.
+        summary.update(kind="embedding", format="SDXL (clip_l + clip_g)", vectors=shapes["clip_g"][0])
     else:
         summary.update(kind="weights")
     trigger = metadata.get("modelspec.trigger_phrase") or metadata.get("token")
     if trigger:
         summary["trigger"] = trigger
+    base = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
+    if base:
+        summary["base"] = base
     return summary
+
+
+def _lora_component(key: str) -> str:
+    """unet, text_encoder or text_encoder_2 (SDXL's second) from a kohya or diffusers LoRA key."""
+    if key.startswith(("lora_te2_", "text_encoder_2.")):
+        return "text_encoder_2"
+    if key.startswith(("lora_te", "text_encoder")):  # lora_te_ (SD1/SD2) and lora_te1_ (SDXL)
+        return "text_encoder"
+    return "unet"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The shared sampler: prompts x seeds -> images, grids and denoising trajectories.
 
 Every recipe (validation samples), `tune eval`, the dashboard and `tune sample` generate through
-`generate()`, which runs diffusers' own StableDiffusionPipeline (or StableDiffusionImg2ImgPipeline for
-an init image), so what we show is what diffusers users get from the same weights and settings.
+`generate()`, which runs diffusers' own pipeline of the model's family (`PIPELINES`: StableDiffusionPipeline
+for SD1.x and SD2.x, StableDiffusionXLPipeline for SDXL, and their img2img classes for an init image), so
+what we show is what diffusers users get from the same weights and settings.
 
 Reproducibility: image (prompt i, seed s) starts from `torch.Generator("cpu").manual_seed(s)`, so on a
 CPU the same settings give the bit-identical image, and a seed means the same image whatever other
@@ -22,17 +23,13 @@ Files written by `sample_grid(pipe, prompts, seeds, out_dir)` (recipes call it f
                                      "batch_size"), "grid": "grid.png", "images": [{"file",
                                      "prompt_index", "prompt", "seed", "trajectory" (file or null)}]}
 
-Trajectories (`trajectory_every=K`): every K denoising steps the callback decodes the scheduler's
-prediction of the *clean* latents x0 (`pred_original_sample`; for DPM-Solver++ its x0 model output)
-rather than the current noisy latents x_t: x0 shows what the model is converging to at each step,
-while x_t looks like noise until the last few steps. Schedulers that expose no x0 fall back to x_t.
-The strip holds ceil(n / K) frames for n denoising steps, left (early, noisy) to right, and the last
-frame is always the final image.
+Trajectories (`trajectory_every=K`): a frame every K denoising steps, decoded from the scheduler's
+prediction of the clean latents x0 (see `tune.trajectories`). The strip holds ceil(n / K) frames for n
+denoising steps, left (early, noisy) to right, and the last frame is always the final image.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -47,18 +44,23 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     SchedulerMixin,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image
 from tqdm.auto import tqdm
 
 from tune.errors import ConfigError, DataError
 from tune.grids import make_film_strip, make_grid
+from tune.models.families import Family, family_of_pipeline
+from tune.trajectories import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,13 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 """Scheduler names accepted everywhere (CLI, configs, dashboard) -> diffusers classes. Each is built
 `from_config(pipe.scheduler.config)`, so it keeps the model's noise schedule and prediction type."""
+
+PIPELINES: dict[Family, tuple[type[DiffusionPipeline], type[DiffusionPipeline]]] = {
+    "sd1": (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline),
+    "sd2": (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline),
+    "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline),
+}
+"""(text-to-image, img2img) diffusers pipeline classes of each family (SD2's scheduler says v-prediction)."""
 
 DEFAULT_MODEL = "models/world-base"
 IMAGE_NAME = "p{i:02d}_s{seed}.png"
@@ -100,7 +109,7 @@ class Sample:
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_scheduler(pipe: StableDiffusionPipeline, name: str | None = None) -> SchedulerMixin:
+def build_scheduler(pipe: DiffusionPipeline, name: str | None = None) -> SchedulerMixin:
     """A fresh scheduler: `name` from SCHEDULERS, or the pipeline's own class when None.
 
     Always a new instance, so sampling never changes the state or class of `pipe.scheduler`.
@@ -114,13 +123,13 @@ def build_scheduler(pipe: StableDiffusionPipeline, name: str | None = None) -> S
     return cls.from_config(pipe.scheduler.config)
 
 
-def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
+def native_size(pipe: DiffusionPipeline) -> tuple[int, int]:
     """(width, height) the model was trained at: unet sample size x the VAE's downsampling factor."""
     side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return side, side
 
 
-def check_size(pipe: StableDiffusionPipeline, width: int | None, height: int | None) -> tuple[int, int]:
+def check_size(pipe: DiffusionPipeline, width: int | None, height: int | None) -> tuple[int, int]:
     """(width, height) with None replaced by the native size; both must be multiples of the latent
     grid (the VAE factor) and of 8 (diffusers' own requirement)."""
     native_w, native_h = native_size(pipe)
@@ -150,75 +159,37 @@ def load_init_image(image: Image.Image | str | Path, width: int, height: int) ->
     return image
 
 
-def _sampling_pipeline(
-    pipe: StableDiffusionPipeline, scheduler: SchedulerMixin, *, img2img: bool
-) -> StableDiffusionPipeline:
-    """A pipeline object sharing `pipe`'s modules but with its own scheduler (and class for img2img).
+def _sampling_pipeline(pipe: DiffusionPipeline, scheduler: SchedulerMixin, *, img2img: bool) -> Any:
+    """A pipeline object of the family's class sharing `pipe`'s modules but with its own scheduler.
 
     Built directly rather than with `from_pipe`: `from_pipe` ends with `.to(torch_dtype or float32)`,
     which would cast the caller's shared (say fp16) modules in place. Constructing is cheap (no copies).
     """
-    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    family = family_of_pipeline(pipe)
+    cls = PIPELINES[family][1 if img2img else 0]
     expected = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in pipe.components.items() if k in expected}
     components["scheduler"] = scheduler
-    # requires_safety_checker only controls a warning about a missing checker; the caller already
-    # decided about that when building `pipe`. A present checker still runs.
-    view = cls(**components, requires_safety_checker=False)
+    if family == "sdxl":
+        # The caller's choices carry over: zeros for an empty negative prompt (the SDXL base's default)
+        # and its watermarker (set after construction, so building ours never imports one). The base
+        # model, unlike the refiner, has no aesthetic-score conditioning.
+        options: dict[str, Any] = {
+            "force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt", True),
+            "add_watermarker": False,
+        }
+        if img2img:
+            options["requires_aesthetics_score"] = False
+        view = cls(**components, **options)
+        view.watermark = getattr(pipe, "watermark", None)
+    else:
+        # requires_safety_checker only controls a warning about a missing checker; the caller already
+        # decided about that when building `pipe`. A present checker still runs.
+        view = cls(**components, requires_safety_checker=False)
     view.set_progress_bar_config(
         **getattr(pipe, "_progress_bar_config", {})
     )  # e.g. the caller's disable=True
     return view
-
-
-# ---------------------------------------------------------------------------------------------------
-# Trajectories
-# ---------------------------------------------------------------------------------------------------
-
-
-class _Trajectory:
-    """Records x0 predictions from the scheduler and decodes every `every`-th step into frames."""
-
-    def __init__(self, every: int, scheduler: SchedulerMixin) -> None:
-        self.every = every
-        self.frames: list[list[Image.Image]] = []
-        self._x0: torch.Tensor | None = None
-        original = scheduler.step
-
-        # Wrapping (not replacing) `step` on our private scheduler instance: diffusers discards the
-        # step's pred_original_sample. functools.wraps keeps the signature visible to
-        # inspect.signature, which the pipeline uses to decide whether to pass `generator`/`eta`.
-        @functools.wraps(original)
-        def step(*args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-            out = original(*args, return_dict=True, **kwargs)
-            self._x0 = getattr(out, "pred_original_sample", None)
-            if self._x0 is None and getattr(scheduler.config, "algorithm_type", "") in (
-                "dpmsolver++",
-                "sde-dpmsolver++",
-            ):
-                self._x0 = scheduler.model_outputs[-1]  # DPM-Solver++ works on x0 predictions
-            return out if return_dict else (out.prev_sample,)
-
-        scheduler.step = step  # type: ignore[method-assign]
-
-    def reset(self, batch: int) -> None:
-        self.frames = [[] for _ in range(batch)]
-        self._x0 = None
-
-    def __call__(
-        self, pipe: StableDiffusionPipeline, i: int, t: Any, callback_kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        done = i + 1
-        # The last step's frame is the final image, which the caller appends after decoding.
-        if done % self.every == 0 and done < pipe.num_timesteps:
-            latents = self._x0 if self._x0 is not None else callback_kwargs["latents"]
-            vae = pipe.vae
-            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            for frames, image in zip(
-                self.frames, pipe.image_processor.postprocess(decoded, output_type="pil"), strict=True
-            ):
-                frames.append(image)
-        return {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +198,7 @@ class _Trajectory:
 
 
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompts: str | Sequence[str],
     seeds: int | Sequence[int],
     *,
@@ -288,7 +259,7 @@ def generate(
         call_args.update(width=width, height=height)
 
     sampler = _sampling_pipeline(pipe, build_scheduler(pipe, scheduler), img2img=img2img)
-    trajectory = _Trajectory(trajectory_every, sampler.scheduler) if trajectory_every else None
+    trajectory = Trajectory(trajectory_every, sampler.scheduler) if trajectory_every else None
     if trajectory is not None:
         call_args.update(callback_on_step_end=trajectory, callback_on_step_end_tensor_inputs=["latents"])
     if paired:
@@ -323,7 +294,7 @@ def generate(
 
 
 def sample_grid(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompts: str | Sequence[str],
     seeds: int | Sequence[int],
     out_dir: str | Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dashboard_testkit import LORA_RUN, PROMPTS, SEEDS, STEPS, STOPPED_RUN
 
@@ -98,3 +99,31 @@ def test_default_columns_keep_base_and_last():
     assert data.default_columns([0, 200]) == [0, 200]
     cols = data.default_columns(list(range(0, 2001, 100)))
     assert cols[0] == 0 and cols[-1] == 2000 and len(cols) == 5
+
+
+def test_describe_sdxl_lora_and_embedding_files(tmp_path: Path):
+    """SDXL files: kohya te1/te2 keys and a diffusers text_encoder_2 count as their own components, the
+    base named in the metadata is shown, and the one-file clip_l + clip_g embedding is an embedding."""
+    from safetensors.numpy import save_file
+
+    down, up = np.zeros((4, 16), np.float16), np.zeros((16, 4), np.float16)
+    kohya = {}
+    for stem in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "lora_te1_text_model_x"):
+        kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+    for i in range(2):
+        stem = f"lora_te2_text_model_encoder_layers_{i}_self_attn_q_proj"
+        kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+    save_file(kohya, str(tmp_path / "k.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    summary = data.describe_safetensors(tmp_path / "k.safetensors")
+    assert summary["modules"] == {"unet": 1, "text_encoder": 1, "text_encoder_2": 2}
+    assert (summary["format"], summary["base"]) == ("kohya", "sdxl_base_v1-0")
+    diffusers = {
+        f"{c}.m.lora_{ab}.weight": down for c in ("unet", "text_encoder", "text_encoder_2") for ab in "AB"
+    }
+    save_file(diffusers, str(tmp_path / "d.safetensors"))
+    summary = data.describe_safetensors(tmp_path / "d.safetensors")
+    assert summary["modules"] == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1} and "base" not in summary
+    rows = {"clip_l": np.zeros((2, 16), np.float32), "clip_g": np.zeros((2, 24), np.float32)}
+    save_file(rows, str(tmp_path / "e.safetensors"))
+    summary = data.describe_safetensors(tmp_path / "e.safetensors")
+    assert (summary["kind"], summary["vectors"]) == ("embedding", 2) and "clip_g" in summary["format"]

@@ -86,3 +86,44 @@ def test_live_model_takes_a_step_out_before_the_next_and_retries_after_an_error(
     with pytest.raises(ConfigError):
         model.tuned(step=7)  # the export's adapter came out before the step was tried
     assert all(torch.equal(v, base[k]) for k, v in tuned.unet.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def sdxl_live_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA run over tiny SDXL (64 px): a random attn2 adapter, step-0 samples drawn with 2 steps."""
+    from tune.models import build_pipeline
+
+    root = tmp_path_factory.mktemp("live-sdxl")
+    base = root / "base"
+    build_pipeline("tiny-sdxl-shallow", seed=0).save_pretrained(base)
+    run = root / "runs" / "lora-sdxl"
+    (run / "export").mkdir(parents=True)
+    info = {"recipe": "lora", "started_at": "2026-01-02T10:00:00+00:00", "base_model": str(base)}
+    (run / "run.json").write_text(json.dumps(info))
+    (run / "config.toml").write_text(f'base_model = "{base}"\n')
+    write_sample_set(run / "samples" / "step_000000", [PROMPT], [0], 60, trajectory=False)
+    index = json.loads((run / "samples" / "step_000000" / "prompts.json").read_text())
+    index.update(steps=2, scheduler="euler_a", width=None, height=None)
+    (run / "samples" / "step_000000" / "prompts.json").write_text(json.dumps(index))
+    pipe = load_pipeline(base)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["attn2.to_k", "attn2.to_v"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    lora_io.save_adapter(pipe.unet, None, lora_io.final_adapter_path(run))
+    return run
+
+
+def test_live_model_on_an_sdxl_run(sdxl_live_run: Path):
+    from dashboard.live import LiveModel
+
+    model = LiveModel(sdxl_live_run)
+    base = model.generate(PROMPT, 0, tuned=False).image
+    assert type(model.base()).__name__ == "StableDiffusionXLPipeline" and base.size == (64, 64)
+    at_zero = np.asarray(model.generate(PROMPT, 0, tuned=True, scale=0.0).image)
+    tuned = np.asarray(model.generate(PROMPT, 0, tuned=True, scale=1.0).image)
+    assert np.array_equal(np.asarray(base), at_zero) and not np.array_equal(np.asarray(base), tuned)
+    strip = model.generate(PROMPT, 0, tuned=True, trajectory_every=1)
+    assert len(strip.frames) == 2 and strip.film_strip().size == (2 * 64, 64)

@@ -4,7 +4,9 @@
                 [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
                 [--trajectory K] [--negative TEXT] [--config DIR] [--device auto|cpu|cuda]
 
-Draws through `tune.sampling.generate`, the sampler every recipe, `tune eval` and the dashboard use.
+Draws through `tune.sampling.generate`, the sampler every recipe, `tune eval` and the dashboard use, with
+diffusers' own pipeline of the model's family: SD1.x and SD2.x (v-prediction included) through
+StableDiffusionPipeline, SDXL through StableDiffusionXLPipeline (img2img: their Img2Img classes).
 An existing --out is overwritten only when it is a PNG image.
 """
 

@@ -18,6 +18,9 @@ One job per module:
 
 Each checkpoint's weights go into the base pipeline, and out again, through
 `tune.personalize.weights.apply_run_weights`, which the dashboard's live images use too.
+The base may be SD1.x, SD2.x or SDXL: the shared sampler draws with the family's diffusers pipeline
+at the model's native size, and CLIP, DINO and the world judge resize whatever comes out to their own
+input size.
 The metrics are described in `evaluator`, report.json's layout in `report`; the command,
 `tune eval`, is `tune.cli.eval`.
 No module imports torch at import time, so importing this package (and `report`) stays light.

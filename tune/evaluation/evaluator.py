@@ -40,7 +40,7 @@ from tune.runs import step_dir_name, write_atomic
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
     from tune.metrics import Clip, Dino
@@ -134,7 +134,7 @@ class Evaluator:
 
     def evaluate(
         self,
-        pipe: StableDiffusionPipeline,
+        pipe: DiffusionPipeline,
         step: int,
         *,
         base: bool = False,
