@@ -89,8 +89,9 @@ def test_embeddings_load_in_diffusers_and_sample_like_the_run(
     first_run: Path, setup: dict, tmp_path: Path
 ) -> None:
     path = first_run / "export" / "learned_embeds.safetensors"
-    token, vectors = load_embeddings(path)
-    assert token == "sks" and vectors.shape == (1, 32)
+    embeddings = load_embeddings(path)
+    [vectors] = embeddings.vectors
+    assert embeddings.token == "sks" and vectors.shape == (1, 32) and embeddings.family == "sd1"
     assert torch.equal(vectors[0], trained_matrix(first_run, 4)[-1])
     pipe = load_pipeline(setup["base"])
     pipe.set_progress_bar_config(disable=True)
@@ -115,8 +116,8 @@ def test_resume_is_exact(
     resumed = resumed.path
     assert losses(resumed) == losses(first_run)
     assert torch.equal(trained_matrix(resumed, 4), trained_matrix(first_run, 4))
-    whole = load_embeddings(first_run / "export" / "learned_embeds.safetensors")[1]
-    assert torch.equal(load_embeddings(resumed / "export" / "learned_embeds.safetensors")[1], whole)
+    whole = load_embeddings(first_run / "export" / "learned_embeds.safetensors").vectors[0]
+    assert torch.equal(load_embeddings(resumed / "export" / "learned_embeds.safetensors").vectors[0], whole)
     assert read_run(resumed).info["cache"]["latent"] == {"encoded": 0, "loaded": 4}
 
 
@@ -126,7 +127,7 @@ def test_several_vectors_all_train(setup: dict, tmp_path: Path) -> None:
             setup, tmp_path / "v", "num_vectors=2", "max_steps=2", "sample_every=0", "optim.name=adamw8bit"
         )
     ).path
-    token, vectors = load_embeddings(run / "export" / "learned_embeds.safetensors")
+    [vectors] = load_embeddings(run / "export" / "learned_embeds.safetensors").vectors
     pipe = load_pipeline(setup["base"])
     toy = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("toy</w>")]
     # Both rows moved: the captions said "sks sks_1", so the second vector was trained too.
