@@ -1,5 +1,6 @@
 """The textual_inversion recipe end to end on the tiny pipeline: run-dir contract, only the new rows
-train, embeddings that diffusers loads and our sampler reproduces, exact resume, several vectors."""
+train, embeddings that diffusers loads and our sampler reproduces, exact resume, several vectors; and on
+tiny SD2 and SDXL bases."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.config import load_config
 from tune.errors import ConfigError
-from tune.models import load_pipeline
+from tune.models import build_pipeline, load_pipeline
 from tune.runs import read_run
 from tune.sampling import sample_grid
-from tune.tokens import load_embeddings
+from tune.tokens import EMBEDDINGS_FILE, load_embeddings, text_towers, token_ids
 
 from recipe_testkit import crash_then_resume, losses, make_concept
 
@@ -45,8 +46,9 @@ def config(setup: dict, out: Path, *extra: str) -> recipe.Config:
     return load_config(recipe.Config, CONFIGS / "tiny.toml", overrides)
 
 
-def trained_matrix(run: Path, step: int) -> torch.Tensor:
-    state = load_file(str(run / "checkpoints" / f"step_{step:06d}" / "trainable_0.safetensors"))
+def trained_matrix(run: Path, step: int, encoder: int = 0) -> torch.Tensor:
+    """A checkpoint's embedding matrix of text encoder `encoder` (SDXL: 0 and 1)."""
+    state = load_file(str(run / "checkpoints" / f"step_{step:06d}" / f"trainable_{encoder}.safetensors"))
     [(name, matrix)] = state.items()  # the embedding matrix is the only trainable tensor
     assert name.removeprefix("text_model.") == EMBEDDING
     return matrix
@@ -157,3 +159,55 @@ def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'w' is already in the tokenizer's vocabulary"):
         recipe.main(load_config(recipe.Config, None, [*taken, "token=w", "initializer_token=toy"]))
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# SD2 and SDXL bases (SDXL: the token's rows in both text encoders, one clip_l/clip_g file)
+# ---------------------------------------------------------------------------------------------------
+
+FAMILY_PRESETS = {"tiny-sd2": ("sd2", "resolution=32"), "tiny-sdxl-shallow": ("sdxl", "resolution=64")}
+
+
+@pytest.fixture(scope="module", params=["tiny-sd2"])
+def family_setup(
+    request: pytest.FixtureRequest, setup: dict, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    root = tmp_path_factory.mktemp(request.param)
+    build_pipeline(request.param, seed=0).save_pretrained(root / "base")
+    family, resolution = FAMILY_PRESETS[request.param]
+    return {
+        **setup,
+        "base": str(root / "base"),
+        "cache": root / "cache",
+        "family": family,
+        "extra": resolution,
+    }
+
+
+def test_other_families_train_only_the_new_rows_and_resume_exactly(
+    family_setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def make(out: Path, *extra: str) -> recipe.Config:
+        return config(family_setup, out, family_setup["extra"], *extra)
+
+    first = recipe.main(make(tmp_path / "a")).path
+    rows = [m for m in read_run(first).metrics if "loss" in m]
+    assert sorted(losses(first)) == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in rows)
+    left, resumed = crash_then_resume(recipe, monkeypatch, make, tmp_path / "r")
+    assert left == [2] and losses(resumed.path) == losses(first)
+    base = load_pipeline(family_setup["base"])
+    tokenizers, encoders = text_towers(base)
+    exported = load_embeddings(first / "export" / EMBEDDINGS_FILE, base=family_setup["family"])
+    assert exported.family == family_setup["family"] and len(exported.vectors) == len(encoders)
+    for i, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders, strict=True)):
+        before = encoder.get_input_embeddings().weight.detach()
+        start = before[token_ids(tokenizer, "toy")].mean(dim=0)
+        matrix = trained_matrix(first, 4, i)
+        assert matrix.shape == (len(before) + 1, before.shape[1]) and torch.equal(
+            matrix[: len(before)], before
+        )
+        assert not torch.equal(matrix[-1], start)  # this encoder's row trained
+        assert torch.equal(trained_matrix(resumed.path, 4, i), matrix)  # bit-identical after the crash
+        assert torch.equal(exported.vectors[i][0], matrix[-1])
+    again = load_embeddings(resumed.path / "export" / EMBEDDINGS_FILE).vectors
+    assert all(torch.equal(a, b) for a, b in zip(again, exported.vectors, strict=True))
