@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tune import personalize as p
 from tune.errors import ConfigError
+from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
@@ -105,7 +106,7 @@ def main(cfg: Config) -> RunDir:
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     unet.to(device, dtype)
-    vae.to(device, dtype)
+    vae.to(device, p.vae_dtype(pipe, dtype))  # SDXL's VAE stays fp32 under fp16
     for text_encoder in text_encoders:
         text_encoder.to(device, torch.float32)  # the trained embeddings stay fp32
     new_tokens = add_tokens(tokenizers, text_encoders, subject.token, initializer, cfg.num_vectors)
@@ -135,7 +136,8 @@ def main(cfg: Config) -> RunDir:
     # The prepared text encoders (DDP wrappers on several GPUs) run the training forward; `text_encoders`
     # stay the plain modules that the pipeline samples with.
     *text_models, optimizer, lr_schedule = accelerator.prepare(*text_encoders, optimizer, lr_schedule)
-    text_model = text_models[0]
+    # SDXL: both encoders' states, te2's pooled embeds at the first EOS, each photo's size and crop
+    text_model = TextEncoders.of(pipe, *text_models)
     unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
     photo_loss = p.PhotoLoss(unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype)
     accelerator.register_for_checkpointing(loader)
@@ -146,7 +148,7 @@ def main(cfg: Config) -> RunDir:
     )
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     run.update_info(
-        **p.run_info(subject, cfg, base_hash, dataset),
+        **p.run_info(subject, cfg, base_hash, dataset, pipe=pipe),
         initializer_token=initializer,
         token_ids=list(new_tokens.ids),
     )
