@@ -112,7 +112,8 @@ def main(cfg: Config) -> RunDir:
     new_tokens = add_tokens(tokenizers, text_encoders, subject.token, initializer, cfg.num_vectors)
     new_tokens.train_rows_only()
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, *text_encoders)
+        for text_encoder in text_encoders:
+            enable_gradient_checkpointing(unet, text_encoder)
     set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
