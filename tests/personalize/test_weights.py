@@ -312,3 +312,27 @@ def test_an_embedding_of_another_family_is_refused_with_both_names(
         with pytest.raises(ModelError, match=message), apply_run_weights(pipe, run):
             pass
         assert_same(state(pipe), before)
+
+
+def test_sdxl_dreambooth_checkpoint_and_export_load_both_text_encoders(sdxl_dir: str, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "db", "dreambooth", sdxl_dir, steps=(1,))
+    folder = run / "checkpoints" / "step_000001"
+    pipe = load_pipeline(sdxl_dir)
+    base = state(pipe)
+    names = ("unet", "text_encoder", "text_encoder_2")  # model.safetensors, model_1, model_2: prepare order
+    for i, name in enumerate(names):
+        shifted = {k: v + i + 1.0 for k, v in getattr(pipe, name).state_dict().items()}
+        save_file(shifted, str(folder / f"model{'_' + str(i) if i else ''}.safetensors"))
+    with apply_run_weights(pipe, run, 1):
+        assert all(
+            torch.equal(v, base[k] + names.index(k.split(".")[0]) + 1.0) for k, v in state(pipe).items()
+        )
+    assert_same(state(pipe), base)
+    tuned = load_pipeline(sdxl_dir)
+    with torch.no_grad():
+        for param in tuned.text_encoder_2.parameters():
+            param.add_(0.01)
+    tuned.save_pretrained(run / "export" / EXPORT_PIPELINE)
+    with apply_run_weights(pipe, run):
+        assert_same(state(pipe), state(tuned))
+    assert_same(state(pipe), base)

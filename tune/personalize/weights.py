@@ -15,8 +15,9 @@ tune.runs, tune.lora.run_files, tune.tokens):
     textual_inversion  the embedding, learned_embeds.safetensors, of the checkpoint or export/ (an
                        SDXL file's clip_l and clip_g rows go into text_encoder and text_encoder_2)
     dreambooth         a checkpoint's accelerate state: model.safetensors (the U-Net), model_1.safetensors
-                       (the text encoder, when trained) and the EMA weights (custom_checkpoint_*.pkl), which
-                       its grids and export use; or export/pipeline/'s U-Net and text encoder
+                       (the text encoder, when trained; SDXL's text_encoder_2 model_2.safetensors) and the
+                       EMA weights (custom_checkpoint_*.pkl), which its grids and export use; or
+                       export/pipeline/'s U-Net and text encoder(s)
 
 On exit every change is undone: the LoRA is unmerged (LoraStack kept the originals), a loaded U-Net or text
 encoder gets its saved state back, and the tokenizers and embedding matrices are the base's again (the added
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 RECIPES = ("lora", "dreambooth", "textual_inversion")
 """The recipes whose runs have tuned weights to put into their base model."""
 _LORA_NAME = "run"  # the run's adapter in the LoraStack
+_DREAMBOOTH_MODELS = ("unet", "text_encoder", "text_encoder_2")  # in the order dreambooth prepares them
 
 
 @dataclass
@@ -234,8 +236,8 @@ def _apply_dreambooth(
         _need(folder / "model_index.json", _not_exported(run))
         states = [
             (getattr(pipe, name), type(getattr(pipe, name)).from_pretrained(folder / name).state_dict())
-            for name in ("unet", "text_encoder")
-            if (folder / name).is_dir()
+            for name in _DREAMBOOTH_MODELS
+            if (folder / name).is_dir() and getattr(pipe, name, None) is not None
         ]
         undo.enter_context(_loaded(states))
         return AppliedWeights(None, (folder,))
@@ -244,14 +246,16 @@ def _apply_dreambooth(
 
     folder = _folder(run, step)
     # accelerate's save_state: model.safetensors, model_1.safetensors ... in the order the models were
-    # prepared (the U-Net, then the text encoder when trained); custom_checkpoint_<i>.pkl the registered
+    # prepared (the U-Net, then the text encoder(s) when trained); custom_checkpoint_<i>.pkl the registered
     # objects' states (the data loader's, the EMA's shadow parameters).
     unet_file = folder / f"{SAFE_MODEL_NAME}.safetensors"
     _need(unet_file, "is it a dreambooth run's checkpoint?")
-    text_encoder_file = folder / f"{SAFE_MODEL_NAME}_1.safetensors"
-    parts = [(pipe.unet, unet_file)]
-    if text_encoder_file.is_file():
-        parts.append((pipe.text_encoder, text_encoder_file))
+    files = [unet_file] + [folder / f"{SAFE_MODEL_NAME}_{i}.safetensors" for i in (1, 2)]
+    parts = [
+        (getattr(pipe, name), file)
+        for name, file in zip(_DREAMBOOTH_MODELS, files, strict=True)
+        if file.is_file() and getattr(pipe, name, None) is not None
+    ]
     states = [(module, load_file(str(file))) for module, file in parts]
     ema = None
     for pkl in sorted(folder.glob("custom_checkpoint_*.pkl")):
