@@ -6,10 +6,12 @@
 
 The token (`token`, or the concept's) is added to the tokenizer with `num_vectors` embedding rows,
 each starting from `initializer_token`'s embedding (the concept's class word by default); every other
-weight of the model stays as it was, bit for bit (tune.tokens). The result is a few hundred bytes:
+weight of the model stays as it was, bit for bit (tune.tokens). On SDXL the same token goes into both
+tokenizers and text encoders and both sets of rows train. The result is a few hundred bytes:
 export/learned_embeds.safetensors, which `pipe.load_textual_inversion(path, token="sks")` loads in
-diffusers (A1111 and ComfyUI read it too, under its file name). Each checkpoint folder holds the
-embedding at that step under the same name.
+diffusers for SD1/SD2 (A1111 and ComfyUI read it too, under its file name); for SDXL it holds `clip_l`
+and `clip_g`, what A1111 and ComfyUI read, and diffusers loads it with two calls (tune.tokens). Each
+checkpoint folder holds the embedding at that step under the same name.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from tqdm.auto import tqdm
 
 from tune import personalize as p
 from tune.errors import ConfigError
+from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
-from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings
+from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -88,7 +91,8 @@ def main(cfg: Config) -> RunDir:
     if not initializer:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
-    check_new_token(pipe.tokenizer, subject.token, cfg.num_vectors)
+    tokenizers, text_encoders = text_towers(pipe)  # SDXL: both tokenizers and text encoders
+    check_new_token(tokenizers, subject.token, cfg.num_vectors)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
         cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
@@ -96,18 +100,20 @@ def main(cfg: Config) -> RunDir:
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    base_hash = base_model_hash(unet, text_encoder)
+    unet, vae = pipe.unet, pipe.vae
+    base_hash = base_model_hash(unet, text_encoders[0])
     dtype = weight_dtype(accelerator)
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     unet.to(device, dtype)
-    vae.to(device, dtype)
-    text_encoder.to(device, torch.float32)  # the trained embedding stays fp32
-    new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.num_vectors)
+    vae.to(device, p.vae_dtype(pipe, dtype))  # SDXL's VAE stays fp32 under fp16
+    for text_encoder in text_encoders:
+        text_encoder.to(device, torch.float32)  # the trained embeddings stay fp32
+    new_tokens = add_tokens(tokenizers, text_encoders, subject.token, initializer, cfg.num_vectors)
     new_tokens.train_rows_only()
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, text_encoder)
+        for text_encoder in text_encoders:
+            enable_gradient_checkpointing(unet, text_encoder)
     set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -126,11 +132,13 @@ def main(cfg: Config) -> RunDir:
     prompts = p.validation_prompts(subject, cfg.sample)
 
     # ---- optimizer ----------------------------------------------------------------------------------
-    optimizer = build_optimizer([new_tokens.weight], cfg.optim)
+    optimizer = build_optimizer(new_tokens.weights, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
-    # The prepared text encoder (a DDP wrapper on several GPUs) runs the training forward; `text_encoder`
-    # stays the plain module that the pipeline samples with.
-    text_model, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
+    # The prepared text encoders (DDP wrappers on several GPUs) run the training forward; `text_encoders`
+    # stay the plain modules that the pipeline samples with.
+    *text_models, optimizer, lr_schedule = accelerator.prepare(*text_encoders, optimizer, lr_schedule)
+    # SDXL: both encoders' states, te2's pooled embeds at the first EOS, each photo's size and crop
+    text_model = TextEncoders.of(pipe, *text_models)
     unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
     photo_loss = p.PhotoLoss(unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype)
     accelerator.register_for_checkpointing(loader)
@@ -141,7 +149,7 @@ def main(cfg: Config) -> RunDir:
     )
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     run.update_info(
-        **p.run_info(subject, cfg, base_hash, dataset),
+        **p.run_info(subject, cfg, base_hash, dataset, pipe=pipe),
         initializer_token=initializer,
         token_ids=list(new_tokens.ids),
     )
@@ -151,9 +159,10 @@ def main(cfg: Config) -> RunDir:
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and cfg.sample_every:  # the base model, with the token at its initializer's embedding
         p.sample_validation(
-            pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=[text_encoder]
+            pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=text_encoders
         )
-    text_encoder.train()
+    for text_encoder in text_encoders:
+        text_encoder.train()
     batches = p.forever(loader)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="textual_inversion", unit="step")
@@ -163,12 +172,12 @@ def main(cfg: Config) -> RunDir:
         for k in range(cfg.grad_accum):
             micro = step * cfg.grad_accum + k
             batch = next(batches).to(device)
-            with accelerator.accumulate(text_model), accelerator.autocast():
+            with accelerator.accumulate(*text_models), accelerator.autocast():
                 loss = photo_loss(batch, micro)
                 accelerator.backward(loss)
                 if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        accelerator.clip_grad_norm_([new_tokens.weight], cfg.optim.max_grad_norm)
+                        accelerator.clip_grad_norm_(new_tokens.weights, cfg.optim.max_grad_norm)
                     optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -176,11 +185,15 @@ def main(cfg: Config) -> RunDir:
         new_tokens.restore_frozen_rows()  # weight decay and 8-bit state would move the other rows
         step += 1
         loss_value = loss_sum / cfg.grad_accum
-        norm = float(new_tokens.vectors().norm(dim=1).mean())
+        # per text encoder (their widths differ on SDXL): embedding_norm, embedding_norm_2
+        norms = {
+            "embedding_norm" + (f"_{i + 1}" if i else ""): float(new_tokens.vectors(i).norm(dim=1).mean())
+            for i in range(len(new_tokens.rows))
+        }
         seconds = round(time.perf_counter() - t0, 4)
         lr = lr_schedule.get_last_lr()[0]
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            log_step(run, accelerator, step, loss=loss_value, lr=lr, embedding_norm=norm, s_per_step=seconds)
+            log_step(run, accelerator, step, loss=loss_value, lr=lr, **norms, s_per_step=seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if is_due(step, cfg.sample_every, cfg.max_steps):
@@ -190,7 +203,7 @@ def main(cfg: Config) -> RunDir:
                 cfg.sample,
                 run.sample_dir(step),
                 accelerator=accelerator,
-                modules=[text_encoder],
+                modules=text_encoders,
             )
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
@@ -200,7 +213,7 @@ def main(cfg: Config) -> RunDir:
     if accelerator.is_main_process:
         meta = {"tune_step": "final", "tune_base_model_hash": base_hash, "initializer_token": initializer}
         path = save_embeddings(new_tokens, run.export_dir / EMBEDDINGS_FILE, meta)
-        log.info("exported %s: pipe.load_textual_inversion(%r, token=%r)", path, str(path), subject.token)
+        log.info("exported %s (token %r): see tune.tokens for loading it", path, subject.token)
     accelerator.end_training()
     run.finish()
     return run

@@ -1,11 +1,17 @@
-"""New tokens: add them to the tokenizer, grow the text encoder's embeddings, initialise them from a word,
-train only their rows, and save them as embeddings diffusers, A1111 and ComfyUI load.
+"""New tokens: add them to the tokenizer(s), grow the text encoder(s)' embeddings, initialise them from a
+word, train only their rows, and save them as embeddings diffusers, A1111 and ComfyUI load.
 
-    new = add_tokens(tokenizer, text_encoder, "sks", initializer="toy", num_vectors=1)
-    optimizer = build_optimizer([new.weight], ...)      # the whole matrix is a parameter...
+    new = add_tokens(*text_towers(pipe), "sks", initializer="toy", num_vectors=1)
+    optimizer = build_optimizer(new.weights, ...)       # the whole matrices are parameters...
     ... loss.backward(); optimizer.step()
     new.restore_frozen_rows()                           # ...but every other row is put back, bit-exactly
-    save_embeddings(new, "learned_embeds.safetensors")  # pipe.load_textual_inversion(path, token="sks")
+    save_embeddings(new, "learned_embeds.safetensors")
+
+SD1 and SD2 have one tokenizer/text encoder pair; SDXL has two (`tokenizer`/`text_encoder`, CLIP-L, and
+`tokenizer_2`/`text_encoder_2`, OpenCLIP bigG). The same token string goes into every tokenizer, and each
+encoder gets its own rows, initialised from the initializer word's rows in that encoder and trained
+together (`../shared/reference/sdxl.md` section 7). `add_tokens(tokenizer, text_encoder, ...)` with one
+pair is the SD1/SD2 form; `text_towers(pipe)` gives the lists for any pipeline.
 
 Only the new rows change, by two mechanisms: a gradient hook zeroes the other rows' gradient (so
 gradient clipping and the optimizer's statistics see the new rows only), and after every optimizer
@@ -16,38 +22,55 @@ Multi-vector tokens follow diffusers' convention: `sks` with 3 vectors is the to
 `sks_2`, and a prompt's `sks` stands for all three (`expand`, the same rule as diffusers'
 `maybe_convert_prompt`, which the pipeline applies when sampling).
 
-File format (`learned_embeds.safetensors`): one tensor named after the token, shaped
-[num_vectors, hidden_size] (float32), the layout diffusers' textual-inversion script writes. With a
-single key it also loads in A1111 (the file name is the trigger there) and ComfyUI.
+File format (`learned_embeds.safetensors`, float32, the token also in the metadata):
+- SD1/SD2: one tensor named after the token, [num_vectors, hidden_size], the layout diffusers'
+  textual-inversion script writes: `pipe.load_textual_inversion(path, token="sks")`. With a single key it
+  also loads in A1111 (the file name is the trigger there) and ComfyUI.
+- SDXL: `{"clip_l": [n, width of text_encoder], "clip_g": [n, width of text_encoder_2]}`, what A1111,
+  ComfyUI and kohya read and write for SDXL. diffusers loads it with two calls:
+      sd = safetensors.torch.load_file(path)
+      pipe.load_textual_inversion(sd["clip_l"], token="sks", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+      pipe.load_textual_inversion(sd["clip_g"], token="sks", text_encoder=pipe.text_encoder_2,
+                                  tokenizer=pipe.tokenizer_2)
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from tune.errors import ConfigError, ModelError
+from tune.models.families import Family, check_same_family
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
+SDXL_KEYS = ("clip_l", "clip_g")
+"""An SDXL embedding file's tensors: text_encoder's rows, then text_encoder_2's."""
+TOWERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+"""A pipeline's tokenizer/text encoder attribute pairs, in order (SDXL has both)."""
+
+
+def text_towers(pipe: Any) -> tuple[list[Any], list[nn.Module]]:
+    """(tokenizers, text encoders) of a pipeline: one of each for SD1/SD2, two for SDXL."""
+    pairs = [(getattr(pipe, t, None), getattr(pipe, e, None)) for t, e in TOWERS]
+    pairs = [(t, e) for t, e in pairs if t is not None and e is not None]
+    return [t for t, _ in pairs], [e for _, e in pairs]
 
 
 @dataclass
-class NewTokens:
-    """Tokens added to a tokenizer/text encoder pair, and the means to train only their embedding rows."""
+class TokenRows:
+    """The new tokens' rows in one text encoder's input embeddings."""
 
-    token: str
-    """The token as written in prompts."""
-    tokens: tuple[str, ...]
-    """`token`, then `token_1` ... for multi-vector tokens."""
     ids: tuple[int, ...]
-    """Their ids (rows of the embedding matrix)."""
+    """Their ids in this encoder's tokenizer (rows of the matrix)."""
     embedding: nn.Embedding
     """The text encoder's input embeddings (resized to hold the new rows)."""
     original: torch.Tensor = field(repr=False)
@@ -55,12 +78,59 @@ class NewTokens:
 
     @property
     def weight(self) -> nn.Parameter:
-        """The embedding matrix, the parameter to hand to the optimizer."""
         return self.embedding.weight
 
     def vectors(self) -> torch.Tensor:
         """The new rows, [num_vectors, hidden_size], float32 on the CPU."""
         return self.weight.detach()[list(self.ids)].to("cpu", torch.float32).clone()
+
+    def train_rows_only(self) -> None:
+        mask = torch.zeros(self.weight.shape[0], 1, dtype=self.weight.dtype, device=self.weight.device)
+        mask[list(self.ids)] = 1
+        self.weight.requires_grad_(True)
+        self.weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+
+    @torch.no_grad()
+    def restore_frozen_rows(self) -> None:
+        ids = list(self.ids)
+        new_rows = self.weight[ids].clone()
+        self.weight.copy_(self.original)
+        self.weight[ids] = new_rows
+
+
+@dataclass
+class NewTokens:
+    """Tokens added to a base's tokenizer(s)/text encoder(s), and the means to train only their rows."""
+
+    token: str
+    """The token as written in prompts."""
+    tokens: tuple[str, ...]
+    """`token`, then `token_1` ... for multi-vector tokens."""
+    rows: tuple[TokenRows, ...]
+    """The new rows in each text encoder: one for SD1/SD2, two for SDXL (text_encoder, text_encoder_2)."""
+    family: Family = "sd1"
+    """The base's family (recorded in the embedding file)."""
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The new tokens' ids in the (first) tokenizer."""
+        return self.rows[0].ids
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        """The embedding matrices, the parameters to hand to the optimizer."""
+        return [r.weight for r in self.rows]
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The embedding matrix of a base with one text encoder (SD1/SD2)."""
+        if len(self.rows) != 1:
+            raise ModelError(f"{self.token!r} lives in {len(self.rows)} text encoders; use `.weights`")
+        return self.rows[0].weight
+
+    def vectors(self, encoder: int = 0) -> torch.Tensor:
+        """The new rows of text encoder `encoder` (0: text_encoder, 1: text_encoder_2), float32 on the CPU."""
+        return self.rows[encoder].vectors()
 
     def expand(self, prompt: str) -> str:
         """`token` -> `token token_1 ...` in a prompt (multi-vector tokens; unchanged for one vector)."""
@@ -69,19 +139,20 @@ class NewTokens:
         return re.sub(rf"(?<!\S){re.escape(self.token)}(?!\S)", " ".join(self.tokens), prompt)
 
     def train_rows_only(self) -> None:
-        """Make the matrix trainable with a gradient that is zero outside the new rows."""
-        mask = torch.zeros(self.weight.shape[0], 1, dtype=self.weight.dtype, device=self.weight.device)
-        mask[list(self.ids)] = 1
-        self.weight.requires_grad_(True)
-        self.weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+        """Make the matrices trainable with a gradient that is zero outside the new rows."""
+        for rows in self.rows:
+            rows.train_rows_only()
 
-    @torch.no_grad()
     def restore_frozen_rows(self) -> None:
         """Put every row but the new ones back to its value when the tokens were added (bit-exact)."""
-        ids = list(self.ids)
-        new_rows = self.weight[ids].clone()
-        self.weight.copy_(self.original)
-        self.weight[ids] = new_rows
+        for rows in self.rows:
+            rows.restore_frozen_rows()
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """What the embedding file holds: `{token: rows}`, or SDXL's `{"clip_l": ..., "clip_g": ...}`."""
+        if self.family == "sdxl":
+            return {key: rows.vectors().contiguous() for key, rows in zip(SDXL_KEYS, self.rows, strict=True)}
+        return {self.token: self.rows[0].vectors().contiguous()}
 
 
 def token_ids(tokenizer, word: str) -> list[int]:  # noqa: ANN001 - any HF tokenizer
@@ -89,8 +160,13 @@ def token_ids(tokenizer, word: str) -> list[int]:  # noqa: ANN001 - any HF token
     return list(tokenizer(word, add_special_tokens=False)["input_ids"])
 
 
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def check_new_token(tokenizer, token: str, num_vectors: int = 1) -> tuple[str, ...]:  # noqa: ANN001
-    """The tokens `add_tokens` would add (`token`, `token_1`, ...); a ConfigError when they cannot be added.
+    """The tokens `add_tokens` would add (`token`, `token_1`, ...); a ConfigError when they cannot be added
+    to `tokenizer` (one, or a list: SDXL's two).
 
     Recipes call it before their run directory exists, so a taken word leaves nothing behind.
     """
@@ -99,83 +175,157 @@ def check_new_token(tokenizer, token: str, num_vectors: int = 1) -> tuple[str, .
     if not token or len(token.split()) != 1:
         raise ConfigError(f"the new token must be one word, e.g. 'sks' or '<sks-toy>'; got {token!r}")
     tokens = tuple([token] + [f"{token}_{i}" for i in range(1, num_vectors)])
-    vocab = tokenizer.get_vocab()
-    taken = [t for t in tokens if t in vocab]
-    if taken:
-        raise ConfigError(
-            f"the token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new word, e.g. '<{token}>'"
-        )
+    for each in _as_list(tokenizer):
+        vocab = each.get_vocab()
+        taken = [t for t in tokens if t in vocab]
+        if taken:
+            raise ConfigError(
+                f"the token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new word, e.g. '<{token}>'"
+            )
     return tokens
 
 
+def pool_at_first_eos(tokenizer, text_encoder: nn.Module) -> int | None:  # noqa: ANN001
+    """Make a legacy CLIP config (eos_token_id == 2) pool its output at the first EOS; returns the old value
+    (to put back) when it changed it, else None.
+
+    transformers' CLIP pools at argmax(input_ids) when `eos_token_id == 2`, which after adding tokens is the
+    new token's position, not EOS: SDXL's pooled text embeds would be read there (sdxl.md section 1.1).
+    The value is cached on the text model at init, so the attribute is what has to change.
+    """
+    text_model = getattr(text_encoder, "text_model", None)
+    previous = getattr(text_model, "eos_token_id", None)
+    if previous != 2 or tokenizer.eos_token_id in (None, 2):
+        return None
+    text_model.eos_token_id = tokenizer.eos_token_id
+    return previous
+
+
+def _family_of_towers(text_encoders: list[nn.Module]) -> Family:
+    # The same rule as tune.models.families for the text side: a second encoder is SDXL, gelu is OpenCLIP.
+    if len(text_encoders) == 2:
+        return "sdxl"
+    return "sd2" if getattr(text_encoders[0].config, "hidden_act", "") == "gelu" else "sd1"
+
+
 def add_tokens(
-    tokenizer,  # noqa: ANN001 - any HF tokenizer (CLIPTokenizer for SD1.x)
-    text_encoder: nn.Module,
+    tokenizer,  # noqa: ANN001 - a CLIP tokenizer, or a list of them (SDXL's two)
+    text_encoder: nn.Module | Sequence[nn.Module],
     token: str,
     initializer: str,
     num_vectors: int = 1,
 ) -> NewTokens:
-    """Add `token` (and `token_1` ... for more vectors) and initialise every new row from `initializer`.
+    """Add `token` (and `token_1` ... for more vectors) to each tokenizer and grow its text encoder; every
+    new row starts from `initializer`'s embedding in that encoder.
 
     A multi-piece initializer ("swim ring") starts from the mean of its pieces' embeddings. Raises
     ConfigError when the token already exists, is not one word, or the initializer is empty.
     """
-    tokens = check_new_token(tokenizer, token, num_vectors)
-    if len(token_ids(tokenizer, token)) == 1:
+    tokenizers, encoders = _as_list(tokenizer), _as_list(text_encoder)
+    if len(tokenizers) != len(encoders) or len(encoders) not in (1, 2):
+        raise ModelError(f"one tokenizer per text encoder: got {len(tokenizers)} and {len(encoders)}")
+    tokens = check_new_token(tokenizers, token, num_vectors)
+    if len(token_ids(tokenizers[0], token)) == 1:
         # Rare words (DreamBooth's "sks") are fine; a common one would stop meaning itself in every prompt.
         logger.warning("the new token %r replaces a word the tokenizer already knows as one token", token)
-    init_ids = token_ids(tokenizer, initializer) if initializer.strip() else []
-    if not init_ids:
+    init_ids = [token_ids(t, initializer) if initializer.strip() else [] for t in tokenizers]
+    if not all(init_ids):
         raise ConfigError(
             f"initializer_token must be a word the model knows (the subject's class, e.g. 'toy'); got {initializer!r}"
         )
+    rows = tuple(_add(t, e, tokens, ids) for t, e, ids in zip(tokenizers, encoders, init_ids, strict=True))
+    if len(init_ids[0]) > 1:
+        logger.info(
+            "initializer %r is %d tokens; the new token starts from their mean", initializer, len(init_ids[0])
+        )
+    logger.info(
+        "added token %s (%d vector(s), ids %s, %d text encoder(s)) initialised from %r",
+        token,
+        num_vectors,
+        list(rows[0].ids),
+        len(rows),
+        initializer,
+    )
+    return NewTokens(token=token, tokens=tokens, rows=rows, family=_family_of_towers(encoders))
+
+
+def _add(tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], init_ids: list[int]) -> TokenRows:  # noqa: ANN001
     added = tokenizer.add_tokens(list(tokens))
     if added != len(tokens):
         raise ModelError(f"the tokenizer added {added} of the tokens {list(tokens)}; is it a CLIP tokenizer?")
     ids = tuple(tokenizer.convert_tokens_to_ids(list(tokens)))
     # mean_resizing draws random rows from the old ones' statistics (and the global RNG); ours are set below.
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if pool_at_first_eos(tokenizer, text_encoder) is not None:
+        logger.info("text encoder config has the legacy eos_token_id 2; pooling at the first EOS instead")
     embedding = text_encoder.get_input_embeddings()
     with torch.no_grad():
         start = embedding.weight[init_ids].float().mean(dim=0).to(embedding.weight.dtype)
         for i in ids:
             embedding.weight[i] = start
-    if len(init_ids) > 1:
-        logger.info(
-            "initializer %r is %d tokens; the new token starts from their mean", initializer, len(init_ids)
-        )
-    logger.info(
-        "added token %s (%d vector(s), ids %s) initialised from %r",
-        token,
-        num_vectors,
-        list(ids),
-        initializer,
-    )
-    original = embedding.weight.detach().clone()
-    return NewTokens(token=token, tokens=tokens, ids=ids, embedding=embedding, original=original)
+    return TokenRows(ids=ids, embedding=embedding, original=embedding.weight.detach().clone())
 
 
 def save_embeddings(new: NewTokens, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `{token: [num_vectors, hidden_size]}` (float32) to a safetensors file (see the module docstring)."""
+    """Write the new rows (float32) to a safetensors file (the format: see the module docstring)."""
     from safetensors.torch import save_file
 
     from tune.runs import atomic_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "token": new.token, "num_vectors": str(len(new.tokens)), **(metadata or {})}
-    vectors = new.vectors().contiguous()
-    with atomic_file(path, vectors.numel() * vectors.element_size()) as tmp:
-        save_file({new.token: vectors}, str(tmp), metadata=meta)
+    meta = {
+        "format": "pt",
+        "token": new.token,
+        "num_vectors": str(len(new.tokens)),
+        "tune_family": new.family,
+        **(metadata or {}),
+    }
+    tensors = new.file_tensors()
+    with atomic_file(path, sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
-def load_embeddings(path: str | Path) -> tuple[str, torch.Tensor]:
-    """(token, [num_vectors, hidden_size]) from a file written by `save_embeddings`."""
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class Embeddings:
+    """A textual-inversion file read back."""
 
-    tensors = load_file(str(path))
-    if len(tensors) != 1:
-        raise ModelError(f"{path} holds {len(tensors)} tensors; a textual-inversion embedding file holds one")
-    ((token, vectors),) = tensors.items()
-    return token, vectors if vectors.ndim == 2 else vectors[None]
+    token: str
+    """The token: the tensor's name (SD1/SD2), else the metadata's, else the file name (A1111's rule)."""
+    vectors: tuple[torch.Tensor, ...]
+    """[num_vectors, hidden_size] per text encoder: (text_encoder's,) or SDXL's (clip_l, clip_g)."""
+    family: Family | None
+    """sdxl for clip_l/clip_g files; sd1/sd2 from our metadata or the real widths (768/1024); else None."""
+
+
+_WIDTH_FAMILY: dict[int, Family] = {768: "sd1", 1024: "sd2"}  # CLIP-L, OpenCLIP-H
+
+
+def load_embeddings(path: str | Path, base: Family | None = None) -> Embeddings:
+    """An embedding file written by `save_embeddings` (or A1111, ComfyUI, kohya, diffusers' script). With
+    `base`, a file of another family is a ModelError naming both."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    family: Family | None
+    if set(SDXL_KEYS) <= tensors.keys():
+        token, family = meta.get("token") or Path(path).stem, "sdxl"
+        vectors = tuple(tensors[key] for key in SDXL_KEYS)
+    elif len(tensors) == 1:
+        ((token, rows),) = tensors.items()
+        vectors = (rows,)
+        found = meta.get("tune_family")
+        family = found if found in ("sd1", "sd2") else _WIDTH_FAMILY.get(rows.shape[-1])  # type: ignore[assignment]
+    else:
+        raise ModelError(
+            f"{path} holds {sorted(tensors)}; a textual-inversion file holds one tensor, or clip_l and clip_g (SDXL)"
+        )
+    embeddings = Embeddings(token, tuple(v if v.ndim == 2 else v[None] for v in vectors), family)
+    if base is not None:
+        # A one-tensor file of unknown width is SD1 or SD2: only SDXL's two encoders refuse it outright.
+        found = embeddings.family or (base if base != "sdxl" else "sd1")
+        check_same_family(f"the embedding {path}", found, base)
+    return embeddings

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from tune import lora as lora_io
 from tune.errors import ConfigError, ModelError
-from tune.models import load_pipeline
+from tune.models import build_pipeline, load_pipeline
 from tune.personalize import apply_run_weights
 from tune.runs import EXPORT_PIPELINE, RunDir
 from tune.sampling import generate
@@ -43,10 +43,11 @@ def save_embedding(path: Path, width: int, value: float | None = None, vectors: 
 
 
 def state(pipe) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Every weight the run's files can change, copied."""
+    """Every weight the run's files can change, copied (SDXL's text_encoder_2 too)."""
     return {
         f"{name}.{key}": value.detach().clone()
-        for name in ("unet", "text_encoder")
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
         for key, value in getattr(pipe, name).state_dict().items()
     }
 
@@ -241,3 +242,97 @@ def test_a_run_without_its_files_says_which_and_what_to_do(
     with pytest.raises(error, match=message), apply_run_weights(pipe, run, step):
         pass
     assert_is_base(pipe, base, vocab)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SDXL: the clip_l/clip_g file into both encoders; another family's file refused
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("tiny-sdxl-shallow")
+    build_pipeline("tiny-sdxl-shallow", seed=0).save_pretrained(path)
+    return str(path)
+
+
+def vocabs(pipe) -> list[dict[str, int]]:  # noqa: ANN001
+    return [pipe.tokenizer.get_vocab(), pipe.tokenizer_2.get_vocab()]
+
+
+def sdxl_image(pipe) -> np.ndarray:  # noqa: ANN001
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images[0]
+
+
+def test_sdxl_textual_inversion_equals_two_diffusers_calls_then_the_base(
+    sdxl_dir: str, tmp_path: Path
+) -> None:
+    run = make_run(tmp_path / "ti", "textual_inversion", sdxl_dir)
+    path = run / "export" / EMBEDDINGS_FILE
+    torch.manual_seed(0)
+    rows = {"clip_l": torch.randn(2, 16), "clip_g": torch.randn(2, 24)}
+    save_file(rows, str(path), metadata={"token": "<sks>"})
+    expected = load_pipeline(sdxl_dir)  # what a diffusers user does with the file
+    expected.load_textual_inversion(
+        rows["clip_l"], token="<sks>", text_encoder=expected.text_encoder, tokenizer=expected.tokenizer
+    )
+    expected.load_textual_inversion(
+        rows["clip_g"], token="<sks>", text_encoder=expected.text_encoder_2, tokenizer=expected.tokenizer_2
+    )
+    pipe = load_pipeline(sdxl_dir)
+    base, vocab, base_image = state(pipe), vocabs(pipe), sdxl_image(pipe)
+    with apply_run_weights(pipe, run) as applied:
+        assert applied.files == (path,)
+        assert_same(state(pipe), state(expected))
+        assert vocabs(pipe) == vocabs(expected)
+        image = sdxl_image(pipe)
+        assert np.array_equal(image, sdxl_image(expected)) and not np.array_equal(image, base_image)
+    assert_same(state(pipe), base)
+    assert vocabs(pipe) == vocab
+    assert [pipe.text_encoder.config.vocab_size, pipe.text_encoder_2.config.vocab_size] == [
+        len(v) for v in vocab
+    ]
+    assert np.array_equal(sdxl_image(pipe), base_image)
+
+
+def test_an_embedding_of_another_family_is_refused_with_both_names(
+    sdxl_dir: str, tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    sdxl_file = {"clip_l": torch.zeros(1, 16), "clip_g": torch.zeros(1, 24)}
+    for base, rows, message in (
+        (tiny_pipeline_dir, sdxl_file, "is for SDXL but the base model is Stable Diffusion 1.x"),
+        (sdxl_dir, {"<sks>": torch.zeros(1, 32)}, "is for Stable Diffusion 1.x but the base model is SDXL"),
+    ):
+        run = make_run(tmp_path / Path(base).name, "textual_inversion", base)
+        save_file(rows, str(run / "export" / EMBEDDINGS_FILE))
+        pipe = load_pipeline(base)
+        before = state(pipe)
+        with pytest.raises(ModelError, match=message), apply_run_weights(pipe, run):
+            pass
+        assert_same(state(pipe), before)
+
+
+def test_sdxl_dreambooth_checkpoint_and_export_load_both_text_encoders(sdxl_dir: str, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "db", "dreambooth", sdxl_dir, steps=(1,))
+    folder = run / "checkpoints" / "step_000001"
+    pipe = load_pipeline(sdxl_dir)
+    base = state(pipe)
+    names = ("unet", "text_encoder", "text_encoder_2")  # model.safetensors, model_1, model_2: prepare order
+    for i, name in enumerate(names):
+        shifted = {k: v + i + 1.0 for k, v in getattr(pipe, name).state_dict().items()}
+        save_file(shifted, str(folder / f"model{'_' + str(i) if i else ''}.safetensors"))
+    with apply_run_weights(pipe, run, 1):
+        assert all(
+            torch.equal(v, base[k] + names.index(k.split(".")[0]) + 1.0) for k, v in state(pipe).items()
+        )
+    assert_same(state(pipe), base)
+    tuned = load_pipeline(sdxl_dir)
+    with torch.no_grad():
+        for param in tuned.text_encoder_2.parameters():
+            param.add_(0.01)
+    tuned.save_pretrained(run / "export" / EXPORT_PIPELINE)
+    with apply_run_weights(pipe, run):
+        assert_same(state(pipe), state(tuned))
+    assert_same(state(pipe), base)

@@ -12,15 +12,18 @@ tune.runs, tune.lora.run_files, tune.tokens):
                        export/pytorch_lora_weights.safetensors, else the newest checkpoint's while the run
                        has not exported) merged at `lora_scale`, plus the trigger's embedding from the same
                        folder under pivotal tuning (learned_embeds.safetensors)
-    textual_inversion  the embedding, learned_embeds.safetensors, of the checkpoint or export/
+    textual_inversion  the embedding, learned_embeds.safetensors, of the checkpoint or export/ (an
+                       SDXL file's clip_l and clip_g rows go into text_encoder and text_encoder_2)
     dreambooth         a checkpoint's accelerate state: model.safetensors (the U-Net), model_1.safetensors
-                       (the text encoder, when trained) and the EMA weights (custom_checkpoint_*.pkl), which
-                       its grids and export use; or export/pipeline/'s U-Net and text encoder
+                       (the text encoder, when trained; SDXL's text_encoder_2 model_2.safetensors) and the
+                       EMA weights (custom_checkpoint_*.pkl), which its grids and export use; or
+                       export/pipeline/'s U-Net and text encoder(s)
 
 On exit every change is undone: the LoRA is unmerged (LoraStack kept the originals), a loaded U-Net or text
-encoder gets its saved state back, and the tokenizer and embedding matrix are the base's again (the added
+encoder gets its saved state back, and the tokenizers and embedding matrices are the base's again (the added
 tokens gone). So `tune eval` scores one base pipeline checkpoint after checkpoint, and the dashboard keeps
-one tuned pipeline and changes its step.
+one tuned pipeline and changes its step. An embedding file of another family than the base (an SDXL file
+on SD1, an SD1 file on SDXL) is a one-line ModelError naming both.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import torch
 
 from tune import lora as lora_io
 from tune.errors import ConfigError, ModelError
+from tune.models.families import family_of_pipeline
 from tune.runs import EXPORT_PIPELINE, RunInfo, read_run
-from tune.tokens import EMBEDDINGS_FILE, load_embeddings
+from tune.tokens import EMBEDDINGS_FILE, TOWERS, load_embeddings, pool_at_first_eos
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 RECIPES = ("lora", "dreambooth", "textual_inversion")
 """The recipes whose runs have tuned weights to put into their base model."""
 _LORA_NAME = "run"  # the run's adapter in the LoraStack
+_DREAMBOOTH_MODELS = ("unet", "text_encoder", "text_encoder_2")  # in the order dreambooth prepares them
 
 
 @dataclass
@@ -159,24 +164,50 @@ def _apply_lora(
 
 @contextlib.contextmanager
 def _embeddings(pipe: StableDiffusionPipeline, path: Path) -> Iterator[None]:
-    """A learned_embeds.safetensors in the tokenizer and text encoder (`token`, `token_1` ... as diffusers'
-    load_textual_inversion names them), then the base's tokenizer and embedding matrix back."""
-    token, vectors = load_embeddings(path)
+    """A learned_embeds.safetensors in the tokenizer(s) and text encoder(s) (`token`, `token_1` ... as
+    diffusers' load_textual_inversion names them; an SDXL file's clip_l and clip_g rows in text_encoder and
+    text_encoder_2), then the base's tokenizers and embedding matrices back."""
+    embeddings = load_embeddings(path, base=family_of_pipeline(pipe))
+    towers = [(t, e) for t, e in TOWERS if getattr(pipe, e, None) is not None]
+    with contextlib.ExitStack() as undo:
+        for (tokenizer, text_encoder), vectors in zip(towers, embeddings.vectors, strict=True):
+            undo.enter_context(_tower_rows(pipe, tokenizer, text_encoder, embeddings.token, vectors, path))
+        yield
+
+
+@contextlib.contextmanager
+def _tower_rows(
+    pipe: StableDiffusionPipeline,
+    tokenizer_name: str,
+    encoder_name: str,
+    token: str,
+    vectors: torch.Tensor,
+    path: Path,
+) -> Iterator[None]:
+    """One tokenizer/text encoder pair with the token's rows, then as it was."""
+    tokenizer, text_encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
     tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    size = text_encoder.get_input_embeddings().weight.shape[0]
+    size, width = text_encoder.get_input_embeddings().weight.shape
+    if vectors.shape[1] != width:
+        raise ModelError(
+            f"the embedding {path} has {vectors.shape[1]}-wide vectors but the base's {encoder_name} is {width} "
+            "wide; it was trained on another base model"
+        )
+    tuned = tokenizer
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if missing:
-        pipe.tokenizer = copy.deepcopy(tokenizer)  # the base's own comes back on exit, without the tokens
-        pipe.tokenizer.add_tokens(missing)
-    ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+        tuned = copy.deepcopy(tokenizer)  # the base's own comes back on exit, without the tokens
+        tuned.add_tokens(missing)
+    ids = tuned.convert_tokens_to_ids(tokens)
     grown = max(ids) >= size
     kept = [i for i in ids if i < size]  # rows the matrix already had: saved, put back on exit
     saved = text_encoder.get_input_embeddings().weight.detach()[kept].clone()
+    eos = pool_at_first_eos(tokenizer, text_encoder)  # as training pooled (sdxl.md section 1.1)
     try:
+        setattr(pipe, tokenizer_name, tuned)
         if grown:
             # mean_resizing draws from the old rows' statistics; the new rows are set just below.
-            text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+            text_encoder.resize_token_embeddings(len(tuned), mean_resizing=False)
         weight = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             weight[ids] = vectors.to(weight.device, weight.dtype)
@@ -187,7 +218,9 @@ def _embeddings(pipe: StableDiffusionPipeline, path: Path) -> Iterator[None]:
         weight = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             weight[kept] = saved
-        pipe.tokenizer = tokenizer
+        if eos is not None:
+            text_encoder.text_model.eos_token_id = eos
+        setattr(pipe, tokenizer_name, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,8 +236,8 @@ def _apply_dreambooth(
         _need(folder / "model_index.json", _not_exported(run))
         states = [
             (getattr(pipe, name), type(getattr(pipe, name)).from_pretrained(folder / name).state_dict())
-            for name in ("unet", "text_encoder")
-            if (folder / name).is_dir()
+            for name in _DREAMBOOTH_MODELS
+            if (folder / name).is_dir() and getattr(pipe, name, None) is not None
         ]
         undo.enter_context(_loaded(states))
         return AppliedWeights(None, (folder,))
@@ -213,14 +246,16 @@ def _apply_dreambooth(
 
     folder = _folder(run, step)
     # accelerate's save_state: model.safetensors, model_1.safetensors ... in the order the models were
-    # prepared (the U-Net, then the text encoder when trained); custom_checkpoint_<i>.pkl the registered
+    # prepared (the U-Net, then the text encoder(s) when trained); custom_checkpoint_<i>.pkl the registered
     # objects' states (the data loader's, the EMA's shadow parameters).
     unet_file = folder / f"{SAFE_MODEL_NAME}.safetensors"
     _need(unet_file, "is it a dreambooth run's checkpoint?")
-    text_encoder_file = folder / f"{SAFE_MODEL_NAME}_1.safetensors"
-    parts = [(pipe.unet, unet_file)]
-    if text_encoder_file.is_file():
-        parts.append((pipe.text_encoder, text_encoder_file))
+    files = [unet_file] + [folder / f"{SAFE_MODEL_NAME}_{i}.safetensors" for i in (1, 2)]
+    parts = [
+        (getattr(pipe, name), file)
+        for name, file in zip(_DREAMBOOTH_MODELS, files, strict=True)
+        if file.is_file() and getattr(pipe, name, None) is not None
+    ]
     states = [(module, load_file(str(file))) for module, file in parts]
     ema = None
     for pkl in sorted(folder.glob("custom_checkpoint_*.pkl")):
