@@ -32,6 +32,7 @@ from tune.data.loader import build_dataloader, build_dataset
 from tune.errors import ConfigError, DataError
 from tune.models.scratch import build_autoencoder, sample_latents
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.paths import find_path
 from tune.runs import RunDir, atomic_folder, write_atomic
 from tune.training import (
     NonFiniteGuard,
@@ -108,6 +109,13 @@ class Config(TrainConfig):
     """Fresh renders (styles taking turns) reconstructed and scored at the end."""
     eval_seed: int = 1000
     """Seed of the evaluation (and validation) images; keep it apart from the training set's seed."""
+    init_vae: str = ""
+    """A diffusers AutoencoderKL folder to start from (e.g. models/world-base/vae) instead of random
+    weights; its own widths, levels and latent channels are kept (the keys above that describe them are
+    then ignored)."""
+    train_encoder: bool = True
+    """false: only the decoder side (post_quant_conv and decoder) trains, from init_vae. The latents stay
+    exactly what they were, so a U-Net trained on them stays valid, and scaling_factor is kept."""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100, weight_decay=0.0)
     )
@@ -126,6 +134,8 @@ class Config(TrainConfig):
             raise ConfigError(
                 f"train_crop must be 0 or a multiple of 4 in [8, resolution]; got {self.train_crop}"
             )
+        if not self.train_encoder and not self.init_vae:
+            raise ConfigError("train_encoder=false fine-tunes a decoder: it needs init_vae=<VAE folder>")
         if self.l1_weight == 0 and self.mse_weight == 0:
             raise ConfigError("l1_weight or mse_weight must be > 0; got both 0")
         if not self.block_out_channels or any(w <= 0 for w in self.block_out_channels):
@@ -181,6 +191,14 @@ def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator) ->
     )
 
 
+def load_init_vae(path: str) -> AutoencoderKL:
+    """The VAE a run starts from (fp32, whatever its files' dtype); a wrong path is a one-line error."""
+    folder = find_path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"init_vae={path!r} is not a diffusers AutoencoderKL folder (no config.json)")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+
+
 class RoundTrip(torch.nn.Module):
     """The VAE's training pass (encode, sample the posterior, decode) as one forward: DDP synchronises
     gradients through a wrapped module's forward, and AutoencoderKL's own returns no posterior."""
@@ -201,13 +219,24 @@ def main(cfg: Config) -> RunDir:
             f"no training images at {cfg.data_dir}; write them with "
             f"`tune data world {cfg.data_dir} --count 30000 --split train`"
         )
+    init = load_init_vae(cfg.init_vae) if cfg.init_vae else None  # a wrong folder: before the run exists
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(cfg.mixed_precision)
 
     # ---- models -------------------------------------------------------------------------------
-    vae = build_autoencoder(
-        cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.resolution, cfg.latent_channels
-    )
+    if init is not None:
+        vae = init
+        vae.encoder.requires_grad_(cfg.train_encoder)
+        vae.quant_conv.requires_grad_(cfg.train_encoder)
+    else:
+        vae = build_autoencoder(
+            cfg.block_out_channels,
+            cfg.layers_per_block,
+            cfg.norm_num_groups,
+            cfg.resolution,
+            cfg.latent_channels,
+        )
+    trainable = [q for q in vae.parameters() if q.requires_grad]
     param_count = sum(p.numel() for p in vae.parameters())
     log.info("vae: %.2fM parameters, widths %s", param_count / 1e6, list(cfg.block_out_channels))
 
@@ -219,7 +248,7 @@ def main(cfg: Config) -> RunDir:
     val_pixels = pixels_of(val_originals)
 
     # ---- optimizer ----------------------------------------------------------------------------
-    optimizer = build_optimizer(list(vae.parameters()), cfg.optim)
+    optimizer = build_optimizer(trainable, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
     round_trip, optimizer, lr_schedule = accelerator.prepare(RoundTrip(vae), optimizer, lr_schedule)
     accelerator.register_for_checkpointing(loader)
@@ -255,7 +284,7 @@ def main(cfg: Config) -> RunDir:
             accelerator.backward(loss)
             if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
                 if cfg.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
                 optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -292,10 +321,16 @@ def main(cfg: Config) -> RunDir:
     generator = torch.Generator(accelerator.device).manual_seed(cfg.seed)
     latents = sample_latents(vae, train_pixels, generator)
     latent_mean, latent_std = latents.mean().item(), latents.std().item()
-    vae.register_to_config(scaling_factor=1.0 / latent_std)
+    if cfg.train_encoder:  # a frozen encoder keeps the latents, and the U-Net trained on their scale
+        vae.register_to_config(scaling_factor=1.0 / latent_std)
     with atomic_folder(run.export_dir / "vae", module_bytes(vae)) as folder:  # complete or absent
         vae.save_pretrained(folder, safe_serialization=True)
-    log.info("latents: mean %.3f, std %.3f -> scaling_factor %.4f", latent_mean, latent_std, 1 / latent_std)
+    log.info(
+        "latents: mean %.3f, std %.3f; scaling_factor %.4f",
+        latent_mean,
+        latent_std,
+        vae.config.scaling_factor,
+    )
 
     # Fresh renders of every style (a seed no training folder uses), and the example subjects' photos.
     report = {
@@ -307,7 +342,9 @@ def main(cfg: Config) -> RunDir:
         "start_step": start_step,  # train_seconds covers steps start_step..steps of this process only
         "batch_size": cfg.batch_size,
         "param_count": param_count,
-        "scaling_factor": 1.0 / latent_std,
+        "scaling_factor": vae.config.scaling_factor,
+        "train_encoder": cfg.train_encoder,
+        "init_vae": cfg.init_vae,
         "latent_mean": latent_mean,
         "latent_std": latent_std,
         "latent_shape": list(latents.shape[1:]),

@@ -134,6 +134,28 @@ def test_bad_settings_and_missing_data(tmp_path) -> None:
     assert not (tmp_path / "run").exists()  # refused before a run directory was made
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_its_latents(world_dir, first_run, tmp_path) -> None:
+    start = first_run.path / "export" / "vae"
+    run = run_tiny(world_dir, tmp_path / "dec", f"init_vae={start}", "train_encoder=false", "max_steps=2")
+    before = AutoencoderKL.from_pretrained(start)
+    after = AutoencoderKL.from_pretrained(run.path / "export" / "vae")
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(old[k].equal(new[k]) for k in frozen)  # so the latents are the same
+    assert any(not old[k].equal(new[k]) for k in old if k.startswith("decoder."))
+    assert after.config.scaling_factor == before.config.scaling_factor  # the U-Net's latent scale
+    report = json.loads((run.path / "eval" / "vae.json").read_text())
+    assert report["train_encoder"] is False and report["init_vae"] == str(start)
+
+
+def test_decoder_fine_tune_needs_a_vae_to_start_from(world_dir, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="train_encoder=false fine-tunes a decoder: it needs init_vae"):
+        vae_recipe.Config(train_encoder=False)
+    with pytest.raises(ConfigError, match="is not a diffusers AutoencoderKL folder"):
+        run_tiny(world_dir, tmp_path / "x", f"init_vae={tmp_path}", "train_encoder=false")
+    assert not (tmp_path / "x").exists()
+
+
 def test_several_crops_per_loaded_image(world_dir, tmp_path, monkeypatch) -> None:
     seen, crop = [], vae_recipe.random_crops
 
