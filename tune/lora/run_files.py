@@ -122,6 +122,37 @@ def _run_base_hash(info: Mapping[str, Any]) -> str | None:
     return base_model_hash(pipe.unet, pipe.text_encoder)
 
 
+def run_base_family(run_dir: str | Path) -> tuple[str | None, bool]:
+    """(family of the run's base model, whether it predicts v), read from its configs without loading
+    weights: a diffusers folder's JSON files, a single file's tensor names. (None, False) when the base
+    is not on disk (a hub id) or unreadable; callers then go by what the adapter file says."""
+    import json
+
+    from tune.runs import read_run
+
+    run = read_run(run_dir)
+    base = run.info.get("base_model") or _find_value(run.config, ("base_model", "pretrained_model"))
+    if not base:
+        return None, False
+    from tune.models import resolve_model_path
+    from tune.models.families import family_of_checkpoint, family_of_folder
+
+    path = resolve_model_path(str(base))
+    try:
+        if path.is_dir():
+            scheduler = path / "scheduler" / "scheduler_config.json"
+            config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
+            return family_of_folder(path), config.get("prediction_type") == "v_prediction"
+        if path.is_file() and path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return family_of_checkpoint(f.keys()), False
+    except (TuneError, OSError, ValueError) as err:
+        logger.warning("cannot tell the family of the base model %s (%s)", base, err)
+    return None, False
+
+
 def run_metadata(run_dir: str | Path, *, output_name: str, step: int | None) -> dict[str, str]:
     """The descriptive metadata `tune export` writes (A1111 shows ss_*; modelspec.* is Stability's
     ModelSpec; tune_* are ours): name, trigger, recipe, resolved config and base model hash."""
