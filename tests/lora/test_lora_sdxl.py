@@ -18,7 +18,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from tool_rules import SDXL_COMFY_UNET_CONFIG, SD1_COMFY_UNET_CONFIG, a1111_load, comfy_key_map, comfy_load
+from tool_rules import SD1_COMFY_UNET_CONFIG, SDXL_COMFY_UNET_CONFIG, a1111_load, comfy_key_map, comfy_load
 
 from tune import lora as lora_io
 from tune.errors import ModelError
