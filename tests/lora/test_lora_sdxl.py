@@ -281,16 +281,14 @@ def test_export_of_an_sdxl_run_and_merge_into_a_single_file(
     )
     assert "lora_unet_output_blocks_2_2_conv.lora_down.weight" in tensors
 
-    merged = lora_io.merge_loras(
-        sdxl_dir, [(exported, 0.5)], tmp_path / "merged.safetensors", dtype=torch.float32
-    )
-    reloaded = load_pipeline(merged, config=sdxl_dir)
     expected = load_pipeline(sdxl_dir)
     lora_io.apply_loras(expected, [(exported, 0.5)])
-    for key, tensor in weights(expected, ("unet", "text_encoder", "text_encoder_2", "vae")).items():
-        assert torch.equal(
-            weights(reloaded, ("unet", "text_encoder", "text_encoder_2", "vae"))[key], tensor
-        ), key
+    components = ("unet", "text_encoder", "text_encoder_2", "vae")
+    for out in (tmp_path / "merged.safetensors", tmp_path / "merged"):  # a single file, a diffusers folder
+        merged = lora_io.merge_loras(sdxl_dir, [(exported, 0.5)], out, dtype=torch.float32)
+        reloaded = weights(load_pipeline(merged, config=sdxl_dir if out.suffix else None), components)
+        for key, tensor in weights(expected, components).items():
+            assert torch.equal(reloaded[key], tensor), f"{out.name}: {key}"
 
 
 # ---------------------------------------------------------------------------------------------------
