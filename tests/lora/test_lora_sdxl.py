@@ -345,3 +345,20 @@ def test_sd2_kohya_file(tmp_path: Path, no_library_warnings) -> None:
     patches, not_loaded = comfy_load(file_keys, comfy_key_map(comfy, SD1_COMFY_UNET_CONFIG))
     assert not not_loaded and set(patches.values()) == modules
     assert check_a1111(file_keys, a1111, is_sd2=True) == len(modules)
+
+
+def test_inspect_reports_the_sdxl_family(sdxl_file: Path, capsys) -> None:
+    from tune.cli import main
+
+    assert main(["lora", "inspect", str(sdxl_file)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "architecture:  SDXL topology, cross-attention width 40; declared stable-diffusion-xl-v1-base/lora"
+        in out
+    )
+    assert "modules:       828 (text_encoder 72, text_encoder_2 192, unet 564)" in out
+    assert "text_encoder_2 self_attn" in out and "unet samplers" in out
+    assert "targets:       text_encoder_2: mlp.fc1, mlp.fc2, self_attn.k_proj" in out
+    assert "lora_te1_" not in out  # the SD1-only note about kohya's SD1 loader
+    report = lora_io.inspect_lora(sdxl_file)
+    assert report.family == "sdxl" and report.problem is None
