@@ -271,3 +271,17 @@ def test_user_errors_exit_2_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("tune: error: ") and "Traceback" not in err, err
     assert message.format(**names) in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_sd2_file_inspects_and_converts_as_sd2(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    code, out, _ = tune(capsys, "lora", "inspect", str(files["sd2"]))
+    assert code == 0 and "architecture:  SD2.x topology, cross-attention width 32; declared sd_v2" in out
+    out_file = tmp_path / "sd2_kohya.safetensors"
+    code, _, err = tune(capsys, "lora", "convert", str(files["sd2"]), "--to", "kohya", "--out", str(out_file))
+    assert code == 0, err
+    with safe_open(str(out_file), framework="pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    assert metadata["ss_base_model_version"] == "sd_v2" and metadata["ss_v2"] == "True"
+    # q_proj alone in the source: k, v and out_proj are written too (zero), as A1111 needs all four.
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert f"lora_te_text_model_encoder_layers_0_self_attn_{proj}.lora_down.weight" in keys

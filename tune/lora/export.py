@@ -41,7 +41,7 @@ def export_run(
     target = Path(out) if out is not None else default_export_path(run_dir, format, step)
     _check_target(target, force, source=source)
     family, v_prediction = run_base_family(run_dir)
-    lora = read_lora(source, family=family)  # type: ignore[arg-type]
+    lora = read_lora(source, family=family)
     metadata = run_metadata(run_dir, output_name=target.stem, step=step)
     return save_lora(lora, target, format, dtype=dtype, metadata=metadata, v_prediction=v_prediction)
 

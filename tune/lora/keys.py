@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from torch import nn
 from tune.errors import ModelError
 from tune.lora.core import Lora, LoraFormat, LoraModule
 from tune.lora.sgm import unet_module_to_sgm
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 AlphaRule = Callable[[str, int], "float | None"]
 """alpha_for(key stem, rank) -> alpha, for files whose alphas live outside the tensors (PEFT)."""
@@ -218,7 +221,7 @@ def parse_lora(
     metadata: Mapping[str, str] | None = None,
     source: str = "",
     check_shapes: bool = True,
-    family: str | None = None,
+    family: Family | None = None,
 ) -> Lora:
     """Map a LoRA state dict of any supported style onto `targets` ({"unet": ..., "text_encoder": ...}).
 
@@ -293,5 +296,5 @@ def parse_lora(
         formats=frozenset(formats),
         metadata=dict(metadata or {}),
         source=source,
-        family=family,  # type: ignore[arg-type]
+        family=family,
     )

@@ -64,7 +64,7 @@ class LoraStack:
         if lora.family and self._family:
             from tune.models.families import check_same_family
 
-            check_same_family(f"LoRA {lora.source or name}", lora.family, self._family)  # type: ignore[arg-type]
+            check_same_family(f"LoRA {lora.source or name}", lora.family, self._family)
         if name in self._entries:
             raise ConfigError(f"a LoRA named {name!r} is already applied; give this one another name")
         for target, pair in lora.modules.items():

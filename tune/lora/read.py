@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +25,9 @@ from torch import nn
 from tune.errors import ConfigError, ModelError
 from tune.lora.core import COMPONENTS, Lora
 from tune.lora.keys import _PEFT_PREFIX, AlphaRule, parse_lora
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def lora_targets(pipe: Any) -> dict[str, nn.Module]:
     return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
 
 
-def pipeline_family(pipe: Any) -> str | None:
+def pipeline_family(pipe: Any) -> Family | None:
     """The family (sd1, sd2, sdxl) of a pipeline, or None for objects that are no diffusers pipeline."""
     if getattr(getattr(pipe, "unet", None), "config", None) is None:
         return None
@@ -115,7 +118,7 @@ def load_lora(path: str | Path, pipe: Any) -> Lora:
     family = pipeline_family(pipe)
     found = family_of_lora(tensors, metadata)
     if family and found:
-        check_same_family(f"LoRA {path}", found, family)  # type: ignore[arg-type]
+        check_same_family(f"LoRA {path}", found, family)
     lora = parse_lora(
         tensors,
         lora_targets(pipe),

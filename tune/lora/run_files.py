@@ -24,10 +24,13 @@ import datetime as _dt
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, ModelError, TuneError
 from tune.lora.core import ExportFormat
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +125,7 @@ def _run_base_hash(info: Mapping[str, Any]) -> str | None:
     return base_model_hash(pipe.unet, pipe.text_encoder)
 
 
-def run_base_family(run_dir: str | Path) -> tuple[str | None, bool]:
+def run_base_family(run_dir: str | Path) -> tuple[Family | None, bool]:
     """(family of the run's base model, whether it predicts v), read from its configs without loading
     weights: a diffusers folder's JSON files, a single file's tensor names. (None, False) when the base
     is not on disk (a hub id) or unreadable; callers then go by what the adapter file says."""
