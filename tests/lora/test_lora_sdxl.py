@@ -362,3 +362,62 @@ def test_inspect_reports_the_sdxl_family(sdxl_file: Path, capsys) -> None:
     assert "lora_te1_" not in out  # the SD1-only note about kohya's SD1 loader
     report = lora_io.inspect_lora(sdxl_file)
     assert report.family == "sdxl" and report.problem is None
+
+
+@pytest.mark.parametrize("conv, unet_count", [(False, 722), (True, 788)])
+def test_real_sdxl_kohya_module_list_maps_in_comfyui_and_a1111(
+    conv: bool, unet_count: int, tmp_path: Path
+) -> None:
+    """kohya's SDXL target set on the real SDXL (meta device): every Linear of the Transformer2DModels
+    (+ resnet and sampler convs with conv_dim), CLIPAttention/CLIPMLP of both text encoders."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from tune.lora.sgm import unet_key_to_sgm
+    from tune.lora.skeleton import module_skeleton
+    from tune.models.single_file import _open_clip_state_dict
+
+    skeleton = module_skeleton("sdxl")
+    classes = (Transformer2DModel,) + ((ResnetBlock2D, Downsample2D, Upsample2D) if conv else ())
+    targets = []
+    for component, model in skeleton.items():
+        for name, module in model.named_modules():
+            wanted = (
+                isinstance(module, classes)
+                if component == "unet"
+                else type(module).__name__ in ("CLIPAttention", "CLIPMLP")
+            )
+            if wanted:
+                targets += [
+                    f"{component}.{name}.{child}"
+                    for child, leaf in module.named_modules()
+                    if child and isinstance(leaf, (torch.nn.Linear, torch.nn.Conv2d))
+                ]
+    counts = {c: sum(t.startswith(c + ".") for t in targets) for c in COMPONENTS}
+    assert counts == {"unet": unet_count, "text_encoder": 72, "text_encoder_2": 192}
+    generator = torch.Generator().manual_seed(0)
+    modules = {}
+    for target in targets:
+        component, path = target.split(".", 1)
+        shape = skeleton[component].get_submodule(path).weight.shape
+        down = torch.randn(1, *shape[1:], generator=generator)
+        up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=generator)
+        modules[target] = lora_io.LoraModule(down=down, up=up, alpha=1.0)
+    file = lora_io.save_lora(
+        lora_io.Lora(modules, frozenset({"peft"}), family="sdxl"), tmp_path / "x.safetensors", "kohya"
+    )
+    assert lora_io.read_lora(file).modules.keys() == modules.keys()
+
+    unet, te1, te2 = (skeleton[c] for c in COMPONENTS)
+    sgm = {"diffusion_model." + unet_key_to_sgm(k, unet.config) for k in unet.state_dict()}
+    te1_keys = {f"transformer.text_model.{k}" for k in te1.state_dict()}
+    open_clip = {f"model.{k}" for k in _open_clip_state_dict(te2.state_dict())}
+    comfy = sgm | {f"clip_l.{k}" for k in te1_keys} | {f"clip_g.transformer.{k}" for k in te2.state_dict()}
+    a1111 = {k.rsplit(".", 1)[0].replace(".", "_") for k in sgm}
+    a1111 |= {"0_" + k.rsplit(".", 1)[0].replace(".", "_") for k in te1_keys}
+    a1111 |= {"1_" + k.rsplit(".", 1)[0].replace(".", "_") for k in open_clip}
+    file_keys = set(read(file)[0])
+    stems = {key.split(".", 1)[0] for key in file_keys}
+    patches, not_loaded = comfy_load(file_keys, comfy_key_map(comfy, SDXL_COMFY_UNET_CONFIG))
+    assert not not_loaded and set(patches.values()) == stems and len(stems) == unet_count + 264
+    assert check_a1111(file_keys, a1111, is_sd2=False) == len(stems)
