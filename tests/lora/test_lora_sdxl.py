@@ -18,7 +18,14 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from tool_rules import SD1_COMFY_UNET_CONFIG, SDXL_COMFY_UNET_CONFIG, a1111_load, comfy_key_map, comfy_load
+from tool_rules import (
+    SD1_COMFY_UNET_CONFIG,
+    SDXL_COMFY_UNET_CONFIG,
+    a1111_load,
+    comfy_key_map,
+    comfy_load,
+    comfy_unet_to_diffusers,
+)
 
 from tune import lora as lora_io
 from tune.errors import ModelError
@@ -409,7 +416,14 @@ def test_real_sdxl_kohya_module_list_maps_in_comfyui_and_a1111(
     assert lora_io.read_lora(file).modules.keys() == modules.keys()
 
     unet, te1, te2 = (skeleton[c] for c in COMPONENTS)
-    sgm = {"diffusion_model." + unet_key_to_sgm(k, unet.config) for k in unet.state_dict()}
+    ours = {k: unet_key_to_sgm(k, unet.config) for k in unet.state_dict()}
+    # The SGM rule agrees with ComfyUI's own map for every SDXL U-Net tensor it lists (all but label_emb).
+    theirs = comfy_unet_to_diffusers(SDXL_COMFY_UNET_CONFIG)
+    assert all(ours[k] == v for k, v in theirs.items() if k in ours)  # it also lists keys SDXL lacks
+    assert set(ours) - set(theirs) == {
+        f"add_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")
+    }
+    sgm = {"diffusion_model." + name for name in ours.values()}
     te1_keys = {f"transformer.text_model.{k}" for k in te1.state_dict()}
     open_clip = {f"model.{k}" for k in _open_clip_state_dict(te2.state_dict())}
     comfy = sgm | {f"clip_l.{k}" for k in te1_keys} | {f"clip_g.transformer.{k}" for k in te2.state_dict()}
