@@ -435,3 +435,20 @@ def test_real_sdxl_kohya_module_list_maps_in_comfyui_and_a1111(
     patches, not_loaded = comfy_load(file_keys, comfy_key_map(comfy, SDXL_COMFY_UNET_CONFIG))
     assert not not_loaded and set(patches.values()) == stems and len(stems) == unet_count + 264
     assert check_a1111(file_keys, a1111, is_sd2=False) == len(stems)
+
+
+def test_export_of_an_sd2_run_says_v_prediction(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-sd2"
+    pipe = build_pipeline("tiny-sd2", seed=0)
+    pipe.save_pretrained(folder)
+    shape = pipe.unet.get_submodule("down_blocks.0.attentions.0.proj_in").weight.shape
+    pair = lora_io.LoraModule(down=torch.ones(2, shape[1]), up=torch.ones(shape[0], 2), alpha=2.0)
+    run_dir = tmp_path / "sd2-run"
+    run = RunDir.create(run_dir, "lora", f'base_model = "{folder}"\n')
+    run.update_info(base_model=str(folder))
+    adapter = lora_io.Lora({"unet.down_blocks.0.attentions.0.proj_in": pair}, frozenset({"peft"}))
+    lora_io.save_lora(adapter, lora_io.final_adapter_path(run_dir), "diffusers", dtype=torch.float32)
+    run.finish()
+    tensors, metadata = read(lora_io.export_run(run_dir))
+    assert metadata["ss_base_model_version"] == "sd_v2_v" and metadata["ss_v2"] == "True"
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (2, shape[1])

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError, safe_open
+
 from tune.errors import ConfigError, ModelError, TuneError
 from tune.lora.core import ExportFormat
 
@@ -147,11 +149,9 @@ def run_base_family(run_dir: str | Path) -> tuple[Family | None, bool]:
             config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
             return family_of_folder(path), config.get("prediction_type") == "v_prediction"
         if path.is_file() and path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return family_of_checkpoint(f.keys()), False
-    except (TuneError, OSError, ValueError) as err:
+    except (TuneError, OSError, ValueError, SafetensorError) as err:
         logger.warning("cannot tell the family of the base model %s (%s)", base, err)
     return None, False
 

@@ -92,7 +92,7 @@ def canonical_path(target: str) -> tuple[str, str]:
 
 def kohya_stem(target: str, family: Family = "sd1") -> str:
     """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`
-    (SDXL: `lora_unet_input_blocks_1_1_proj_in`, SGM names); `text_encoder.encoder.layers.0.mlp.fc1` ->
+    (SDXL: `down_blocks.1.attentions.0.proj_in` -> `lora_unet_input_blocks_4_1_proj_in`, SGM names); `text_encoder.encoder.layers.0.mlp.fc1` ->
     `lora_te_text_model_encoder_layers_0_mlp_fc1` (SDXL: `lora_te1_...`; its text_encoder_2: `lora_te2_...`)."""
     component, path = canonical_path(target)
     prefixes = KOHYA_PREFIXES[family]
@@ -277,10 +277,11 @@ def save_lora(
 
     `metadata` (strings) is stored as given, except the keys the writer owns (network dim/alpha,
     hashes, architecture, adapter config), which are computed. `family` (default: `lora.family`, else
-    SD1.x) picks names and architecture metadata; `v_prediction` (default: what `lora.metadata` says)
-    makes an SD2 file `sd_v2_v`. Overwrites `path`.
+    SDXL when there are text_encoder_2 modules, else SD1.x) picks names and architecture metadata;
+    `v_prediction` (default: what `lora.metadata` says) makes an SD2 file `sd_v2_v`. Overwrites `path`.
     """
-    family = family or lora.family or "sd1"
+    second_encoder = any(target.startswith("text_encoder_2.") for target in lora.modules)
+    family = family or lora.family or ("sdxl" if second_encoder else "sd1")
     if v_prediction is None:
         v_prediction = is_v_prediction(lora.metadata)
     path = Path(path)
