@@ -18,6 +18,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tool_rules import (
     SD1_COMFY_UNET_CONFIG,
     SDXL_COMFY_UNET_CONFIG,
@@ -236,6 +237,19 @@ def test_read_convert_and_diffusers_format(
     for target, pair in loaded.modules.items():
         delta = pair.delta(truth[target].shape)
         assert float((delta - truth[target]).norm() / truth[target].norm()) < 1e-2, target
+
+    # kohya keys with diffusers U-Net names (diffusers' convert_state_dict_to_kohya writes those): same modules.
+    restyled = {}
+    for target, pair in lora.modules.items():
+        component, path = lora_io.canonical_path(target)
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
+        stem = prefix + path.replace(".", "_")
+        restyled |= {f"{stem}.lora_down.weight": pair.down, f"{stem}.lora_up.weight": pair.up}
+    save_file(restyled, tmp_path / "x2.safetensors")
+    assert (
+        lora_io.load_lora(tmp_path / "x2.safetensors", load_pipeline(sdxl_dir)).modules.keys()
+        == lora.modules.keys()
+    )
 
     converted = lora_io.convert_lora_file(
         sdxl_file, "diffusers", tmp_path / "pytorch_lora_weights.safetensors"

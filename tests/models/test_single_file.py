@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tune.models import build_pipeline, load_pipeline, save_single_file
+from tune.models.families import family_of_checkpoint
 from tune.models.single_file import convert_to_ldm
 
 
@@ -232,6 +233,8 @@ def test_family_round_trip_is_bit_identical(family_files: dict, preset: str) -> 
             assert original.keys() == back.keys(), name
             for key, tensor in original.items():
                 assert torch.equal(tensor, back[key]), f"{name}.{key}"
+    with safe_open(str(path), framework="pt") as f:
+        assert family_of_checkpoint(f.keys()) == preset.removeprefix("tiny-")
     # diffusers would read a narrow SD2 file as SD1 by width; the config keeps it v-prediction.
     assert loaded.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
 
