@@ -48,7 +48,7 @@ def files(small_lora: lora_io.Lora, tmp_path_factory) -> dict[str, Path]:
         "diffusers": lora_io.save_lora(small_lora, folder / "pytorch_lora_weights.safetensors", "diffusers"),
     }
     sdxl = {}
-    for i in range(3):
+    for i in range(2):  # SDXL's input_blocks.4.1 is two transformer blocks deep
         for stem in (
             f"lora_unet_input_blocks_4_1_transformer_blocks_{i}_attn1_to_q",
             f"lora_te2_text_model_encoder_layers_{i}_mlp_fc1",
@@ -60,6 +60,12 @@ def files(small_lora: lora_io.Lora, tmp_path_factory) -> dict[str, Path]:
             }
     save_file(sdxl, folder / "sdxl.safetensors")
     paths["sdxl"] = folder / "sdxl.safetensors"
+    lycoris = {
+        "lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4),
+        "lora_unet_conv_in.hada_w1_b": torch.zeros(4, 4),
+    }
+    save_file(lycoris, folder / "loha.safetensors")
+    paths["loha"] = folder / "loha.safetensors"
     sd2 = {k: v.half() for k, v in lora_io.to_kohya_state_dict(small_lora)[0].items()}
     save_file(sd2, folder / "sd2.safetensors", metadata={"ss_v2": "True", "ss_base_model_version": "sd_v2"})
     paths["sd2"] = folder / "sd2.safetensors"
@@ -127,8 +133,12 @@ def test_inspect_flags_a_wrong_hash_and_foreign_files(files: dict[str, Path], tm
     assert code == 1 and "sshs hash:     MISMATCH: metadata says 0000" in out
 
     code, out, _ = tune(capsys, "lora", "inspect", str(files["sdxl"]))
-    assert code == 0 and "architecture:  not SD1.x: SDXL" in out and "18 of 18 keys match no module" in out
+    assert code == 0 and "architecture:  SDXL (no cross-attention module" in out
+    assert "modules:       4 (text_encoder_2 2, unet 2)" in out and "text_encoder_2 mlp" in out
     assert "sshs hash:     not recorded" in out
+    code, out, _ = tune(capsys, "lora", "inspect", str(files["loha"]))
+    assert code == 0 and "architecture:  unreadable: a LoRA variant we do not read" in out
+    assert "2 of 2 keys match no module" in out
 
     # A kohya file as naive exporters write it: each attention module with its own alpha.
     naive = {}
@@ -209,11 +219,11 @@ ERRORS = [
     (["lora", "inspekt", "{kohya}"], "unknown command 'inspekt' (did you mean 'inspect'?)"),
     (["lora", "convert", "{kohya}"], "required: --to"),
     (["lora", "convert", "{tmp}/missing.safetensors", "--to", "kohya"], "LoRA file not found"),
+    (["lora", "convert", "{loha}", "--to", "diffusers"], "2 of 2 keys match no module of this model's unet"),
     (
-        ["lora", "convert", "{sdxl}", "--to", "diffusers"],
-        "18 of 18 keys match no module of this model's unet or text_encoder",
+        ["lora", "merge", "{base}", "{sd2}", "--out", "{tmp}/m"],
+        "is for Stable Diffusion 2.x but the base model is Stable Diffusion 1.x",
     ),
-    (["lora", "convert", "{sd2}", "--to", "diffusers"], "is a SD2.x LoRA (by its metadata)"),
     (
         ["lora", "convert", "{kohya}", "--to", "diffusers", "--out", "{kohya}"],
         "exists (the file being read); pass --force",
@@ -223,7 +233,7 @@ ERRORS = [
     (["lora", "merge", "{base}", "{kohya}:loud", "--out", "{tmp}/m"], "SCALE must be a number"),
     (
         ["lora", "merge", "{base}", "{sdxl}", "--out", "{tmp}/m"],
-        "keys match no module of this model's unet or text_encoder",
+        "is for SDXL but the base model is Stable Diffusion 1.x",
     ),
     (
         ["lora", "merge", "{base}", "{kohya}", "--out", "{base}"],
@@ -261,3 +271,17 @@ def test_user_errors_exit_2_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("tune: error: ") and "Traceback" not in err, err
     assert message.format(**names) in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_sd2_file_inspects_and_converts_as_sd2(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    code, out, _ = tune(capsys, "lora", "inspect", str(files["sd2"]))
+    assert code == 0 and "architecture:  SD2.x topology, cross-attention width 32; declared sd_v2" in out
+    out_file = tmp_path / "sd2_kohya.safetensors"
+    code, _, err = tune(capsys, "lora", "convert", str(files["sd2"]), "--to", "kohya", "--out", str(out_file))
+    assert code == 0, err
+    with safe_open(str(out_file), framework="pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    assert metadata["ss_base_model_version"] == "sd_v2" and metadata["ss_v2"] == "True"
+    # q_proj alone in the source: k, v and out_proj are written too (zero), as A1111 needs all four.
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert f"lora_te_text_model_encoder_layers_0_self_attn_{proj}.lora_down.weight" in keys

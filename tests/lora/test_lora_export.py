@@ -16,10 +16,7 @@ diffusers here too, and through our own loader as well.
 from __future__ import annotations
 
 import json
-import logging
 import re
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import safe_open
+from tool_rules import a1111_load, comfy_key_map, comfy_load
 from torch import nn
 
 from tune import lora as lora_io
@@ -137,42 +135,6 @@ def weights(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
         for component in ("unet", "text_encoder", "vae")
         for name, param in getattr(pipe, component).named_parameters()
     }
-
-
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def no_library_warnings() -> Iterator[None]:
-    """Fail on any warning diffusers, PEFT or transformers log or warn while the block runs (unloaded,
-    unexpected or missing keys, unmatched alpha_pattern entries, load reports)."""
-    capture = _Capture()
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(capture)
-        logger.setLevel(logging.WARNING)  # conftest silences them to ERROR
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.removeHandler(capture)
-            logger.setLevel(level)
-    logged = [f"{r.name}: {r.getMessage()[:300]}" for r in capture.records]
-    warned = [
-        f"{w.category.__name__}: {str(w.message)[:300]}"
-        for w in caught
-        if issubclass(w.category, (RuntimeWarning, UserWarning))
-    ]
-    assert not logged and not warned, "\n".join(logged + warned)
 
 
 def fuse_with_diffusers(tiny_pipeline_dir: str, file: Path) -> tuple[dict, dict]:
@@ -282,252 +244,15 @@ def test_diffusers_file_loads_in_diffusers_at_the_right_scale(
 
 
 # ---------------------------------------------------------------------------------------------------
-# ComfyUI's and AUTOMATIC1111's key rules, transcribed from their sources
+# ComfyUI's and AUTOMATIC1111's key rules (tool_rules.py) on our files
 # ---------------------------------------------------------------------------------------------------
-# ComfyUI comfy/utils.py unet_to_diffusers + comfy/lora.py model_lora_keys_unet/_clip and load_lora.
-
-UNET_MAP_ATTENTIONS = {
-    "proj_in.weight",
-    "proj_in.bias",
-    "proj_out.weight",
-    "proj_out.bias",
-    "norm.weight",
-    "norm.bias",
-}
-TRANSFORMER_BLOCKS = {
-    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias",
-    "attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight", "attn1.to_out.0.bias",
-    "attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias",
-    "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight", "ff.net.2.bias",
-}  # fmt: skip
-UNET_MAP_RESNET = {
-    "in_layers.2.weight": "conv1.weight", "in_layers.2.bias": "conv1.bias",
-    "emb_layers.1.weight": "time_emb_proj.weight", "emb_layers.1.bias": "time_emb_proj.bias",
-    "out_layers.3.weight": "conv2.weight", "out_layers.3.bias": "conv2.bias",
-    "skip_connection.weight": "conv_shortcut.weight", "skip_connection.bias": "conv_shortcut.bias",
-    "in_layers.0.weight": "norm1.weight", "in_layers.0.bias": "norm1.bias",
-    "out_layers.0.weight": "norm2.weight", "out_layers.0.bias": "norm2.bias",
-}  # fmt: skip
-UNET_MAP_BASIC = {
-    ("input_blocks.0.0.weight", "conv_in.weight"), ("input_blocks.0.0.bias", "conv_in.bias"),
-    ("out.0.weight", "conv_norm_out.weight"), ("out.0.bias", "conv_norm_out.bias"),
-    ("out.2.weight", "conv_out.weight"), ("out.2.bias", "conv_out.bias"),
-    ("time_embed.0.weight", "time_embedding.linear_1.weight"), ("time_embed.0.bias", "time_embedding.linear_1.bias"),
-    ("time_embed.2.weight", "time_embedding.linear_2.weight"), ("time_embed.2.bias", "time_embedding.linear_2.bias"),
-}  # fmt: skip
-# ComfyUI's detected unet_config for SD1.x (the widths do not enter the names).
-SD1_COMFY_UNET_CONFIG = {
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-}
-LORA_CLIP_MAP = {
-    "mlp.fc1": "mlp_fc1",
-    "mlp.fc2": "mlp_fc2",
-    "self_attn.k_proj": "self_attn_k_proj",
-    "self_attn.q_proj": "self_attn_q_proj",
-    "self_attn.v_proj": "self_attn_v_proj",
-    "self_attn.out_proj": "self_attn_out_proj",
-}
-
-
-def comfy_unet_to_diffusers(unet_config: dict) -> dict[str, str]:
-    num_res_blocks = unet_config["num_res_blocks"]
-    channel_mult = unet_config["channel_mult"]
-    transformer_depth = unet_config["transformer_depth"][:]
-    transformer_depth_output = unet_config["transformer_depth_output"][:]
-    num_blocks = len(channel_mult)
-    transformers_mid = unet_config.get("transformer_depth_middle", None)
-    diffusers_unet_map = {}
-    for x in range(num_blocks):
-        n = 1 + (num_res_blocks[x] + 1) * x
-        for i in range(num_res_blocks[x]):
-            for b in UNET_MAP_RESNET:
-                diffusers_unet_map[f"down_blocks.{x}.resnets.{i}.{UNET_MAP_RESNET[b]}"] = (
-                    f"input_blocks.{n}.0.{b}"
-                )
-            num_transformers = transformer_depth.pop(0)
-            if num_transformers > 0:
-                for b in UNET_MAP_ATTENTIONS:
-                    diffusers_unet_map[f"down_blocks.{x}.attentions.{i}.{b}"] = f"input_blocks.{n}.1.{b}"
-                for t in range(num_transformers):
-                    for b in TRANSFORMER_BLOCKS:
-                        diffusers_unet_map[f"down_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = (
-                            f"input_blocks.{n}.1.transformer_blocks.{t}.{b}"
-                        )
-            n += 1
-        for k in ["weight", "bias"]:
-            diffusers_unet_map[f"down_blocks.{x}.downsamplers.0.conv.{k}"] = f"input_blocks.{n}.0.op.{k}"
-    i = 0
-    for b in UNET_MAP_ATTENTIONS:
-        diffusers_unet_map[f"mid_block.attentions.{i}.{b}"] = f"middle_block.1.{b}"
-    for t in range(transformers_mid):
-        for b in TRANSFORMER_BLOCKS:
-            diffusers_unet_map[f"mid_block.attentions.{i}.transformer_blocks.{t}.{b}"] = (
-                f"middle_block.1.transformer_blocks.{t}.{b}"
-            )
-    for i, n in enumerate([0, 2]):
-        for b in UNET_MAP_RESNET:
-            diffusers_unet_map[f"mid_block.resnets.{i}.{UNET_MAP_RESNET[b]}"] = f"middle_block.{n}.{b}"
-    num_res_blocks = list(reversed(num_res_blocks))
-    for x in range(num_blocks):
-        n = (num_res_blocks[x] + 1) * x
-        length = num_res_blocks[x] + 1
-        for i in range(length):
-            c = 0
-            for b in UNET_MAP_RESNET:
-                diffusers_unet_map[f"up_blocks.{x}.resnets.{i}.{UNET_MAP_RESNET[b]}"] = (
-                    f"output_blocks.{n}.0.{b}"
-                )
-            c += 1
-            num_transformers = transformer_depth_output.pop()
-            if num_transformers > 0:
-                c += 1
-                for b in UNET_MAP_ATTENTIONS:
-                    diffusers_unet_map[f"up_blocks.{x}.attentions.{i}.{b}"] = f"output_blocks.{n}.1.{b}"
-                for t in range(num_transformers):
-                    for b in TRANSFORMER_BLOCKS:
-                        diffusers_unet_map[f"up_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = (
-                            f"output_blocks.{n}.1.transformer_blocks.{t}.{b}"
-                        )
-            if i == length - 1:
-                for k in ["weight", "bias"]:
-                    diffusers_unet_map[f"up_blocks.{x}.upsamplers.0.conv.{k}"] = (
-                        f"output_blocks.{n}.{c}.conv.{k}"
-                    )
-            n += 1
-    for ldm, diffusers in UNET_MAP_BASIC:
-        diffusers_unet_map[diffusers] = ldm
-    return diffusers_unet_map
-
-
-def comfy_key_map(model_keys: set[str]) -> dict[str, str]:
-    """model_lora_keys_unet + model_lora_keys_clip for an SD1.x model with these state-dict keys."""
-    key_map = {}
-    for k in model_keys:
-        if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            key_map["lora_unet_{}".format(k[len("diffusion_model.") : -len(".weight")].replace(".", "_"))] = k
-    diffusers_keys = comfy_unet_to_diffusers(SD1_COMFY_UNET_CONFIG)
-    for k, ldm in diffusers_keys.items():
-        if k.endswith(".weight"):
-            unet_key = f"diffusion_model.{ldm}"
-            key_map["lora_unet_{}".format(k[: -len(".weight")].replace(".", "_"))] = unet_key
-            for p in ["", "unet."]:
-                diffusers_lora_key = "{}{}".format(p, k[: -len(".weight")].replace(".to_", ".processor.to_"))
-                if diffusers_lora_key.endswith(".to_out.0"):
-                    diffusers_lora_key = diffusers_lora_key[:-2]
-                key_map[diffusers_lora_key] = unet_key
-    for b in range(32):
-        for c in LORA_CLIP_MAP:
-            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in model_keys:
-                key_map[f"lora_te_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
-                key_map[f"lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
-                key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
-    return key_map
-
-
-def comfy_load(file_keys: set[str], key_map: dict[str, str]) -> tuple[dict[str, str], set[str]]:
-    """load_lora's LoRA branch: (model key -> stem patched, file keys 'not loaded')."""
-    patches, loaded = {}, set()
-    for x in key_map:
-        if f"{x}.lora_up.weight" in file_keys:
-            loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
-            if f"{x}.alpha" in file_keys:
-                loaded.add(f"{x}.alpha")
-            patches[key_map[x]] = x
-    return patches, file_keys - loaded
-
-
-# AUTOMATIC1111 extensions-builtin/Lora/networks.py: convert_diffusers_name_to_compvis and load_network.
-re_digits = re.compile(r"\d+")
-re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
-suffix_conversion = {
-    "attentions": {},
-    "resnets": {
-        "conv1": "in_layers_2",
-        "conv2": "out_layers_3",
-        "norm1": "in_layers_0",
-        "norm2": "out_layers_0",
-        "time_emb_proj": "emb_layers_1",
-        "conv_shortcut": "skip_connection",
-    },
-}
-
-
-def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
-    def match(match_list: list, regex_text: str) -> bool:
-        r = re.match(regex_text, key)
-        if not r:
-            return False
-        match_list.clear()
-        match_list.extend([int(x) if re.match(re_digits, x) else x for x in r.groups()])
-        return True
-
-    m: list = []
-    if match(m, r"lora_unet_conv_in(.*)"):
-        return f"diffusion_model_input_blocks_0_0{m[0]}"
-    if match(m, r"lora_unet_conv_out(.*)"):
-        return f"diffusion_model_out_2{m[0]}"
-    if match(m, r"lora_unet_time_embedding_linear_(\d+)(.*)"):
-        return f"diffusion_model_time_embed_{m[0] * 2 - 2}{m[1]}"
-    if match(m, r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        suffix = suffix_conversion.get(m[1], {}).get(m[3], m[3])
-        return (
-            f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
-        )
-    if match(m, r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
-        suffix = suffix_conversion.get(m[0], {}).get(m[2], m[2])
-        return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_{suffix}"
-    if match(m, r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        suffix = suffix_conversion.get(m[1], {}).get(m[3], m[3])
-        return f"diffusion_model_output_blocks_{m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
-    if match(m, r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"):
-        return f"diffusion_model_input_blocks_{3 + m[0] * 3}_0_op"
-    if match(m, r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):
-        return f"diffusion_model_output_blocks_{2 + m[0] * 3}_{2 if m[0] > 0 else 1}_conv"
-    if match(m, r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
-        if is_sd2:
-            raise AssertionError("SD1 only here")
-        return f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"
-    return key
-
-
-def a1111_load(file_keys: set[str], network_layer_mapping: set[str]) -> tuple[dict[str, set[str]], list[str]]:
-    """load_network's matching: (A1111 module -> network parts found, keys failed to match)."""
-    matched: dict[str, set[str]] = {}
-    failed = []
-    for key_network in sorted(file_keys):
-        base, _, network_part = key_network.partition(".")
-        key = convert_diffusers_name_to_compvis(base, False)
-        found = key in network_layer_mapping
-        if not found:
-            m = re_x_proj.match(key)
-            if m and m.group(1) in network_layer_mapping:
-                key, found = m.group(1), True
-        if not found and "lora_unet" in base:
-            key = base.replace("lora_unet", "diffusion_model")
-            found = key in network_layer_mapping
-        elif not found and "lora_te1_text_model" in base:
-            key = base.replace("lora_te1_text_model", "0_transformer_text_model")
-            found = key in network_layer_mapping
-            if not found:
-                key = base.replace("lora_te1_text_model", "transformer_text_model")
-                found = key in network_layer_mapping
-        if not found:
-            failed.append(key_network)
-            continue
-        matched.setdefault(key, set()).add(network_part)
-    return matched, failed
 
 
 def model_names(unet: nn.Module, text_encoder: nn.Module) -> tuple[set[str], set[str]]:
     """(ComfyUI state-dict keys, A1111 network_layer_mapping names) of an SD1.x model in LDM layout.
 
     The LDM names come from tune's diffusers->LDM converter (the single-file export), an independent
-    mapping from ComfyUI's unet_to_diffusers above, so agreement checks both.
+    mapping from ComfyUI's unet_to_diffusers (tool_rules.py), so agreement checks both.
     """
     ldm = convert_to_ldm(unet.state_dict(), unet.config, {}, {}, {})
     unet_keys = {key.removeprefix("model.") for key in ldm}
@@ -551,7 +276,7 @@ def check_tools_load(file: Path, unet: nn.Module, text_encoder: nn.Module) -> tu
     assert not not_loaded, f"ComfyUI: lora key not loaded: {sorted(not_loaded)[:5]}"
     assert set(patches) <= comfy_keys and set(patches.values()) == modules
 
-    matched, failed = a1111_load(file_keys, a1111_names)
+    matched, failed, _ = a1111_load(file_keys, a1111_names)
     assert not failed, f"A1111: didn't match keys: {failed[:5]}"
     assert all(parts == {"lora_up.weight", "lora_down.weight", "alpha"} for parts in matched.values())
     assert len(matched) == len(modules)  # one A1111 module per file module, none shared

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tune.errors import ModelError
 from tune.models import build_pipeline, load_pipeline
-from tune.models.families import check_same_family, family_of_checkpoint, family_of_folder, family_of_pipeline
+from tune.models.families import (
+    check_same_family,
+    family_of_checkpoint,
+    family_of_embedding,
+    family_of_folder,
+    family_of_lora,
+    family_of_pipeline,
+)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +99,73 @@ def test_a_file_of_another_family_is_one_line_naming_both():
 def test_folder_without_model_index_is_refused(tmp_path):
     with pytest.raises(ModelError, match="no model_index.json"):
         family_of_folder(tmp_path)
+
+
+def _pair(stem: str, width: int = 4) -> dict[str, torch.Tensor]:
+    return {
+        f"{stem}.lora_down.weight": torch.zeros(2, width),
+        f"{stem}.lora_up.weight": torch.zeros(width, 2),
+    }
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "family"),
+    [
+        # a second text encoder
+        (_pair("lora_te2_text_model_encoder_layers_0_mlp_fc1"), {}, "sdxl"),
+        (_pair("text_encoder_2.text_model.encoder.layers.0.mlp.fc1"), {}, "sdxl"),
+        # metadata (kohya's and ModelSpec's)
+        (
+            _pair("lora_unet_mid_block_attentions_0_proj_in"),
+            {"ss_base_model_version": "sdxl_base_v1-0"},
+            "sdxl",
+        ),
+        (_pair("lora_unet_x"), {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl"),
+        (_pair("lora_unet_x"), {"ss_base_model_version": "sd_v2_v"}, "sd2"),
+        (_pair("lora_unet_x"), {"ss_v2": "True"}, "sd2"),
+        (_pair("lora_unet_x"), {"ss_base_model_version": "sd_v1", "ss_v2": "False"}, "sd1"),
+        # the real models' cross-attention widths
+        (_pair("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k", 2048), {}, "sdxl"),
+        (_pair("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k", 1024), {}, "sd2"),
+        (_pair("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k", 768), {}, "sd1"),
+        # structure: attention only SDXL has (tiny widths)
+        (_pair("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"), {}, "sdxl"),
+        (_pair("unet.up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_q"), {}, "sdxl"),
+        (_pair("lora_unet_output_blocks_0_1_proj_in"), {}, "sdxl"),
+        # nothing tells (SD1 and SD2 share their structure); SD1's up-block-0 upsampler is no attention
+        (_pair("lora_unet_output_blocks_2_1_conv"), {}, None),
+        (_pair("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"), {}, None),
+        (
+            {
+                **_pair("unet.up_blocks.0.attentions.0.proj_in"),
+                **_pair("unet.up_blocks.3.attentions.0.proj_in"),
+            },
+            {},
+            None,
+        ),
+    ],
+)
+def test_lora_files_tell_the_family(tensors, metadata, family):
+    assert family_of_lora(tensors, metadata) == family
+
+
+@pytest.mark.parametrize(
+    ("tensors", "family"),
+    [
+        ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, "sdxl"),
+        ({"clip_l": torch.zeros(2, 16), "clip_g": torch.zeros(2, 24)}, "sdxl"),  # tiny widths too
+        ({"emb_params": torch.zeros(2, 768)}, "sd1"),
+        ({"emb_params": torch.zeros(2, 1024)}, "sd2"),
+        ({"string_to_param.*": torch.zeros(1, 1024)}, "sd2"),
+        ({"emb_params": torch.zeros(2, 32)}, None),  # a tiny width: the caller compares with its base
+        ({"something": torch.zeros(2, 768)}, None),
+    ],
+)
+def test_embedding_files_tell_the_family(tensors, family):
+    assert family_of_embedding(tensors) == family
+
+
+def test_other_family_message_names_both():
+    with pytest.raises(ModelError, match=r"^LoRA x is for SDXL but the base model is Stable Diffusion 2\.x"):
+        check_same_family("LoRA x", "sdxl", "sd2")
+    check_same_family("LoRA x", "sd1", "sd1")

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tune.models import build_pipeline, load_pipeline, save_single_file
+from tune.models.families import family_of_checkpoint
 from tune.models.single_file import convert_to_ldm
 
 
@@ -189,3 +190,98 @@ def test_eight_latent_channels_round_trip_and_draw(tmp_path: Path) -> None:
     for name in ("unet", "vae"):
         for key, tensor in getattr(pipe, name).state_dict().items():
             assert torch.equal(tensor, getattr(loaded, name).state_dict()[key]), f"{name}.{key}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# SDXL and SD2
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """preset -> (seed-1 pipeline, its fp32 single file, a seed-0 config folder of the same preset)."""
+    out = {}
+    for preset in ("tiny-sdxl", "tiny-sd2"):
+        folder = tmp_path_factory.mktemp(preset)
+        build_pipeline(preset, seed=0).save_pretrained(
+            folder / "model"
+        )  # the sibling config folder of model.safetensors
+        pipe = build_pipeline(preset, seed=1)
+        out[preset] = (
+            pipe,
+            save_single_file(pipe, folder / "model.safetensors", torch.float32),
+            folder / "model",
+        )
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd2"])
+def test_family_round_trip_is_bit_identical(family_files: dict, preset: str) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe, path, config = family_files[preset]
+    pipeline_class = StableDiffusionXLPipeline if preset == "tiny-sdxl" else StableDiffusionPipeline
+    # diffusers itself, with the local config (without it, it reaches for the hub), and our loader.
+    direct = pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True)
+    loaded = load_pipeline(path)  # the config folder is found beside the file
+    for reloaded in (direct, loaded):
+        assert type(reloaded) is pipeline_class
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is None:
+                continue
+            original, back = getattr(pipe, name).state_dict(), getattr(reloaded, name).state_dict()
+            assert original.keys() == back.keys(), name
+            for key, tensor in original.items():
+                assert torch.equal(tensor, back[key]), f"{name}.{key}"
+    with safe_open(str(path), framework="pt") as f:
+        assert family_of_checkpoint(f.keys()) == preset.removeprefix("tiny-")
+    # diffusers would read a narrow SD2 file as SD1 by width; the config keeps it v-prediction.
+    assert loaded.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
+
+
+def test_sdxl_file_uses_sgm_and_open_clip_names(family_files: dict) -> None:
+    pipe, path, _ = family_files["tiny-sdxl"]
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        projection = f.get_tensor("conditioner.embedders.1.model.text_projection")
+        in_proj = f.get_tensor("conditioner.embedders.1.model.transformer.resblocks.9.attn.in_proj_weight")
+    assert len(keys) == 2509 and sum(k.startswith("model.diffusion_model.") for k in keys) == 1680
+    for key in (
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight",
+        "model.diffusion_model.output_blocks.2.2.conv.weight",
+        "first_stage_model.decoder.up.3.block.2.conv2.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight",
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_proj.bias",
+        "conditioner.embedders.1.model.positional_embedding",
+        "conditioner.embedders.1.model.ln_final.weight",
+    ):
+        assert key in keys, key
+    # OpenCLIP computes x @ P: P is the transformers Linear weight transposed ([width 24, proj 32]).
+    weight = pipe.text_encoder_2.text_projection.weight
+    assert tuple(weight.shape) == (32, 24) and torch.equal(projection, weight.T)
+    attention = pipe.text_encoder_2.text_model.encoder.layers[9].self_attn
+    assert torch.equal(
+        in_proj, torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    )
+
+
+def test_sd2_file_uses_open_clip_names(family_files: dict) -> None:
+    _, path, _ = family_files["tiny-sd2"]
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_bias" in keys
+    assert "cond_stage_model.model.token_embedding.weight" in keys
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+
+
+def test_family_file_with_a_config_of_another_family(family_files: dict, tiny_pipeline_dir: str) -> None:
+    from tune.errors import ModelError
+
+    _, path, _ = family_files["tiny-sdxl"]
+    with pytest.raises(
+        ModelError, match="is a SDXL checkpoint but the config folder .* is Stable Diffusion 1.x"
+    ):
+        load_pipeline(path, config=tiny_pipeline_dir)

@@ -6,7 +6,8 @@ Source: the run's final adapter (`export/pytorch_lora_weights.safetensors`), els
 checkpoint's; `--step N` picks `checkpoints/step_NNNNNN/lora.safetensors`. Target (without --out):
 `<run>/export/<run name>[-step_NNNNNN].safetensors` (kohya) or
 `<run>/export/diffusers[-step_NNNNNN]/pytorch_lora_weights.safetensors` (diffusers). An existing file
-is never overwritten without --force. Prints the written path. See `tune.lora` for the formats.
+is never overwritten without --force. Key names and metadata follow the run's base model family (SDXL:
+SGM U-Net names, lora_te1_/lora_te2_, sdxl_base_v1-0). Prints the written path. Formats: `tune.lora`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@
     tune lora convert FILE --to kohya|diffusers [--out FILE] [--dtype D] [--force]
     tune lora merge BASE LORA[:SCALE] ... --out DIR|FILE.safetensors [--config DIR] [--dtype D] [--force]
 
-convert writes `<stem>_<format>.safetensors` beside FILE unless --out is given; merge writes a diffusers
-folder, or one SD1.x checkpoint when --out ends in .safetensors. Nothing existing is overwritten
-without --force. Formats and conventions: `tune.lora`.
+Files of every base family (SD1.x, SD2.x, SDXL) are read; inspect reports the family. convert writes
+`<stem>_<format>.safetensors` beside FILE unless --out is given; merge writes a diffusers folder, or one
+single-file checkpoint of the base's family when --out ends in .safetensors. A LoRA of another family
+than the base is refused. Nothing existing is overwritten without --force. Formats: `tune.lora`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     p = sub.add_parser("merge", help="merge LoRAs into a base model and save it")
-    p.add_argument("base", metavar="BASE", help="diffusers folder or single-file SD1.x checkpoint")
+    p.add_argument(
+        "base", metavar="BASE", help="diffusers folder or single-file checkpoint (SD1.x, SD2.x, SDXL)"
+    )
     p.add_argument("loras", nargs="+", metavar="LORA[:SCALE]", help="LoRA files, scale default 1")
     p.add_argument(
         "--out", required=True, metavar="DIR|FILE", help="a folder, or FILE.safetensors (single file)"

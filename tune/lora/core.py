@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:  # tune.models loads diffusers; reading and writing LoRA files does not need it
+    from tune.models.families import Family
 
 Component = Literal["unet", "text_encoder", "text_encoder_2"]
 COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder", "text_encoder_2")
@@ -55,6 +58,9 @@ class Lora:
     """The safetensors header metadata, as stored."""
     source: str = ""
     """Where it was read from (for messages)."""
+    family: Family | None = None
+    """The base model family the module names belong to (sd1, sd2, sdxl); None when not known (taken as
+    SD1.x by writers, as before SDXL and SD2 existed)."""
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from tune.errors import ConfigError
 from tune.lora.core import ExportFormat, Lora
-from tune.lora.run_files import default_export_path, find_run_adapter, run_metadata
+from tune.lora.run_files import default_export_path, find_run_adapter, run_base_family, run_metadata
 from tune.lora.skeleton import read_lora
 from tune.lora.write import DTYPES, FORMATS, save_lora
 
@@ -35,13 +35,15 @@ def export_run(
     force: bool = False,
 ) -> Path:
     """`tune export`: a run's adapter (final, else newest checkpoint, or `step`) as a kohya or
-    diffusers file, with the run's metadata. Never overwrites an existing file unless `force`."""
+    diffusers file, with the run's metadata, named for the base model's family (SD1.x, SD2.x, SDXL).
+    Never overwrites an existing file unless `force`."""
     source, step = find_run_adapter(run_dir, step)
     target = Path(out) if out is not None else default_export_path(run_dir, format, step)
     _check_target(target, force, source=source)
-    lora = read_lora(source)
+    family, v_prediction = run_base_family(run_dir)
+    lora = read_lora(source, family=family)
     metadata = run_metadata(run_dir, output_name=target.stem, step=step)
-    return save_lora(lora, target, format, dtype=dtype, metadata=metadata)
+    return save_lora(lora, target, format, dtype=dtype, metadata=metadata, v_prediction=v_prediction)
 
 
 def _file_dtype(lora: Lora) -> torch.dtype:

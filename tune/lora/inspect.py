@@ -31,8 +31,8 @@ def module_group(target: str) -> str:
     """The row `tune lora inspect` reports a module in: unet attn1 / attn2 / ff / proj / resnets /
     samplers / other, text_encoder self_attn / mlp."""
     component, path = target.split(".", 1)
-    if component == "text_encoder":
-        return "text_encoder self_attn" if ".self_attn." in path else "text_encoder mlp"
+    if component.startswith("text_encoder"):
+        return f"{component} self_attn" if ".self_attn." in path else f"{component} mlp"
     for part, group in ((".attn1.", "attn1"), (".attn2.", "attn2"), (".ff.", "ff"), (".resnets.", "resnets")):
         if part in path:
             return f"unet {group}"
@@ -80,7 +80,9 @@ class LoraReport:
     recorded_hash: str | None
     notes: tuple[str, ...]
     problem: str | None = None
-    """Why the file does not map onto SD1.x, when it does not."""
+    """Why the file does not map onto its family's module names, when it does not."""
+    family: str | None = None
+    """sd1, sd2 or sdxl: the base model family the file is for (None when it does not map)."""
 
     @property
     def hash_ok(self) -> bool | None:
@@ -108,7 +110,7 @@ def _compatibility_notes(
         attention = {
             p.alpha for t, p in lora.modules.items() if module_group(t) in ("unet attn1", "unet attn2")
         }
-        text = {p.alpha for t, p in lora.modules.items() if t.startswith("text_encoder.")}
+        text = {p.alpha for t, p in lora.modules.items() if t.startswith("text_encoder")}
         if len(attention) > 1 or len(text) > 1:
             notes.append(
                 "alphas differ between attention or text-encoder modules: diffusers loads them at the wrong "
@@ -119,7 +121,7 @@ def _compatibility_notes(
                 "text-encoder keys lack `text_model` (written under transformers 5): ComfyUI and A1111 skip "
                 "them; `tune lora convert FILE --to kohya` writes canonical names"
             )
-        if any(key.startswith("lora_te1_") for key in tensors):
+        if lora.family in (None, "sd1") and any(key.startswith("lora_te1_") for key in tensors):
             notes.append(
                 "`lora_te1_` text-encoder keys: kohya's SD1 loader ignores them (A1111, ComfyUI read them)"
             )
@@ -138,8 +140,9 @@ def _compatibility_notes(
 
 def inspect_lora(path: str | Path) -> LoraReport:
     """Read a LoRA file and describe it (format, architecture, modules per group, ranks, alphas,
-    targets, trigger, metadata, hash check). Files we cannot map onto SD1.x are still described,
-    with `problem` saying why."""
+    targets, trigger, metadata, hash check). The family (SD1.x, SD2.x, SDXL) is the file's own
+    (`family_of_lora`), SD1.x when nothing tells. Files we cannot map onto that family's modules are
+    still described, with `problem` saying why."""
     path = Path(path)
     tensors, metadata = read_lora_file(path)
     data_hash = safetensors_data_hash(path)
@@ -164,7 +167,7 @@ def inspect_lora(path: str | Path) -> LoraReport:
         guess = _architecture_hint(keys) or declared or "unknown"
         return LoraReport(
             format=_raw_format(keys),
-            architecture=f"not SD1.x: {guess}",
+            architecture=f"unreadable: {guess}",
             modules={},
             groups=(),
             targets={},
@@ -173,13 +176,7 @@ def inspect_lora(path: str | Path) -> LoraReport:
             **common,
         )
 
-    width = _cross_attention_width(lora)
-    if width == 768:
-        architecture = "SD1.x (cross-attention 768: CLIP ViT-L/14)"
-    elif width:
-        architecture = f"SD1.x topology, cross-attention width {width}"
-    else:
-        architecture = "SD1.x (no cross-attention module to tell the width by)"
+    architecture = _architecture(lora.family or "sd1", _cross_attention_width(lora))
     if declared:
         architecture += f"; declared {declared}"
     rows: dict[str, list[LoraModule]] = {}
@@ -208,8 +205,23 @@ def inspect_lora(path: str | Path) -> LoraReport:
         groups=groups,
         targets={component: tuple(sorted(names)) for component, names in targets.items()},
         notes=tuple(_compatibility_notes(lora, tensors, metadata)),
+        family=lora.family,
         **common,
     )
+
+
+_FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_REAL_WIDTHS = {"sd1": (768, "CLIP ViT-L/14"), "sd2": (1024, "OpenCLIP-H"), "sdxl": (2048, "CLIP-L + bigG")}
+
+
+def _architecture(family: str, width: int | None) -> str:
+    label = _FAMILY_LABELS[family]
+    real, text = _REAL_WIDTHS[family]
+    if width == real:
+        return f"{label} (cross-attention {real}: {text})"
+    if width:
+        return f"{label} topology, cross-attention width {width}"
+    return f"{label} (no cross-attention module to tell the width by)"
 
 
 # Long metadata values (the resolved TOML config, adapter configs) are summarised, not printed whole.

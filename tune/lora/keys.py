@@ -2,8 +2,10 @@
 
 Key forms understood (see /work/shared/reference/lora-formats.md):
 
-    kohya      lora_unet_<path with . -> _>.{lora_down.weight, lora_up.weight, alpha}
+    kohya      lora_unet_<path with . -> _>.{lora_down.weight, lora_up.weight, alpha}, the path in diffusers'
+               names or the LDM/SGM ones (`input_blocks_4_1_...`, SDXL's usual spelling; `tune.lora.sgm`)
                lora_te_text_model_encoder_layers_<i>_<self_attn_q_proj|...|mlp_fc2>.{...}  (also lora_te1_)
+               lora_te2_text_model_encoder_layers_<i>_...  (SDXL's second text encoder)
     diffusers  unet.<path>.lora_A.weight / .lora_B.weight            (current, PEFT-based)
                unet.<path>.lora.down.weight / .lora.up.weight        (older)
                text_encoder.<path>.lora_linear_layer.down.weight     (older text encoder)
@@ -22,13 +24,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from tune.errors import ModelError
 from tune.lora.core import Lora, LoraFormat, LoraModule
+from tune.lora.sgm import unet_module_to_sgm
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 AlphaRule = Callable[[str, int], "float | None"]
 """alpha_for(key stem, rank) -> alpha, for files whose alphas live outside the tensors (PEFT)."""
@@ -53,8 +59,8 @@ _ROLE_SUFFIXES: tuple[tuple[str, Literal["down", "up", "alpha"]], ...] = (
 )
 
 # kohya prefix -> component. `lora_te1_` is what diffusers' convert_state_dict_to_kohya writes even
-# for SD1.x; A1111 and ComfyUI accept it there, so we do too. `lora_te2_` (SDXL's second encoder)
-# maps to a component we do not have and therefore ends up in the "unmatched" error.
+# for SD1.x; A1111 and ComfyUI accept it there, so we do too. `lora_te2_` is SDXL's second encoder (on a
+# model without one it ends up in the "unmatched" error).
 _KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?)_(.+)$")
 _KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 _DOTTED_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
@@ -81,6 +87,7 @@ class _ModuleIndex:
         self.dotted: dict[str, str] = {}
         self.underscored: dict[str, str | None] = {}  # None: two modules share the underscored name
         self.weights: dict[str, torch.Tensor] = {}
+        config = getattr(root, "config", None) if component == "unet" else None
         for name, module in root.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
@@ -91,6 +98,11 @@ class _ModuleIndex:
             path = name.removesuffix(".base_layer")
             self.weights[path] = module.weight
             aliases = [path]
+            if config is not None:
+                try:  # the LDM/SGM spelling of the same module
+                    aliases.append(unet_module_to_sgm(path, config))
+                except KeyError:
+                    pass
             if component.startswith("text_encoder"):
                 if path.startswith(_TEXT_MODEL_LEVEL):
                     aliases.append(path[len(_TEXT_MODEL_LEVEL) :])
@@ -209,6 +221,7 @@ def parse_lora(
     metadata: Mapping[str, str] | None = None,
     source: str = "",
     check_shapes: bool = True,
+    family: Family | None = None,
 ) -> Lora:
     """Map a LoRA state dict of any supported style onto `targets` ({"unet": ..., "text_encoder": ...}).
 
@@ -216,7 +229,8 @@ def parse_lora(
     Raises ModelError when any key does not map onto a Linear/Conv2d of the targets, when a module
     lacks its down or up half, or when shapes disagree with the model's weights (with
     `check_shapes=False` only ranks and kernels are checked: targets of the same topology but other
-    widths, such as `sd1_module_skeleton()`). Conv pairs come back 4-D and Linear pairs 2-D.
+    widths, such as `sd1_module_skeleton()`). Conv pairs come back 4-D and Linear pairs 2-D. `family`
+    (sd1, sd2, sdxl: what the targets are) is recorded in the Lora for writers.
     """
     where = source or "LoRA"
     indexes = {name: _ModuleIndex(name, module) for name, module in targets.items() if module is not None}
@@ -277,4 +291,10 @@ def parse_lora(
         raise ModelError(
             f"{where}: {len(problems)} of {len(parts)} modules do not fit this model: {_listing(problems)}"
         )
-    return Lora(modules=modules, formats=frozenset(formats), metadata=dict(metadata or {}), source=source)
+    return Lora(
+        modules=modules,
+        formats=frozenset(formats),
+        metadata=dict(metadata or {}),
+        source=source,
+        family=family,
+    )

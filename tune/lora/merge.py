@@ -22,7 +22,7 @@ from torch import nn
 from tune.errors import ConfigError, ModelError
 from tune.lora.core import Lora
 from tune.lora.keys import _check_shape
-from tune.lora.read import load_lora, lora_targets
+from tune.lora.read import load_lora, lora_targets, pipeline_family
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class LoraStack:
 
     def __init__(self, pipe: Any) -> None:
         self._targets = lora_targets(pipe)
+        self._family = pipeline_family(pipe)
         self._entries: dict[str, tuple[Lora, float]] = {}
         self._originals: dict[str, torch.Tensor] = {}
 
@@ -60,6 +61,10 @@ class LoraStack:
     def add(self, lora: Lora, scale: float = 1.0, name: str | None = None) -> str:
         """Merge `lora` at `scale`; returns the name to rescale or remove it by (default: file stem)."""
         name = name or lora.name
+        if lora.family and self._family:
+            from tune.models.families import check_same_family
+
+            check_same_family(f"LoRA {lora.source or name}", lora.family, self._family)
         if name in self._entries:
             raise ConfigError(f"a LoRA named {name!r} is already applied; give this one another name")
         for target, pair in lora.modules.items():
@@ -154,7 +159,7 @@ def merge_loras(
 ) -> Path:
     """`tune lora merge`: a base model with LoRAs merged in at their scales, written as a diffusers
     folder (`save_pretrained`; dtype as loaded unless given) or, for a `.safetensors` out, as one
-    SD1.x checkpoint (`tune.models.save_single_file`; fp16 unless given)."""
+    checkpoint of the base's family (`tune.models.save_single_file`; fp16 unless given)."""
     from tune.models import load_pipeline, resolve_model_path, save_single_file
 
     out = Path(out)

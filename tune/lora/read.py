@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +25,9 @@ from torch import nn
 from tune.errors import ConfigError, ModelError
 from tune.lora.core import COMPONENTS, Lora
 from tune.lora.keys import _PEFT_PREFIX, AlphaRule, parse_lora
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +93,39 @@ def _peft_alpha_rule(path: Path, metadata: Mapping[str, str]) -> AlphaRule | Non
 
 
 def lora_targets(pipe: Any) -> dict[str, nn.Module]:
-    """The components a LoRA may patch: {"unet": pipe.unet, "text_encoder": pipe.text_encoder}."""
+    """The components a LoRA may patch: {"unet": pipe.unet, "text_encoder": pipe.text_encoder} (and
+    SDXL's "text_encoder_2")."""
     return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
 
 
+def pipeline_family(pipe: Any) -> Family | None:
+    """The family (sd1, sd2, sdxl) of a pipeline, or None for objects that are no diffusers pipeline."""
+    if getattr(getattr(pipe, "unet", None), "config", None) is None:
+        return None
+    from tune.models.families import family_of_pipeline
+
+    return family_of_pipeline(pipe)
+
+
 def load_lora(path: str | Path, pipe: Any) -> Lora:
-    """Read a LoRA `.safetensors` file (kohya, diffusers or PEFT keys) and map it onto `pipe`."""
+    """Read a LoRA `.safetensors` file (kohya, diffusers or PEFT keys) and map it onto `pipe`.
+
+    A file made for another family than the pipeline's is a one-line ModelError naming both."""
+    from tune.models.families import check_same_family, family_of_lora
+
     path = Path(path)
     tensors, metadata = read_lora_file(path)
+    family = pipeline_family(pipe)
+    found = family_of_lora(tensors, metadata)
+    if family and found:
+        check_same_family(f"LoRA {path}", found, family)
     lora = parse_lora(
         tensors,
         lora_targets(pipe),
         alpha_for=_peft_alpha_rule(path, metadata),
         metadata=metadata,
         source=str(path),
+        family=family,
     )
     logger.info("read LoRA %s: %d modules (%s keys)", path, len(lora.modules), "/".join(sorted(lora.formats)))
     return lora

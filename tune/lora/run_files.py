@@ -24,10 +24,15 @@ import datetime as _dt
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from safetensors import SafetensorError, safe_open
 
 from tune.errors import ConfigError, ModelError, TuneError
 from tune.lora.core import ExportFormat
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +125,35 @@ def _run_base_hash(info: Mapping[str, Any]) -> str | None:
         logger.warning("no tune_base_model_hash: cannot load the base model (%s)", err)
         return None
     return base_model_hash(pipe.unet, pipe.text_encoder)
+
+
+def run_base_family(run_dir: str | Path) -> tuple[Family | None, bool]:
+    """(family of the run's base model, whether it predicts v), read from its configs without loading
+    weights: a diffusers folder's JSON files, a single file's tensor names. (None, False) when the base
+    is not on disk (a hub id) or unreadable; callers then go by what the adapter file says."""
+    import json
+
+    from tune.runs import read_run
+
+    run = read_run(run_dir)
+    base = run.info.get("base_model") or _find_value(run.config, ("base_model", "pretrained_model"))
+    if not base:
+        return None, False
+    from tune.models import resolve_model_path
+    from tune.models.families import family_of_checkpoint, family_of_folder
+
+    path = resolve_model_path(str(base))
+    try:
+        if path.is_dir():
+            scheduler = path / "scheduler" / "scheduler_config.json"
+            config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
+            return family_of_folder(path), config.get("prediction_type") == "v_prediction"
+        if path.is_file() and path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return family_of_checkpoint(f.keys()), False
+    except (TuneError, OSError, ValueError, SafetensorError) as err:
+        logger.warning("cannot tell the family of the base model %s (%s)", base, err)
+    return None, False
 
 
 def run_metadata(run_dir: str | Path, *, output_name: str, step: int | None) -> dict[str, str]:

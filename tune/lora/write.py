@@ -1,6 +1,7 @@
 """Writing kohya and diffusers LoRA files: key names, state dicts, `sshs_model_hash`, `save_lora`.
 
-Files we write (SD1.x only):
+Files we write (SD1.x shown; SD2.x and SDXL differ in prefixes, U-Net names and metadata as
+`tune.lora.family_files` says: SDXL has lora_unet_<SGM path>, lora_te1_ and lora_te2_):
 
     kohya      lora_unet_<diffusers path, . -> _> and lora_te_text_model_encoder_layers_<i>_<...>
                (canonical `text_model.` names whatever transformers calls the modules); per module
@@ -29,13 +30,23 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tune.errors import ConfigError, ModelError
 from tune.lora.core import COMPONENTS, ExportFormat, Lora, LoraModule
+from tune.lora.family_files import (
+    KOHYA_PREFIXES,
+    is_v_prediction,
+    kohya_metadata,
+    kohya_unet_path,
+    with_all_text_projections,
+)
 from tune.lora.keys import _TEXT_MODEL_LEVEL
+
+if TYPE_CHECKING:
+    from tune.models.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -68,25 +79,28 @@ _WRITER_KEYS = frozenset(
         "modelspec.implementation",
     }
 )
-_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
 def canonical_path(target: str) -> tuple[str, str]:
-    """("unet" | "text_encoder", module path as files spell it): text-encoder paths always carry
-    `text_model.`, whatever transformers version named the loaded modules."""
+    """(component, module path as files spell it): text-encoder paths always carry `text_model.`,
+    whatever transformers version named the loaded modules."""
     component, path = target.split(".", 1)
-    if component == "text_encoder" and not path.startswith(_TEXT_MODEL_LEVEL):
+    if component.startswith("text_encoder") and not path.startswith(_TEXT_MODEL_LEVEL):
         path = _TEXT_MODEL_LEVEL + path
     return component, path
 
 
-def kohya_stem(target: str) -> str:
-    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`;
-    `text_encoder.encoder.layers.0.mlp.fc1` -> `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
+def kohya_stem(target: str, family: Family = "sd1") -> str:
+    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`
+    (SDXL: `down_blocks.1.attentions.0.proj_in` -> `lora_unet_input_blocks_4_1_proj_in`, SGM names); `text_encoder.encoder.layers.0.mlp.fc1` ->
+    `lora_te_text_model_encoder_layers_0_mlp_fc1` (SDXL: `lora_te1_...`; its text_encoder_2: `lora_te2_...`)."""
     component, path = canonical_path(target)
-    if component not in _KOHYA_PREFIXES:
-        raise ValueError(f"no kohya name for component {component!r}")
-    return _KOHYA_PREFIXES[component] + path.replace(".", "_")
+    prefixes = KOHYA_PREFIXES[family]
+    if component not in prefixes:
+        raise ValueError(f"no kohya name for component {component!r} of a {family} LoRA")
+    if component == "unet":
+        path = kohya_unet_path(path, family)
+    return prefixes[component] + path.replace(".", "_")
 
 
 def diffusers_stem(target: str) -> str:
@@ -98,8 +112,8 @@ def _config_path(target: str) -> str:
     """A module path for PEFT's target_modules / rank_pattern / alpha_pattern that matches under both
     transformers generations: PEFT matches these as suffixes, so the text encoder's paths go without
     `text_model.` (a `text_model.` name raises NoMatchingPeftModuleError under transformers 5)."""
-    path = target.split(".", 1)[1]
-    return path.removeprefix(_TEXT_MODEL_LEVEL) if target.startswith("text_encoder.") else path
+    component, path = target.split(".", 1)
+    return path.removeprefix(_TEXT_MODEL_LEVEL) if component.startswith("text_encoder") else path
 
 
 def _most_common(values: Iterable[Any]) -> Any:
@@ -123,23 +137,24 @@ def _is_3x3(pair: LoraModule) -> bool:
 
 
 def to_kohya_state_dict(
-    lora: Lora, dtype: torch.dtype = torch.float16
+    lora: Lora, dtype: torch.dtype = torch.float16, family: Family = "sd1"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya tensors for `lora` and the `ss_network_*` metadata describing them.
 
     The file gets ONE alpha (the most common one, as the file dtype stores it): diffusers keeps only the
     most common alpha for attention projections, and under transformers 5 for every text-encoder
     module (reference §4.4), so a module whose own alpha differs gets alpha_i / alpha folded into its
-    up weight. Every tool then computes the same delta W = (alpha / r) * up @ down.
+    up weight. Every tool then computes the same delta W = (alpha / r) * up @ down. `family` picks the
+    key names; SD2 and SDXL files get every q/k/v/out_proj of an OpenCLIP layer (`family_files`).
     """
-    modules = dict(sorted(lora.modules.items()))
+    modules = dict(sorted(with_all_text_projections(dict(lora.modules), family).items()))
     nonzero = [pair.alpha for pair in modules.values() if pair.alpha != 0]
     # kohya reads alpha 0 as alpha = rank, so 0 is never written; zero-scale modules get a zero up.
     alpha = float(torch.tensor(_most_common(nonzero) if nonzero else 1.0, dtype=dtype))
     tensors: dict[str, torch.Tensor] = {}
     folded = 0
     for target, pair in modules.items():
-        stem = kohya_stem(target)
+        stem = kohya_stem(target, family)
         factor = pair.alpha / alpha
         folded += factor != 1.0
         up = pair.up.to(torch.float32) * factor if factor != 1.0 else pair.up
@@ -255,12 +270,20 @@ def save_lora(
     *,
     dtype: torch.dtype = torch.float16,
     metadata: Mapping[str, str] | None = None,
+    family: Family | None = None,
+    v_prediction: bool | None = None,
 ) -> Path:
     """Write `lora` as a kohya or diffusers `.safetensors` file (see the module docstring).
 
     `metadata` (strings) is stored as given, except the keys the writer owns (network dim/alpha,
-    hashes, architecture, adapter config), which are computed. Overwrites `path`.
+    hashes, architecture, adapter config), which are computed. `family` (default: `lora.family`, else
+    SDXL when there are text_encoder_2 modules, else SD1.x) picks names and architecture metadata;
+    `v_prediction` (default: what `lora.metadata` says) makes an SD2 file `sd_v2_v`. Overwrites `path`.
     """
+    second_encoder = any(target.startswith("text_encoder_2.") for target in lora.modules)
+    family = family or lora.family or ("sdxl" if second_encoder else "sd1")
+    if v_prediction is None:
+        v_prediction = is_v_prediction(lora.metadata)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"LoRA files are written as .safetensors; got {path.name}")
@@ -268,20 +291,15 @@ def save_lora(
         raise ModelError(f"{lora.source or 'the LoRA'} has no modules to write")
     meta = {key: value for key, value in (metadata or {}).items() if key not in _WRITER_KEYS}
     if format == "kohya":
-        tensors, own = to_kohya_state_dict(lora, dtype)
+        tensors, own = to_kohya_state_dict(lora, dtype, family)
         meta.setdefault("ss_output_name", path.stem)
         meta.setdefault("modelspec.title", path.stem)
-        own.update(
-            {
-                "ss_base_model_version": "sd_v1",
-                "ss_v2": "False",
-                "modelspec.sai_model_spec": "1.0.1",
-                "modelspec.architecture": "stable-diffusion-v1/lora",
-                "modelspec.implementation": "diffusers",
-            }
-        )
+        own.update(kohya_metadata(family, v_prediction))
     elif format == "diffusers":
         tensors, own = to_diffusers_state_dict(lora, dtype)
+        if family != "sd1":  # tells readers the family when the keys cannot (SD2; SDXL without te2)
+            architecture = kohya_metadata(family, v_prediction)
+            own.update({k: architecture[k] for k in ("ss_base_model_version", "modelspec.architecture")})
     else:
         raise ConfigError(f"LoRA format must be one of {', '.join(FORMATS)}; got {format!r}")
     digest = write_lora_file(tensors, {**meta, **own}, path)

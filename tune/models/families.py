@@ -9,12 +9,18 @@ structure first, as `../shared/reference/sdxl.md` section 8 records:
 - SD2: one OpenCLIP text tower (gelu activations) and Linear transformer projections
   (`use_linear_projection`); single files hold `cond_stage_model.model.*`. Often v-prediction.
 - SD1: CLIP ViT-L (quick_gelu) and 1x1-conv projections; single files hold `cond_stage_model.transformer.*`.
+
+LoRA files say it by a second text encoder's keys, by their metadata (kohya's `ss_base_model_version`,
+`modelspec.architecture`), by the cross-attention width of `attn2.to_k` (real models only) or by where
+their U-Net attention sits (SDXL attends on other levels than SD1/SD2, and ten blocks deep). Embedding
+files by their keys (SDXL: `clip_l` + `clip_g`) and, for one-tensor files, by the real widths.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +83,73 @@ def family_of_checkpoint(keys: Iterable[str]) -> Family | None:
     if any(key.startswith("cond_stage_model.model.") for key in names):
         return "sd2"
     return "sd1"
+
+
+# attn2.to_k's in-features of the real models (the text width).
+_CROSS_ATTENTION_WIDTHS: dict[int, Family] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Text widths of one-vector-per-token embedding files: CLIP ViT-L (SD1) and OpenCLIP-H (SD2).
+_EMBEDDING_WIDTHS: dict[int, Family] = {768: "sd1", 1024: "sd2"}
+# Where only SDXL has U-Net attention, in diffusers and in SGM spelling (`.` or `_`): a second and later
+# transformer block (SD1/SD2 have depth 1), up block 0 (SD1/SD2's is attention-free; SGM output_blocks
+# 0-2, slot 1). And where only SD1/SD2 have it: down block 0 (SGM input_blocks 1-2), a fourth level.
+_SDXL_ONLY = re.compile(
+    r"transformer_blocks[._][1-9]|up_blocks[._]0[._]attentions|output_blocks[._][0-2][._]1[._](?!conv)"
+)
+_SD_ONLY = re.compile(
+    r"down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"
+    r"|(down|up)_blocks[._]3[._]"
+)
+
+
+def _declared_family(metadata: Mapping[str, str]) -> Family | None:
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or architecture.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if metadata.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None
+
+
+def family_of_lora(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Family | None:
+    """The family a LoRA file is for, from its keys, metadata and shapes; None when nothing tells.
+
+    In order: a second text encoder's keys (`lora_te2_`, `text_encoder_2.`) mean SDXL; then the
+    metadata kohya and tune write; then attn2.to_k's width when it is a real model's (768/1024/2048); then
+    the U-Net structure (attention where only SDXL has it means SDXL). Structure cannot tell SD1 from SD2.
+    """
+    keys = list(tensors)
+    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in keys):
+        return "sdxl"
+    declared = _declared_family(metadata or {})
+    if declared:
+        return declared
+    for key in sorted(keys):
+        if re.search(r"attn2[._]to_k[._](lora_down|lora_A|lora\.down|lora_linear_layer\.down)", key):
+            width = int(tensors[key].shape[1])
+            if width in _CROSS_ATTENTION_WIDTHS:
+                return _CROSS_ATTENTION_WIDTHS[width]
+            break
+    unet = [key for key in keys if not key.startswith(("lora_te", "text_encoder"))]
+    if any(_SDXL_ONLY.search(key) for key in unet) and not any(_SD_ONLY.search(key) for key in unet):
+        return "sdxl"
+    return None
+
+
+def family_of_embedding(tensors: Mapping[str, Any]) -> Family | None:
+    """The family a textual-inversion file is for: SDXL for `clip_l` + `clip_g`; SD1 / SD2 for one
+    `emb_params` / `string_to_param` tensor 768 / 1024 wide. None for other widths (tiny models): the
+    caller compares the width with its base model's text width."""
+    if "clip_l" in tensors and "clip_g" in tensors:
+        return "sdxl"
+    for key, tensor in tensors.items():
+        if key == "emb_params" or key.startswith("string_to_param"):
+            return _EMBEDDING_WIDTHS.get(int(tensor.shape[-1]))
+    return None
 
 
 def prediction_type_of(pipe: Any) -> str:

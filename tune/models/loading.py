@@ -1,7 +1,7 @@
 """Load a Stable Diffusion base model from a diffusers folder, a single file, or (online) the hub.
 
-Diffusers folders of every family load (SD1.x, SD2.x, SDXL: `tune.models.families` tells them apart);
-single files are SD1.x.
+Diffusers folders and single files of every family load (SD1.x, SD2.x, SDXL: `tune.models.families`
+tells them apart).
 
 Everything a user can get wrong here (a path that does not exist, a folder that is not a pipeline, a
 LoRA or random file passed as a checkpoint, a checkpoint that does not match its config folder) is
@@ -9,9 +9,12 @@ raised as `tune.errors.ModelError` with one line that says what to do; the CLI p
 traceback.
 
 Single files (`.safetensors`, or `.ckpt`/`.pt` read with `torch.load(weights_only=True)`, which
-refuses pickled code) hold weights only. diffusers needs a config folder too: any local SD-style
-diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) whose configs
-match the checkpoint's shapes. Pass it as `config=`; without it we look, in order, for
+refuses pickled code) hold weights only. diffusers needs a config folder too: any local diffusers folder
+of the same family (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also
+text_encoder_2/, tokenizer_2/) whose configs match the checkpoint's shapes. It is always passed to
+`from_single_file(config=...)`: without it diffusers fetches configs from the hub, even when asked to stay
+local, and guesses the family by real-model widths (a narrow SD2 reads as SD1). Pass it as `config=`;
+without it we look, in order, for
 
     <dir>/<name>/            a diffusers folder named like the file without its suffix
     <dir>/                   the folder the file sits in, if it is itself a diffusers folder
@@ -28,11 +31,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tune.errors import ModelError
-from tune.models.families import Family, family_of_folder
-from tune.models.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, convert_to_ldm
+from tune.models.families import FAMILY_NAMES, Family, family_of_checkpoint, family_of_folder
+from tune.models.single_file import TEXT_ENCODER_PREFIXES, UNET_PREFIX, VAE_PREFIX, convert_to_ldm
 from tune.paths import DATA_ROOT, find_path
 
 logger = logging.getLogger(__name__)
@@ -164,21 +167,19 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         while isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, Mapping):
-            raise ModelError(f"{path} does not hold a state dict; pass a Stable Diffusion 1.x checkpoint")
+            raise ModelError(f"{path} does not hold a state dict; pass a Stable Diffusion checkpoint")
         return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
     raise ModelError(
         f"{path} is not a model: expected a diffusers folder, a .safetensors file or a .ckpt file; got {path.suffix!r}"
     )
 
 
-def _check_is_sd1_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def _checkpoint_family(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Family:
+    """The family of a full checkpoint; a one-line ModelError for anything else (LoRA, embedding, ...)."""
     keys = list(shapes)
-    if any(key.startswith(UNET_PREFIX) for key in keys):
-        if any(key.startswith("conditioner.") for key in keys):
-            raise ModelError(f"{path} is an SDXL checkpoint; only Stable Diffusion 1.x models are supported")
-        if any(key.startswith("cond_stage_model.model.") for key in keys):
-            raise ModelError(f"{path} is a Stable Diffusion 2.x checkpoint; only 1.x models are supported")
-        return
+    family = family_of_checkpoint(keys)
+    if family is not None:
+        return family
     lowered = [key.lower() for key in keys]
     if any("lora" in key for key in lowered):
         raise ModelError(
@@ -186,7 +187,7 @@ def _check_is_sd1_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) 
         )
     if any(key in {"emb_params", "string_to_param", "clip_l"} for key in lowered) or len(keys) <= 2:
         raise ModelError(
-            f"{path} holds no model (a textual-inversion embedding?); pass a full Stable Diffusion 1.x checkpoint"
+            f"{path} holds no model (a textual-inversion embedding?); pass a full Stable Diffusion checkpoint"
         )
     if any(
         key.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.", "encoder.layers."))
@@ -197,23 +198,25 @@ def _check_is_sd1_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) 
             "model_index.json instead"
         )
     raise ModelError(
-        f"{path} is not a Stable Diffusion 1.x checkpoint (no {UNET_PREFIX}* tensors); "
-        "pass a full SD1.x .safetensors file or a diffusers folder"
+        f"{path} is not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors); "
+        "pass a full SD1.x, SD2.x or SDXL .safetensors file or a diffusers folder"
     )
 
 
-def _find_config_folder(path: Path, config: str | os.PathLike[str] | None) -> Path:
+def _find_config_folder(path: Path, config: str | os.PathLike[str] | None, family: Family) -> Path:
     if config is not None:
         folder = resolve_model_path(config)
         if not (folder / "model_index.json").is_file():
             raise ModelError(
                 f"config={str(config)!r} is not a diffusers folder (no model_index.json); pass the folder of "
-                "an SD1.x pipeline whose configs match the checkpoint"
+                f"a {FAMILY_NAMES[family]} pipeline whose configs match the checkpoint"
             )
+        _check_config_family(path, folder, family)
         return folder
     for candidate in (path.with_suffix(""), path.parent):
         if (candidate / "model_index.json").is_file():
             logger.info("using %s as the config folder for %s", candidate, path.name)
+            _check_config_family(path, candidate, family)
             return candidate
     raise ModelError(
         f"{path} needs a config folder (configs + tokenizer): pass config=<diffusers folder> "
@@ -221,14 +224,34 @@ def _find_config_folder(path: Path, config: str | os.PathLike[str] | None) -> Pa
     )
 
 
-def _expected_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def _check_config_family(path: Path, folder: Path, family: Family) -> None:
+    found = family_of_folder(folder)
+    if found != family:
+        raise ModelError(
+            f"{path.name} is a {FAMILY_NAMES[family]} checkpoint but the config folder {folder} is "
+            f"{FAMILY_NAMES[found]}; pass config= a {FAMILY_NAMES[family]} diffusers folder"
+        )
+
+
+def _expected_shapes(folder: Path, family: Family) -> dict[str, tuple[int, ...]]:
     """LDM names and shapes the config folder's models would have, built on the meta device (no memory)."""
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+        text_encoder_2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
+            if family == "sdxl"
+            else None
+        )
     checkpoint = convert_to_ldm(
-        unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_encoder.state_dict()
+        unet.state_dict(),
+        unet.config,
+        vae.state_dict(),
+        vae.config,
+        text_encoder.state_dict(),
+        text_encoder_2.state_dict() if text_encoder_2 is not None else None,
+        family=family,
     )
     return {key: tuple(tensor.shape) for key, tensor in checkpoint.items()}
 
@@ -240,25 +263,24 @@ def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _check_matches_config(path: Path, shapes: Mapping[str, tuple[int, ...]], folder: Path) -> None:
+def _check_matches_config(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], folder: Path, family: Family
+) -> None:
     try:
-        expected = _expected_shapes(folder)
+        expected = _expected_shapes(folder, family)
     except ModelError:
         raise
     except Exception as error:
         raise ModelError(
-            f"could not read the model configs in {folder} ({_one_line(error)}); pass a complete SD1.x "
-            "diffusers folder as config"
+            f"could not read the model configs in {folder} ({_one_line(error)}); pass a complete "
+            f"{FAMILY_NAMES[family]} diffusers folder as config"
         ) from error
     missing = [key for key in expected if key not in shapes]
     wrong = [key for key in expected if key in shapes and _squeeze(shapes[key]) != _squeeze(expected[key])]
     if missing or wrong:
         parts = []
-        for prefix, what in (
-            (UNET_PREFIX, "unet"),
-            (VAE_PREFIX, "vae"),
-            (TEXT_ENCODER_PREFIX, "text encoder"),
-        ):
+        text = zip(TEXT_ENCODER_PREFIXES[family], ("text encoder", "text_encoder_2"), strict=False)
+        for prefix, what in ((UNET_PREFIX, "unet"), (VAE_PREFIX, "vae"), *text):
             n_missing = sum(key.startswith(prefix) for key in missing)
             if n_missing:
                 parts.append(f"{n_missing} {what} tensors missing")
@@ -279,19 +301,22 @@ def _load_single_file(
     path: Path, config: str | os.PathLike[str] | None, torch_dtype: torch.dtype | None
 ) -> StableDiffusionPipeline:
     shapes = _read_shapes(path)
-    _check_is_sd1_checkpoint(path, shapes)
-    folder = _find_config_folder(path, config)
-    _check_matches_config(path, shapes, folder)
+    family = _checkpoint_family(path, shapes)
+    folder = _find_config_folder(path, config, family)
+    _check_matches_config(path, shapes, folder, family)
+    pipeline_class = PIPELINE_CLASSES[family]
+    kwargs = _PIPELINE_KWARGS if pipeline_class is StableDiffusionPipeline else {"add_watermarker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(folder), local_files_only=True, dtype=torch_dtype, **_PIPELINE_KWARGS
+        # config= always: without it diffusers fetches configs from the hub (sdxl.md section 6.1).
+        pipe = pipeline_class.from_single_file(
+            str(path), config=str(folder), local_files_only=True, dtype=torch_dtype, **kwargs
         )
     # The checks above catch the usual mistakes; anything left is still about the user's files.
     except Exception as error:
         logger.debug("from_single_file(%s) failed", path, exc_info=True)
         raise ModelError(
             f"could not load {path} with configs from {folder} ({_one_line(error)}); check that both are "
-            "the same Stable Diffusion 1.x model"
+            f"the same {FAMILY_NAMES[family]} model"
         ) from error
     _check_no_missing_weights(pipe, path)
     return pipe
@@ -304,7 +329,7 @@ def _check_no_missing_weights(pipe: StableDiffusionPipeline, source: object) -> 
     for name in names:
         module = getattr(pipe, name, None)
         if module is None:
-            raise ModelError(f"{source} has no {name}; pass a complete Stable Diffusion 1.x model")
+            raise ModelError(f"{source} has no {name}; pass a complete Stable Diffusion model")
         empty = [key for key, tensor in module.state_dict().items() if tensor.is_meta]
         if empty:
             raise ModelError(

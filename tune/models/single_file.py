@@ -1,17 +1,24 @@
-"""Export a pipeline as one Stable Diffusion 1.x checkpoint in the original (LDM/CompVis) layout.
+"""Export a pipeline as one Stable Diffusion checkpoint in the original (LDM / SGM) layout.
 
 This is the `.safetensors` file A1111, ComfyUI and diffusers' `from_single_file` load:
 
-    model.diffusion_model.*                     U-Net (input_blocks / middle_block / output_blocks)
-    first_stage_model.*                         VAE (encoder.down.N.block.M, mid.attn_1 as 1x1 convs)
-    cond_stage_model.transformer.text_model.*   CLIP text encoder
+    model.diffusion_model.*                          U-Net (input_blocks / middle_block / output_blocks)
+    first_stage_model.*                              VAE (encoder.down.N.block.M, mid.attn_1 as 1x1 convs)
+    SD1.x  cond_stage_model.transformer.text_model.*      CLIP ViT-L text encoder (transformers' names)
+    SD2.x  cond_stage_model.model.*                       OpenCLIP-H text tower, OpenCLIP's names
+    SDXL   conditioner.embedders.0.transformer.text_model.*   CLIP-L (transformers' names)
+           conditioner.embedders.1.model.*                    OpenCLIP bigG, OpenCLIP's names
 
-No installed library converts diffusers -> LDM (diffusers only has the LDM -> diffusers direction in
-`diffusers.loaders.single_file_utils`), so the mapping below is written by hand as the exact inverse of
-that converter, derived from SD1.5's topology and parameterised by the U-Net config (number of
-blocks, `layers_per_block`) and the VAE's number of levels. For SD1.5's own widths it gives the same
-names as the diffusers repository's (unshipped) `scripts/convert_diffusers_to_original_stable_diffusion.py`. Any parameter it cannot place is an error,
-so an unsupported architecture fails loudly instead of writing a file other tools load half-empty.
+OpenCLIP's names: `transformer.resblocks.N.{ln_1, ln_2, attn.in_proj_weight/bias (q, k, v stacked),
+attn.out_proj, mlp.c_fc, mlp.c_proj}`, `token_embedding.weight`, `positional_embedding`, `ln_final.*` and
+`text_projection` = the transformers Linear weight transposed ([width, proj]: OpenCLIP computes x @ P;
+diffusers and ComfyUI transpose it on load, kohya's converter does not and is wrong there).
+
+No installed library converts diffusers -> LDM/SGM (diffusers only has the other direction, in
+`diffusers.loaders.single_file_utils`), so the mapping is written by hand as the inverse of that
+converter: the U-Net rule is `tune.lora.sgm`, parameterised by the U-Net config; the VAE's by its number of
+levels. Any parameter it cannot place is an error, so an unsupported architecture fails loudly instead of
+writing a file other tools load half-empty.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from tune.lora.sgm import unet_key_to_sgm
+from tune.models.families import Family, family_of_pipeline
 from tune.models.presets import UP_BLOCK_FOR, mirror_block_types
 from tune.runs import atomic_file
 
@@ -34,25 +42,16 @@ logger = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+"""SD1.x's text encoder."""
+TEXT_ENCODER_PREFIXES: dict[Family, tuple[str, ...]] = {
+    "sd1": (TEXT_ENCODER_PREFIX,),
+    "sd2": ("cond_stage_model.model.",),
+    "sdxl": ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."),
+}
+"""Where each family's text encoder(s) live in a single file (text_encoder, then text_encoder_2)."""
 
 SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 
-# diffusers ResnetBlock2D names -> LDM ResBlock names (U-Net only; the VAE keeps norm1/conv1/...).
-_UNET_RESNET_RENAMES = (
-    ("norm1.", "in_layers.0."),
-    ("conv1.", "in_layers.2."),
-    ("time_emb_proj.", "emb_layers.1."),
-    ("norm2.", "out_layers.0."),
-    ("conv2.", "out_layers.3."),
-    ("conv_shortcut.", "skip_connection."),
-)
-_UNET_TOP_LEVEL = {
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
-}
 _VAE_TOP_LEVEL = {
     "encoder.conv_in.": "encoder.conv_in.",
     "encoder.conv_out.": "encoder.conv_out.",
@@ -71,45 +70,6 @@ _VAE_ATTENTION_RENAMES = {
     "to_v.": "v.",
     "to_out.0.": "proj_out.",
 }
-
-
-def _rename_unet_resnet(rest: str) -> str:
-    for old, new in _UNET_RESNET_RENAMES:
-        if rest.startswith(old):
-            return new + rest[len(old) :]
-    raise KeyError(rest)
-
-
-def _unet_key_to_ldm(key: str, config: Mapping[str, Any]) -> str:
-    """One diffusers UNet2DConditionModel parameter name -> its LDM UNetModel name."""
-    per_block = config["layers_per_block"] + 1  # one LDM slot per layer, plus the down/upsampler
-    for old, new in _UNET_TOP_LEVEL.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = block * per_block + layer + 1
-        if kind == "resnets":
-            return f"input_blocks.{index}.0.{_rename_unet_resnet(rest)}"
-        return f"input_blocks.{index}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * per_block}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_rename_unet_resnet(m[2])}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = block * per_block + layer
-        if kind == "resnets":
-            return f"output_blocks.{index}.0.{_rename_unet_resnet(rest)}"
-        return f"output_blocks.{index}.1.{rest}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        block = int(m[1])
-        # The upsampler follows the last layer's modules: slot 1 after a ResBlock, 2 after attention.
-        slot = 2 if config["up_block_types"][block].startswith("CrossAttn") else 1
-        return f"output_blocks.{block * per_block + per_block - 1}.{slot}.conv.{m[2]}"
-    raise KeyError(key)
 
 
 def _vae_key_to_ldm(key: str, config: Mapping[str, Any]) -> str:
@@ -137,16 +97,66 @@ def _vae_key_to_ldm(key: str, config: Mapping[str, Any]) -> str:
     raise KeyError(key)
 
 
-def _text_encoder_key_to_ldm(key: str) -> str:
+def _text_model_key(key: str) -> str:
     # transformers >= 5 flattened CLIPTextModel (no `text_model.` level); older versions still have it.
     return key.removeprefix("text_model.")
 
 
-def _check_sd1_unet(config: Mapping[str, Any]) -> None:
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+
+
+def _open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel(WithProjection) state dict in OpenCLIP's names (see the module doc)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        name = _text_model_key(key)
+        if name == "embeddings.position_ids":
+            continue  # a buffer, not a weight; OpenCLIP has none
+        if name == "text_projection.weight":
+            out["text_projection"] = tensor.T
+            continue
+        if name in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[name]] = tensor
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", name)
+        if m is None:
+            raise KeyError(key)
+        block, rest = f"transformer.resblocks.{m[1]}.", m[2]
+        if q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+            qkv.setdefault(f"{block}attn.in_proj_{q[2]}", {})[q[1]] = tensor
+            continue
+        for old, new in _OPEN_CLIP_LAYER.items():
+            if rest.startswith(old):
+                out[block + new + rest[len(old) :]] = tensor
+                break
+        else:
+            raise KeyError(key)
+    for key, parts in qkv.items():
+        if parts.keys() != {"q", "k", "v"}:
+            raise KeyError(f"{key}: q, k and v projections are needed, got {sorted(parts)}")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def _check_unet(config: Mapping[str, Any], family: Family) -> None:
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    # SD1.x's layout, or SDXL's choice of which levels attend (the up blocks mirror the down blocks).
+    sdxl = family == "sdxl"
     problems = []
-    if not set(down) <= set(UP_BLOCK_FOR) or down[-1] != "DownBlock2D":
+    # SD1.x's layout, SDXL's, or SD1.x with SDXL's choice of which levels attend (up mirrors down).
+    if not set(down) <= set(UP_BLOCK_FOR) or (down[-1] != "DownBlock2D" and not sdxl):
         problems.append(f"down_block_types={down}")
     elif up != list(mirror_block_types(down)):
         problems.append(f"up_block_types={up}")
@@ -154,13 +164,18 @@ def _check_sd1_unet(config: Mapping[str, Any]) -> None:
         problems.append(f"mid_block_type={config['mid_block_type']}")
     if not isinstance(config["layers_per_block"], int):
         problems.append(f"layers_per_block={config['layers_per_block']}")
-    if config.get("class_embed_type") or config.get("addition_embed_type"):
+    if config.get("class_embed_type") or config.get("addition_embed_type") not in (
+        ("text_time", None) if sdxl else (None,)
+    ):
         problems.append("class/addition embeddings")
-    if config.get("transformer_layers_per_block", 1) != 1:
-        problems.append(f"transformer_layers_per_block={config['transformer_layers_per_block']}")
+    depth = config.get("transformer_layers_per_block", 1)
+    if not sdxl and set(depth if isinstance(depth, (list, tuple)) else [depth]) != {1}:
+        problems.append(f"transformer_layers_per_block={depth}")
     if problems:
+        layout = "SDXL" if sdxl else "SD1.x"
         raise ValueError(
-            "single-file export supports the SD1.x U-Net layout only; this U-Net has " + ", ".join(problems)
+            f"single-file export supports the {layout} U-Net layout only; this U-Net has "
+            + ", ".join(problems)
         )
 
 
@@ -172,10 +187,34 @@ def _convert(
         try:
             new_key = prefix + rename(key)
         except KeyError:
-            raise ValueError(f"no SD1.x single-file name for {what} parameter {key!r}") from None
+            raise ValueError(f"no single-file name for {what} parameter {key!r}") from None
         if new_key in out:
             raise ValueError(f"two {what} parameters map to {new_key!r}")
         out[new_key] = tensor
+    return out
+
+
+def _text_encoders(
+    family: Family,
+    text_encoder: Mapping[str, torch.Tensor],
+    text_encoder_2: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    prefixes = TEXT_ENCODER_PREFIXES[family]
+    if family == "sd2":
+        try:
+            converted = _open_clip_state_dict(text_encoder)
+        except KeyError as error:
+            raise ValueError(f"no single-file name for text_encoder parameter {error}") from None
+        return {prefixes[0] + key: tensor for key, tensor in converted.items()}
+    out = _convert(text_encoder, _text_model_key, prefixes[0], "text_encoder")
+    if family == "sdxl":
+        if text_encoder_2 is None:
+            raise ValueError("an SDXL single file needs text_encoder_2's weights")
+        try:
+            converted = _open_clip_state_dict(text_encoder_2)
+        except KeyError as error:
+            raise ValueError(f"no single-file name for text_encoder_2 parameter {error}") from None
+        out.update({prefixes[1] + key: tensor for key, tensor in converted.items()})
     return out
 
 
@@ -185,31 +224,45 @@ def convert_to_ldm(
     vae_state_dict: Mapping[str, torch.Tensor],
     vae_config: Mapping[str, Any],
     text_encoder_state_dict: Mapping[str, torch.Tensor],
+    text_encoder_2_state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    family: Family = "sd1",
 ) -> dict[str, torch.Tensor]:
-    """diffusers state dicts -> one LDM-layout state dict (tensors are not copied; meta tensors work).
+    """diffusers state dicts -> one LDM/SGM-layout state dict (tensors are not copied, except q/k/v,
+    which OpenCLIP stacks; meta tensors work).
 
-    Raises ValueError for a U-Net that is not SD1.x-shaped or any parameter without an LDM name.
+    Raises ValueError for a U-Net not of the family's layout or any parameter without a single-file name.
     """
-    _check_sd1_unet(unet_config)
-    checkpoint = _convert(unet_state_dict, lambda k: _unet_key_to_ldm(k, unet_config), UNET_PREFIX, "unet")
+    _check_unet(unet_config, family)
+    checkpoint = _convert(unet_state_dict, lambda k: unet_key_to_sgm(k, unet_config), UNET_PREFIX, "unet")
     vae = _convert(vae_state_dict, lambda k: _vae_key_to_ldm(k, vae_config), VAE_PREFIX, "vae")
     for key, tensor in vae.items():
         # LDM's VAE attention uses 1x1 convolutions where diffusers uses Linear layers.
         if ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
             vae[key] = tensor.reshape(*tensor.shape, 1, 1) if tensor.ndim == 2 else tensor
     checkpoint.update(vae)
-    checkpoint.update(
-        _convert(text_encoder_state_dict, _text_encoder_key_to_ldm, TEXT_ENCODER_PREFIX, "text_encoder")
-    )
+    checkpoint.update(_text_encoders(family, text_encoder_state_dict, text_encoder_2_state_dict))
     return checkpoint
 
 
-def save_single_file(
-    pipe: StableDiffusionPipeline, path: str | Path, dtype: torch.dtype = torch.float16
-) -> Path:
-    """Write `pipe`'s unet, vae and text_encoder as one SD1.x checkpoint (LDM layout, safetensors).
+def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
+    """A loaded pipeline of any family as one LDM/SGM-layout state dict (see `convert_to_ldm`)."""
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    return convert_to_ldm(
+        pipe.unet.state_dict(),
+        pipe.unet.config,
+        pipe.vae.state_dict(),
+        pipe.vae.config,
+        pipe.text_encoder.state_dict(),
+        text_encoder_2.state_dict() if text_encoder_2 is not None else None,
+        family=family_of_pipeline(pipe),
+    )
 
-    The tokenizer, scheduler and component configs are not part of the format: loading the file back
+
+def save_single_file(pipe: Any, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write `pipe`'s unet, vae and text encoder(s) as one checkpoint of its family (safetensors).
+
+    The tokenizers, scheduler and component configs are not part of the format: loading the file back
     with diffusers needs a diffusers folder with matching configs (`load_pipeline(file, config=folder)`).
     fp16 halves the file and is what other tools expect; fp32 round-trips bit-exactly.
     """
@@ -218,13 +271,7 @@ def save_single_file(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single-file checkpoints are written as .safetensors; got {path.name!r}")
-    checkpoint = convert_to_ldm(
-        pipe.unet.state_dict(),
-        pipe.unet.config,
-        pipe.vae.state_dict(),
-        pipe.vae.config,
-        pipe.text_encoder.state_dict(),
-    )
+    checkpoint = pipeline_to_ldm(pipe)
     tensors = {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in checkpoint.items()}
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     path.parent.mkdir(parents=True, exist_ok=True)
