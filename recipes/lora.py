@@ -9,7 +9,9 @@ the text encoder(s). Zero-initialised up-projections make the adapter a no-op at
 grid is the base model's. Optionally (`pivotal.enabled`) the trigger word becomes a new token whose
 embedding trains alongside (pivotal tuning); its embedding is exported too. On an SDXL base the
 U-Net gets both text encoders' states, the pooled text embeds and each photo's size and crop
-(`tune.models.conditioning`), and `text_encoder` puts adapters on both encoders (pivotal: not yet).
+(`tune.models.conditioning`), and `text_encoder` puts adapters on both encoders; pivotal tuning adds the trigger to both
+tokenizers and trains its row in each encoder (exported as one clip_l/clip_g file, as A1111 and ComfyUI
+read SDXL embeddings).
 
 Writes checkpoints/step_N/lora.safetensors (the adapter at step N), export/pytorch_lora_weights.safetensors
 (diffusers: `pipe.load_lora_weights(path)`), export/<run name>.safetensors (kohya: A1111, ComfyUI) and,
@@ -36,7 +38,7 @@ from tune.lora.inject import LoraTarget, inject_lora
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
-from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings
+from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -134,10 +136,9 @@ def main(cfg: Config) -> RunDir:
         )
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
-    if cfg.pivotal.enabled and text_encoder_2 is not None:
-        raise ConfigError("pivotal tuning on SDXL: not yet; set pivotal.enabled=false")
+    tokenizers, towers = text_towers(pipe)  # SDXL: the trigger becomes a token of both encoders
     if cfg.pivotal.enabled:
-        check_new_token(pipe.tokenizer, subject.token, cfg.pivotal.num_vectors)
+        check_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
@@ -146,7 +147,7 @@ def main(cfg: Config) -> RunDir:
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     base_hash = lora_io.base_model_hash(unet, text_encoder, getattr(pipe, "text_encoder_2", None))
     train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
     dtype = weight_dtype(accelerator)
@@ -165,14 +166,15 @@ def main(cfg: Config) -> RunDir:
     new_tokens = None
     if cfg.pivotal.enabled:
         initializer = cfg.pivotal.initializer_token or subject.class_word
-        new_tokens = add_tokens(tokenizer, text_encoder, subject.token, initializer, cfg.pivotal.num_vectors)
+        new_tokens = add_tokens(tokenizers, towers, subject.token, initializer, cfg.pivotal.num_vectors)
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
     inject_lora(
         unet, text_encoder, cfg.lora.targets, rank, alpha, cfg.lora.dropout, text_encoder_2=text_encoder_2
     )
     if new_tokens is not None:
         new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters
-    embedding = {id(new_tokens.weight)} if new_tokens else set()
+    embeddings = list(new_tokens.weights) if new_tokens else []
+    embedding = {id(w) for w in embeddings}
     trainable = (q for m in (unet, *text_encoders) for q in m.parameters() if q.requires_grad)
     lora_params = [q for q in trainable if id(q) not in embedding]
     for q in lora_params:
@@ -205,7 +207,7 @@ def main(cfg: Config) -> RunDir:
     # ---- optimizer ----------------------------------------------------------------------------------
     groups: list[dict] = [{"params": lora_params}]
     if new_tokens is not None:
-        groups.append({"params": [new_tokens.weight], "lr": cfg.pivotal.lr, "weight_decay": 0.0})
+        groups.append({"params": embeddings, "lr": cfg.pivotal.lr, "weight_decay": 0.0})
     optimizer = build_optimizer(groups, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
     trained = [unet, *text_encoders] if train_text else [unet]
@@ -279,7 +281,7 @@ def main(cfg: Config) -> RunDir:
                 accelerator.backward(loss)
                 if nonfinite.check(loss):  # a NaN/inf loss skips the update (its gradients are dropped)
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        params = lora_params + ([new_tokens.weight] if new_tokens else [])
+                        params = lora_params + embeddings
                         accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                     optimizer.step()
                 lr_schedule.step()

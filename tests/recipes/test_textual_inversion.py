@@ -165,10 +165,9 @@ def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
 # SD2 and SDXL bases (SDXL: the token's rows in both text encoders, one clip_l/clip_g file)
 # ---------------------------------------------------------------------------------------------------
 
-# Validation grids go through tune.sampling, not SDXL-aware on this branch yet: SDXL runs sample nothing.
 FAMILY_PRESETS = {
     "tiny-sd2": ("sd2", ["resolution=32"]),
-    "tiny-sdxl-shallow": ("sdxl", ["resolution=64", "sample_every=0"]),
+    "tiny-sdxl-shallow": ("sdxl", ["resolution=64"]),
 }
 
 

@@ -124,7 +124,7 @@ def _run_base_hash(info: Mapping[str, Any]) -> str | None:
     except TuneError as err:
         logger.warning("no tune_base_model_hash: cannot load the base model (%s)", err)
         return None
-    return base_model_hash(pipe.unet, pipe.text_encoder)
+    return base_model_hash(pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
 
 
 def run_base_family(run_dir: str | Path) -> tuple[Family | None, bool]:
