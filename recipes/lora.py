@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from tune import lora as lora_io
 from tune import personalize as p
+from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.lora.inject import LoraTarget, inject_lora
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
-from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings, text_towers
+from tune.tokens import add_tokens, check_new_token, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,

@@ -25,12 +25,13 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from tune import personalize as p
+from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
-from tune.tokens import EMBEDDINGS_FILE, add_tokens, check_new_token, save_embeddings, text_towers
+from tune.tokens import add_tokens, check_new_token, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,

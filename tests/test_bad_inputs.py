@@ -197,11 +197,6 @@ CASES = [
     ("lora inspect: text file", lambda f: ["lora", "inspect", f"{f['root']}/notes.txt"], ".safetensors"),
     ("lora inspect: missing", lambda f: ["lora", "inspect", f"{f['root']}/nope.safetensors"], "not found"),
     (
-        "lora convert: SDXL LoRA",
-        lambda f: ["lora", "convert", f"{f['root']}/sdxl.safetensors", "--to", "kohya"],
-        "lora_te2",
-    ),
-    (
         "lora merge: other architecture",
         lambda f: [
             "lora",
@@ -214,9 +209,9 @@ CASES = [
         "shape",
     ),
     (
-        "lora merge: SDXL LoRA",
+        "lora merge: SDXL LoRA into an SD1.x base",
         lambda f: ["lora", "merge", f["base"], f"{f['root']}/sdxl.safetensors", "--out", f"{f['root']}/m2"],
-        "lora_te2",
+        "is for sdxl but the base model is stable diffusion 1.x",
     ),
     (
         "lora merge: out is a file",

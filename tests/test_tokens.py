@@ -11,17 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tune.embeddings import load_embeddings, save_embeddings
 from tune.errors import ConfigError, ModelError
 from tune.models import build_pipeline, load_pipeline
 from tune.optim import OptimConfig, build_optimizer
-from tune.tokens import (
-    add_tokens,
-    check_new_token,
-    load_embeddings,
-    save_embeddings,
-    text_towers,
-    token_ids,
-)
+from tune.tokens import add_tokens, check_new_token, text_towers, token_ids
 
 
 @pytest.fixture

@@ -22,16 +22,7 @@ Multi-vector tokens follow diffusers' convention: `sks` with 3 vectors is the to
 `sks_2`, and a prompt's `sks` stands for all three (`expand`, the same rule as diffusers'
 `maybe_convert_prompt`, which the pipeline applies when sampling).
 
-File format (`learned_embeds.safetensors`, float32, the token also in the metadata):
-- SD1/SD2: one tensor named after the token, [num_vectors, hidden_size], the layout diffusers'
-  textual-inversion script writes: `pipe.load_textual_inversion(path, token="sks")`. With a single key it
-  also loads in A1111 (the file name is the trigger there) and ComfyUI.
-- SDXL: `{"clip_l": [n, width of text_encoder], "clip_g": [n, width of text_encoder_2]}`, what A1111,
-  ComfyUI and kohya read and write for SDXL. diffusers loads it with two calls:
-      sd = safetensors.torch.load_file(path)
-      pipe.load_textual_inversion(sd["clip_l"], token="sks", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-      pipe.load_textual_inversion(sd["clip_g"], token="sks", text_encoder=pipe.text_encoder_2,
-                                  tokenizer=pipe.tokenizer_2)
+The files these rows are saved as (one tensor for SD1/SD2, `clip_l` + `clip_g` for SDXL): `tune.embeddings`.
 """
 
 from __future__ import annotations
@@ -40,20 +31,16 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tune.embeddings import SDXL_KEYS
 from tune.errors import ConfigError, ModelError
-from tune.models.families import Family, check_same_family
+from tune.models.families import Family
 
 logger = logging.getLogger(__name__)
-
-EMBEDDINGS_FILE = "learned_embeds.safetensors"
-SDXL_KEYS = ("clip_l", "clip_g")
-"""An SDXL embedding file's tensors: text_encoder's rows, then text_encoder_2's."""
 TOWERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 """A pipeline's tokenizer/text encoder attribute pairs, in order (SDXL has both)."""
 
@@ -264,68 +251,3 @@ def _add(tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], init_ids: 
         for i in ids:
             embedding.weight[i] = start
     return TokenRows(ids=ids, embedding=embedding, original=embedding.weight.detach().clone())
-
-
-def save_embeddings(new: NewTokens, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the new rows (float32) to a safetensors file (the format: see the module docstring)."""
-    from safetensors.torch import save_file
-
-    from tune.runs import atomic_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": "pt",
-        "token": new.token,
-        "num_vectors": str(len(new.tokens)),
-        "tune_family": new.family,
-        **(metadata or {}),
-    }
-    tensors = new.file_tensors()
-    with atomic_file(path, sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """A textual-inversion file read back."""
-
-    token: str
-    """The token: the tensor's name (SD1/SD2), else the metadata's, else the file name (A1111's rule)."""
-    vectors: tuple[torch.Tensor, ...]
-    """[num_vectors, hidden_size] per text encoder: (text_encoder's,) or SDXL's (clip_l, clip_g)."""
-    family: Family | None
-    """sdxl for clip_l/clip_g files; sd1/sd2 from our metadata or the real widths (768/1024); else None."""
-
-
-_WIDTH_FAMILY: dict[int, Family] = {768: "sd1", 1024: "sd2"}  # CLIP-L, OpenCLIP-H
-
-
-def load_embeddings(path: str | Path, base: Family | None = None) -> Embeddings:
-    """An embedding file written by `save_embeddings` (or A1111, ComfyUI, kohya, diffusers' script). With
-    `base`, a file of another family is a ModelError naming both."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is no dict
-    family: Family | None
-    if set(SDXL_KEYS) <= tensors.keys():
-        token, family = meta.get("token") or Path(path).stem, "sdxl"
-        vectors = tuple(tensors[key] for key in SDXL_KEYS)
-    elif len(tensors) == 1:
-        ((token, rows),) = tensors.items()
-        vectors = (rows,)
-        found = meta.get("tune_family")
-        family = found if found in ("sd1", "sd2") else _WIDTH_FAMILY.get(rows.shape[-1])  # type: ignore[assignment]
-    else:
-        raise ModelError(
-            f"{path} holds {sorted(tensors)}; a textual-inversion file holds one tensor, or clip_l and clip_g (SDXL)"
-        )
-    embeddings = Embeddings(token, tuple(v if v.ndim == 2 else v[None] for v in vectors), family)
-    if base is not None:
-        # A one-tensor file of unknown width is SD1 or SD2: only SDXL's two encoders refuse it outright.
-        found = embeddings.family or (base if base != "sdxl" else "sd1")
-        check_same_family(f"the embedding {path}", found, base)
-    return embeddings

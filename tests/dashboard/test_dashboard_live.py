@@ -20,21 +20,18 @@ from tune.models import load_pipeline
 PROMPT = "a photo of sks toy on a red background"
 
 
-@pytest.fixture(scope="module")
-def live_runs(tiny_pipeline_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA run over the tiny pipeline: a random (non-zero) attn2 adapter, step-0 samples drawn with
-    2 denoising steps (the live images use the step-0 settings)."""
-    root = tmp_path_factory.mktemp("live") / "runs"
-    run = root / "lora-live"
+def make_live_run(run: Path, base: str, scheduler: str) -> None:
+    """A LoRA run directory over `base`: a random (non-zero) attn2 adapter, step-0 samples whose index asks
+    for 2 denoising steps with `scheduler` (the live images use the step-0 settings)."""
     (run / "export").mkdir(parents=True)
-    info = {"recipe": "lora", "started_at": "2026-01-02T10:00:00+00:00", "base_model": tiny_pipeline_dir}
+    info = {"recipe": "lora", "started_at": "2026-01-02T10:00:00+00:00", "base_model": base}
     (run / "run.json").write_text(json.dumps(info))
-    (run / "config.toml").write_text(f'base_model = "{tiny_pipeline_dir}"\n')
+    (run / "config.toml").write_text(f'base_model = "{base}"\n')
     write_sample_set(run / "samples" / "step_000000", [PROMPT], [0], 60, trajectory=False)
     index = json.loads((run / "samples" / "step_000000" / "prompts.json").read_text())
-    index.update(steps=2, scheduler="ddim", width=None, height=None)
+    index.update(steps=2, scheduler=scheduler, width=None, height=None)
     (run / "samples" / "step_000000" / "prompts.json").write_text(json.dumps(index))
-    pipe = load_pipeline(tiny_pipeline_dir)
+    pipe = load_pipeline(base)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["attn2.to_k", "attn2.to_v"]))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -42,6 +39,14 @@ def live_runs(tiny_pipeline_dir: str, tmp_path_factory: pytest.TempPathFactory) 
             if "lora_" in name:
                 param.copy_(torch.randn_like(param) * 0.5)
     lora_io.save_adapter(pipe.unet, None, lora_io.final_adapter_path(run))
+
+
+@pytest.fixture(scope="module")
+def live_runs(tiny_pipeline_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA run over the tiny pipeline: a random (non-zero) attn2 adapter, step-0 samples drawn with
+    2 denoising steps (the live images use the step-0 settings)."""
+    root = tmp_path_factory.mktemp("live") / "runs"
+    make_live_run(root / "lora-live", tiny_pipeline_dir, "ddim")
     return root
 
 
@@ -97,22 +102,7 @@ def sdxl_live_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = root / "base"
     build_pipeline("tiny-sdxl-shallow", seed=0).save_pretrained(base)
     run = root / "runs" / "lora-sdxl"
-    (run / "export").mkdir(parents=True)
-    info = {"recipe": "lora", "started_at": "2026-01-02T10:00:00+00:00", "base_model": str(base)}
-    (run / "run.json").write_text(json.dumps(info))
-    (run / "config.toml").write_text(f'base_model = "{base}"\n')
-    write_sample_set(run / "samples" / "step_000000", [PROMPT], [0], 60, trajectory=False)
-    index = json.loads((run / "samples" / "step_000000" / "prompts.json").read_text())
-    index.update(steps=2, scheduler="euler_a", width=None, height=None)
-    (run / "samples" / "step_000000" / "prompts.json").write_text(json.dumps(index))
-    pipe = load_pipeline(base)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["attn2.to_k", "attn2.to_v"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.5)
-    lora_io.save_adapter(pipe.unet, None, lora_io.final_adapter_path(run))
+    make_live_run(run, str(base), "euler_a")
     return run
 
 

@@ -158,7 +158,9 @@ def test_lora_files_tell_the_family(tensors, metadata, family):
         ({"emb_params": torch.zeros(2, 1024)}, "sd2"),
         ({"string_to_param.*": torch.zeros(1, 1024)}, "sd2"),
         ({"emb_params": torch.zeros(2, 32)}, None),  # a tiny width: the caller compares with its base
-        ({"something": torch.zeros(2, 768)}, None),
+        ({"<sks>": torch.zeros(2, 768)}, "sd1"),  # diffusers names the one tensor after its token
+        ({"<sks>": torch.zeros(2, 1024)}, "sd2"),
+        ({"a": torch.zeros(2, 768), "b": torch.zeros(2, 768)}, None),  # no embedding file layout
     ],
 )
 def test_embedding_files_tell_the_family(tensors, family):

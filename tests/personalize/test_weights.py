@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from tune import lora as lora_io
+from tune.embeddings import EMBEDDINGS_FILE
 from tune.errors import ConfigError, ModelError
 from tune.models import build_pipeline, load_pipeline
 from tune.personalize import apply_run_weights
 from tune.runs import EXPORT_PIPELINE, RunDir
 from tune.sampling import generate
-from tune.tokens import EMBEDDINGS_FILE
 
 PROMPT = "a photo of <sks> toy"
 

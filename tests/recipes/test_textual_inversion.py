@@ -17,11 +17,12 @@ from recipes import textual_inversion as recipe
 from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.config import load_config
+from tune.embeddings import EMBEDDINGS_FILE, load_embeddings
 from tune.errors import ConfigError
 from tune.models import build_pipeline, load_pipeline
 from tune.runs import read_run
 from tune.sampling import sample_grid
-from tune.tokens import EMBEDDINGS_FILE, load_embeddings, text_towers, token_ids
+from tune.tokens import text_towers, token_ids
 
 from recipe_testkit import crash_then_resume, losses, make_concept
 

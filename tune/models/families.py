@@ -140,14 +140,18 @@ def family_of_lora(tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
     return None
 
 
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+"""An SDXL textual-inversion file's tensors, one per text encoder (A1111, ComfyUI, kohya, tune)."""
+
+
 def family_of_embedding(tensors: Mapping[str, Any]) -> Family | None:
-    """The family a textual-inversion file is for: SDXL for `clip_l` + `clip_g`; SD1 / SD2 for one
-    `emb_params` / `string_to_param` tensor 768 / 1024 wide. None for other widths (tiny models): the
-    caller compares the width with its base model's text width."""
-    if "clip_l" in tensors and "clip_g" in tensors:
+    """The family a textual-inversion file is for: SDXL for `clip_l` + `clip_g`; SD1 / SD2 for one tensor
+    (diffusers names it after the token; A1111 `emb_params` / `string_to_param`) 768 / 1024 wide. None for
+    other widths (tiny models): the caller compares the width with its base model's text width."""
+    if all(key in tensors for key in SDXL_EMBEDDING_KEYS):
         return "sdxl"
     for key, tensor in tensors.items():
-        if key == "emb_params" or key.startswith("string_to_param"):
+        if len(tensors) == 1 or key == "emb_params" or key.startswith("string_to_param"):
             return _EMBEDDING_WIDTHS.get(int(tensor.shape[-1]))
     return None
 
@@ -162,5 +166,5 @@ def check_same_family(what: str, found: Family, expected: Family) -> None:
     if found != expected:
         raise ModelError(
             f"{what} is for {FAMILY_NAMES[found]} but the base model is {FAMILY_NAMES[expected]}; "
-            f"use a {FAMILY_NAMES[found]} base model or a file made for {FAMILY_NAMES[expected]}"
+            f"use a base model of that family, or a file made for {FAMILY_NAMES[expected]}"
         )

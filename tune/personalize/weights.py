@@ -6,7 +6,7 @@
     ...                                # pipe is the base model again, bit for bit
 
 `step=None` is the run's export. What goes in, by recipe (file names from the run directory contract:
-tune.runs, tune.lora.run_files, tune.tokens):
+tune.runs, tune.lora.run_files, tune.embeddings):
 
     lora               the adapter (checkpoints/step_N/lora.safetensors; for the export
                        export/pytorch_lora_weights.safetensors, else the newest checkpoint's while the run
@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tune import lora as lora_io
+from tune.embeddings import EMBEDDINGS_FILE, load_embeddings
 from tune.errors import ConfigError, ModelError
 from tune.models.families import family_of_pipeline
 from tune.runs import EXPORT_PIPELINE, RunInfo, read_run
-from tune.tokens import EMBEDDINGS_FILE, TOWERS, load_embeddings, pool_at_first_eos
+from tune.tokens import TOWERS, pool_at_first_eos
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
