@@ -36,7 +36,7 @@ from tune import personalize as p
 from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
-from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, check_type_options, inject_lora
+from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora, type_options
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
@@ -102,16 +102,12 @@ class LoraOptions:
             raise ConfigError("lora.targets needs at least one group, e.g. ['attn2']")
         if not (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1):
             raise ConfigError(f"lora.rank_dropout and lora.module_dropout must be in [0, 1); got {self}")
-        check_type_options(self.type, self.type_options() | self._set_options(), self.dropout)
-
-    def _set_options(self) -> dict[str, object]:
-        """The type options given a value other than peft's default (whatever the type)."""
-        defaults = {k: v for names in TYPE_OPTIONS.values() for k, v in names.items()}
-        return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
+        self.type_options()  # only this type's options may be set
 
     def type_options(self) -> dict[str, object]:
-        """The options of this type, as peft's config names them."""
-        return {name: getattr(self, name) for name in TYPE_OPTIONS.get(self.type, {})}
+        """This type's options, as peft's config names them."""
+        values = {name: getattr(self, name) for options in TYPE_OPTIONS.values() for name in options}
+        return type_options(self.type, values, self.dropout)
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,19 @@ def test_lokr_options_shape_the_factors(setup: dict, tmp_path: Path) -> None:
         "lokr_w2_a": (2, 1),
         "lokr_w2_b": (1, 8),
     }
+
+
+@pytest.mark.parametrize("type", ["dora", "loha", "lokr"])
+def test_sdxl_adapters_train_on_both_text_encoders(type: str, setup: dict, tmp_path: Path) -> None:
+    from tune.models import build_pipeline
+
+    base = tmp_path / "sdxl"
+    build_pipeline("tiny-sdxl-shallow", seed=0).save_pretrained(base)
+    extra = ("resolution=64", "max_steps=2", "sample_every=0")
+    run = train(config({**setup, "base": str(base)}, tmp_path / "run", type, *extra))
+    assert sorted(losses(run.path)) == [1, 2]
+    path = lora_io.checkpoint_adapter_path(run.path, 2)
+    with safe_open(str(path), framework="pt") as f:
+        components = {key.split(".", 1)[0] for key in f.keys()}
+        assert f.metadata()["tune_adapter_type"] == type
+    assert components == {"unet", "text_encoder", "text_encoder_2"}

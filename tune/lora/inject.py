@@ -40,8 +40,10 @@ UNET_TARGETS: dict[str, str] = {
 TEXT_ENCODER_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 
 
-def check_type_options(type: AdapterType, options: Mapping[str, Any], dropout: float = 0.0) -> None:
-    """One-line ConfigError for an option the adapter type does not have."""
+def type_options(type: AdapterType, values: Mapping[str, Any], dropout: float = 0.0) -> dict[str, Any]:
+    """The options of `type` (TYPE_OPTIONS' names, peft's defaults where `values` has none), picked from
+    `values`; a one-line ConfigError for an option of another type set to other than its default, or
+    for input dropout on loha/lokr."""
     if type not in TYPE_OPTIONS:
         raise ConfigError(f"lora.type must be one of {', '.join(ADAPTER_TYPES)}; got {type!r}")
     if dropout and type not in ("lora", "dora"):
@@ -49,11 +51,12 @@ def check_type_options(type: AdapterType, options: Mapping[str, Any], dropout: f
             f"lora.dropout is LoRA/DoRA input dropout; lora.type = {type!r} takes lora.rank_dropout and "
             "lora.module_dropout"
         )
-    for name in options:
-        if name not in TYPE_OPTIONS[type]:
-            owners = [t for t, names in TYPE_OPTIONS.items() if name in names]
-            which = " or ".join(owners) if owners else "no type"
-            raise ConfigError(f"lora.{name} applies to lora.type = {which}; this run's type is {type!r}")
+    defaults = {name: value for options in TYPE_OPTIONS.values() for name, value in options.items()}
+    for name, value in values.items():
+        if name not in TYPE_OPTIONS[type] and (name not in defaults or value != defaults[name]):
+            owners = " or ".join(t for t, options in TYPE_OPTIONS.items() if name in options) or "no type"
+            raise ConfigError(f"lora.{name} applies to lora.type = {owners}; this run's type is {type!r}")
+    return {name: values.get(name, default) for name, default in TYPE_OPTIONS[type].items()}
 
 
 def adapter_config(
@@ -67,7 +70,7 @@ def adapter_config(
     """The peft config of one model's adapter: zero-initialised (a no-op at first) for every type."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    check_type_options(type, options, dropout)
+    options = type_options(type, options, dropout)
     if type in ("lora", "dora"):
         return LoraConfig(
             r=rank,
