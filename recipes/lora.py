@@ -4,7 +4,8 @@
     tune run lora base_model=PATH instance_dir=PATH instance_prompt="a photo of sks toy" output_dir=PATH
 
 Adapters (peft) go on the U-Net's cross-attention projections (attn2 to_q, to_k, to_v, to_out.0) by
-default; `lora.targets` adds self-attention, feed-forward, transformer projections, resnet convs or
+default; `lora.type` picks LoRA, DoRA, LoHa or LoKr (`tune run lora lora.type=lokr lora.decompose_factor=8`);
+`lora.targets` adds self-attention, feed-forward, transformer projections, resnet convs or
 the text encoder(s). Zero-initialised up-projections make the adapter a no-op at step 0, so the step-0
 grid is the base model's. Optionally (`pivotal.enabled`) the trigger word becomes a new token whose
 embedding trains alongside (pivotal tuning); its embedding is exported too. On an SDXL base the
@@ -14,7 +15,7 @@ tokenizers and trains its row in each encoder (exported as one clip_l/clip_g fil
 read SDXL embeddings).
 
 Writes checkpoints/step_N/lora.safetensors (the adapter at step N), export/pytorch_lora_weights.safetensors
-(diffusers: `pipe.load_lora_weights(path)`), export/<run name>.safetensors (kohya: A1111, ComfyUI) and,
+(diffusers: `pipe.load_lora_weights(path)`; for DoRA, LoHa and LoKr PEFT's own tensors, see tune.lora.extract), export/<run name>.safetensors (kohya: A1111, ComfyUI) and,
 with pivotal tuning, export/learned_embeds.safetensors (`pipe.load_textual_inversion(path, token=...)`).
 """
 
@@ -35,7 +36,7 @@ from tune import personalize as p
 from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
-from tune.lora.inject import LoraTarget, inject_lora
+from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora, type_options
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import RunDir
@@ -69,12 +70,26 @@ EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 class LoraOptions:
     """The adapters (the `[lora]` table)."""
 
+    type: AdapterType = "lora"
+    """lora, dora (LoRA plus a trained magnitude per output row), loha (Hadamard product of two low-rank
+    pairs) or lokr (Kronecker product of a small and a low-rank factor); all through peft."""
     rank: int = 8
     """Rank r of each adapter."""
     alpha: float | None = None
-    """Scale numerator: the update is (alpha / rank) * up @ down; unset means alpha = rank (scale 1)."""
+    """Scale numerator: the update is (alpha / rank) * delta; unset means alpha = rank (scale 1)."""
     dropout: float = 0.0
-    """Dropout on the adapters' input during training."""
+    """Dropout on the adapters' input during training (lora, dora)."""
+    rank_dropout: float = 0.0
+    """loha, lokr: dropout over the delta's output rows during training."""
+    module_dropout: float = 0.0
+    """loha, lokr: probability of skipping a whole module's adapter during a training step."""
+    decompose_both: bool = False
+    """lokr: also factor the small Kronecker factor (w1) into a low-rank pair."""
+    decompose_factor: int = -1
+    """lokr: size of the small factor's dimensions (must divide them); -1 = the divisor pair nearest
+    the square root."""
+    rank_dropout_scale: bool = False
+    """lokr: rescale the delta by the share of rows rank_dropout kept."""
     targets: tuple[LoraTarget, ...] = ("attn2",)
     """Module groups that get adapters: attn2 (cross-attention), attn1 (self-attention), ff (feed-forward),
     proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2; on
@@ -85,6 +100,14 @@ class LoraOptions:
             raise ConfigError(f"need lora.rank >= 1, lora.alpha > 0, 0 <= lora.dropout < 1; got {self}")
         if not self.targets:
             raise ConfigError("lora.targets needs at least one group, e.g. ['attn2']")
+        if not (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1):
+            raise ConfigError(f"lora.rank_dropout and lora.module_dropout must be in [0, 1); got {self}")
+        self.type_options()  # only this type's options may be set
+
+    def type_options(self) -> dict[str, object]:
+        """This type's options, as peft's config names them."""
+        values = {name: getattr(self, name) for options in TYPE_OPTIONS.values() for name in options}
+        return type_options(self.type, values, self.dropout)
 
 
 @dataclass(frozen=True)
@@ -170,7 +193,15 @@ def main(cfg: Config) -> RunDir:
         new_tokens = add_tokens(tokenizers, towers, subject.token, initializer, cfg.pivotal.num_vectors)
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
     inject_lora(
-        unet, text_encoder, cfg.lora.targets, rank, alpha, cfg.lora.dropout, text_encoder_2=text_encoder_2
+        unet,
+        text_encoder,
+        cfg.lora.targets,
+        rank,
+        alpha,
+        cfg.lora.dropout,
+        text_encoder_2=text_encoder_2,
+        type=cfg.lora.type,
+        options=cfg.lora.type_options(),
     )
     if new_tokens is not None:
         new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters
@@ -185,7 +216,7 @@ def main(cfg: Config) -> RunDir:
             enable_gradient_checkpointing(unet, model)
     set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    log.info("lora: %d trainable adapter tensors, rank %d, alpha %g", len(lora_params), rank, alpha)
+    log.info("%s: %d trainable tensors, rank %d, alpha %g", cfg.lora.type, len(lora_params), rank, alpha)
 
     # ---- data ---------------------------------------------------------------------------------------
     resolution = p.resolve_resolution(cfg.resolution, pipe)
@@ -235,7 +266,11 @@ def main(cfg: Config) -> RunDir:
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     if evaluator is not None:
         evaluator.attach(run.path, step)
-    run.update_info(**p.run_info(subject, cfg, base_hash, dataset, pipe=pipe), lora_tensors=len(lora_params))
+    run.update_info(
+        **p.run_info(subject, cfg, base_hash, dataset, pipe=pipe),
+        lora_tensors=len(lora_params),
+        adapter_type=cfg.lora.type,
+    )
     if cfg.report_to != "none":
         accelerator.init_trackers("lora", config=tracker_config(cfg))
 
@@ -268,13 +303,14 @@ def main(cfg: Config) -> RunDir:
         model.train(train_text)
     batches = p.forever(loader)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
+    dropout = cfg.lora.dropout or cfg.lora.rank_dropout or cfg.lora.module_dropout
     bar = tqdm(total=cfg.max_steps, initial=step, desc="lora", unit="step")
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         loss_sum = 0.0
         for k in range(cfg.grad_accum):
             micro = step * cfg.grad_accum + k
-            if cfg.lora.dropout:  # the same dropout masks after a resume
+            if dropout:  # the same dropout masks after a resume
                 torch.manual_seed(cfg.seed * 2**32 + micro)
             batch = next(batches).to(device)
             with accelerator.accumulate(*trained), accelerator.autocast():

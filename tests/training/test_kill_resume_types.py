@@ -1,0 +1,127 @@
+"""The lora recipe with DoRA, LoHa and LoKr adapters (on attention, resnet convs and the text encoder), as
+`tune run` in a subprocess killed with SIGKILL right after its step-2 checkpoint, then resumed with
+resume=latest: the same losses and bit-identical checkpoint files as an uninterrupted run (issue 21; plain
+LoRA is tests/training/test_kill_resume.py). The LoKr run also drops ranks and modules at random, so the
+resumed run must draw the same dropout masks.
+
+The recipe ends with the kohya export; until that export knows a type it fails there (exit code 2, after
+the adapter files are written), and the test ends xfailed once everything else has been checked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tune import PROJECT_ROOT, cli
+from tune.lora import final_adapter_path
+from tune.runs import COMPLETE_MARKER, read_run
+from tune.training import PAUSE_AFTER_CHECKPOINT_ENV
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+from recipe_testkit import losses, make_concept  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TYPE_ARGS = {
+    "dora": [],
+    "loha": [],
+    "lokr": ["lora.rank_dropout=0.2", "lora.module_dropout=0.2", "lora.decompose_both=true"],
+}
+TIMEOUT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: str) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("kill-types")
+    return {
+        "base": tiny_pipeline_dir,
+        "concept": str(make_concept(root / "concept")),
+        "cache": str(root / "c"),
+    }
+
+
+def args(setup: dict[str, str], type: str, out: Path) -> list[str]:
+    return [
+        "run",
+        "lora",
+        "--config",
+        "tiny",
+        f"base_model={setup['base']}",
+        f"concept={setup['concept']}",
+        f"data.cache_dir={setup['cache']}",
+        f"output_dir={out}",
+        "max_steps=4",
+        "checkpoint_every=2",
+        "sample_every=0",
+        "export_dtype=fp32",
+        f"lora.type={type}",
+        "lora.targets=['attn2', 'resnets', 'text_encoder']",
+        *TYPE_ARGS[type],
+    ]
+
+
+def run_cli(argv: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str | None:
+    """`tune run ...` in this process: None when it finished, else the kohya export's error line (the
+    one failure allowed: exit code 2 after the final adapter was written)."""
+    capsys.readouterr()
+    code = cli.main(argv)
+    if code == 0:
+        assert read_run(out).status == "done"
+        return None
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and final_adapter_path(out).is_file() and "pytorch_lora_weights" in error, error
+    return error
+
+
+def checkpoint(run: Path) -> dict[str, dict]:
+    folder = run / "checkpoints" / "step_000004"
+    return {p.name: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("type", sorted(TYPE_ARGS))
+def test_sigkill_then_resume_is_bit_identical(
+    setup: dict[str, str], type: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference = tmp_path / "reference"
+    reference_error = run_cli(args(setup, type, reference), reference, capsys)
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PAUSE_AFTER_CHECKPOINT_ENV: "2"}
+    with open(tmp_path / "stderr.txt", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tune.cli", *args(setup, type, out)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        marker = out / "checkpoints" / "step_000002" / COMPLETE_MARKER
+        deadline = time.monotonic() + TIMEOUT_S
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists() and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert read_run(out).status == "crashed" and read_run(out).checkpoint_steps == [2]
+
+    error = run_cli([*args(setup, type, out), "resume=latest"], out, capsys)
+    assert losses(out) == losses(reference) and sorted(losses(out)) == [1, 2, 3, 4]
+    ours, theirs = checkpoint(out), checkpoint(reference)
+    assert set(ours) == {"lora.safetensors", "trainable_0.safetensors", "trainable_1.safetensors"}
+    assert ours.keys() == theirs.keys()
+    for name, tensors in theirs.items():
+        assert tensors.keys() == ours[name].keys()
+        assert all(tensors[k].equal(ours[name][k]) for k in tensors), name
+    final, want = (load_file(str(final_adapter_path(r))) for r in (out, reference))
+    assert final.keys() == want.keys() and all(final[k].equal(want[k]) for k in want)
+    assert (error is None) == (reference_error is None)
+    if error is not None:
+        pytest.xfail(f"LyCORIS export lands with helper lyco: {error[:200]}")
