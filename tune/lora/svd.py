@@ -101,6 +101,11 @@ def _module_rank(component: str, path: str, layer: nn.Module, rank: int, conv_ra
     return 0
 
 
+def _check_ranks(rank: int, conv_rank: int) -> None:
+    if rank < 1 or conv_rank < 0:
+        raise ConfigError(f"--rank must be >= 1 and --conv-rank >= 0; got {rank} and {conv_rank}")
+
+
 def extract_lora(
     tuned_pipe: Any,
     base_pipe: Any,
@@ -114,8 +119,7 @@ def extract_lora(
     name), and each module's error (see the module docstring). The Lora's factors are in `dtype`."""
     from tune.models.families import check_same_family, family_of_pipeline
 
-    if rank < 1 or conv_rank < 0:
-        raise ConfigError(f"--rank must be >= 1 and --conv-rank >= 0; got {rank} and {conv_rank}")
+    _check_ranks(rank, conv_rank)
     family = family_of_pipeline(base_pipe)
     check_same_family("the fine-tuned model", family_of_pipeline(tuned_pipe), family)
     tuned, base = lora_targets(tuned_pipe), lora_targets(base_pipe)
@@ -226,6 +230,7 @@ def extract_lora_file(
     from tune.runs import EXPORT_PIPELINE, is_run_dir, read_run
 
     source, out = Path(source), Path(out)
+    _check_ranks(rank, conv_rank)
     _check_target(out, force)
     metadata: dict[str, str] = {}
     if is_run_dir(source):
