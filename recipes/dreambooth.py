@@ -295,14 +295,14 @@ def main(cfg: Config) -> RunDir:
             check_disk_space(run.export_dir, size // 2, "the single-file export")
             save_single_file(export, run.export_dir / f"{run.path.resolve().name}.safetensors")
         if cfg.export_lora_rank:
-            export_lora(run, export, cfg)
+            export_lora(run, export, cfg, device)
         log.info("exported %s", run.export_dir / EXPORT_PIPELINE)
     accelerator.end_training()
     run.finish()
     return run
 
 
-def export_lora(run: RunDir, export: Any, cfg: Config) -> None:
+def export_lora(run: RunDir, export: Any, cfg: Config, device: torch.device) -> None:
     """export/<run name>_lora.safetensors: the exported pipeline minus the base, by SVD per module."""
     name = f"{run.path.resolve().name}_lora"
     try:
@@ -313,6 +313,7 @@ def export_lora(run: RunDir, export: Any, cfg: Config) -> None:
             cfg.export_lora_conv_rank,
             text_encoder=cfg.train_text_encoder,
             dtype=torch.float16,
+            device=device,
         )
     except ModelError as err:  # a run too short to move a weight (lr 0 in warmup) has no LoRA to write
         log.warning("no %s: %s", name, err)
