@@ -142,6 +142,12 @@ def test_export_lora_is_the_fine_tune_minus_the_base(
     overall = float(printed.splitlines()[-1].split()[-1])
     print(f"dreambooth tiny run as a LoRA: rank 32 {errors['overall']:.2e}, rank 4 {overall:.3f}")
     assert 0.05 < overall < 1 and lora_io.read_lora(out).modules.keys() == lora.modules.keys()
+    # From the single file (fp16) with the base folder as its config: the same modules.
+    single, out = first_run / "export" / f"{first_run.name}.safetensors", tmp_path / "single.safetensors"
+    assert (
+        main(["lora", "extract", str(single), "--base", setup["base"], "--rank", "4", "--out", str(out)]) == 0
+    )
+    assert lora_io.read_lora(out).modules.keys() == lora.modules.keys()
 
 
 def test_resume_is_exact(

@@ -240,7 +240,7 @@ def extract_lora_file(
     """`tune lora extract`: a kohya file of `source - base`. `source` is a run directory (its
     export/pipeline; `base` defaults to the run's base model) or a model (diffusers folder or single
     file, `config` the diffusers folder a single file needs; default: `base` when it is a folder)."""
-    from tune.models import load_pipeline
+    from tune.models import load_pipeline, resolve_model_path
     from tune.runs import EXPORT_PIPELINE, is_run_dir, read_run
 
     source, out = Path(source), Path(out)
@@ -259,7 +259,7 @@ def extract_lora_file(
     if not base:
         raise ConfigError("--base is required (the model the fine-tune started from)")
     base_pipe = load_pipeline(str(base))
-    if config is None and Path(base).is_dir():
+    if config is None and resolve_model_path(base).is_dir():
         config = base
     tuned_pipe = load_pipeline(source, config=config if source.is_file() else None)
     lora, errors = extract_lora(
