@@ -80,7 +80,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rank", type=int, required=True, help="rank of attention, MLP and 1x1 modules")
     p.add_argument(
-        "--conv-rank", type=int, default=0, help="rank of the resnets' 3x3 convs (default 0: none)"
+        "--conv-rank",
+        type=int,
+        default=0,
+        help="rank of the resnets' and samplers' 3x3 convs (their other modules at --rank); default 0: none",
     )
     p.add_argument("--text-encoder", action="store_true", help="also the text encoder(s), when they changed")
     p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
