@@ -16,15 +16,18 @@ On SDXL both text encoders condition the U-Net (and train with train_text_encode
 embeds and each image's size and crop (`tune.models.conditioning`).
 
 Writes export/pipeline/ (a complete diffusers folder of the base's pipeline class) and, by default,
-export/<run name>.safetensors (one checkpoint file for A1111 and ComfyUI).
+export/<run name>.safetensors (one checkpoint file for A1111 and ComfyUI) and export/<run name>_lora.safetensors
+(the fine-tune's difference to the base as a kohya LoRA, by SVD: `tune lora extract`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -32,8 +35,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from tune import personalize as p
-from tune.errors import ConfigError
+from tune.errors import ConfigError, ModelError
 from tune.evaluation import start_training_eval
+from tune.lora import run_metadata, save_lora
+from tune.lora.svd import extract_lora, summarize_errors
 from tune.models import save_single_file
 from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
@@ -84,6 +89,11 @@ class Config(p.PersonalizeConfig):
     checkpoints_keep: int = 1  # each holds the U-Net, its EMA and the optimizer state
     export_single_file: bool = True
     """Also write export/<run name>.safetensors, one fp16 SD1.x checkpoint for A1111 and ComfyUI."""
+    export_lora_rank: int = 32
+    """Also write export/<run name>_lora.safetensors, the fine-tune as a kohya LoRA of this rank (SVD of
+    each module's change, as `tune lora extract` does; errors in the log and the file); 0 = off."""
+    export_lora_conv_rank: int = 0
+    """That LoRA's rank for the resnets' 3x3 convs (0: attention, MLP and projections only)."""
     eval_every: int = 0
     """Score the (EMA) model with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0
     and at the last step (eval/report.json), keeping the best step's pipeline in export/best/; 0 = never."""
@@ -94,6 +104,11 @@ class Config(p.PersonalizeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.export_lora_rank < 0 or self.export_lora_conv_rank < 0:
+            raise ConfigError(
+                f"export_lora_rank and export_lora_conv_rank must be >= 0; got {self.export_lora_rank}, "
+                f"{self.export_lora_conv_rank}"
+            )
         if not (0 < self.ema_decay < 1 and self.ema_power > 0):
             raise ConfigError(
                 f"need 0 < ema_decay < 1 and ema_power > 0; got {self.ema_decay}, {self.ema_power}"
@@ -279,7 +294,35 @@ def main(cfg: Config) -> RunDir:
         if cfg.export_single_file:
             check_disk_space(run.export_dir, size // 2, "the single-file export")
             save_single_file(export, run.export_dir / f"{run.path.resolve().name}.safetensors")
+        if cfg.export_lora_rank:
+            export_lora(run, export, cfg, device)
         log.info("exported %s", run.export_dir / EXPORT_PIPELINE)
     accelerator.end_training()
     run.finish()
     return run
+
+
+def export_lora(run: RunDir, export: Any, cfg: Config, device: torch.device) -> None:
+    """export/<run name>_lora.safetensors: the exported pipeline minus the base, by SVD per module."""
+    name = f"{run.path.resolve().name}_lora"
+    try:
+        lora, errors = extract_lora(
+            export,
+            p.load_base(cfg.base_model),
+            cfg.export_lora_rank,
+            cfg.export_lora_conv_rank,
+            text_encoder=cfg.train_text_encoder,
+            dtype=torch.float16,
+            device=device,
+        )
+    except ModelError as err:  # a run too short to move a weight (lr 0 in warmup) has no LoRA to write
+        log.warning("no %s: %s", name, err)
+        return
+    summary = summarize_errors(errors)
+    metadata = run_metadata(run.path, output_name=name, step=None)
+    metadata["tune_extract_error"] = json.dumps({k: round(v, 6) for k, v in summary.items()})
+    v_prediction = export.scheduler.config.get("prediction_type") == "v_prediction"
+    path = run.export_dir / f"{name}.safetensors"
+    save_lora(lora, path, "kohya", dtype=torch.float16, metadata=metadata, v_prediction=v_prediction)
+    run.update_info(export_lora_error=summary)
+    log.info("exported %s (relative error %s)", name, ", ".join(f"{k} {v:.3g}" for k, v in summary.items()))

@@ -1,4 +1,5 @@
-"""`tune export` and `tune lora inspect | convert | merge`: output, files, and one-line errors (exit 2)."""
+"""`tune export` and `tune lora inspect | convert | merge | extract | resize`: output, files, and one-line
+errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,25 @@ def run_dir(small_lora: lora_io.Lora, tiny_pipeline_dir: str, tmp_path_factory) 
     lora_io.save_lora(small_lora, lora_io.checkpoint_adapter_path(path, 9), "diffusers")  # never COMPLETE
     lora_io.save_lora(small_lora, lora_io.final_adapter_path(path), "diffusers", dtype=torch.float32)
     run.finish()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned_dir(tiny_pipeline_dir: str, tmp_path_factory) -> Path:
+    """The tiny base with a rank-3 change in every attention projection (a stand-in fine-tune)."""
+    pipe = load_pipeline(tiny_pipeline_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in pipe.unet.named_modules():
+            if name.endswith(("to_q", "to_k", "to_v")):
+                out, width = layer.weight.shape
+                layer.weight += (
+                    0.05
+                    * torch.randn(out, 3, generator=generator)
+                    @ torch.randn(3, width, generator=generator)
+                )
+    path = tmp_path_factory.mktemp("tuned") / "model"
+    pipe.save_pretrained(path)
     return path
 
 
@@ -198,6 +218,36 @@ def test_merge_to_a_single_file_equals_applying_the_lora(
             assert torch.equal(ours[name], param), name
 
 
+def test_extract_and_resize_print_their_errors(
+    tuned_dir: Path, tiny_pipeline_dir: str, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "extracted.safetensors"
+    argv = ["lora", "extract", str(tuned_dir), "--base", tiny_pipeline_dir, "--rank", "3", "--out", str(out)]
+    code, printed, err = tune(capsys, *argv)
+    assert code == 0, err
+    lines = printed.splitlines()
+    assert lines[0] == f"{out}: 96 modules"  # to_q, to_k, to_v of attn1 and attn2 in 16 blocks
+    errors = {line.split(" relative error ")[0].strip(): float(line.split()[-1]) for line in lines[1:]}
+    assert list(errors) == ["unet attn1", "unet attn2", "overall"]
+    assert all(value < 2e-3 for value in errors.values())  # rank 3 of a rank-3 change, in fp16
+    code, _, err = tune(capsys, *argv)
+    assert code == 2 and "exists; pass --force" in err
+
+    resized = tmp_path / "r1.safetensors"
+    code, printed, err = tune(capsys, "lora", "resize", str(out), "--rank", "1", "--out", str(resized))
+    assert code == 0, err
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith("unet.")]
+    assert len(rows) == 96 and {row[2] for row in rows} == {"1"}
+    assert all(0.1 < float(row[-1]) < 1 for row in rows)
+    assert "overall" in printed.splitlines()[-1]
+    code, printed, _ = tune(
+        capsys, "lora", "resize", str(out), "--energy", "1", "--out", str(tmp_path / "all.safetensors")
+    )
+    assert code == 0 and {
+        line.split()[2] for line in printed.splitlines() if line.strip().startswith("unet.")
+    } == {"3"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Every user error: exit 2, one line, no traceback
 # ---------------------------------------------------------------------------------------------------
@@ -245,6 +295,40 @@ ERRORS = [
     ),
     (["lora", "merge", "{base}", "{kohya}", "--out", "{run}"], "exists; pass --force"),
     (["lora", "merge", "{base}", "{kohya}"], "required: --out"),
+    (["lora", "extract", "{tuned}", "--rank", "4", "--out", "{tmp}/e.safetensors"], "--base is required"),
+    (["lora", "extract", "{tuned}", "--base", "{base}", "--out", "{tmp}/e.safetensors"], "required: --rank"),
+    (
+        ["lora", "extract", "{tuned}", "--base", "{base}", "--rank", "0", "--out", "{tmp}/e.safetensors"],
+        "--rank must be >= 1",
+    ),
+    (
+        ["lora", "extract", "{tuned}", "--base", "{base}", "--rank", "4", "--out", "{tmp}/e.pt"],
+        "--out must name a .safetensors file",
+    ),
+    (["lora", "extract", "{run}", "--rank", "4", "--out", "{tmp}/e.safetensors"], "has no exported model"),
+    (
+        ["lora", "extract", "{base}", "--base", "{base}", "--rank", "4", "--out", "{tmp}/e.safetensors"],
+        "equal the base's in every extracted module",
+    ),
+    (
+        ["lora", "extract", "{tmp}/none", "--base", "{base}", "--rank", "4", "--out", "{tmp}/e.safetensors"],
+        "no model file or folder",
+    ),
+    (["lora", "resize", "{kohya}", "--out", "{tmp}/r.safetensors"], "one of the arguments --rank --energy"),
+    (
+        ["lora", "resize", "{kohya}", "--rank", "2", "--energy", "0.5", "--out", "{tmp}/r.safetensors"],
+        "not allowed with argument",
+    ),
+    (
+        ["lora", "resize", "{kohya}", "--energy", "1.5", "--out", "{tmp}/r.safetensors"],
+        "--energy must be in (0, 1]",
+    ),
+    (["lora", "resize", "{kohya}", "--rank", "0", "--out", "{tmp}/r.safetensors"], "--rank must be >= 1"),
+    (
+        ["lora", "resize", "{loha}", "--rank", "2", "--out", "{tmp}/r.safetensors"],
+        "2 of 2 keys match no module",
+    ),
+    (["lora", "resize", "{kohya}", "--rank", "2", "--out", "{kohya}"], "exists (the file being read)"),
 ]
 
 
@@ -257,6 +341,7 @@ def test_user_errors_exit_2_with_one_line(
     files: dict[str, Path],
     run_dir: Path,
     tiny_pipeline_dir: str,
+    tuned_dir: Path,
     tmp_path: Path,
     capsys,
 ) -> None:
@@ -264,13 +349,14 @@ def test_user_errors_exit_2_with_one_line(
     RunDir.create(empty_run, "lora", "seed = 0\n").finish()
     names = {k: str(v) for k, v in files.items()} | {
         "tmp": str(tmp_path), "run": str(run_dir), "empty_run": str(empty_run), "base": tiny_pipeline_dir,
+        "tuned": str(tuned_dir),
     }  # fmt: skip
     code, out, err = tune(capsys, *(arg.format(**names) for arg in argv))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tune: error: ") and "Traceback" not in err, err
     assert message.format(**names) in lines[0]
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob("[er].safetensors"))
 
 
 def test_sd2_file_inspects_and_converts_as_sd2(files: dict[str, Path], tmp_path: Path, capsys) -> None:

@@ -1,5 +1,6 @@
 """The dreambooth recipe end to end on the tiny pipeline: run-dir contract, class images generated once
-and reused, EMA export that plain diffusers loads and samples like the run, exact resume, 8-bit state."""
+and reused, EMA export that plain diffusers loads and samples like the run, its LoRA by SVD, exact
+resume, 8-bit state."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from recipes import dreambooth as recipe
 from tune import PROJECT_ROOT
 from tune import lora as lora_io
+from tune.cli import main
 from tune.config import load_config
 from tune.errors import ConfigError
 from tune.models import build_pipeline, load_pipeline
@@ -62,6 +64,7 @@ def test_run_directory_contract(first_run: Path, setup: dict) -> None:
     assert run.sample_steps == [0, 2, 4] and run.checkpoint_steps == [2, 4]
     assert (first_run / "export" / "pipeline" / "model_index.json").is_file()
     assert (first_run / "export" / f"{first_run.name}.safetensors").is_file()
+    assert (first_run / "export" / f"{first_run.name}_lora.safetensors").is_file()
     base = load_pipeline(setup["base"])
     info = run.info
     assert info["base_model_hash"] == lora_io.base_model_hash(base.unet, base.text_encoder)
@@ -110,6 +113,41 @@ def test_export_is_the_ema_unet_and_samples_like_the_run(first_run: Path, tmp_pa
         # Equal up to a last-bit rounding on some CPUs (1 of 255 on 1 of 3072 values seen); step 2's
         # samples differ from step 4's by up to 20 on most values.
         assert np.abs(np.asarray(Image.open(tmp_path / name)).astype(int) - ours).max() <= 1
+
+
+def test_export_lora_is_the_fine_tune_minus_the_base(
+    first_run: Path, setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = first_run / "export" / f"{first_run.name}_lora.safetensors"
+    lora = lora_io.read_lora(file)
+    metadata = lora_io.read_lora_file(file)[1]
+    errors = json.loads(metadata["tune_extract_error"])
+    assert errors == pytest.approx(read_run(first_run).info["export_lora_error"], abs=1e-6)
+    assert metadata["modelspec.trigger_phrase"] == "sks" and metadata["ss_network_dim"] == "32"
+    tuned, base = load_pipeline(first_run / "export" / "pipeline"), load_pipeline(setup["base"])
+    residual = norm = 0.0
+    for target, pair in lora.modules.items():
+        path = target.split(".", 1)[1]
+        delta = (tuned.unet.get_submodule(path).weight - base.unet.get_submodule(path).weight).detach()
+        residual += float((delta - pair.delta(delta.shape)).norm()) ** 2
+        norm += float(delta.norm()) ** 2
+    # Rank 32 holds every tiny module's change: what is left is the fp16 file's rounding.
+    assert (residual / norm) ** 0.5 == pytest.approx(errors["overall"], rel=1e-2) and errors["overall"] < 2e-3
+    assert {"unet attn1", "unet attn2", "unet ff", "unet proj"} < set(errors)
+
+    # `tune lora extract RUN_DIR` takes the run's export and base; rank 4 loses part of the change.
+    out = tmp_path / "r4.safetensors"
+    assert main(["lora", "extract", str(first_run), "--rank", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    overall = float(printed.splitlines()[-1].split()[-1])
+    print(f"dreambooth tiny run as a LoRA: rank 32 {errors['overall']:.2e}, rank 4 {overall:.3f}")
+    assert 0.05 < overall < 1 and lora_io.read_lora(out).modules.keys() == lora.modules.keys()
+    # From the single file (fp16) with the base folder as its config: the same modules.
+    single, out = first_run / "export" / f"{first_run.name}.safetensors", tmp_path / "single.safetensors"
+    assert (
+        main(["lora", "extract", str(single), "--base", setup["base"], "--rank", "4", "--out", str(out)]) == 0
+    )
+    assert lora_io.read_lora(out).modules.keys() == lora.modules.keys()
 
 
 def test_resume_is_exact(

@@ -16,7 +16,7 @@ from recipes import dreambooth, lora
 from tune import PROJECT_ROOT
 from tune import personalize as p
 from tune.config import load_config
-from tune.lora import read_lora_file
+from tune.lora import load_lora, read_lora_file
 from tune.models import build_pipeline, load_pipeline
 from tune.models.conditioning import TextEncoders, add_time_ids
 from tune.models.families import family_of_lora
@@ -174,10 +174,20 @@ def test_dreambooth_exports_a_pipeline_of_the_base_family(
         if getattr(base, name, None) is not None:
             ours, theirs = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
             assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    [single] = (first_run / "export").glob("*.safetensors")  # the single file A1111 and ComfyUI load
+    single = first_run / "export" / f"{first_run.name}.safetensors"  # the single file A1111 and ComfyUI load
     assert load_pipeline(
         str(single), config=str(first_run / "export" / "pipeline")
     ).unet.state_dict().keys() == (pipe.unet.state_dict().keys())
+    # The fine-tune as a LoRA (SVD): a file of the base's family, every U-Net transformer module in it.
+    lora_file = first_run / "export" / f"{first_run.name}_lora.safetensors"
+    tensors, metadata = read_lora_file(lora_file)
+    assert family_of_lora(tensors, metadata) == family
+    transformer = {
+        f"unet.{name}"
+        for name, module in base.unet.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and ".attentions." in name
+    }
+    assert set(load_lora(lora_file, base).modules) == transformer
 
 
 def test_sdxl_pivotal_tuning_trains_the_token_in_both_encoders(setup: dict, tmp_path: Path) -> None:
