@@ -4,15 +4,26 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from tune.errors import ConfigError
+from tune.errors import ConfigError, ModelError
 from tune.lora.core import ExportFormat, Lora
-from tune.lora.run_files import default_export_path, find_run_adapter, run_base_family, run_metadata
+from tune.lora.read import lora_targets
+from tune.lora.run_files import (
+    _find_value,
+    default_export_path,
+    find_run_adapter,
+    run_base_family,
+    run_metadata,
+)
 from tune.lora.skeleton import read_lora
 from tune.lora.write import DTYPES, FORMATS, save_lora
+from tune.lora.write_lycoris import dora_as_lora
+
+logger = logging.getLogger(__name__)
 
 
 def _check_target(path: Path, force: bool, *, source: Path | None = None) -> None:
@@ -33,21 +44,55 @@ def export_run(
     step: int | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    dora_rank: int | None = None,
 ) -> Path:
     """`tune export`: a run's adapter (final, else newest checkpoint, or `step`) as a kohya or
     diffusers file, with the run's metadata, named for the base model's family (SD1.x, SD2.x, SDXL).
-    Never overwrites an existing file unless `force`."""
+    Never overwrites an existing file unless `force`.
+
+    LoHa and LoKr adapters become LyCORIS keys (kohya only: diffusers cannot load them). A DoRA adapter
+    goes into the diffusers file exactly; its kohya file is the DoRA delta as a plain LoRA by SVD at
+    `dora_rank` (default: the adapter's rank), which needs the run's base model, with the relative
+    error in the log and in the metadata (`tune_dora_svd_error`)."""
     source, step = find_run_adapter(run_dir, step)
     target = Path(out) if out is not None else default_export_path(run_dir, format, step)
     _check_target(target, force, source=source)
     family, v_prediction = run_base_family(run_dir)
     lora = read_lora(source, family=family)
     metadata = run_metadata(run_dir, output_name=target.stem, step=step)
+    if format == "kohya" and "dora" in lora.kinds:
+        lora, errors, overall = dora_as_lora(lora, _run_base_weights(run_dir, lora), dora_rank)
+        worst = max(errors.values(), default=0.0)
+        metadata["tune_dora_svd_rank"] = str(dora_rank or "adapter rank")
+        metadata["tune_dora_svd_error"] = f"{overall:.6g} overall, {worst:.6g} worst module"
+        logger.info(
+            "DoRA adapter as a plain LoRA for the kohya file: relative error %s",
+            metadata["tune_dora_svd_error"],
+        )
     return save_lora(lora, target, format, dtype=dtype, metadata=metadata, v_prediction=v_prediction)
 
 
+def _run_base_weights(run_dir: str | Path, lora: Lora) -> dict[str, torch.Tensor]:
+    """The base weights of the run's DoRA modules (DoRA's delta depends on them): loads the base."""
+    from tune.models import load_pipeline
+    from tune.runs import read_run
+
+    run = read_run(run_dir)
+    base = run.info.get("base_model") or _find_value(run.config, ("base_model", "pretrained_model"))
+    if not base:
+        raise ModelError(f"{run.path} names no base model; a DoRA adapter's kohya file needs its weights")
+    targets = lora_targets(load_pipeline(str(base)))
+    weights = {}
+    for target, module in lora.modules.items():
+        if module.kind == "dora":
+            component, path = target.split(".", 1)
+            layer = targets[component].get_submodule(path)
+            weights[target] = getattr(layer, "base_layer", layer).weight
+    return weights
+
+
 def _file_dtype(lora: Lora) -> torch.dtype:
-    dtypes = {t.dtype for pair in lora.modules.values() for t in (pair.down, pair.up)}
+    dtypes = {t.dtype for module in lora.modules.values() for t in module.tensors}
     return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(DTYPES.values()) else torch.float32
 
 
