@@ -21,7 +21,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "loha": ("loha", {"r": 4, "alpha": 3.0}),
     "lokr": ("lokr", {"r": 2, "alpha": 3.0}),
     "lokr_full": ("lokr", {"r": 8, "alpha": 3.0}),
-    "lokr_both": ("lokr", {"r": 1, "alpha": 0.5, "decompose_both": True, "decompose_factor": 4}),
+    "lokr_both": ("lokr", {"r": 1, "alpha": 4.0, "decompose_both": True, "decompose_factor": 4}),
     "dora": ("dora", {"r": 4, "lora_alpha": 3.0, "use_dora": True}),
 }
 

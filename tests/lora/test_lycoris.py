@@ -12,12 +12,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from lycoris_files import CASES, inject_random, peft_deltas, write_adapter_file
 from safetensors import safe_open
+from test_lora_export import PROMPT, STEPS, image, model_names
 from tool_rules import a1111_delta, a1111_load, a1111_module_type, comfy_delta, comfy_key_map, comfy_load
-from test_lora_export import model_names
 
 from tune import lora as lora_io
-from tune.errors import ConfigError, ModelError
+from tune import sampling
+from tune.cli import main
+from tune.errors import ConfigError
 from tune.models import load_pipeline
+from tune.runs import RunDir
 
 LYCORIS_CASES = [case for case in CASES if CASES[case][0] in ("loha", "lokr")]
 
@@ -39,12 +42,25 @@ def base_weight(pipe: StableDiffusionPipeline, target: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def adapter(request, tiny_pipeline_dir: str, tmp_path_factory) -> tuple[str, Path, dict[str, torch.Tensor]]:
-    """(case, the run adapter file, PEFT's delta per module) for each adapter type."""
+def adapted(request, tiny_pipeline_dir: str, tmp_path_factory) -> tuple[str, Path, StableDiffusionPipeline]:
+    """(case, a finished run whose final adapter is that case's PEFT adapter, the pipeline holding the
+    adapter in memory), for each adapter type."""
     pipe = load_pipeline(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
     inject_random(pipe, request.param)
-    path = write_adapter_file(pipe, request.param, tmp_path_factory.mktemp("adapters") / "lora.safetensors")
-    return request.param, path, peft_deltas(pipe)
+    run_dir = tmp_path_factory.mktemp("runs") / f"{request.param}-run"
+    run = RunDir.create(run_dir, "lora", f'base_model = "{tiny_pipeline_dir}"\n')
+    run.update_info(base_model=tiny_pipeline_dir, instance_prompt=PROMPT)
+    write_adapter_file(pipe, request.param, lora_io.final_adapter_path(run_dir))
+    run.finish()
+    return request.param, run_dir, pipe
+
+
+@pytest.fixture(scope="module")
+def adapter(adapted) -> tuple[str, Path, dict[str, torch.Tensor]]:
+    """(case, the run adapter file, PEFT's delta per module)."""
+    case, run_dir, pipe = adapted
+    return case, lora_io.final_adapter_path(run_dir), peft_deltas(pipe)
 
 
 def test_run_adapter_files_read_as_peft_trained_them(adapter, tiny_pipeline_dir: str) -> None:
@@ -125,9 +141,59 @@ def test_diffusers_export_of_loha_and_lokr_is_refused(adapter, tmp_path: Path) -
     if CASES[case][0] == "dora":
         out = lora_io.convert_lora_file(path, "diffusers", tmp_path / "d.safetensors", dtype=torch.float32)
         tensors, metadata = read(out)
-        assert any(key.endswith(".lora_magnitude_vector") for key in tensors)
+        assert any(key.endswith(".lora_magnitude_vector.weight") for key in tensors)
         assert json.loads(metadata["lora_adapter_metadata"])["unet.use_dora"] is True
         return
     with pytest.raises(ConfigError, match="diffusers cannot load") as err:
         lora_io.convert_lora_file(path, "diffusers", tmp_path / "d.safetensors")
     assert "\n" not in str(err.value)
+
+
+def sample(model: str, out: Path, *extra: str) -> np.ndarray:
+    argv = ["sample", "--model", model, "--prompt", PROMPT, "--steps", str(STEPS), "--seed", "0"]
+    assert main([*argv, "--device", "cpu", "--out", str(out), *extra]) == 0
+    return image(out)
+
+
+def test_sample_with_the_exported_kohya_file_matches_the_in_memory_adapter(
+    adapted, tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    case, run_dir, pipe = adapted
+    exported = lora_io.export_run(run_dir, "kohya", dtype=torch.float32, out=tmp_path / "k.safetensors")
+    [in_memory] = sampling.generate(pipe, PROMPT, 0, steps=STEPS, guidance=7.5, progress=False)
+    expected = np.asarray(in_memory.image, dtype=np.float64)
+    diff = np.abs(sample(tiny_pipeline_dir, tmp_path / "k.png", "--lora", str(exported)) - expected).mean()
+    plain = np.abs(sample(tiny_pipeline_dir, tmp_path / "plain.png") - expected).mean()
+    _, metadata = read(exported)
+    note = f"; SVD error {metadata['tune_dora_svd_error']}" if case == "dora" else ""
+    print(f"{case}: sample --lora kohya file vs in-memory adapter {diff:.3f}/255 (base {plain:.1f}){note}")
+    assert plain > 5.0  # the adapter does change the image
+    if case != "dora":
+        assert diff < 1.0
+        # The run adapter file itself samples the same (our loader reads PEFT names).
+        own = sample(
+            tiny_pipeline_dir, tmp_path / "own.png", "--lora", str(lora_io.final_adapter_path(run_dir))
+        )
+        assert np.abs(own - expected).mean() < 1.0
+        return
+    # DoRA: the diffusers file is exact; the kohya file approximates by SVD at the adapter's rank.
+    assert "tune_dora_svd_error" in metadata and metadata["ss_network_module"] == "networks.lora"
+    exact = lora_io.export_run(run_dir, "diffusers", dtype=torch.float32, out=tmp_path / "d.safetensors")
+    exact_diff = np.abs(sample(tiny_pipeline_dir, tmp_path / "d.png", "--lora", str(exact)) - expected).mean()
+    diffusers_pipe = load_pipeline(tiny_pipeline_dir)
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    diffusers_pipe.load_lora_weights(str(exact.parent), weight_name=exact.name)
+    [loaded] = sampling.generate(diffusers_pipe, PROMPT, 0, steps=STEPS, guidance=7.5, progress=False)
+    diffusers_diff = np.abs(np.asarray(loaded.image, dtype=np.float64) - expected).mean()
+    wider = lora_io.export_run(
+        run_dir, "kohya", dtype=torch.float32, out=tmp_path / "k16.safetensors", dora_rank=16
+    )
+    wider_diff = np.abs(
+        sample(tiny_pipeline_dir, tmp_path / "k16.png", "--lora", str(wider)) - expected
+    ).mean()
+    print(
+        f"dora: diffusers file vs in-memory adapter: tune sample --lora {exact_diff:.3f}/255, diffusers "
+        f"load_lora_weights {diffusers_diff:.3f}/255; kohya file at rank 16: {wider_diff:.3f}/255, SVD error "
+        f"{read(wider)[1]['tune_dora_svd_error']}"
+    )
+    assert exact_diff < 1.0 and diffusers_diff < 1.0

@@ -224,7 +224,8 @@ def to_diffusers_state_dict(
             tensors[f"{stem}.lora_A.weight"] = _checked(pair.down, dtype, f"{target} down")
             tensors[f"{stem}.lora_B.weight"] = _checked(up, dtype, f"{target} up")
             if pair.magnitude is not None:
-                tensors[f"{stem}.lora_magnitude_vector"] = _peft_magnitude(pair, target, dtype)
+                # With `.weight`: diffusers loads the text encoder's magnitudes only so (its U-Net takes both).
+                tensors[f"{stem}.lora_magnitude_vector.weight"] = _peft_magnitude(pair, target, dtype)
         ranks = {_config_path(target): pair.rank for target, pair in modules.items()}
         rank = _most_common(ranks.values())
         others = {path: r for path, r in ranks.items() if r != rank}
