@@ -197,3 +197,18 @@ def test_sample_with_the_exported_kohya_file_matches_the_in_memory_adapter(
         f"{read(wider)[1]['tune_dora_svd_error']}"
     )
     assert exact_diff < 1.0 and diffusers_diff < 1.0
+
+
+def test_inspect_names_the_type(adapter, tmp_path: Path, capsys) -> None:
+    case, path, deltas = adapter
+    name = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[CASES[case][0]]
+    report = lora_io.inspect_lora(path)
+    assert report.type == name and report.problem is None and sum(report.modules.values()) == len(deltas)
+    assert main(["lora", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"type:          {name}" in out
+    if name != "DoRA":
+        kohya = lora_io.convert_lora_file(path, "kohya", tmp_path / "k.safetensors")
+        report = lora_io.inspect_lora(kohya)
+        assert (report.type, report.format, report.hash_ok) == (name, "kohya", True)
+        assert any("diffusers' load_lora_weights cannot" in note for note in report.notes)
