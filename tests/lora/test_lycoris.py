@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from lycoris_files import CASES, inject_random, peft_deltas, write_adapter_file
+from lycoris_files import CASES, inject_random, peft_deltas, peft_layers, write_adapter_file
 from safetensors import safe_open
+from safetensors.torch import save_file
 from test_lora_export import PROMPT, STEPS, image, model_names
 from tool_rules import a1111_delta, a1111_load, a1111_module_type, comfy_delta, comfy_key_map, comfy_load
 
@@ -212,3 +213,43 @@ def test_inspect_names_the_type(adapter, tmp_path: Path, capsys) -> None:
         report = lora_io.inspect_lora(kohya)
         assert (report.type, report.format, report.hash_ok) == (name, "kohya", True)
         assert any("diffusers' load_lora_weights cannot" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("adapted", ["dora"], indirect=True)
+def test_kohya_dora_files_read_in_both_orientations(
+    adapted, adapter, tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    """LyCORIS's dora_scale: [out, 1(, 1, 1)] (wd_on_out, = PEFT's magnitude) or [1, in(, 1, 1)] (older
+    files: each input column normalized, as ComfyUI and A1111 compute it)."""
+    _, _, pipe = adapted
+    deltas = adapter[2]
+    base = load_pipeline(tiny_pipeline_dir)
+    rows, columns, expected_columns = {}, {}, {}
+    generator = torch.Generator().manual_seed(1)
+    for target, layer in peft_layers(pipe).items():
+        stem = lora_io.kohya_stem(target)
+        down, up = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        magnitude = layer.lora_magnitude_vector["default"].weight.detach().flatten()
+        shared = {
+            f"{stem}.lora_down.weight": down,
+            f"{stem}.lora_up.weight": up,
+            f"{stem}.alpha": torch.tensor(3.0),
+        }
+        ones = (1,) * (down.ndim - 2)
+        rows |= shared | {f"{stem}.dora_scale": magnitude.reshape(-1, 1, *ones)}
+        w0 = base_weight(base, target).float()
+        merged = w0 + (3.0 / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(w0.shape)
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *ones)
+        column = norm * (0.8 + 0.4 * torch.rand(norm.shape, generator=generator))
+        columns |= shared | {f"{stem}.dora_scale": column}
+        expected_columns[target] = merged * (column / norm) - w0
+    save_file(rows, tmp_path / "rows.safetensors")
+    save_file(columns, tmp_path / "columns.safetensors")
+    for name, expected in (("rows", deltas), ("columns", expected_columns)):
+        lora = lora_io.load_lora(tmp_path / f"{name}.safetensors", base)
+        assert lora.kinds == {"dora"} and lora.formats == {"kohya"}
+        worst = max(
+            rel_error(lora.modules[t].delta(d.shape, base=base_weight(base, t)), d)
+            for t, d in expected.items()
+        )
+        assert worst < 1e-5, name
