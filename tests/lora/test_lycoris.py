@@ -198,6 +198,15 @@ def test_sample_with_the_exported_kohya_file_matches_the_in_memory_adapter(
         f"{read(wider)[1]['tune_dora_svd_error']}"
     )
     assert exact_diff < 1.0 and diffusers_diff < 1.0
+    # `tune lora convert` makes the same kohya file from the adapter file and the base model.
+    adapter_file = lora_io.final_adapter_path(run_dir)
+    with pytest.raises(ConfigError, match="is DoRA: its kohya file is a plain LoRA"):
+        lora_io.convert_lora_file(adapter_file, "kohya", tmp_path / "c.safetensors")
+    converted = lora_io.convert_lora_file(
+        adapter_file, "kohya", tmp_path / "c.safetensors", base=tiny_pipeline_dir, dtype=torch.float32
+    )
+    assert read(converted)[0].keys() == read(exported)[0].keys()
+    assert all(torch.equal(read(converted)[0][k], t) for k, t in read(exported)[0].items())
 
 
 def test_inspect_names_the_type(adapter, tmp_path: Path, capsys) -> None:

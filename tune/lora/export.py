@@ -61,26 +61,25 @@ def export_run(
     lora = read_lora(source, family=family)
     metadata = run_metadata(run_dir, output_name=target.stem, step=step)
     if format == "kohya" and "dora" in lora.kinds:
-        lora, errors, overall = dora_as_lora(lora, _run_base_weights(run_dir, lora), dora_rank)
-        worst = max(errors.values(), default=0.0)
-        metadata["tune_dora_svd_rank"] = str(dora_rank or "adapter rank")
-        metadata["tune_dora_svd_error"] = f"{overall:.6g} overall, {worst:.6g} worst module"
-        logger.info(
-            "DoRA adapter as a plain LoRA for the kohya file: relative error %s",
-            metadata["tune_dora_svd_error"],
-        )
+        lora, metadata = _dora_for_kohya(lora, _run_base_weights(run_dir, lora), dora_rank, metadata)
     return save_lora(lora, target, format, dtype=dtype, metadata=metadata, v_prediction=v_prediction)
 
 
 def _run_base_weights(run_dir: str | Path, lora: Lora) -> dict[str, torch.Tensor]:
     """The base weights of the run's DoRA modules (DoRA's delta depends on them): loads the base."""
-    from tune.models import load_pipeline
     from tune.runs import read_run
 
     run = read_run(run_dir)
     base = run.info.get("base_model") or _find_value(run.config, ("base_model", "pretrained_model"))
     if not base:
         raise ModelError(f"{run.path} names no base model; a DoRA adapter's kohya file needs its weights")
+    return _base_weights(str(base), lora)
+
+
+def _base_weights(base: str | Path, lora: Lora) -> dict[str, torch.Tensor]:
+    """The weights of `base` (a model folder or file) that the DoRA modules of `lora` change."""
+    from tune.models import load_pipeline
+
     targets = lora_targets(load_pipeline(str(base)))
     weights = {}
     for target, module in lora.modules.items():
@@ -103,11 +102,15 @@ def convert_lora_file(
     *,
     dtype: torch.dtype | None = None,
     force: bool = False,
+    base: str | Path | None = None,
+    dora_rank: int | None = None,
 ) -> Path:
     """`tune lora convert`: any LoRA file we read -> kohya or diffusers, same deltas.
 
     Default out: `<stem>_<format>.safetensors` beside the source; default dtype: the source's. The
     source's descriptive metadata (names, trigger, tune_*) is kept; the format's own is recomputed.
+    A DoRA file becomes a kohya file only with `base` (the model it was trained on): the plain LoRA
+    nearest its delta at `dora_rank` (see `export_run`).
     """
     if to not in FORMATS:
         raise ConfigError(f"--to must be one of {', '.join(FORMATS)}; got {to!r}")
@@ -115,4 +118,27 @@ def convert_lora_file(
     target = Path(out) if out is not None else source.with_name(f"{source.stem}_{to}.safetensors")
     _check_target(target, force, source=source)
     lora = read_lora(source)
-    return save_lora(lora, target, to, dtype=dtype or _file_dtype(lora), metadata=lora.metadata)
+    metadata = dict(lora.metadata)
+    file_dtype = _file_dtype(lora)
+    if to == "kohya" and "dora" in lora.kinds:
+        if base is None:
+            raise ConfigError(
+                f"{source} is DoRA: its kohya file is a plain LoRA made from the base weights; name the base model"
+            )
+        lora, metadata = _dora_for_kohya(lora, _base_weights(base, lora), dora_rank, metadata)
+    return save_lora(lora, target, to, dtype=dtype or file_dtype, metadata=metadata)
+
+
+def _dora_for_kohya(
+    lora: Lora, weights: dict[str, torch.Tensor], rank: int | None, metadata: dict[str, str]
+) -> tuple[Lora, dict[str, str]]:
+    """DoRA modules as plain LoRA pairs by SVD, with the error in the log and the metadata."""
+    lora, errors, overall = dora_as_lora(lora, weights, rank)
+    worst = max(errors.values(), default=0.0)
+    metadata = {
+        **metadata,
+        "tune_dora_svd_rank": str(rank or "adapter rank"),
+        "tune_dora_svd_error": f"{overall:.6g} overall, {worst:.6g} worst module",
+    }
+    logger.info("DoRA as a plain LoRA for the kohya file: relative error %s", metadata["tune_dora_svd_error"])
+    return lora, metadata
