@@ -12,7 +12,8 @@ one job per module:
     read       load_lora(path, pipe)         -> Lora                  the two above, plus the PEFT config
     skeleton   read_lora(path)               -> Lora                  the same onto SD1.x names, no model
     merge      LoraStack(pipe).add(lora, s)                           merge into weights, rescale, remove
-    write      save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write (+ sshs_model_hash)
+    write      save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write
+    files      write_lora_file, safetensors_data_hash: the file and its sshs_model_hash
     write_lycoris  LoHa/LoKr kohya keys; dora_as_lora(lora, base weights, rank): DoRA by SVD for kohya
     inject     inject_lora(unet, text_encoder, targets, rank, alpha)  trainable peft adapters, by group
     extract    save_adapter(unet, text_encoder, path, metadata)       a PEFT-injected adapter -> file
@@ -48,6 +49,7 @@ from tune.lora.core import (
 )
 from tune.lora.export import convert_lora_file, export_run
 from tune.lora.extract import lora_from_peft, save_adapter
+from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash, write_lora_file
 from tune.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraTarget, inject_lora
 from tune.lora.inspect import (
     LoraGroup,
@@ -76,15 +78,12 @@ from tune.lora.write import (
     ADAPTER_METADATA_KEY,
     DTYPES,
     FORMATS,
-    SSHS_HASH_KEY,
     canonical_path,
     diffusers_stem,
     kohya_stem,
-    safetensors_data_hash,
     save_lora,
     to_diffusers_state_dict,
     to_kohya_state_dict,
-    write_lora_file,
 )
 from tune.lora.write_lycoris import dora_as_lora
 

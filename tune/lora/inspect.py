@@ -15,10 +15,11 @@ import torch
 
 from tune.errors import ModelError
 from tune.lora.core import AdapterModule, AdapterType, Lora
+from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash
 from tune.lora.keys import _DOTTED_PREFIXES, _KOHYA_PREFIX, _architecture_hint
 from tune.lora.read import read_lora_file
 from tune.lora.skeleton import _cross_attention_width, read_lora
-from tune.lora.write import ADAPTER_METADATA_KEY, SSHS_HASH_KEY, safetensors_data_hash
+from tune.lora.write import ADAPTER_METADATA_KEY
 
 _BLOCK_PREFIX = re.compile(
     r"^(?:(?:down|up)_blocks\.\d+\.(?:attentions|resnets|downsamplers|upsamplers)\.\d+\."

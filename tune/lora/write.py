@@ -24,7 +24,6 @@ Files we write (SD1.x shown; SD2.x and SDXL differ in prefixes, U-Net names and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -43,6 +42,9 @@ from tune.lora.family_files import (
     kohya_unet_path,
     with_all_text_projections,
 )
+
+# safetensors_data_hash is re-exported: callers imported it from here before tune.lora.files existed.
+from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash, write_lora_file  # noqa: F401
 from tune.lora.keys import _TEXT_MODEL_LEVEL
 from tune.lora.write_lycoris import lycoris_metadata, lycoris_tensors
 
@@ -58,7 +60,6 @@ logger = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 """File dtypes by the names the CLI takes."""
 FORMATS: tuple[ExportFormat, ...] = ("kohya", "diffusers")
-SSHS_HASH_KEY = "sshs_model_hash"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 # Metadata the writers compute; stale copies carried over from a source file are dropped. The legacy
@@ -178,7 +179,7 @@ def to_kohya_state_dict(
             "one alpha (%s) for the kohya file: folded their own alpha into %d modules", alpha, folded
         )
     if len(modules) < len(everything):
-        return tensors, lycoris_metadata(lora, _adapter_config(lora))
+        return tensors, lycoris_metadata(lora)
     linear = [pair.rank for pair in modules.values() if not _is_3x3(pair)]
     convs = [pair.rank for pair in modules.values() if _is_3x3(pair)]
     metadata = {
@@ -254,54 +255,6 @@ def _peft_magnitude(pair: LoraModule, target: str, dtype: torch.dtype) -> torch.
         raise ModelError(f"{target}: a per-input-column DoRA magnitude has no PEFT/diffusers form")
     flat = magnitude.flatten()
     return _checked(flat if pair.up.ndim == 2 else flat.reshape(1, -1, 1, 1), dtype, f"{target} magnitude")
-
-
-def _adapter_config(lora: Lora) -> dict[str, Any]:
-    try:
-        config = json.loads(lora.metadata.get(ADAPTER_CONFIG_KEY, "{}"))
-    except ValueError:
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def safetensors_data_hash(data: bytes | str | Path) -> str:
-    """sha256 of a safetensors file's tensor data: the bytes after the 8-byte length and the JSON
-    header. This is kohya's `sshs_model_hash` and A1111's `addnet_hash_safetensors`; it does not
-    depend on the metadata, so it can be stored in the file it describes."""
-    if isinstance(data, bytes):
-        header = int.from_bytes(data[:8], "little")
-        return hashlib.sha256(memoryview(data)[8 + header :]).hexdigest()
-    digest = hashlib.sha256()
-    with open(data, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-        f.seek(8 + header)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_lora_file(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | Path
-) -> str:
-    """Write tensors + metadata (plus `sshs_model_hash`) atomically; returns the hash."""
-    from safetensors.torch import save
-
-    from tune.runs import write_atomic
-
-    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
-    if bad:
-        raise TypeError(f"safetensors metadata values must be str; not for {', '.join(bad)}")
-    tensors = dict(tensors)
-    digest = safetensors_data_hash(
-        save(tensors, metadata={k: v for k, v in metadata.items() if k != SSHS_HASH_KEY})
-    )
-    data = save(tensors, metadata={**metadata, SSHS_HASH_KEY: digest})
-    if safetensors_data_hash(data) != digest:  # the data region must not depend on the header
-        raise RuntimeError("safetensors data changed with its metadata; cannot record sshs_model_hash")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
-    return digest
 
 
 def save_lora(

@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from tune.errors import ModelError
-from tune.lora.core import Lora, LoraModule
+from tune.lora.core import ADAPTER_CONFIG_KEY, Lora, LoraModule
 from tune.lora.lycoris import Factor, LohaModule, LokrModule
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,18 @@ def lycoris_tensors(
     return tensors
 
 
-def lycoris_metadata(lora: Lora, config: Mapping[str, object]) -> dict[str, str]:
+def _adapter_config(lora: Lora) -> dict[str, Any]:
+    """The PEFT config a run's adapter file carries (`tune_adapter_config`), {} when none."""
+    try:
+        config = json.loads(lora.metadata.get(ADAPTER_CONFIG_KEY, "{}"))
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def lycoris_metadata(lora: Lora) -> dict[str, str]:
     """ss_network_* for a LoHa/LoKr file (the modules' own alphas are folded in, so alpha = dim)."""
+    config = _adapter_config(lora)
     kinds = lora.kinds - {"lora"}
     if len(kinds) != 1:
         raise ModelError(f"one adapter type per kohya file; {lora.source or 'this file'} has {sorted(kinds)}")
