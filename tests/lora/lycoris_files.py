@@ -49,23 +49,26 @@ def inject_random(pipe: Any, case: str, seed: int = 0) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
-def peft_layers(pipe: Any) -> dict[str, Any]:
-    """ "<component>.<module path>" -> the PEFT layer of every adapted module."""
+COMPONENTS = ("unet", "text_encoder")
+
+
+def peft_layers(pipe: Any, components: tuple[str, ...] = COMPONENTS) -> dict[str, Any]:
+    """`<component>.<module path>` -> the PEFT layer of every adapted module."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return {
         f"{component}.{name}": layer
-        for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
-        for name, layer in model.named_modules()
+        for component in components
+        for name, layer in getattr(pipe, component).named_modules()
         if isinstance(layer, BaseTunerLayer)
     }
 
 
 @torch.no_grad()
-def peft_deltas(pipe: Any) -> dict[str, torch.Tensor]:
+def peft_deltas(pipe: Any, components: tuple[str, ...] = COMPONENTS) -> dict[str, torch.Tensor]:
     """What PEFT trained: each module's W' - W0 in float32 (DoRA: merge, read, unmerge)."""
     deltas = {}
-    for target, layer in peft_layers(pipe).items():
+    for target, layer in peft_layers(pipe, components).items():
         base = layer.get_base_layer().weight
         before = base.detach().clone().float()
         layer.merge()

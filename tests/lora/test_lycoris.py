@@ -4,13 +4,15 @@ A1111 compute from our files (emulated from the reference), merging, sampling.""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from lycoris_files import CASES, inject_random, peft_deltas, peft_layers, write_adapter_file
+from lycoris_files import CASES, UNET_PATTERN, inject_random, peft_deltas, peft_layers, write_adapter_file
+from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_lora_export import PROMPT, STEPS, image, model_names
@@ -20,7 +22,8 @@ from tune import lora as lora_io
 from tune import sampling
 from tune.cli import main
 from tune.errors import ConfigError
-from tune.models import load_pipeline
+from tune.lora.inject import TEXT_ENCODER_TARGETS
+from tune.models import build_pipeline, load_pipeline
 from tune.runs import RunDir
 
 LYCORIS_CASES = [case for case in CASES if CASES[case][0] in ("loha", "lokr")]
@@ -262,3 +265,43 @@ def test_kohya_dora_files_read_in_both_orientations(
             for t, d in expected.items()
         )
         assert worst < 1e-5, name
+
+
+@pytest.mark.parametrize(
+    "config", [LoHaConfig(r=2, alpha=3.0), LoKrConfig(r=2, alpha=3.0)], ids=["loha", "lokr"]
+)
+def test_sdxl_lycoris_files_export_with_sgm_names_and_load_back(config, tmp_path: Path) -> None:
+    pipe = build_pipeline("tiny-sdxl-shallow", seed=0)
+    tensors = {}
+    for component, pattern in (
+        ("unet", UNET_PATTERN),
+        ("text_encoder", TEXT_ENCODER_TARGETS),
+        ("text_encoder_2", TEXT_ENCODER_TARGETS),
+    ):
+        model = getattr(pipe, component)
+        inject_adapter_in_model(replace(config, target_modules=pattern), model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "hada_" in name or "lokr_" in name:
+                    param.copy_(torch.randn_like(param) * 0.3)
+        state = get_peft_model_state_dict(model)
+        tensors |= {f"{component}.{key}": value.contiguous() for key, value in state.items()}
+    deltas = peft_deltas(pipe, ("unet", "text_encoder", "text_encoder_2"))
+    config_json = json.dumps({"r": config.r, "alpha": config.alpha})
+    source = tmp_path / "adapter.safetensors"
+    save_file(
+        tensors,
+        source,
+        metadata={"tune_adapter_type": config.peft_type.value.lower(), "tune_adapter_config": config_json},
+    )
+    kohya = lora_io.convert_lora_file(source, "kohya", tmp_path / "k.safetensors", dtype=torch.float32)
+    keys = read(kohya)[0]
+    assert any(key.startswith("lora_unet_input_blocks_") for key in keys)
+    assert any(key.startswith("lora_te2_text_model_") for key in keys)
+    clean = build_pipeline("tiny-sdxl-shallow", seed=0)
+    lora = lora_io.load_lora(kohya, clean)
+    assert lora.family == "sdxl" and set(lora.modules) == set(deltas)
+    worst = max(
+        rel_error(lora.modules[t].delta(d.shape, base=base_weight(clean, t)), d) for t, d in deltas.items()
+    )
+    assert worst < 1e-5
