@@ -1,5 +1,6 @@
 """ComfyUI's and AUTOMATIC1111's LoRA key rules, transcribed from their sources, for checking that every
-key of a file we write maps onto a module in those tools (they cannot run here: no real-size models).
+key of a file we write maps onto a module in those tools (they cannot run here: no real-size models),
+and their LoRA / LoHa / LoKr weight math as /work/shared/reference/lycoris-formats.md states it.
 
 ComfyUI: comfy/utils.py unet_to_diffusers, comfy/lora.py model_lora_keys_unet / model_lora_keys_clip and
 load_lora. A1111: extensions-builtin/Lora/networks.py convert_diffusers_name_to_compvis and load_network.
@@ -7,7 +8,10 @@ load_lora. A1111: extensions-builtin/Lora/networks.py convert_diffusers_name_to_
 
 from __future__ import annotations
 
+import math
 import re
+
+import torch
 
 UNET_MAP_ATTENTIONS = {
     "proj_in.weight",
@@ -172,16 +176,108 @@ def comfy_key_map(model_keys: set[str], unet_config: dict = SD1_COMFY_UNET_CONFI
     return key_map
 
 
+HADA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
 def comfy_load(file_keys: set[str], key_map: dict[str, str]) -> tuple[dict[str, str], set[str]]:
-    """load_lora's LoRA branch: (model key -> stem patched, file keys 'not loaded')."""
+    """load_lora with the LoRA, LoHa and LoKr adapters (weight_adapter/{lora,loha,lokr}.py `load`):
+    (model key -> stem patched, file keys 'not loaded'). alpha and dora_scale are read for every stem."""
     patches, loaded = {}, set()
     for x in key_map:
+        for extra in (f"{x}.alpha", f"{x}.dora_scale"):
+            if extra in file_keys:
+                loaded.add(extra)
+        found = False
         if f"{x}.lora_up.weight" in file_keys:
             loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
-            if f"{x}.alpha" in file_keys:
-                loaded.add(f"{x}.alpha")
+            found = True
+        if f"{x}.hada_w1_a" in file_keys:
+            loaded |= {f"{x}.{part}" for part in HADA_PARTS} & file_keys
+            found = True
+        if any(f"{x}.{part}" in file_keys for part in ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a")):
+            loaded |= {f"{x}.{part}" for part in LOKR_PARTS} & file_keys
+            found = True
+        if found:
             patches[key_map[x]] = x
     return patches, file_keys - loaded
+
+
+# The weight math of each tool, as the reference (lycoris-formats.md §3.2, §4.3, §4.4) states it.
+
+
+def comfy_delta(parts: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """ComfyUI's calculate_weight at strength 1 for one stem (LoRA, LoHa or LoKr), float32: W' - W."""
+    v = {k: t.float() for k, t in parts.items()}
+    alpha_value = float(parts["alpha"].item()) if "alpha" in parts else None
+    if "hada_w1_a" in v:  # LoHaAdapter: alpha = v[2] / w1b.shape[0]
+        alpha = alpha_value / v["hada_w1_b"].shape[0] if alpha_value is not None else 1.0
+        m1 = torch.mm(v["hada_w1_a"], v["hada_w1_b"])
+        m2 = torch.mm(v["hada_w2_a"], v["hada_w2_b"])
+        return alpha * (m1 * m2).reshape(weight_shape)
+    if any(k.startswith("lokr_") for k in v):  # LoKrAdapter
+        dim = None
+        w1 = v.get("lokr_w1")
+        if w1 is None:
+            dim = v["lokr_w1_b"].shape[0]
+            w1 = torch.mm(v["lokr_w1_a"], v["lokr_w1_b"])
+        w2 = v.get("lokr_w2")
+        if w2 is None:
+            dim = v["lokr_w2_b"].shape[0]
+            w2 = torch.mm(v["lokr_w2_a"], v["lokr_w2_b"])
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        alpha = alpha_value / dim if alpha_value is not None and dim is not None else 1.0
+        return alpha * torch.kron(w1, w2).reshape(weight_shape)
+    up, down = v["lora_up.weight"], v["lora_down.weight"]
+    alpha = alpha_value / down.shape[0] if alpha_value is not None else 1.0
+    return alpha * torch.mm(up.flatten(1), down.flatten(1)).reshape(weight_shape)
+
+
+def a1111_module_type(parts: set[str]) -> str:
+    """load_network: the first module type whose create_module accepts the stem's keys."""
+    if {"lora_up.weight", "lora_down.weight"} <= parts:
+        return "lora"
+    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts:
+        return "hada"
+    w1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= parts
+    w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts
+    if w1 and w2:
+        return "lokr"
+    raise AssertionError(f"Could not find a module type (one that can use keys {sorted(parts)})")
+
+
+def a1111_delta(parts: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """A1111's calc_updown + finalize_updown at multiplier 1 (network_hada/network_lokr/network_lora):
+    the updown, scaled by alpha / dim when both are known, else 1."""
+    v = {k: t.float() for k, t in parts.items()}
+    kind = a1111_module_type(set(parts))
+    dim = None
+    if kind == "hada":
+        dim = v["hada_w1_b"].shape[0]
+        flat = (weight_shape[0], math.prod(weight_shape[1:]))
+        updown = (v["hada_w1_a"] @ v["hada_w1_b"]).reshape(flat) * (v["hada_w2_a"] @ v["hada_w2_b"]).reshape(
+            flat
+        )
+    elif kind == "lokr":
+        w1 = v.get("lokr_w1")
+        if w1 is None:
+            dim = v["lokr_w1_b"].shape[0]
+            w1 = v["lokr_w1_a"] @ v["lokr_w1_b"]
+        w2 = v.get("lokr_w2")
+        if w2 is None:
+            dim = v["lokr_w2_b"].shape[0]
+            w2 = v["lokr_w2_a"] @ v["lokr_w2_b"]
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2.contiguous())
+    else:
+        up, down = v["lora_up.weight"], v["lora_down.weight"]
+        dim = down.shape[0]
+        updown = up.flatten(1) @ down.flatten(1)
+    updown = updown.reshape(weight_shape)
+    scale = float(v["alpha"].item()) / dim if dim is not None and "alpha" in v else 1.0
+    return updown * scale
 
 
 # AUTOMATIC1111 extensions-builtin/Lora/networks.py: convert_diffusers_name_to_compvis and load_network.

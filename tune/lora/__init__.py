@@ -4,13 +4,17 @@ everywhere, convert, inspect, and merge them into a pipeline's weights.
 Layers (reading was there first; writing, conversion and inspection sit on the same normalized form),
 one job per module:
 
-    core       Lora, LoraModule: the normalized form, "<component>.<module path>" -> (down, up, alpha)
+    core       Lora, LoraModule: the normalized form, "<component>.<module path>" -> (down, up, alpha
+               [, DoRA magnitude]); lycoris: LohaModule, LokrModule; each has delta(shape, device, base)
+    parts      the tensors of one module in a file -> LoRA / DoRA / LoHa / LoKr module
     read       read_lora_file(path)          -> (tensors, metadata)   raw safetensors I/O, nothing else
     keys       parse_lora(tensors, targets)  -> Lora                  key mapping into OUR module names
     read       load_lora(path, pipe)         -> Lora                  the two above, plus the PEFT config
     skeleton   read_lora(path)               -> Lora                  the same onto SD1.x names, no model
     merge      LoraStack(pipe).add(lora, s)                           merge into weights, rescale, remove
-    write      save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write (+ sshs_model_hash)
+    write      save_lora(lora, path, "kohya" | "diffusers", dtype=, metadata=)   write
+    files      write_lora_file, safetensors_data_hash: the file and its sshs_model_hash
+    write_lycoris  LoHa/LoKr kohya keys; dora_as_lora(lora, base weights, rank): DoRA by SVD for kohya
     inject     inject_lora(unet, text_encoder, targets, rank, alpha)  trainable peft adapters, by group
     extract    save_adapter(unet, text_encoder, path, metadata)       a PEFT-injected adapter -> file
     run_files  checkpoint_adapter_path / final_adapter_path / find_run_adapter / run_metadata: run dirs
@@ -30,12 +34,34 @@ Every public name is re-exported, so `from tune import lora as lora_io; lora_io.
 
 from typing import Any
 
-from tune.lora.core import COMPONENTS, Component, ExportFormat, Lora, LoraFormat, LoraModule
+from tune.lora.core import (
+    ADAPTER_CONFIG_KEY,
+    ADAPTER_TYPE_KEY,
+    ADAPTER_TYPES,
+    COMPONENTS,
+    AdapterModule,
+    AdapterType,
+    Component,
+    ExportFormat,
+    Lora,
+    LoraFormat,
+    LoraModule,
+)
 from tune.lora.export import convert_lora_file, export_run
 from tune.lora.extract import lora_from_peft, save_adapter
+from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash, write_lora_file
 from tune.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, LoraTarget, inject_lora
-from tune.lora.inspect import LoraGroup, LoraReport, format_report, inspect_lora, module_group, module_leaf
+from tune.lora.inspect import (
+    LoraGroup,
+    LoraReport,
+    adapter_type_name,
+    format_report,
+    inspect_lora,
+    module_group,
+    module_leaf,
+)
 from tune.lora.keys import AlphaRule, parse_lora
+from tune.lora.lycoris import LohaModule, LokrModule
 from tune.lora.merge import LoraStack, apply_loras, merge_loras
 from tune.lora.read import load_lora, lora_targets, parse_lora_spec, read_lora_file
 from tune.lora.run_files import (
@@ -52,18 +78,25 @@ from tune.lora.write import (
     ADAPTER_METADATA_KEY,
     DTYPES,
     FORMATS,
-    SSHS_HASH_KEY,
     canonical_path,
     diffusers_stem,
     kohya_stem,
-    safetensors_data_hash,
     save_lora,
     to_diffusers_state_dict,
     to_kohya_state_dict,
-    write_lora_file,
 )
+from tune.lora.write_lycoris import dora_as_lora
 
 __all__ = [
+    "ADAPTER_CONFIG_KEY",
+    "ADAPTER_TYPES",
+    "ADAPTER_TYPE_KEY",
+    "AdapterModule",
+    "AdapterType",
+    "LohaModule",
+    "LokrModule",
+    "adapter_type_name",
+    "dora_as_lora",
     "ADAPTER_METADATA_KEY",
     "AlphaRule",
     "CHECKPOINT_ADAPTER",

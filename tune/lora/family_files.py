@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tune.lora.core import LoraModule
+from tune.lora.core import AdapterModule, LoraModule
+from tune.lora.lycoris import LohaModule
 from tune.lora.sgm import unet_module_to_sgm
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def kohya_unet_path(path: str, family: Family) -> str:
     return unet_module_to_sgm(path, SDXL_UNET_LAYOUT) if family == "sdxl" else path
 
 
-def with_all_text_projections(modules: dict[str, LoraModule], family: Family) -> dict[str, LoraModule]:
+def with_all_text_projections(modules: dict[str, AdapterModule], family: Family) -> dict[str, AdapterModule]:
     """`modules` plus zero pairs for the q/k/v/out_proj an OpenCLIP layer lacks (see the module doc)."""
     component = _OPEN_CLIP_COMPONENT.get(family)
     if component is None:
@@ -55,11 +56,28 @@ def with_all_text_projections(modules: dict[str, LoraModule], family: Family) ->
         if not target.startswith(component + ".") or leaf not in _ATTENTION_PROJECTIONS:
             continue
         for other in _ATTENTION_PROJECTIONS:  # CLIP's four projections are all [width, width]
-            out.setdefault(
-                f"{head}.{other}",
-                LoraModule(down=torch.zeros_like(pair.down), up=torch.zeros_like(pair.up), alpha=pair.alpha),
-            )
+            out.setdefault(f"{head}.{other}", _zero_like(pair))
     return out
+
+
+def _zero_like(module: AdapterModule) -> LoraModule:
+    """A zero LoRA pair for a projection of the same width (LoHa/LoKr: rank 1; A1111 picks the type
+    per module)."""
+    if isinstance(module, LoraModule):
+        return LoraModule(
+            down=torch.zeros_like(module.down), up=torch.zeros_like(module.up), alpha=module.alpha
+        )
+    width = _out_width(module)
+    return LoraModule(down=torch.zeros(1, width), up=torch.zeros(width, 1), alpha=1.0)
+
+
+def _out_width(module: AdapterModule) -> int:
+    """The output width of a LoHa or LoKr module: its delta's rows."""
+    if isinstance(module, LohaModule):
+        return int(module.w1a.shape[0])
+    w1 = module.w1[0] if isinstance(module.w1, tuple) else module.w1
+    w2 = module.w2[0] if isinstance(module.w2, tuple) else module.w2
+    return int(w1.shape[0] * w2.shape[0])
 
 
 def is_v_prediction(metadata: dict[str, str]) -> bool:

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from tune.errors import ModelError
-from tune.lora.core import Lora, LoraModule
+from tune.lora.core import AdapterModule, AdapterType, Lora
+from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash
 from tune.lora.keys import _DOTTED_PREFIXES, _KOHYA_PREFIX, _architecture_hint
 from tune.lora.read import read_lora_file
 from tune.lora.skeleton import _cross_attention_width, read_lora
-from tune.lora.write import ADAPTER_METADATA_KEY, SSHS_HASH_KEY, safetensors_data_hash
+from tune.lora.write import ADAPTER_METADATA_KEY
 
 _BLOCK_PREFIX = re.compile(
     r"^(?:(?:down|up)_blocks\.\d+\.(?:attentions|resnets|downsamplers|upsamplers)\.\d+\."
@@ -83,6 +84,8 @@ class LoraReport:
     """Why the file does not map onto its family's module names, when it does not."""
     family: str | None = None
     """sd1, sd2 or sdxl: the base model family the file is for (None when it does not map)."""
+    type: str = "LoRA"
+    """The adapter type(s) of the modules: LoRA, DoRA, LoHa, LoKr ("LoRA + LoHa" for a mix)."""
 
     @property
     def hash_ok(self) -> bool | None:
@@ -138,6 +141,46 @@ def _compatibility_notes(
     return notes
 
 
+TYPE_NAMES: dict[AdapterType, str] = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def adapter_type_name(kinds: Iterable[AdapterType]) -> str:
+    """{"loha"} -> "LoHa"; several -> "LoRA + LoHa" (in the order lora, dora, loha, lokr)."""
+    return " + ".join(name for kind, name in TYPE_NAMES.items() if kind in set(kinds)) or "LoRA"
+
+
+def _raw_type(keys: Iterable[str]) -> str:
+    """The adapter type(s) the key names of a file we cannot map say."""
+    kinds: set[AdapterType] = set()
+    for key in keys:
+        kinds.add(
+            "loha" if ".hada_" in key
+            else "lokr" if ".lokr_" in key
+            else "dora" if key.endswith((".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight"))
+            else "lora"
+        )  # fmt: skip
+    if "dora" in kinds:
+        kinds.discard("lora")
+    return adapter_type_name(kinds)
+
+
+def _type_notes(lora: Lora, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    notes = []
+    if lora.kinds & {"loha", "lokr"}:
+        notes.append(
+            "LyCORIS type: ComfyUI, A1111 and `tune sample --lora`/`tune lora merge` load it; diffusers' "
+            "load_lora_weights cannot"
+        )
+    if "dora" in lora.kinds and any(key.endswith(".dora_scale") for key in tensors):
+        notes.append(
+            "kohya DoRA (dora_scale): A1111 and ComfyUI disagree on its axis, so other tools may not draw what "
+            "it was trained to; tune reads it by its shape ([out, 1] rows, [1, in] columns)"
+        )
+    elif "dora" in lora.kinds:
+        notes.append("PEFT DoRA (lora_magnitude_vector): diffusers and tune load it exactly; A1111 cannot")
+    return notes
+
+
 def inspect_lora(path: str | Path) -> LoraReport:
     """Read a LoRA file and describe it (format, architecture, modules per group, ranks, alphas,
     targets, trigger, metadata, hash check). The family (SD1.x, SD2.x, SDXL) is the file's own
@@ -173,13 +216,14 @@ def inspect_lora(path: str | Path) -> LoraReport:
             targets={},
             notes=(),
             problem=str(err),
+            type=_raw_type(keys),
             **common,
         )
 
     architecture = _architecture(lora.family or "sd1", _cross_attention_width(lora))
     if declared:
         architecture += f"; declared {declared}"
-    rows: dict[str, list[LoraModule]] = {}
+    rows: dict[str, list[AdapterModule]] = {}
     for target, pair in sorted(lora.modules.items()):
         rows.setdefault(module_group(target), []).append(pair)
     groups = tuple(
@@ -204,8 +248,9 @@ def inspect_lora(path: str | Path) -> LoraReport:
         modules=modules,
         groups=groups,
         targets={component: tuple(sorted(names)) for component, names in targets.items()},
-        notes=tuple(_compatibility_notes(lora, tensors, metadata)),
+        notes=tuple(_type_notes(lora, tensors) + _compatibility_notes(lora, tensors, metadata)),
         family=lora.family,
+        type=adapter_type_name(lora.kinds),
         **common,
     )
 
@@ -246,6 +291,7 @@ def format_report(report: LoraReport) -> str:
     lines = [
         f"file:          {report.path}",
         f"format:        {report.format} ({report.keys} tensors, {'/'.join(report.dtypes)})",
+        f"type:          {report.type}",
         f"architecture:  {report.architecture}",
     ]
     if report.problem:

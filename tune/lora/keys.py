@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tune.errors import ModelError
-from tune.lora.core import Lora, LoraFormat, LoraModule
+from tune.lora.core import AdapterModule, Lora, LoraFormat, LoraModule
+from tune.lora.parts import build_module, check_module_shape, split_role
 from tune.lora.sgm import unet_module_to_sgm
 
 if TYPE_CHECKING:
@@ -38,25 +39,11 @@ if TYPE_CHECKING:
 
 AlphaRule = Callable[[str, int], "float | None"]
 """alpha_for(key stem, rank) -> alpha, for files whose alphas live outside the tensors (PEFT)."""
+RankRule = Callable[[str], "int | None"]
+"""rank_for(key stem) -> the config's r (PEFT LoKr with both factors full has none in its shapes)."""
 
 # How many unmatched keys an error message lists before saying "and N more".
 _MAX_LISTED = 5
-
-# (key suffix, role). Checked in order; the first match wins. The attention-processor form
-# `...processor.to_q_lora.down.weight` is the `_lora.` entries.
-_ROLE_SUFFIXES: tuple[tuple[str, Literal["down", "up", "alpha"]], ...] = (
-    (".lora_down.weight", "down"),
-    (".lora_up.weight", "up"),
-    (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"),
-    (".lora_linear_layer.up.weight", "up"),
-    (".lora.down.weight", "down"),
-    (".lora.up.weight", "up"),
-    ("_lora.down.weight", "down"),
-    ("_lora.up.weight", "up"),
-    (".alpha", "alpha"),
-)
 
 # kohya prefix -> component. `lora_te1_` is what diffusers' convert_state_dict_to_kohya writes even
 # for SD1.x; A1111 and ComfyUI accept it there, so we do too. `lora_te2_` is SDXL's second encoder (on a
@@ -124,13 +111,6 @@ class _ModuleIndex:
         return self.dotted.get(name)
 
 
-def _split_role(key: str) -> tuple[str, Literal["down", "up", "alpha"]] | None:
-    for suffix, role in _ROLE_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
-
-
 def _resolve_stem(stem: str, indexes: Mapping[str, _ModuleIndex]) -> tuple[LoraFormat, str | None]:
     """(key style, "<component>.<module path>" or None when nothing in the model matches)."""
     kohya = _KOHYA_PREFIX.match(stem)
@@ -164,8 +144,8 @@ def _architecture_hint(keys: Iterable[str]) -> str | None:
             "a U-Net with LDM/SGM names (input_blocks...): SDXL, or SD1.x from a trainer that neither "
             "we nor diffusers read"
         )
-    if any(re.search(r"(hada|lokr)_w\d|\.oft_|dora_scale|lora_mid", k) for k in keys):
-        return "a LoRA variant we do not read (LoHa, LoKr, OFT, DoRA, LoCon mid weights)"
+    if any(re.search(r"\.oft_|\.(hada|lokr)_t\d|lora_mid", k) for k in keys):
+        return "a LoRA variant we do not read (OFT, Tucker LoHa/LoKr, LoCon mid weights)"
     return None
 
 
@@ -199,9 +179,11 @@ def _check_shape(target: str, pair: LoraModule, weight: torch.Tensor, *, widths:
     return None
 
 
-def _fit_pair(pair: LoraModule, weight: torch.Tensor) -> LoraModule:
+def _fit_pair(pair: AdapterModule, weight: torch.Tensor) -> AdapterModule:
     """The pair in the layout of its target: 4-D for Conv2d (kohya writes 2-D for 1x1 convs at times),
     2-D for Linear (some tools write [r, in, 1, 1] for them), so writers need no model."""
+    if not isinstance(pair, LoraModule):
+        return pair
     down, up = pair.down, pair.up
     if weight.ndim == 4:
         down = down if down.ndim == 4 else down[:, :, None, None]
@@ -210,7 +192,15 @@ def _fit_pair(pair: LoraModule, weight: torch.Tensor) -> LoraModule:
         down, up = down.flatten(1), up.flatten(1)
     if down is pair.down and up is pair.up:
         return pair
-    return LoraModule(down=down, up=up, alpha=pair.alpha)
+    return LoraModule(down=down, up=up, alpha=pair.alpha, magnitude=pair.magnitude)
+
+
+def _module_rank(slot: dict[str, torch.Tensor], config_rank: int | None) -> int:
+    """The r of alpha / r that the shapes give (LoHa: w1_b's rows; LoKr: w2_b's, else w1_b's)."""
+    for role in ("down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if role in slot:
+            return int(slot[role].shape[0])
+    return config_rank or 1
 
 
 def parse_lora(
@@ -218,6 +208,7 @@ def parse_lora(
     targets: Mapping[str, nn.Module],
     *,
     alpha_for: AlphaRule | None = None,
+    rank_for: RankRule | None = None,
     metadata: Mapping[str, str] | None = None,
     source: str = "",
     check_shapes: bool = True,
@@ -225,7 +216,8 @@ def parse_lora(
 ) -> Lora:
     """Map a LoRA state dict of any supported style onto `targets` ({"unet": ..., "text_encoder": ...}).
 
-    `alpha_for(stem, rank) -> float | None` supplies alphas the tensors do not carry (PEFT configs).
+    `alpha_for(stem, rank) -> float | None` supplies alphas the tensors do not carry (PEFT configs),
+    `rank_for(stem)` their r. Modules are LoRA, DoRA, LoHa or LoKr by their keys (`tune.lora.parts`).
     Raises ModelError when any key does not map onto a Linear/Conv2d of the targets, when a module
     lacks its down or up half, or when shapes disagree with the model's weights (with
     `check_shapes=False` only ranks and kernels are checked: targets of the same topology but other
@@ -239,7 +231,7 @@ def parse_lora(
     formats: set[LoraFormat] = set()
     unmatched: list[str] = []
     for key in sorted(tensors):
-        split = _split_role(key)
+        split = split_role(key)
         if split is None:
             unmatched.append(key)
             continue
@@ -267,26 +259,29 @@ def parse_lora(
             f"{' or '.join(indexes)}: {_listing(unmatched)}; {question}"
         )
 
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, AdapterModule] = {}
     problems: list[str] = []
     for target, slot in parts.items():
-        if "down" not in slot or "up" not in slot:
-            missing = "up" if "down" in slot else "down"
-            problems.append(f"{first_key[target]} has no {missing} weight")
-            continue
-        rank = int(slot["down"].shape[0])
-        alpha: float | None = float(slot["alpha"].float().item()) if "alpha" in slot else None
-        if alpha is None and alpha_for is not None:
-            alpha = alpha_for(first_key[target], rank)
-        # kohya: a missing or zero alpha means alpha = rank (scale 1).
-        pair = LoraModule(down=slot["down"], up=slot["up"], alpha=alpha or float(rank))
+        stem = first_key[target]
         component, path = target.split(".", 1)
         weight = indexes[component].weights[path]
-        complaint = _check_shape(target, pair, weight, widths=check_shapes)
+        alpha: float | None = float(slot["alpha"].float().item()) if "alpha" in slot else None
+        config_rank = rank_for(stem) if rank_for is not None else None
+        if alpha is None and alpha_for is not None:
+            alpha = alpha_for(stem, _module_rank(slot, config_rank))
+        # kohya: a missing or zero alpha means alpha = rank (scale 1).
+        module = build_module(slot, alpha or None, config_rank, tuple(weight.shape))
+        if isinstance(module, str):
+            problems.append(f"{stem} {module}")
+            continue
+        if isinstance(module, LoraModule):
+            complaint = _check_shape(target, module, weight, widths=check_shapes)
+        else:
+            complaint = check_module_shape(module, tuple(weight.shape)) if check_shapes else None
         if complaint:
             problems.append(complaint)
             continue
-        modules[target] = _fit_pair(pair, weight)
+        modules[target] = _fit_pair(module, weight)
     if problems:
         raise ModelError(
             f"{where}: {len(problems)} of {len(parts)} modules do not fit this model: {_listing(problems)}"

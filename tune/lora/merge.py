@@ -1,7 +1,8 @@
 """Merging LoRAs into a pipeline's weights (`LoraStack`, `apply_loras`) and into a saved base model
 (`merge_loras`, `tune lora merge`).
 
-Merging: W <- W0 + sum_i scale_i * (alpha_i / r_i) * up_i @ down_i, computed in float32 from a saved copy
+Merging: W <- W0 + sum_i scale_i * delta_i (LoRA: (alpha_i / r_i) * up_i @ down_i; LoHa, LoKr, DoRA: their
+`delta()`, DoRA's from W0), computed in float32 from a saved copy
 of W0, so changing a scale or removing a LoRA restores the original weights bit-identically. For a
 Conv2d target the product is `up.flatten(1) @ down.flatten(1)` reshaped to [out, in, kh, kw]: for
 1x1 convs that is the linear case, for 3x3 convs it equals kohya's `conv2d(down.permute(1,0,2,3),
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.core import Lora
+from tune.lora.core import Lora, LoraModule
 from tune.lora.keys import _check_shape
+from tune.lora.parts import check_module_shape
 from tune.lora.read import load_lora, lora_targets, pipeline_family
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,11 @@ class LoraStack:
             raise ConfigError(f"a LoRA named {name!r} is already applied; give this one another name")
         for target, pair in lora.modules.items():
             layer = self._layer(target)
-            complaint = _check_shape(target, pair, layer.weight)
+            complaint = (
+                _check_shape(target, pair, layer.weight)
+                if isinstance(pair, LoraModule)
+                else check_module_shape(pair, tuple(layer.weight.shape))
+            )
             if complaint:
                 raise ModelError(f"{lora.source or name}: {complaint}")
             owner = _OWNERS.get(layer, lambda: None)()
@@ -129,9 +135,11 @@ class LoraStack:
             if target not in self._originals:
                 self._originals[target] = weight.detach().clone()
                 _OWNERS[layer] = weakref.ref(self)
-            merged = self._originals[target].to(torch.float32)
+            original = self._originals[target].to(torch.float32)
+            merged = original
             for pair, scale in active:
-                merged = merged + scale * pair.delta(weight.shape, device=weight.device)
+                # DoRA's change depends on W0; at scale s it is s * (W' - W0), as ComfyUI and A1111 apply it.
+                merged = merged + scale * pair.delta(weight.shape, device=weight.device, base=original)
             weight.copy_(merged.to(weight.dtype))
 
 

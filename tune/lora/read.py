@@ -23,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.core import COMPONENTS, Lora
-from tune.lora.keys import _PEFT_PREFIX, AlphaRule, parse_lora
+from tune.lora.core import ADAPTER_CONFIG_KEY, COMPONENTS, Lora
+from tune.lora.keys import _PEFT_PREFIX, AlphaRule, RankRule, parse_lora
 
 if TYPE_CHECKING:
     from tune.models.families import Family
@@ -51,9 +51,9 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, metadata
 
 
-def _peft_alpha_rule(path: Path, metadata: Mapping[str, str]) -> AlphaRule | None:
-    """alpha_for(stem, rank) from a PEFT adapter_config.json beside the file or diffusers'
-    `lora_adapter_metadata`, or None when the file has neither (then alpha = rank)."""
+def _peft_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Stem prefix ("" for all, or "unet." ...) -> a PEFT config, from an adapter_config.json beside the
+    file, diffusers' `lora_adapter_metadata` or our `tune_adapter_config`."""
     configs: dict[str, dict[str, Any]] = {}
     config_file = path.with_name("adapter_config.json")
     try:
@@ -65,31 +65,55 @@ def _peft_alpha_rule(path: Path, metadata: Mapping[str, str]) -> AlphaRule | Non
             for key, value in flat.items():
                 prefix, _, name = key.rpartition(".")
                 configs.setdefault(prefix + "." if prefix else "", {})[name] = value
-    except (OSError, ValueError) as err:
+        if ADAPTER_CONFIG_KEY in metadata:
+            ours = json.loads(metadata[ADAPTER_CONFIG_KEY])
+            nested = {k: v for k, v in ours.items() if k in COMPONENTS and isinstance(v, dict)}
+            configs.update({f"{k}.": v for k, v in nested.items()} if nested else {"": ours})
+    except (OSError, ValueError, AttributeError) as err:
         raise ModelError(f"cannot read the PEFT config of {path}: {err}") from err
-    if not configs:
-        return None
-    for config in configs.values():
-        if config.get("use_dora"):
-            raise ModelError(f"{path}: DoRA adapters are not supported; merge it with PEFT first")
+    return configs
 
-    def alpha_for(stem: str, rank: int) -> float | None:
+
+def _pattern_value(config: Mapping[str, Any], table: str, name: str, default: Any) -> Any:
+    # PEFT matches pattern keys against the end of the module name.
+    for pattern, value in (config.get(table) or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
+            default = value
+    return default
+
+
+def peft_rules(path: Path, metadata: Mapping[str, str]) -> tuple[AlphaRule | None, RankRule | None]:
+    """(alpha_for(stem, rank), rank_for(stem)) from the PEFT config of a file (see `_peft_configs`), or
+    (None, None) when it has none (then alpha = rank)."""
+    configs = _peft_configs(path, metadata)
+    if not configs:
+        return None, None
+
+    def lookup(stem: str) -> tuple[dict[str, Any], str] | None:
         prefix = next((p for p in configs if p and stem.startswith(p)), "")
         config = configs.get(prefix)
-        if config is None:
+        return None if config is None else (config, stem[len(prefix) :].removeprefix(_PEFT_PREFIX))
+
+    def alpha_for(stem: str, rank: int) -> float | None:
+        found = lookup(stem)
+        if found is None:
             return None
-        name = stem[len(prefix) :].removeprefix(_PEFT_PREFIX)
-        alpha = config.get("lora_alpha")
-        # PEFT matches pattern keys against the end of the module name.
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
-                alpha = value
+        config, name = found
+        alpha = _pattern_value(config, "alpha_pattern", name, config.get("lora_alpha", config.get("alpha")))
         if alpha is None:
             return None
         # rsLoRA scales by alpha / sqrt(r); express that as an alpha for our alpha / r.
         return float(alpha) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
 
-    return alpha_for
+    def rank_for(stem: str) -> int | None:
+        found = lookup(stem)
+        if found is None:
+            return None
+        config, name = found
+        rank = _pattern_value(config, "rank_pattern", name, config.get("r", config.get("rank")))
+        return None if rank is None else int(rank)
+
+    return alpha_for, rank_for
 
 
 def lora_targets(pipe: Any) -> dict[str, nn.Module]:
@@ -119,15 +143,20 @@ def load_lora(path: str | Path, pipe: Any) -> Lora:
     found = family_of_lora(tensors, metadata)
     if family and found:
         check_same_family(f"LoRA {path}", found, family)
+    alpha_for, rank_for = peft_rules(path, metadata)
     lora = parse_lora(
         tensors,
         lora_targets(pipe),
-        alpha_for=_peft_alpha_rule(path, metadata),
+        alpha_for=alpha_for,
+        rank_for=rank_for,
         metadata=metadata,
         source=str(path),
         family=family,
     )
-    logger.info("read LoRA %s: %d modules (%s keys)", path, len(lora.modules), "/".join(sorted(lora.formats)))
+    kinds = "/".join(sorted(lora.kinds))
+    logger.info(
+        "read %s %s: %d modules (%s keys)", kinds, path, len(lora.modules), "/".join(sorted(lora.formats))
+    )
     return lora
 
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tune.lora.core import Lora
+from tune.lora.core import Lora, LoraModule
 from tune.lora.keys import parse_lora
-from tune.lora.read import _peft_alpha_rule, read_lora_file
+from tune.lora.read import peft_rules, read_lora_file
 
 if TYPE_CHECKING:
     from tune.models.families import Family
@@ -130,7 +130,7 @@ def module_skeleton(family: Family) -> dict[str, nn.Module]:
 def _cross_attention_width(lora: Lora) -> int | None:
     for target, pair in sorted(lora.modules.items()):
         if target.startswith("unet.") and target.endswith((".attn2.to_k", ".attn2.to_v")):
-            return int(pair.down.shape[1])
+            return int(pair.down.shape[1]) if isinstance(pair, LoraModule) else None
     return None
 
 
@@ -150,10 +150,12 @@ def read_lora(path: str | Path, family: Family | None = None) -> Lora:
     if found and family:
         check_same_family(f"LoRA {path}", found, family)
     family = found or family or "sd1"
+    alpha_for, rank_for = peft_rules(path, metadata)
     return parse_lora(
         tensors,
         module_skeleton(family),
-        alpha_for=_peft_alpha_rule(path, metadata),
+        alpha_for=alpha_for,
+        rank_for=rank_for,
         metadata=metadata,
         source=str(path),
         check_shapes=False,

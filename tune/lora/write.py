@@ -24,7 +24,6 @@ Files we write (SD1.x shown; SD2.x and SDXL differ in prefixes, U-Net names and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.core import COMPONENTS, ExportFormat, Lora, LoraModule
+from tune.lora.core import ADAPTER_CONFIG_KEY, ADAPTER_TYPE_KEY, COMPONENTS, ExportFormat, Lora, LoraModule
 from tune.lora.family_files import (
     KOHYA_PREFIXES,
     is_v_prediction,
@@ -43,7 +42,11 @@ from tune.lora.family_files import (
     kohya_unet_path,
     with_all_text_projections,
 )
+
+# safetensors_data_hash is re-exported: callers imported it from here before tune.lora.files existed.
+from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash, write_lora_file  # noqa: F401
 from tune.lora.keys import _TEXT_MODEL_LEVEL
+from tune.lora.write_lycoris import lycoris_metadata, lycoris_tensors
 
 if TYPE_CHECKING:
     from tune.models.families import Family
@@ -57,7 +60,6 @@ logger = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 """File dtypes by the names the CLI takes."""
 FORMATS: tuple[ExportFormat, ...] = ("kohya", "diffusers")
-SSHS_HASH_KEY = "sshs_model_hash"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 # Metadata the writers compute; stale copies carried over from a source file are dropped. The legacy
@@ -67,6 +69,8 @@ _WRITER_KEYS = frozenset(
         SSHS_HASH_KEY,
         "sshs_legacy_hash",
         ADAPTER_METADATA_KEY,
+        ADAPTER_TYPE_KEY,  # the training config of a run's adapter file: its alphas are folded in here
+        ADAPTER_CONFIG_KEY,
         "format",
         "ss_network_module",
         "ss_network_dim",
@@ -147,11 +151,20 @@ def to_kohya_state_dict(
     up weight. Every tool then computes the same delta W = (alpha / r) * up @ down. `family` picks the
     key names; SD2 and SDXL files get every q/k/v/out_proj of an OpenCLIP layer (`family_files`).
     """
-    modules = dict(sorted(with_all_text_projections(dict(lora.modules), family).items()))
+    if "dora" in lora.kinds:
+        raise ModelError(
+            f"{lora.source or 'the LoRA'} is DoRA: kohya files carry it as a plain LoRA made with the base "
+            "weights (tune.lora.write_lycoris.dora_as_lora; `tune export` does it)"
+        )
+    everything = dict(sorted(with_all_text_projections(dict(lora.modules), family).items()))
+    modules = {t: m for t, m in everything.items() if isinstance(m, LoraModule)}
+    tensors: dict[str, torch.Tensor] = {}
+    for target, module in everything.items():
+        if not isinstance(module, LoraModule):
+            tensors.update(lycoris_tensors(kohya_stem(target, family), module, dtype, _checked))
     nonzero = [pair.alpha for pair in modules.values() if pair.alpha != 0]
     # kohya reads alpha 0 as alpha = rank, so 0 is never written; zero-scale modules get a zero up.
     alpha = float(torch.tensor(_most_common(nonzero) if nonzero else 1.0, dtype=dtype))
-    tensors: dict[str, torch.Tensor] = {}
     folded = 0
     for target, pair in modules.items():
         stem = kohya_stem(target, family)
@@ -165,6 +178,8 @@ def to_kohya_state_dict(
         logger.info(
             "one alpha (%s) for the kohya file: folded their own alpha into %d modules", alpha, folded
         )
+    if len(modules) < len(everything):
+        return tensors, lycoris_metadata(lora)
     linear = [pair.rank for pair in modules.values() if not _is_3x3(pair)]
     convs = [pair.rank for pair in modules.values() if _is_3x3(pair)]
     metadata = {
@@ -191,6 +206,12 @@ def to_diffusers_state_dict(
     fields (r, lora_alpha, target_modules, rank_pattern, alpha_pattern, ...): a full
     `LoraConfig.to_dict()` carries this PEFT version's newest fields, which older PEFT rejects.
     """
+    lycoris = sorted(lora.kinds & {"loha", "lokr"})
+    if lycoris:
+        raise ConfigError(
+            f"diffusers cannot load {'/'.join(lycoris)} files (its loader reads LoRA and DoRA only); "
+            "export them as kohya files (ComfyUI, A1111) or sample them with `tune sample --lora`"
+        )
     tensors: dict[str, torch.Tensor] = {}
     adapter_metadata: dict[str, Any] = {}
     for component in COMPONENTS:
@@ -203,6 +224,9 @@ def to_diffusers_state_dict(
             up = pair.up.to(torch.float32) * scale if scale != 1.0 else pair.up
             tensors[f"{stem}.lora_A.weight"] = _checked(pair.down, dtype, f"{target} down")
             tensors[f"{stem}.lora_B.weight"] = _checked(up, dtype, f"{target} up")
+            if pair.magnitude is not None:
+                # With `.weight`: diffusers loads the text encoder's magnitudes only so (its U-Net takes both).
+                tensors[f"{stem}.lora_magnitude_vector.weight"] = _peft_magnitude(pair, target, dtype)
         ranks = {_config_path(target): pair.rank for target, pair in modules.items()}
         rank = _most_common(ranks.values())
         others = {path: r for path, r in ranks.items() if r != rank}
@@ -215,7 +239,7 @@ def to_diffusers_state_dict(
             "lora_dropout": 0.0,
             "bias": "none",
             "use_rslora": False,
-            "use_dora": False,
+            "use_dora": any(pair.magnitude is not None for pair in modules.values()),
             "init_lora_weights": True,
         }
         adapter_metadata.update({f"{component}.{key}": value for key, value in config.items()})
@@ -223,44 +247,14 @@ def to_diffusers_state_dict(
     return tensors, metadata
 
 
-def safetensors_data_hash(data: bytes | str | Path) -> str:
-    """sha256 of a safetensors file's tensor data: the bytes after the 8-byte length and the JSON
-    header. This is kohya's `sshs_model_hash` and A1111's `addnet_hash_safetensors`; it does not
-    depend on the metadata, so it can be stored in the file it describes."""
-    if isinstance(data, bytes):
-        header = int.from_bytes(data[:8], "little")
-        return hashlib.sha256(memoryview(data)[8 + header :]).hexdigest()
-    digest = hashlib.sha256()
-    with open(data, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-        f.seek(8 + header)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_lora_file(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | Path
-) -> str:
-    """Write tensors + metadata (plus `sshs_model_hash`) atomically; returns the hash."""
-    from safetensors.torch import save
-
-    from tune.runs import write_atomic
-
-    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
-    if bad:
-        raise TypeError(f"safetensors metadata values must be str; not for {', '.join(bad)}")
-    tensors = dict(tensors)
-    digest = safetensors_data_hash(
-        save(tensors, metadata={k: v for k, v in metadata.items() if k != SSHS_HASH_KEY})
-    )
-    data = save(tensors, metadata={**metadata, SSHS_HASH_KEY: digest})
-    if safetensors_data_hash(data) != digest:  # the data region must not depend on the header
-        raise RuntimeError("safetensors data changed with its metadata; cannot record sshs_model_hash")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
-    return digest
+def _peft_magnitude(pair: LoraModule, target: str, dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's lora_magnitude_vector: [out] for Linear, [1, out, 1, 1] for Conv2d (per output row only)."""
+    magnitude = pair.magnitude
+    assert magnitude is not None
+    if magnitude.shape[0] != pair.up.shape[0] or magnitude.shape[1] != 1:
+        raise ModelError(f"{target}: a per-input-column DoRA magnitude has no PEFT/diffusers form")
+    flat = magnitude.flatten()
+    return _checked(flat if pair.up.ndim == 2 else flat.reshape(1, -1, 1, 1), dtype, f"{target} magnitude")
 
 
 def save_lora(
