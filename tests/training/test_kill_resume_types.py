@@ -2,10 +2,7 @@
 `tune run` in a subprocess killed with SIGKILL right after its step-2 checkpoint, then resumed with
 resume=latest: the same losses and bit-identical checkpoint files as an uninterrupted run (issue 21; plain
 LoRA is tests/training/test_kill_resume.py). The LoKr run also drops ranks and modules at random, so the
-resumed run must draw the same dropout masks.
-
-The recipe ends with the kohya export; until that export knows a type it fails there (exit code 2, after
-the adapter files are written), and the test ends xfailed once everything else has been checked."""
+resumed run must draw the same dropout masks."""
 
 from __future__ import annotations
 
@@ -67,17 +64,10 @@ def args(setup: dict[str, str], type: str, out: Path) -> list[str]:
     ]
 
 
-def run_cli(argv: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str | None:
-    """`tune run ...` in this process: None when it finished, else the kohya export's error line (the
-    one failure allowed: exit code 2 after the final adapter was written)."""
-    capsys.readouterr()
-    code = cli.main(argv)
-    if code == 0:
-        assert read_run(out).status == "done"
-        return None
-    error = capsys.readouterr().err.strip()
-    assert code == 2 and final_adapter_path(out).is_file() and "pytorch_lora_weights" in error, error
-    return error
+def run_cli(argv: list[str], out: Path) -> None:
+    """`tune run ...` in this process, to the end: exit code 0 and the run done."""
+    assert cli.main(argv) == 0
+    assert read_run(out).status == "done"
 
 
 def checkpoint(run: Path) -> dict[str, dict]:
@@ -86,11 +76,9 @@ def checkpoint(run: Path) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("type", sorted(TYPE_ARGS))
-def test_sigkill_then_resume_is_bit_identical(
-    setup: dict[str, str], type: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_sigkill_then_resume_is_bit_identical(setup: dict[str, str], type: str, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
-    reference_error = run_cli(args(setup, type, reference), reference, capsys)
+    run_cli(args(setup, type, reference), reference)
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PAUSE_AFTER_CHECKPOINT_ENV: "2"}
     with open(tmp_path / "stderr.txt", "w") as log:
@@ -112,7 +100,7 @@ def test_sigkill_then_resume_is_bit_identical(
         proc.wait()
     assert read_run(out).status == "crashed" and read_run(out).checkpoint_steps == [2]
 
-    error = run_cli([*args(setup, type, out), "resume=latest"], out, capsys)
+    run_cli([*args(setup, type, out), "resume=latest"], out)
     assert losses(out) == losses(reference) and sorted(losses(out)) == [1, 2, 3, 4]
     ours, theirs = checkpoint(out), checkpoint(reference)
     assert set(ours) == {"lora.safetensors", "trainable_0.safetensors", "trainable_1.safetensors"}
@@ -122,6 +110,5 @@ def test_sigkill_then_resume_is_bit_identical(
         assert all(tensors[k].equal(ours[name][k]) for k in tensors), name
     final, want = (load_file(str(final_adapter_path(r))) for r in (out, reference))
     assert final.keys() == want.keys() and all(final[k].equal(want[k]) for k in want)
-    assert (error is None) == (reference_error is None)
-    if error is not None:
-        pytest.xfail(f"LyCORIS export lands with helper lyco: {error[:200]}")
+    kohya = [run / "export" / f"{run.name}.safetensors" for run in (out, reference)]
+    assert all(path.is_file() for path in kohya)  # the LyCORIS-keyed export of both runs
