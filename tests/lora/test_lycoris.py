@@ -305,3 +305,40 @@ def test_sdxl_lycoris_files_export_with_sgm_names_and_load_back(config, tmp_path
         rel_error(lora.modules[t].delta(d.shape, base=base_weight(clean, t)), d) for t, d in deltas.items()
     )
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("adapted", ["dora"], indirect=True)
+def test_tune_lora_convert_makes_a_dora_kohya_file_with_the_base(
+    adapted, tiny_pipeline_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tune.cli import main
+
+    _, run_dir, _ = adapted
+    source = lora_io.final_adapter_path(run_dir)
+    out = tmp_path / "cli.safetensors"
+    args = ["lora", "convert", str(source), "--to", "kohya", "--dtype", "fp32"]
+    assert main([*args, "--out", str(out), "--base", tiny_pipeline_dir, "--dora-rank", "16"]) == 0
+    expected = lora_io.export_run(
+        run_dir, "kohya", dtype=torch.float32, out=tmp_path / "run.safetensors", dora_rank=16
+    )
+    ours, theirs = read(out)[0], read(expected)[0]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "no-base.safetensors")]) == 2  # DoRA needs its base
+    err = capsys.readouterr().err.strip()
+    assert "is DoRA" in err and "name the base model" in err and len(err.splitlines()) == 1
+    assert (
+        main(
+            [
+                *args,
+                "--out",
+                str(tmp_path / "r0.safetensors"),
+                "--base",
+                tiny_pipeline_dir,
+                "--dora-rank",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "no-base.safetensors").exists() and not (tmp_path / "r0.safetensors").exists()

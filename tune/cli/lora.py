@@ -3,7 +3,7 @@ LoRA files.
 
     tune lora inspect FILE                  format, architecture, modules, ranks/alphas per group, targets,
                                             trigger, metadata, sshs_model_hash check (exit 1 on mismatch)
-    tune lora convert FILE --to kohya|diffusers [--out FILE] [--dtype D] [--force]
+    tune lora convert FILE --to kohya|diffusers [--out FILE] [--dtype D] [--force] [--base MODEL --dora-rank R]
     tune lora merge BASE LORA[:SCALE] ... --out DIR|FILE.safetensors [--config DIR] [--dtype D] [--force]
     tune lora extract RUN_DIR|TUNED_MODEL [--base BASE] --rank R [--conv-rank R] [--text-encoder]
                       --out FILE [--config DIR] [--dtype D] [--force]
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tune.errors import ConfigError
 from tune.lora import (
     DTYPES,
     FORMATS,
@@ -52,6 +53,19 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="tensor dtype (default: the source's)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL",
+        help="DoRA to kohya only: the base model it was trained on (its kohya file is a plain LoRA of the delta)",
+    )
+    p.add_argument(
+        "--dora-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="rank of that plain LoRA (default: the adapter's)",
+    )
 
     p = sub.add_parser("merge", help="merge LoRAs into a base model and save it")
     p.add_argument(
@@ -125,7 +139,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
-    print(convert_lora_file(args.file, args.to, args.out, dtype=dtype, force=args.force))
+    if args.dora_rank is not None and args.dora_rank < 1:
+        raise ConfigError(f"--dora-rank must be >= 1; got {args.dora_rank}")
+    out = convert_lora_file(
+        args.file, args.to, args.out, dtype=dtype, force=args.force, base=args.base, dora_rank=args.dora_rank
+    )
+    print(out)
     return 0
 
 
