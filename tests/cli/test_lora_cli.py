@@ -329,7 +329,7 @@ ERRORS = [
     (["lora", "resize", "{kohya}", "--rank", "0", "--out", "{tmp}/r.safetensors"], "--rank must be >= 1"),
     (
         ["lora", "resize", "{loha}", "--rank", "2", "--out", "{tmp}/r.safetensors"],
-        "2 of 2 keys match no module",
+        "lora_unet_conv_in is a LoHa module without hada_w2_a",
     ),
     (["lora", "resize", "{kohya}", "--rank", "2", "--out", "{kohya}"], "exists (the file being read)"),
 ]
