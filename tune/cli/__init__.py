@@ -40,7 +40,7 @@ COMMANDS: dict[str, str] = {
     "cp": "copy a shipped recipe to a file of your own, to edit and `tune run`",
     "sample": "generate images (prompt, seed, scheduler, LoRA, img2img, trajectory)",
     "export": "export a run's LoRA as kohya or diffusers files",
-    "lora": "inspect, convert and merge LoRA files (kohya, diffusers, PEFT)",
+    "lora": "inspect, convert, merge, extract and resize LoRA files (kohya, LyCORIS, diffusers, PEFT)",
     "dashboard": "open the Streamlit dashboard over a runs folder",
     "eval": "evaluate a run: subject and prompt fidelity per checkpoint",
     "data": "inspect photo folders, write the built-in toy world dataset",
