@@ -37,7 +37,13 @@ from tune.evaluation import start_training_eval
 from tune.models import save_single_file
 from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
-from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
+from tune.optim import (
+    OptimConfig,
+    build_lr_schedule,
+    build_optimizer,
+    optimizer_metrics,
+    optimizer_state_bytes,
+)
 from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder, check_disk_space
 from tune.training import (
     NonFiniteGuard,
@@ -45,6 +51,7 @@ from tune.training import (
     build_trackers,
     compiled,
     enable_gradient_checkpointing,
+    evaluation_weights,
     is_due,
     log_step,
     module_bytes,
@@ -53,6 +60,7 @@ from tune.training import (
     set_channels_last,
     start_run,
     tracker_config,
+    use_final_weights,
     weight_dtype,
 )
 
@@ -212,7 +220,7 @@ def main(cfg: Config) -> RunDir:
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and cfg.sample_every:  # the base model
         validate(0)
-    if step == 0:
+    if step == 0:  # the base model: no average yet, so no weights to switch
         evaluate(0)
     unet.train()
     for model in text_encoders:
@@ -244,18 +252,27 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            lr = lr_schedule.get_last_lr()[0]
             log_step(
-                run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+                run,
+                accelerator,
+                step,
+                loss=loss_value,
+                lr=lr,
+                **optimizer_metrics(optimizer),
+                s_per_step=seconds,
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if is_due(step, cfg.sample_every, cfg.max_steps):
             validate(step)
         if is_due(step, cfg.eval_every, cfg.max_steps):
-            evaluate(step)
+            with evaluation_weights(accelerator):
+                evaluate(step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     if evaluator is not None:
         run.update_info(best_step=evaluator.best_step)
     run.update_info(optimizer=cfg.optim.name, optimizer_state_bytes=optimizer_state_bytes(optimizer))

@@ -37,7 +37,7 @@ from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.lora.inject import LoraTarget, inject_lora
 from tune.models.conditioning import TextEncoders
-from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
 from tune.tokens import add_tokens, check_new_token, text_towers
 from tune.training import (
@@ -47,6 +47,7 @@ from tune.training import (
     checkpoint_trainable_only,
     compiled,
     enable_gradient_checkpointing,
+    evaluation_weights,
     is_due,
     log_step,
     on_checkpoint,
@@ -55,6 +56,7 @@ from tune.training import (
     set_channels_last,
     start_run,
     tracker_config,
+    use_final_weights,
     weight_dtype,
 )
 
@@ -261,7 +263,7 @@ def main(cfg: Config) -> RunDir:
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=sampled_modules
         )
-    if step == 0:
+    if step == 0:  # the base model: no average yet, so no weights to switch
         evaluate(0)
     unet.train()
     for model in text_encoders:
@@ -294,8 +296,15 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            lr = lr_schedule.get_last_lr()[0]
             log_step(
-                run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+                run,
+                accelerator,
+                step,
+                loss=loss_value,
+                lr=lr,
+                **optimizer_metrics(optimizer),
+                s_per_step=seconds,
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -309,10 +318,12 @@ def main(cfg: Config) -> RunDir:
                 modules=sampled_modules,
             )
         if is_due(step, cfg.eval_every, cfg.max_steps):
-            evaluate(step)
+            with evaluation_weights(accelerator):
+                evaluate(step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     if evaluator is not None:
         run.update_info(best_step=evaluator.best_step)
 
