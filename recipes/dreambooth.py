@@ -162,8 +162,13 @@ def main(cfg: Config) -> RunDir:
         class_dir=class_dir,
         class_prompt=prior.class_prompt if prior else None,
         cache_text=not cfg.train_text_encoder,
+        holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
+    # val_every: the loss on held-out photos (None when 0)
+    val_loss = p.build_validation_loss(
+        cfg, subject.photos, subject.instance_prompt, pipe, noise_scheduler, dtype
+    )
 
     # ---- optimizer ----------------------------------------------------------------------------------
     trained = [unet, *text_encoders] if cfg.train_text_encoder else [unet]
@@ -218,6 +223,8 @@ def main(cfg: Config) -> RunDir:
             sample_pipe.save_pretrained(run.export_dir / "best")
 
     # ---- loop ---------------------------------------------------------------------------------------
+    if step == 0 and val_loss is not None:
+        val_loss.log(run, accelerator, 0)
     if step == 0 and cfg.sample_every:  # the base model
         validate(0)
     if step == 0:  # the base model: no average yet, so no weights to switch
@@ -269,6 +276,8 @@ def main(cfg: Config) -> RunDir:
         if is_due(step, cfg.eval_every, cfg.max_steps):
             with evaluation_weights(accelerator):
                 evaluate(step)
+        if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
+            val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()

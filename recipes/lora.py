@@ -204,8 +204,11 @@ def main(cfg: Config) -> RunDir:
         class_dir=class_dir,
         class_prompt=prior.class_prompt if prior else None,
         cache_text=not train_text,
+        holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
+    # val_every: the loss on held-out photos (None when 0)
+    val_loss = p.build_validation_loss(cfg, subject.photos, instance_prompt, pipe, noise_scheduler, dtype)
 
     # ---- optimizer ----------------------------------------------------------------------------------
     groups: list[dict] = [{"params": lora_params}]
@@ -259,6 +262,8 @@ def main(cfg: Config) -> RunDir:
 
     # ---- loop ---------------------------------------------------------------------------------------
     sampled_modules = [unet, *text_encoders]
+    if step == 0 and val_loss is not None:
+        val_loss.log(run, accelerator, 0)
     if step == 0 and cfg.sample_every:  # the base model (the adapter is still a no-op)
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=sampled_modules
@@ -320,6 +325,8 @@ def main(cfg: Config) -> RunDir:
         if is_due(step, cfg.eval_every, cfg.max_steps):
             with evaluation_weights(accelerator):
                 evaluate(step)
+        if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
+            val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()

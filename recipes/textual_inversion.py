@@ -130,8 +130,13 @@ def main(cfg: Config) -> RunDir:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         accelerator=accelerator,
+        holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
+    # val_every: the loss on held-out photos (None when 0)
+    val_loss = p.build_validation_loss(
+        cfg, subject.photos, new_tokens.expand(subject.instance_prompt), pipe, noise_scheduler, dtype
+    )
 
     # ---- optimizer ----------------------------------------------------------------------------------
     optimizer = build_optimizer(new_tokens.weights, cfg.optim)
@@ -159,6 +164,8 @@ def main(cfg: Config) -> RunDir:
         accelerator.init_trackers("textual_inversion", config=tracker_config(cfg))
 
     # ---- loop ---------------------------------------------------------------------------------------
+    if step == 0 and val_loss is not None:
+        val_loss.log(run, accelerator, 0)
     if step == 0 and cfg.sample_every:  # the base model, with the token at its initializer's embedding
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=text_encoders
@@ -216,6 +223,8 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=text_encoders,
             )
+        if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
+            val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()

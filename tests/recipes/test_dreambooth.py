@@ -204,3 +204,10 @@ def test_resume_is_exact_with_prodigy_and_schedule_free(
     )
     for k in saved:
         torch.testing.assert_close(exported[k], saved[k])
+
+
+def test_validation_loss_is_logged(setup: dict, tmp_path: Path) -> None:
+    run = read_run(recipe.main(config(setup, tmp_path / "r", "val_every=4", "sample_every=0")).path)
+    rows = [m for m in run.metrics if "val_loss" in m]
+    assert [m["step"] for m in rows] == [0, 4] and run.info["photos"] == 3
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the trained U-Net's loss, not the base's

@@ -272,3 +272,15 @@ def test_resume_is_exact_with_prodigy_and_schedule_free(
         torch.testing.assert_close(
             exported.modules[name].delta(shape), pair.delta(shape), atol=1e-3, rtol=1e-2
         )
+
+
+def test_validation_loss_on_held_out_photos(setup: dict, tmp_path: Path) -> None:
+    make = lambda out: recipe.main(config(setup, out, "val_every=2", "sample_every=0"))  # noqa: E731
+    run = read_run(make(tmp_path / "a").path)
+    rows = [m for m in run.metrics if "val_loss" in m]
+    assert [m["step"] for m in rows] == [0, 2, 4] and all(math.isfinite(m["val_loss"]) for m in rows)
+    assert run.info["photos"] == 3  # one of the four photos is held out (val_share 0.2, at least one)
+    assert sorted(losses(run.path)) == [1, 2, 3, 4]  # training rows are unchanged
+    # fixed noise and timesteps: the base model's loss (step 0) is the same in every run
+    again = [m for m in read_run(make(tmp_path / "b").path).metrics if "val_loss" in m]
+    assert again == [{**m, "time": a["time"]} for m, a in zip(rows, again, strict=True)]

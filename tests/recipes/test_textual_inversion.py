@@ -258,3 +258,11 @@ def test_resume_is_exact_with_prodigy_and_schedule_free(
     exported = load_embeddings(whole.path / "export" / "learned_embeds.safetensors").vectors[0]
     token_rows = trained_matrix(whole.path, 4)[-exported.shape[0] :]
     torch.testing.assert_close(exported, token_rows.to(exported.dtype))
+
+
+def test_validation_loss_on_a_val_dir(setup: dict, tmp_path: Path) -> None:
+    val_dir = make_concept(tmp_path / "val", count=2) / "photos"
+    run = recipe.main(config(setup, tmp_path / "r", "val_every=3", f"val_dir={val_dir}", "sample_every=0"))
+    info = read_run(run.path)
+    assert [m["step"] for m in info.metrics if "val_loss" in m] == [0, 3, 4]
+    assert info.info["photos"] == 4  # with a val_dir every photo of the subject trains
