@@ -64,6 +64,9 @@ def test_schedule_free_switches_to_its_average_and_back() -> None:
         averaged = model.weight.detach().clone()
     assert not torch.allclose(training, averaged)
     torch.testing.assert_close(model.weight.detach(), training)  # back, up to rounding
+    with eval_weights([optimizer]), eval_weights([optimizer]):  # nested: the inner block switches nothing
+        torch.testing.assert_close(model.weight.detach(), averaged)
+    assert optimizer.param_groups[0]["train_mode"]
     # its warmup is its own: the lr schedule stays flat
     assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[0]["warmup_steps"] == 5
 

@@ -218,13 +218,14 @@ def set_eval_weights(optimizers: Iterable[torch.optim.Optimizer], on: bool) -> N
 
 @contextmanager
 def eval_weights(optimizers: Iterable[torch.optim.Optimizer]) -> Iterator[None]:
-    """The weights to sample, score or save inside; the training weights again after."""
-    optimizers = list(optimizers)
-    set_eval_weights(optimizers, True)
+    """The weights to sample, score or save inside; after, those of the optimizers that were training go
+    back to training (nested blocks, or one after `set_eval_weights(..., True)`, switch nothing)."""
+    switched = [o for o in optimizers if has_eval_weights(o) and o.param_groups[0]["train_mode"]]
+    set_eval_weights(switched, True)
     try:
         yield
     finally:
-        set_eval_weights(optimizers, False)
+        set_eval_weights(switched, False)
 
 
 def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
