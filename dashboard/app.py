@@ -4,6 +4,7 @@
 
 Pages (sidebar; also `?page=compare&run=NAME` in the URL):
     Runs        every run under the folder: recipe, base model, concept, status, steps, time, loss curve
+                (training loss and, with val_every, the held-out photos' val_loss)
     Compare     rows = prompts (x seeds), columns = base (step 0) and checkpoints; filters for prompt,
                 style, seed and columns; concept photos beside the grid; eval figures per checkpoint;
                 live base vs tuned images of any prompt, with a LoRA scale slider
@@ -78,11 +79,26 @@ def page_runs(runs: list[RunInfo], root: Path) -> None:
         row = data.run_row(run, root)
         title = f"{row['run']} · {row['recipe']} · {row['status']} · steps {row['steps'] or '-'}"
         with st.expander(title, expanded=len(runs) <= 3):
-            curve = data.loss_curve(run)
-            if curve:
-                st.line_chart(curve, x="step", y=[k for k in curve if k != "step"], height=220)
+            points = data.loss_points(run)
+            if points:
+                _loss_chart(points)
             else:
                 st.caption("no loss logged yet")
+
+
+def _loss_chart(points: list[dict[str, Any]]) -> None:
+    """The training loss with, when the run logs it, the validation loss beside it (marked points: it is
+    logged every val_every steps)."""
+    import altair as alt
+    import pandas as pd
+
+    lines = (
+        alt.Chart(pd.DataFrame(points))
+        .mark_line()
+        .encode(x=alt.X("step:Q"), y=alt.Y("value:Q", title="loss"), color=alt.Color("metric:N", title=None))
+    )
+    dots = lines.mark_point(filled=True).transform_filter(alt.datum.metric != "loss")
+    st.altair_chart((lines + dots).properties(height=220), width="stretch")
 
 
 def page_compare(run: RunInfo, name: str) -> None:

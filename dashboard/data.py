@@ -100,21 +100,22 @@ def run_row(run: RunInfo, root: str | Path) -> dict[str, Any]:
     }
 
 
-def loss_curve(run: RunInfo, max_points: int = 2000) -> dict[str, list[float]]:
-    """{"step": [...], "<loss key>": [...]} for every numeric metric whose name contains "loss";
-    thinned to about `max_points` rows so long runs stay light in the browser."""
+def loss_points(run: RunInfo, max_points: int = 2000) -> list[dict[str, Any]]:
+    """{"step", "metric", "value"} rows of every numeric metric whose name contains "loss" (the training
+    `loss`, the held-out photos' `val_loss`, ...), each thinned to about `max_points` points so long runs
+    stay light in the browser. The metrics come in rows of their own (val_loss every val_every steps),
+    so each keeps only its own points: a line per metric, without gaps."""
     keys = sorted(
         {k for m in run.metrics for k, v in m.items() if "loss" in k and isinstance(v, int | float)}
     )
-    rows = [m for m in run.metrics if isinstance(m.get("step"), int) and any(k in m for k in keys)]
-    if not keys or not rows:
-        return {}
-    stride = max(1, math.ceil(len(rows) / max_points))
-    rows = rows[::stride]
-    curve: dict[str, list[float]] = {"step": [m["step"] for m in rows]}
-    for k in keys:
-        curve[k] = [float(m[k]) if isinstance(m.get(k), int | float) else math.nan for m in rows]
-    return curve
+    points = []
+    for key in keys:
+        rows = [
+            m for m in run.metrics if isinstance(m.get("step"), int) and isinstance(m.get(key), int | float)
+        ]
+        stride = max(1, math.ceil(len(rows) / max_points))
+        points += [{"step": m["step"], "metric": key, "value": float(m[key])} for m in rows[::stride]]
+    return points
 
 
 # ---------------------------------------------------------------------------------------------

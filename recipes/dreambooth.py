@@ -42,7 +42,13 @@ from tune.lora.svd import extract_lora, summarize_errors
 from tune.models import save_single_file
 from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
-from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_state_bytes
+from tune.optim import (
+    OptimConfig,
+    build_lr_schedule,
+    build_optimizer,
+    optimizer_metrics,
+    optimizer_state_bytes,
+)
 from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder, check_disk_space
 from tune.training import (
     NonFiniteGuard,
@@ -50,6 +56,7 @@ from tune.training import (
     build_trackers,
     compiled,
     enable_gradient_checkpointing,
+    evaluation_weights,
     is_due,
     log_step,
     module_bytes,
@@ -58,6 +65,7 @@ from tune.training import (
     set_channels_last,
     start_run,
     tracker_config,
+    use_final_weights,
     weight_dtype,
 )
 
@@ -169,8 +177,13 @@ def main(cfg: Config) -> RunDir:
         class_dir=class_dir,
         class_prompt=prior.class_prompt if prior else None,
         cache_text=not cfg.train_text_encoder,
+        holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
+    # val_every: the loss on held-out photos (None when 0)
+    val_loss = p.build_validation_loss(
+        cfg, subject.photos, subject.instance_prompt, pipe, noise_scheduler, dtype
+    )
 
     # ---- optimizer ----------------------------------------------------------------------------------
     trained = [unet, *text_encoders] if cfg.train_text_encoder else [unet]
@@ -225,9 +238,11 @@ def main(cfg: Config) -> RunDir:
             sample_pipe.save_pretrained(run.export_dir / "best")
 
     # ---- loop ---------------------------------------------------------------------------------------
+    if step == 0 and val_loss is not None:
+        val_loss.log(run, accelerator, 0)
     if step == 0 and cfg.sample_every:  # the base model
         validate(0)
-    if step == 0:
+    if step == 0:  # the base model: no average yet, so no weights to switch
         evaluate(0)
     unet.train()
     for model in text_encoders:
@@ -259,18 +274,29 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            lr = lr_schedule.get_last_lr()[0]
             log_step(
-                run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+                run,
+                accelerator,
+                step,
+                loss=loss_value,
+                lr=lr,
+                **optimizer_metrics(optimizer),
+                s_per_step=seconds,
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if is_due(step, cfg.sample_every, cfg.max_steps):
             validate(step)
         if is_due(step, cfg.eval_every, cfg.max_steps):
-            evaluate(step)
+            with evaluation_weights(accelerator):
+                evaluate(step)
+        if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
+            val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     if evaluator is not None:
         run.update_info(best_step=evaluator.best_step)
     run.update_info(optimizer=cfg.optim.name, optimizer_state_bytes=optimizer_state_bytes(optimizer))

@@ -38,7 +38,7 @@ from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
 from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora, type_options
 from tune.models.conditioning import TextEncoders
-from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
 from tune.tokens import add_tokens, check_new_token, text_towers
 from tune.training import (
@@ -48,6 +48,7 @@ from tune.training import (
     checkpoint_trainable_only,
     compiled,
     enable_gradient_checkpointing,
+    evaluation_weights,
     is_due,
     log_step,
     on_checkpoint,
@@ -56,6 +57,7 @@ from tune.training import (
     set_channels_last,
     start_run,
     tracker_config,
+    use_final_weights,
     weight_dtype,
 )
 
@@ -233,8 +235,11 @@ def main(cfg: Config) -> RunDir:
         class_dir=class_dir,
         class_prompt=prior.class_prompt if prior else None,
         cache_text=not train_text,
+        holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
+    # val_every: the loss on held-out photos (None when 0)
+    val_loss = p.build_validation_loss(cfg, subject.photos, instance_prompt, pipe, noise_scheduler, dtype)
 
     # ---- optimizer ----------------------------------------------------------------------------------
     groups: list[dict] = [{"params": lora_params}]
@@ -292,11 +297,13 @@ def main(cfg: Config) -> RunDir:
 
     # ---- loop ---------------------------------------------------------------------------------------
     sampled_modules = [unet, *text_encoders]
+    if step == 0 and val_loss is not None:
+        val_loss.log(run, accelerator, 0)
     if step == 0 and cfg.sample_every:  # the base model (the adapter is still a no-op)
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=sampled_modules
         )
-    if step == 0:
+    if step == 0:  # the base model: no average yet, so no weights to switch
         evaluate(0)
     unet.train()
     for model in text_encoders:
@@ -330,8 +337,15 @@ def main(cfg: Config) -> RunDir:
         loss_value = loss_sum / cfg.grad_accum
         seconds = round(time.perf_counter() - t0, 4)
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
+            lr = lr_schedule.get_last_lr()[0]
             log_step(
-                run, accelerator, step, loss=loss_value, lr=lr_schedule.get_last_lr()[0], s_per_step=seconds
+                run,
+                accelerator,
+                step,
+                loss=loss_value,
+                lr=lr,
+                **optimizer_metrics(optimizer),
+                s_per_step=seconds,
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -345,10 +359,14 @@ def main(cfg: Config) -> RunDir:
                 modules=sampled_modules,
             )
         if is_due(step, cfg.eval_every, cfg.max_steps):
-            evaluate(step)
+            with evaluation_weights(accelerator):
+                evaluate(step)
+        if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
+            val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     if evaluator is not None:
         run.update_info(best_step=evaluator.best_step)
 

@@ -29,7 +29,7 @@ from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
-from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
+from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
 from tune.tokens import add_tokens, check_new_token, text_towers
 from tune.training import (
@@ -47,6 +47,7 @@ from tune.training import (
     set_channels_last,
     start_run,
     tracker_config,
+    use_final_weights,
     weight_dtype,
 )
 
@@ -129,8 +130,13 @@ def main(cfg: Config) -> RunDir:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         accelerator=accelerator,
+        holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
+    # val_every: the loss on held-out photos (None when 0)
+    val_loss = p.build_validation_loss(
+        cfg, subject.photos, new_tokens.expand(subject.instance_prompt), pipe, noise_scheduler, dtype
+    )
 
     # ---- optimizer ----------------------------------------------------------------------------------
     optimizer = build_optimizer(new_tokens.weights, cfg.optim)
@@ -158,6 +164,8 @@ def main(cfg: Config) -> RunDir:
         accelerator.init_trackers("textual_inversion", config=tracker_config(cfg))
 
     # ---- loop ---------------------------------------------------------------------------------------
+    if step == 0 and val_loss is not None:
+        val_loss.log(run, accelerator, 0)
     if step == 0 and cfg.sample_every:  # the base model, with the token at its initializer's embedding
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=text_encoders
@@ -194,7 +202,16 @@ def main(cfg: Config) -> RunDir:
         seconds = round(time.perf_counter() - t0, 4)
         lr = lr_schedule.get_last_lr()[0]
         if nonfinite.finish(run, step, loss_value):  # else logged as skipped; N in a row stop the run
-            log_step(run, accelerator, step, loss=loss_value, lr=lr, **norms, s_per_step=seconds)
+            log_step(
+                run,
+                accelerator,
+                step,
+                loss=loss_value,
+                lr=lr,
+                **norms,
+                **optimizer_metrics(optimizer),
+                s_per_step=seconds,
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if is_due(step, cfg.sample_every, cfg.max_steps):
@@ -206,9 +223,12 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=text_encoders,
             )
+        if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
+            val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
 
     # ---- save/export --------------------------------------------------------------------------------
     if accelerator.is_main_process:

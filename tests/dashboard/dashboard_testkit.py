@@ -120,6 +120,8 @@ def make_lora_run(root: Path, concept: Path) -> Path:
     rows = [
         {"step": s, "time": t0 + 3 * s, "loss": 0.5 / (1 + s / 50), "lr": 5e-4} for s in range(1, 201, 10)
     ]
+    # val_every = 100: the held-out photos' loss in rows of its own, at step 0, 100 and the end
+    rows += [{"step": s, "time": t0 + 3 * s, "val_loss": 0.6 - s / 1000} for s in (0, 100, 191)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for step, shade in zip(STEPS, (60, 200), strict=True):
         write_sample_set(run / "samples" / f"step_{step:06d}", PROMPTS, SEEDS, shade, trajectory=step == 0)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dashboard_testkit import IMAGES_PER_STEP, LORA_RUN, PROMPTS, STEPS, STOPPED_RUN
@@ -31,6 +32,13 @@ def goto(at: AppTest, page: str) -> AppTest:
     return at
 
 
+def chart_rows(chart: Any) -> list[dict[str, Any]]:
+    """The data rows of a vega-lite chart element (Arrow streams in its proto)."""
+    import pyarrow as pa
+
+    return [r for d in chart.proto.datasets for r in pa.ipc.open_stream(d.data.data).read_all().to_pylist()]
+
+
 def grid_images(at: AppTest) -> list[str]:
     """Captions of the compare grid's images (each grid image is captioned with its seed)."""
     return [c for im in at.image for c in im.captions if c.startswith("seed ")]
@@ -50,8 +58,14 @@ def test_runs_page_lists_every_run_with_status_and_loss_curve(app: AppTest):
     assert lora["base model"] == "models/world-base"
     assert lora["time"] == "9m33s"  # last metric 10:09:33 - start 10:00:00
     assert rows[STOPPED_RUN]["status"] == "crashed"
-    # one loss curve per run (both have loss rows; the torn last line is skipped)
-    assert len(app.get("vega_lite_chart")) == 2
+    # one loss chart per run (both have loss rows; the torn last line is skipped)
+    charts = app.get("vega_lite_chart")
+    assert len(charts) == 2
+    # the lora run logs val_loss too: its chart plots it beside the training loss
+    metrics = [{row["metric"] for row in chart_rows(c)} for c in charts]
+    assert {"loss", "val_loss"} in metrics and {"loss"} in metrics
+    val = [(r["step"], r["value"]) for c in charts for r in chart_rows(c) if r["metric"] == "val_loss"]
+    assert val == [(0, 0.6), (100, 0.5), (191, 0.409)]
 
 
 def test_compare_grid_shows_base_and_checkpoint_side_by_side(app: AppTest):

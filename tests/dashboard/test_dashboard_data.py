@@ -74,8 +74,14 @@ def test_runs_table_and_loss_curve(runs_root: Path):
     rows = {r["run"]: r for r in (data.run_row(run, runs_root) for run in runs)}
     assert rows[STOPPED_RUN]["status"] == "crashed" and rows[STOPPED_RUN]["steps"] == "1/1800"
     assert rows[LORA_RUN]["status"] == "done"
-    curve = data.loss_curve(next(r for r in runs if r.path.name == LORA_RUN), max_points=5)
-    assert list(curve) == ["step", "loss"] and len(curve["step"]) == 5 and curve["step"][0] == 1
+    points = data.loss_points(next(r for r in runs if r.path.name == LORA_RUN), max_points=5)
+    loss = [p["step"] for p in points if p["metric"] == "loss"]
+    assert len(loss) == 5 and loss[0] == 1  # thinned
+    assert [(p["step"], p["value"]) for p in points if p["metric"] == "val_loss"] == [
+        (0, 0.6),
+        (100, 0.5),
+        (191, 0.409),
+    ]
 
 
 def test_describe_safetensors_without_torch(runs_root: Path, tmp_path: Path):

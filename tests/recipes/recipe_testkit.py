@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from tune.personalize import loading as photo_loading
 from tune.runs import RunDir, read_metrics, read_run
@@ -68,3 +69,28 @@ def crash_then_resume(
     monkeypatch.setattr(where, "diffusion_step", real_step)
     left = read_run(run_dir).checkpoint_steps
     return left, recipe.main(make_config(run_dir, "resume=latest"))
+
+
+def check_exact_resume(
+    recipe: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: Callable[..., Any],
+    root: Path,
+    *extra: str,
+) -> tuple[RunDir, RunDir]:
+    """Run `recipe` whole and crashed-then-resumed with the overrides `extra`; assert equal losses and
+    bit-identical final checkpoints (every file of tensors in it). Returns both runs."""
+    from safetensors.torch import load_file
+
+    whole = recipe.main(make_config(root / "whole", *extra))
+    left, resumed = crash_then_resume(
+        recipe, monkeypatch, lambda out, *more: make_config(out, *extra, *more), root / "resumed"
+    )
+    assert left == [2] and losses(resumed.path) == losses(whole.path)
+    final = whole.path / "checkpoints" / "step_000004"
+    files = sorted(f.name for f in final.glob("*.safetensors"))
+    assert files
+    for name in files:
+        a, b = load_file(str(final / name)), load_file(str(resumed.path / "checkpoints/step_000004" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    return whole, resumed

@@ -25,7 +25,7 @@ from tune.models import build_pipeline, load_pipeline
 from tune.runs import read_run
 from tune.sampling import sample_grid
 
-from recipe_testkit import crash_then_resume, losses, make_concept
+from recipe_testkit import check_exact_resume, crash_then_resume, losses, make_concept
 
 CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "dreambooth"
 
@@ -226,3 +226,26 @@ def test_shipped_configs_load_strictly(setup: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs a class prompt"):
         recipe.main(load_config(recipe.Config, None, [*explicit, "prior.enabled=true"]))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree"])
+def test_resume_is_exact_with_prodigy_and_schedule_free(
+    optimizer: str, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make = lambda out, *extra: config(setup, out, *extra)  # noqa: E731
+    whole, _ = check_exact_resume(recipe, monkeypatch, make, tmp_path, f"optim.name={optimizer}", "ema=false")
+    # the export holds the weights the last checkpoint holds (a schedule-free run's averaged ones; switching
+    # to the training weights and back rounds in the last bits)
+    saved = load_file(str(checkpoint(whole.path, 4) / "model.safetensors"))
+    exported = load_file(
+        str(whole.path / "export" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    )
+    for k in saved:
+        torch.testing.assert_close(exported[k], saved[k])
+
+
+def test_validation_loss_is_logged(setup: dict, tmp_path: Path) -> None:
+    run = read_run(recipe.main(config(setup, tmp_path / "r", "val_every=4", "sample_every=0")).path)
+    rows = [m for m in run.metrics if "val_loss" in m]
+    assert [m["step"] for m in rows] == [0, 4] and run.info["photos"] == 3
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the trained U-Net's loss, not the base's

@@ -23,7 +23,7 @@ from tune.models import load_pipeline
 from tune.runs import read_run
 from tune.sampling import sample_grid
 
-from recipe_testkit import crash_then_resume, losses, make_concept
+from recipe_testkit import check_exact_resume, crash_then_resume, losses, make_concept
 
 CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "lora"
 ATTN2 = re.compile(r".+\.attn2\.(to_q|to_k|to_v|to_out\.0)\.lora_[AB]\.default\.weight")
@@ -253,3 +253,34 @@ def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: 
     with pytest.raises(ModelError, match="no model file or folder"):
         recipe.main(config({**setup, "base": str(tmp_path / "no-model")}, tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # all checked before the run directory is made
+
+
+@pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree"])
+def test_resume_is_exact_with_prodigy_and_schedule_free(
+    optimizer: str, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make = lambda out, *extra: config(setup, out, *extra)  # noqa: E731
+    whole, _ = check_exact_resume(recipe, monkeypatch, make, tmp_path, f"optim.name={optimizer}")
+    rows = [m for m in read_run(whole.path).metrics if "loss" in m]
+    if optimizer == "prodigy":  # its own step size: lr is the multiplier 1, d its estimate (from d0 = 1e-6)
+        assert all(m["lr"] == 1.0 and m["d"] >= 1e-6 for m in rows)
+    # the export (fp16) holds the weights the last checkpoint holds (a schedule-free run's averaged ones)
+    exported = lora_io.read_lora(whole.path / "export" / "pytorch_lora_weights.safetensors")
+    saved = lora_io.read_lora(lora_io.checkpoint_adapter_path(whole.path, 4))
+    for name, pair in saved.modules.items():
+        shape = (pair.up.shape[0], pair.down.shape[1])
+        torch.testing.assert_close(
+            exported.modules[name].delta(shape), pair.delta(shape), atol=1e-3, rtol=1e-2
+        )
+
+
+def test_validation_loss_on_held_out_photos(setup: dict, tmp_path: Path) -> None:
+    make = lambda out: recipe.main(config(setup, out, "val_every=2", "sample_every=0"))  # noqa: E731
+    run = read_run(make(tmp_path / "a").path)
+    rows = [m for m in run.metrics if "val_loss" in m]
+    assert [m["step"] for m in rows] == [0, 2, 4] and all(math.isfinite(m["val_loss"]) for m in rows)
+    assert run.info["photos"] == 3  # one of the four photos is held out (val_share 0.2, at least one)
+    assert sorted(losses(run.path)) == [1, 2, 3, 4]  # training rows are unchanged
+    # fixed noise and timesteps: the base model's loss (step 0) is the same in every run
+    again = [m for m in read_run(make(tmp_path / "b").path).metrics if "val_loss" in m]
+    assert again == [{**m, "time": a["time"]} for m, a in zip(rows, again, strict=True)]

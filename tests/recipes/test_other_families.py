@@ -272,3 +272,14 @@ def test_sdxl_vae_stays_fp32_under_fp16_when_its_config_says_force_upcast() -> N
     assert sdxl.vae.config.force_upcast and p.vae_dtype(sdxl, torch.float16) == torch.float32
     assert p.vae_dtype(sdxl, torch.bfloat16) == torch.bfloat16  # bf16 has fp32's range
     assert sd1.vae.config.force_upcast and p.vae_dtype(sd1, torch.float16) == torch.float16  # as before
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_validation_loss_and_schedule_free_on_other_families(
+    setup: dict, tmp_path: Path, family: str
+) -> None:
+    extra = ("val_every=2", "sample_every=0", "optim.name=adamw_schedulefree", "max_steps=2")
+    run = read_run(lora.main(config(setup, "lora", family, tmp_path / "r", *extra)).path)
+    rows = [m for m in run.metrics if "val_loss" in m]
+    assert [m["step"] for m in rows] == [0, 2] and all(np.isfinite(m["val_loss"]) for m in rows)
+    assert run.info["photos"] == 3 and run.status == "done"

@@ -24,7 +24,7 @@ from tune.runs import read_run
 from tune.sampling import sample_grid
 from tune.tokens import text_towers, token_ids
 
-from recipe_testkit import crash_then_resume, losses, make_concept
+from recipe_testkit import check_exact_resume, crash_then_resume, losses, make_concept
 
 CONFIGS = PROJECT_ROOT / "recipes" / "configs" / "textual_inversion"
 EMBEDDING = "embeddings.token_embedding.weight"
@@ -245,3 +245,24 @@ def draw(pipe, prompt: str) -> np.ndarray:  # noqa: ANN001
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     return pipe(prompt, num_inference_steps=2, generator=generator, output_type="np").images[0]
+
+
+@pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree"])
+def test_resume_is_exact_with_prodigy_and_schedule_free(
+    optimizer: str, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make = lambda out, *extra: config(setup, out, *extra)  # noqa: E731
+    whole, resumed = check_exact_resume(recipe, monkeypatch, make, tmp_path, f"optim.name={optimizer}")
+    # the export holds the weights the last checkpoint holds (a schedule-free run's averaged ones; switching
+    # to the training weights and back rounds in the last bits)
+    exported = load_embeddings(whole.path / "export" / "learned_embeds.safetensors").vectors[0]
+    token_rows = trained_matrix(whole.path, 4)[-exported.shape[0] :]
+    torch.testing.assert_close(exported, token_rows.to(exported.dtype))
+
+
+def test_validation_loss_on_a_val_dir(setup: dict, tmp_path: Path) -> None:
+    val_dir = make_concept(tmp_path / "val", count=2) / "photos"
+    run = recipe.main(config(setup, tmp_path / "r", "val_every=3", f"val_dir={val_dir}", "sample_every=0"))
+    info = read_run(run.path)
+    assert [m["step"] for m in info.metrics if "val_loss" in m] == [0, 3, 4]
+    assert info.info["photos"] == 4  # with a val_dir every photo of the subject trains

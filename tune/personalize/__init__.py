@@ -15,6 +15,8 @@
   VAE latents whenever the crop is deterministic, so a second run on the same photos encodes nothing.
 - `sample_validation`: the same prompts x seeds into `samples/step_XXXXXX/` at step 0 (the base
   model) and every `sample_every` steps, through the shared sampler.
+- `build_validation_loss`: `val_loss` on held-out photos (a fixed share, or `val_dir`) at fixed noise
+  and timesteps, at step 0, every `val_every` steps and at the end.
 - `apply_run_weights`: a finished run's (or one checkpoint's) tuned weights put into its base pipeline
   for a `with` block, and taken out again (`tune eval`, the dashboard's live images).
 
@@ -26,6 +28,7 @@ Where each job lives:
   (`resolve_prior`, `prepare_class_images`);
 - `loading`: `load_base`, the photo loader (`build_photo_loader`, `encode_batch`, ...) and `PhotoLoss`;
 - `hooks`: `sample_validation` and `run_info`, called during and after training;
+- `validation`: the held-out photos (`holdout_share`) and `ValidationLoss` (`build_validation_loss`);
 - `weights`: `apply_run_weights` (with `AppliedWeights`, `RECIPES`), used once a run has weights.
 Generic training helpers (precision, step cadence, trackers, compile, checkpoint hooks) live in
 `tune.training`; a few are re-exported here for callers that still reach them through this package.
@@ -67,6 +70,7 @@ from tune.personalize.subject import (
     trigger_and_class,
     validation_prompts,
 )
+from tune.personalize.validation import ValidationLoss, build_validation_loss, holdout_share
 from tune.personalize.weights import AppliedWeights, apply_run_weights
 from tune.training.accelerator import resolve_mixed_precision
 from tune.training.checkpoints import checkpoint_trainable_only
@@ -86,14 +90,17 @@ __all__ = [
     "ReportTo",
     "SampleConfig",
     "Subject",
+    "ValidationLoss",
     "apply_run_weights",
     "build_photo_loader",
     "build_trackers",
+    "build_validation_loss",
     "cache_info",
     "checkpoint_trainable_only",
     "encode_batch",
     "find_path",
     "forever",
+    "holdout_share",
     "is_due",
     "latent_multiple",
     "load_base",

@@ -162,6 +162,13 @@ class PersonalizeConfig(TrainConfig):
     """Photo loading: crop, flip, repeats, buckets, latent cache."""
     sample: SampleConfig = SampleConfig()
     """Validation prompts, seeds and sampler settings."""
+    val_every: int = 0
+    """Log `val_loss`, the denoising loss on held-out photos at fixed noise and timesteps, at step 0, every
+    this many steps and at the end; 0 = never (and no photo is held out)."""
+    val_share: float = 0.2
+    """Share of the subject's photos held out for val_loss (at least one; never trained on)."""
+    val_dir: str = ""
+    """Folder of validation photos instead of a share of the subject's (then every photo trains)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,3 +176,7 @@ class PersonalizeConfig(TrainConfig):
             raise ConfigError(f"grad_accum must be >= 1; got {self.grad_accum}")
         if self.resolution < 0:
             raise ConfigError(f"resolution must be >= 0; got {self.resolution}")
+        if self.val_every < 0 or not 0 < self.val_share < 1:
+            raise ConfigError(
+                f"need val_every >= 0 and 0 < val_share < 1; got {self.val_every}, {self.val_share}"
+            )

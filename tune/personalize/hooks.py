@@ -29,11 +29,26 @@ def sample_validation(
     modules: Iterable[torch.nn.Module],
 ) -> None:
     """A prompts x seeds grid of `pipe` as it is now into `out_dir`; `modules` are put in eval mode
-    meanwhile (LoRA dropout off) and back afterwards. Only the main process samples (and writes)."""
+    meanwhile (LoRA dropout off) and back afterwards, and a schedule-free optimizer's evaluation weights
+    are used. Only the main process samples (and writes); every process switches weights."""
+    from tune.training import evaluation_weights
+
+    with evaluation_weights(accelerator):
+        if accelerator.is_main_process:
+            _sample_grid(pipe, prompts, sample, out_dir, accelerator=accelerator, modules=modules)
+
+
+def _sample_grid(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    sample: SampleConfig,
+    out_dir: Path,
+    *,
+    accelerator: Any,
+    modules: Iterable[torch.nn.Module],
+) -> None:
     from tune.sampling import sample_grid
 
-    if not accelerator.is_main_process:
-        return
     modes = [(m, m.training) for m in modules]
     for m, _ in modes:
         m.eval()

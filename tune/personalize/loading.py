@@ -15,6 +15,7 @@ from tune.diffusion import DiffusionConfig, diffusion_step, sample_noise
 from tune.errors import ConfigError, ModelError
 from tune.paths import missing_shipped
 from tune.personalize.config import DEFAULT_BASE_MODEL, PhotoOptions
+from tune.personalize.validation import remove_held_out
 from tune.training.steps import step_generator
 
 if TYPE_CHECKING:
@@ -98,12 +99,14 @@ def build_photo_loader(
     class_dir: Path | None = None,
     class_prompt: str | None = None,
     cache_text: bool = False,
+    holdout: float = 0.0,
 ) -> tuple[PhotoDataset, PhotoLoader]:
     """The shared loader over the photos (plus class images), with cached latents when the crop allows.
 
     cache_text: also cache the (frozen) text encoder's outputs; batches then carry
     `encoder_hidden_states` instead of `input_ids`. An SDXL pipe's second tokenizer and encoder take part
-    too (`input_ids_2`; cached: `pooled_text_embeds`).
+    too (`input_ids_2`; cached: `pooled_text_embeds`). holdout: the share of the photos kept out for the
+    validation loss (`tune.personalize.validation`).
     """
     from tune.data import loader as photo_loader
     from tune.data.config import DataConfig
@@ -133,6 +136,7 @@ def build_photo_loader(
         class_prompt=class_prompt if class_dir is not None else None,
         seed=seed,
     )
+    remove_held_out(dataset, holdout)
     device = accelerator.device
     if cache:
         photo_loader.cache_latents(dataset, pipe.vae, device=device, accelerator=accelerator)

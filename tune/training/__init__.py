@@ -25,6 +25,8 @@ One job per module:
                  enable_gradient_checkpointing                       activation recompute
     steps        is_due, log_step, step_generator                    cadence, metrics rows, per-step noise
     trackers     build_trackers, tracker_config                      report_to: TensorBoard, W&B
+    weights      evaluation_weights, use_final_weights,              schedule-free optimizers' evaluation
+                 use_training_weights                                weights for sampling, saving, export
 
 Every public name is re-exported, so `from tune.training import save_checkpoint` works as it did
 when this package was one module.
@@ -46,6 +48,7 @@ from tune.training.run import ReplicaRunDir, start_run
 from tune.training.speed import compiled, enable_gradient_checkpointing, set_channels_last
 from tune.training.steps import is_due, log_step, step_generator
 from tune.training.trackers import build_trackers, tracker_config
+from tune.training.weights import evaluation_weights, use_final_weights, use_training_weights
 
 __all__ = [
     "NonFiniteGuard",
@@ -58,6 +61,7 @@ __all__ = [
     "checkpoint_trainable_only",
     "compiled",
     "enable_gradient_checkpointing",
+    "evaluation_weights",
     "is_due",
     "log_step",
     "module_bytes",
@@ -69,5 +73,7 @@ __all__ = [
     "start_run",
     "step_generator",
     "tracker_config",
+    "use_final_weights",
+    "use_training_weights",
     "weight_dtype",
 ]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tune.errors import TuneError
 from tune.runs import COMPLETE_MARKER, RunDir, check_disk_space, fsync_tree, read_run
+from tune.training.weights import evaluation_weights, use_training_weights
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +55,8 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep: int = 0) -> Path:
 
     The COMPLETE marker is written last, after every file is on disk: a checkpoint without it (a kill
     mid-save) is ignored by `resume=latest` and replaced by the next save at that step. The free space
-    is checked first.
+    is checked first. With a schedule-free optimizer it holds the evaluation weights (and the optimizer's
+    flag saying so): `resume_from_checkpoint` moves back to the training weights with the same arithmetic.
     """
     path = run.checkpoint_dir(step)
     if accelerator.is_main_process:
@@ -64,7 +66,8 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep: int = 0) -> Path:
         if path.exists():  # an incomplete leftover of a crash at this very step
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
+    with evaluation_weights(accelerator):  # a checkpoint's adapter is what sampling it should use
+        accelerator.save_state(str(path))
     if accelerator.is_main_process:
         fsync_tree(path)
         _test_pause(PAUSE_IN_CHECKPOINT_ENV, step)
@@ -116,6 +119,7 @@ def resume_from_checkpoint(accelerator, run: RunDir, resume: str) -> int:
             f"cannot resume from {path} ({type(err).__name__}: {first}); resume from an earlier checkpoint "
             "with resume=<its folder>, or delete this one"
         ) from err
+    use_training_weights(accelerator)  # a schedule-free optimizer's checkpoint holds its evaluation weights
     step = int(path.name.removeprefix("step_"))
     log.info("resumed from %s (step %d)", path, step)
     return step
