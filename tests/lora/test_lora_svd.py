@@ -201,3 +201,61 @@ def test_energy_1_keeps_every_rank_and_a_fraction_keeps_the_least(rank_32_file: 
 def _shape(lora: lora_io.Lora, target: str) -> tuple[int, ...]:
     pair = lora.modules[target]
     return (pair.up.shape[0], *pair.down.shape[1:])
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_resize_reads_loha_and_lokr_files_convs_included(
+    kind: str, tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    """LoHa and LoKr files resize to plain LoRA files: at a rank that holds their whole delta exactly, at a
+    lower one within the error reported (a conv's kernel comes from the family's module skeleton)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    targets = ["to_k", "to_v", "conv1"]  # attention Linears and 3x3 resnet convs
+    config = (
+        LoHaConfig(r=2, alpha=2, target_modules=targets)
+        if kind == "loha"
+        else LoKrConfig(r=2, alpha=2, target_modules=targets)
+    )
+    pipe.unet.add_adapter(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    adapter = tmp_path / "adapter.safetensors"
+    lora_io.save_adapter(pipe.unet, None, adapter)
+    source = lora_io.convert_lora_file(
+        adapter, "kohya", tmp_path / f"{kind}.safetensors", dtype=torch.float32
+    )
+
+    def merged_deltas(path: Path) -> dict[str, torch.Tensor]:
+        fresh = load_pipeline(tiny_pipeline_dir)
+        before = {
+            n: m.weight.detach().clone()
+            for n, m in fresh.unet.named_modules()
+            if hasattr(m, "weight") and m.weight is not None
+        }
+        lora_io.apply_loras(fresh, [(path, 1.0)])
+        return {
+            n: m.weight.detach() - before[n]
+            for n, m in fresh.unet.named_modules()
+            if n in before and not torch.equal(m.weight, before[n])
+        }
+
+    want = merged_deltas(source)
+    assert any(delta.ndim == 4 and delta.shape[-1] == 3 for delta in want.values())  # the 3x3 convs are in it
+    whole_rank = 4 if kind == "loha" else 16  # Hadamard of two rank-2 factors; LoKr's Kronecker (see peft)
+    _, lora, errors = resize_lora_file(
+        source, tmp_path / "whole.safetensors", rank=whole_rank, dtype=torch.float32
+    )
+    assert lora.kinds == {"lora"} and max(e.relative for e in errors.values()) < 1e-4
+    got = merged_deltas(tmp_path / "whole.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+    _, _, errors = resize_lora_file(source, tmp_path / "r1.safetensors", rank=1, dtype=torch.float32)
+    got = merged_deltas(tmp_path / "r1.safetensors")
+    for name, delta in want.items():  # the reported error is the merged weights' error
+        measured = float((got[name] - delta).norm() / delta.norm())
+        assert measured == pytest.approx(errors[f"unet.{name}"].relative, rel=1e-3, abs=1e-5)

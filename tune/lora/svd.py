@@ -35,13 +35,15 @@ import torch
 from torch import nn
 
 from tune.errors import ConfigError, ModelError
-from tune.lora.core import Lora, LoraModule
+from tune.lora.core import AdapterModule, Lora, LoraModule
 from tune.lora.export import _check_target, _file_dtype
 from tune.lora.inspect import module_group
+from tune.lora.lycoris import LohaModule
 from tune.lora.read import lora_targets
 from tune.lora.run_files import run_metadata
-from tune.lora.skeleton import read_lora
+from tune.lora.skeleton import module_skeleton, read_lora
 from tune.lora.write import save_lora
+from tune.models.families import Family
 
 _TRANSFORMER = re.compile(r"(?:^|\.)attentions\.\d+\.")
 _CONV_BLOCKS = re.compile(r"(?:^|\.)(?:resnets|downsamplers|upsamplers)\.\d+\.")
@@ -157,11 +159,38 @@ def extract_lora(
     return Lora(modules=modules, formats=frozenset({"kohya"}), family=family, source="extracted"), errors
 
 
-def _weight_shape(pair: LoraModule) -> tuple[int, ...]:
-    """The shape of the weight a pair changes (4-D for a 3x3 conv's pair, 2-D otherwise unless the up is 4-D)."""
-    if pair.down.ndim == 4 or pair.up.ndim == 4:
-        return (pair.up.shape[0], *pair.down.shape[1:], *([1, 1] if pair.down.ndim == 2 else []))
-    return (pair.up.shape[0], pair.down.shape[1])
+def _factor_shape(factor: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[int, ...]:
+    """The shape of a LoKr factor: a whole tensor's, or a low-rank pair's product."""
+    if isinstance(factor, tuple):
+        return (factor[0].shape[0], *factor[1].shape[1:])
+    return tuple(factor.shape)
+
+
+def _weight_shape(pair: AdapterModule, target: str, family: Family | None) -> tuple[int, ...]:
+    """The shape of the weight a module changes. A LoRA pair says it (4-D for a 3x3 conv's pair); LoHa and
+    LoKr store a conv's columns flat (in * k * k), so the kernel comes from the family's module skeleton."""
+    if isinstance(pair, LoraModule):
+        if pair.magnitude is not None:
+            raise ConfigError(
+                f"{target} is DoRA, whose delta needs the base weights; make a plain LoRA of it first with "
+                "`tune lora convert FILE --to kohya --base MODEL`, then resize that"
+            )
+        if pair.down.ndim == 4 or pair.up.ndim == 4:
+            return (pair.up.shape[0], *pair.down.shape[1:], *([1, 1] if pair.down.ndim == 2 else []))
+        return (pair.up.shape[0], pair.down.shape[1])
+    if isinstance(pair, LohaModule):
+        rows, columns = pair.w1a.shape[0], pair.w1b.shape[1]
+    else:  # LoKr: kron(w1 [a, c], w2 [b, d] or [b, d, k, k]), each factor whole or as a low-rank pair
+        (a, c), w2 = (_factor_shape(f) for f in (pair.w1, pair.w2))
+        if len(w2) == 4:  # a whole conv w2: the kernel is in the file
+            return (a * w2[0], c * w2[1], *w2[2:])
+        rows, columns = a * w2[0], c * w2[1]
+    component, path = target.split(".", 1)
+    module = module_skeleton(family or "sd1")[component].get_submodule(path)
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return (rows, columns // (kh * kw), kh, kw)
+    return (rows, columns)
 
 
 def resize_lora(
@@ -184,10 +213,13 @@ def resize_lora(
     modules: dict[str, LoraModule] = {}
     errors: dict[str, SvdError] = {}
     for target, pair in sorted(lora.modules.items()):
-        delta = pair.delta(_weight_shape(pair), device=torch.device(device) if device else None)
+        shape = _weight_shape(pair, target, lora.family)
+        delta = pair.delta(shape, device=torch.device(device) if device else None)
         if not delta.any():  # zero pairs (an OpenCLIP layer's filler projections): the writer restores them
             continue
-        limit = min(pair.rank, rank) if rank is not None else pair.rank
+        # A LoRA pair's delta has at most its rank; LoHa's and LoKr's products have more than theirs.
+        cap = pair.rank if isinstance(pair, LoraModule) else min(delta.flatten(1).shape)
+        limit = min(cap, rank) if rank is not None else cap
         modules[target], errors[target] = factor(delta, limit, energy=energy, dtype=dtype, device=device)
     if not modules:
         raise ModelError(f"{lora.source or 'the LoRA'} changes no weight: every module is zero")
