@@ -94,3 +94,35 @@ def check_exact_resume(
         a, b = load_file(str(final / name)), load_file(str(resumed.path / "checkpoints/step_000004" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     return whole, resumed
+
+
+def sigkill_after_checkpoint(
+    argv: list[str], out: Path, step: int, log: Path, timeout_s: float = 180.0
+) -> None:
+    """`tune <argv>` in a subprocess (one thread), held right after its step-`step` checkpoint is complete and
+    killed there with SIGKILL; the run directory `out` is left as the kernel leaves it (status crashed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tune import PROJECT_ROOT
+    from tune.runs import COMPLETE_MARKER
+    from tune.training import PAUSE_AFTER_CHECKPOINT_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PAUSE_AFTER_CHECKPOINT_ENV: str(step)}
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tune.cli", *argv], cwd=PROJECT_ROOT, env=env, stdout=stderr, stderr=stderr
+        )
+    try:
+        marker = out / "checkpoints" / f"step_{step:06d}" / COMPLETE_MARKER
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists() and proc.poll() is None, log.read_text()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL

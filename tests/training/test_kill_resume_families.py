@@ -4,23 +4,18 @@ checkpoint files as an uninterrupted run (issue 20; the SD1 case is tests/traini
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tune import PROJECT_ROOT, cli
+from tune import cli
 from tune.models import build_pipeline
-from tune.runs import COMPLETE_MARKER, read_run
-from tune.training import PAUSE_AFTER_CHECKPOINT_ENV
+from tune.runs import read_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
-from recipe_testkit import losses, make_concept  # noqa: E402
+from recipe_testkit import losses, make_concept, sigkill_after_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +25,6 @@ RECIPE_ARGS = {
     "dreambooth": ["prior.enabled=false", "export_single_file=false"],
     "textual_inversion": [],
 }
-TIMEOUT_S = 180.0
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +68,7 @@ def test_sigkill_then_resume_is_bit_identical(
     reference = tmp_path / "reference"
     assert cli.main(args(setup, recipe, family, reference)) == 0
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PAUSE_AFTER_CHECKPOINT_ENV: "2"}
-    with open(tmp_path / "stderr.txt", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tune.cli", *args(setup, recipe, family, out)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-    try:
-        marker = out / "checkpoints" / "step_000002" / COMPLETE_MARKER
-        deadline = time.monotonic() + TIMEOUT_S
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert marker.exists() and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    sigkill_after_checkpoint(args(setup, recipe, family, out), out, 2, tmp_path / "stderr.txt")
     assert read_run(out).status == "crashed" and read_run(out).checkpoint_steps == [2]
 
     assert cli.main([*args(setup, recipe, family, out), "resume=latest"]) == 0

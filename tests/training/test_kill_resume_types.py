@@ -6,23 +6,18 @@ resumed run must draw the same dropout masks."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tune import PROJECT_ROOT, cli
+from tune import cli
 from tune.lora import final_adapter_path
-from tune.runs import COMPLETE_MARKER, read_run
-from tune.training import PAUSE_AFTER_CHECKPOINT_ENV
+from tune.runs import read_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
-from recipe_testkit import losses, make_concept  # noqa: E402
+from recipe_testkit import losses, make_concept, sigkill_after_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +26,6 @@ TYPE_ARGS = {
     "loha": [],
     "lokr": ["lora.rank_dropout=0.2", "lora.module_dropout=0.2", "lora.decompose_both=true"],
 }
-TIMEOUT_S = 180.0
 
 
 @pytest.fixture(scope="module")
@@ -80,24 +74,7 @@ def test_sigkill_then_resume_is_bit_identical(setup: dict[str, str], type: str, 
     reference = tmp_path / "reference"
     run_cli(args(setup, type, reference), reference)
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PAUSE_AFTER_CHECKPOINT_ENV: "2"}
-    with open(tmp_path / "stderr.txt", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tune.cli", *args(setup, type, out)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-    try:
-        marker = out / "checkpoints" / "step_000002" / COMPLETE_MARKER
-        deadline = time.monotonic() + TIMEOUT_S
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert marker.exists() and proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    sigkill_after_checkpoint(args(setup, type, out), out, 2, tmp_path / "stderr.txt")
     assert read_run(out).status == "crashed" and read_run(out).checkpoint_steps == [2]
 
     run_cli([*args(setup, type, out), "resume=latest"], out)
