@@ -82,3 +82,14 @@ def test_cli_writes_strips_and_maps_and_refuses_unknown_words(
     assert tune_main([*argv, "--attention", "square"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'square' is not in the prompt" in err
+
+
+def test_sdxl_maps_average_layers_with_different_head_counts() -> None:
+    from tune.models import build_pipeline
+
+    pipe = build_pipeline("tiny-sdxl-shallow")
+    pipe.set_progress_bar_config(disable=True)
+    plain = sampling.generate(pipe, "a red circle", 0, steps=2)[0]
+    [recorded] = sampling.generate(pipe, "a red circle", 0, steps=2, attention=True)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(recorded.image))
+    assert torch.allclose(recorded.attention.maps.sum(1), torch.ones(()), atol=1e-5)

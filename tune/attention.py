@@ -39,7 +39,7 @@ STRIP_FRAMES = 5
 
 class AttentionStore:
     """Running sums of the conditional attention probabilities: per latent resolution (query length),
-    per image and per denoising step, summed over heads and layers (`layers` counts the layers)."""
+    per image and per denoising step, averaged over heads and summed over layers (`layers` names them)."""
 
     def __init__(self) -> None:
         self.reset(1)
@@ -53,7 +53,7 @@ class AttentionStore:
     def add(self, name: str, probs: torch.Tensor, heads: int) -> None:
         """`probs`: [batch * heads, hw, tokens] from one attn2 layer call (one U-Net call = one step)."""
         batch = probs.shape[0] // heads
-        per_image = probs.float().reshape(batch, heads, *probs.shape[1:]).sum(1)
+        per_image = probs.float().reshape(batch, heads, *probs.shape[1:]).mean(1)  # heads differ by layer
         cond = per_image[batch - self.images :]  # diffusers stacks [negative, positive]; no CFG: all
         step = self.calls.get(name, 0)
         self.calls[name] = step + 1
@@ -63,7 +63,6 @@ class AttentionStore:
         if step == len(steps):
             steps.append(torch.zeros_like(cond))
         steps[step] += cond
-        self._heads = heads
 
     def resolution(self) -> int:
         """The query length used: the one with the most attn2 layers (ties: the finer one)."""
@@ -74,8 +73,7 @@ class AttentionStore:
     def maps(self, image: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         """[steps, tokens, h, w] for image `image` of the call, averaged over heads and layers."""
         hw = self.resolution()
-        scale = self._heads * len(self.layers[hw])
-        stacked = torch.stack([s[image] for s in self.sums[hw]]) / scale  # [steps, hw, tokens]
+        stacked = torch.stack([s[image] for s in self.sums[hw]]) / len(self.layers[hw])  # [steps, hw, tokens]
         h, w = grid_shape(hw, latent_hw)
         return stacked.permute(0, 2, 1).reshape(stacked.shape[0], -1, h, w)
 
