@@ -194,20 +194,16 @@ def load_maps(path: str | Path) -> AttentionMaps:
 
 
 def word_strip(image: Image.Image, word_map: torch.Tensor, frames: int = STRIP_FRAMES) -> Image.Image:
-    """A film strip: the word's map (each frame scaled to its own maximum, red) over the image at
-    `frames` evenly spaced steps, the last step always included."""
+    """A film strip: the image lit by the word's map (bright where the word looks, dark elsewhere; each
+    frame scaled to its own maximum) at `frames` evenly spaced steps, the last step always included."""
     steps = word_map.shape[0]
     picks = sorted({round(i * (steps - 1) / max(frames - 1, 1)) for i in range(frames)})
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) * 0.5
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     shots = []
     for step in picks:
         m = word_map[step].float()
         m = (m / m.max().clamp_min(1e-12)).numpy()
-        heat = np.asarray(
-            Image.fromarray((m * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR),
-            dtype=np.float32,
-        )
-        frame = base.copy()
-        frame[..., 0] += heat * 0.5
-        shots.append(Image.fromarray(frame.clip(0, 255).astype(np.uint8)))
+        light = Image.fromarray((m * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+        light_arr = np.asarray(light, dtype=np.float32)[..., None] / 255
+        shots.append(Image.fromarray((pixels * (0.15 + 0.85 * light_arr)).clip(0, 255).astype(np.uint8)))
     return make_film_strip(shots)
