@@ -30,6 +30,7 @@ denoising steps, left (early, noisy) to right, and the last frame is always the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -57,6 +58,7 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tune import attention as attn
 from tune.errors import ConfigError, DataError
 from tune.grids import make_film_strip, make_grid
 from tune.models.families import Family, family_of_pipeline
@@ -98,6 +100,8 @@ class Sample:
     image: Image.Image
     frames: tuple[Image.Image, ...] = field(default=(), repr=False)
     """Trajectory frames, early to late, the last one equal to `image`; empty without a trajectory."""
+    attention: Any = field(default=None, repr=False)
+    """`tune.attention.AttentionMaps` with `generate(..., attention=True)`, else None."""
 
     def film_strip(self) -> Image.Image | None:
         """The frames side by side (None without a trajectory)."""
@@ -214,6 +218,7 @@ def generate(
     batch_size: int = 1,
     paired: bool = False,
     progress: bool = True,
+    attention: bool = False,
 ) -> list[Sample]:
     """Images for every prompt x seed, prompt-major: result[i * len(seeds) + j] is (prompts[i], seeds[j]);
     with `paired`, one image per (prompts[i], seeds[i]) instead (the lists must be the same length).
@@ -225,6 +230,7 @@ def generate(
     - trajectory_every: K > 0 also records a frame every K steps (see the module docstring).
     - batch_size: images per pipeline call (prompts may differ within a call); 1 keeps each image
       independent of the others in the call.
+    - attention: also record each image's cross-attention maps (`tune.attention`; same images).
 
     `pipe` is not modified: the scheduler is a fresh instance on a pipeline object that shares its
     modules. With more than one image, our own progress bar replaces the pipeline's per-step bar.
@@ -271,12 +277,16 @@ def generate(
         sampler.set_progress_bar_config(disable=True)
 
     samples: list[Sample] = []
-    with tqdm(total=len(jobs), desc="sampling", unit="image", disable=not ours) as bar:
+    recorder = attn.record_attention(pipe.unet) if attention else contextlib.nullcontext()
+    latent_hw = (height // int(pipe.vae_scale_factor), width // int(pipe.vae_scale_factor))
+    with recorder as store, tqdm(total=len(jobs), desc="sampling", unit="image", disable=not ours) as bar:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             n = len(chunk)
             if trajectory is not None:
                 trajectory.reset(n)
+            if store is not None:
+                store.reset(n)
             batch_args = dict(call_args)
             if img2img:
                 batch_args["image"] = [call_args["image"]] * n
@@ -288,7 +298,11 @@ def generate(
             ).images
             for k, ((i, prompt, seed), image) in enumerate(zip(chunk, images, strict=True)):
                 frames = (*trajectory.frames[k], image) if trajectory is not None else ()
-                samples.append(Sample(prompt, seed, i, image, frames))
+                maps = None
+                if store is not None:
+                    tokens = attn.prompt_tokens(prompt, pipe.tokenizer)
+                    maps = attn.AttentionMaps(store.maps(k, latent_hw), tokens)
+                samples.append(Sample(prompt, seed, i, image, frames, maps))
             bar.update(n)
     return samples
 
@@ -337,7 +351,7 @@ def sample_grid(
     settings = {
         name: kwargs.get(name, param.default)
         for name, param in inspect.signature(generate).parameters.items()
-        if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "progress"
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "attention")
     }
     init_image = settings.pop("init_image")
     if init_image is None:

@@ -2,12 +2,17 @@
 
     tune sample --model PATH --prompt TEXT --out FILE.png [--lora FILE[:SCALE] ...] [--seed N] [--steps N]
                 [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
-                [--trajectory K] [--negative TEXT] [--config DIR] [--device auto|cpu|cuda]
+                [--trajectory K] [--attention WORD[,WORD]] [--negative TEXT] [--config DIR]
+                [--device auto|cpu|cuda]
 
 Draws through `tune.sampling.generate`, the sampler every recipe, `tune eval` and the dashboard use, with
 diffusers' own pipeline of the model's family: SD1.x and SD2.x (v-prediction included) through
 StableDiffusionPipeline, SDXL through StableDiffusionXLPipeline (img2img: their Img2Img classes).
 An existing --out is overwritten only when it is a PNG image.
+
+--attention WORD[,WORD] also records the cross-attention maps (`tune.attention`) and writes, beside the
+image, `<stem>_attn_<word>.png` (the word's map over the image at 5 steps) and `<stem>_attention.safetensors`
+(all maps [steps, 77, h, w] float16, the tokens in the metadata). A word not in the prompt is an error.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tune import attention
 from tune.errors import ConfigError, DataError, ModelError
 from tune.paths import missing_shipped
 from tune.sampling import DEFAULT_MODEL, SCHEDULERS, generate
@@ -66,6 +72,12 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         help="also write a film strip with a frame every K steps",
     )
     parser.add_argument(
+        "--attention",
+        default=None,
+        metavar="WORD[,WORD]",
+        help="also write each word's cross-attention film strip and the maps (.safetensors)",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -105,6 +117,11 @@ def run_cli(args: argparse.Namespace) -> int:
     _check_png_target(out)
     if args.trajectory:
         _check_png_target(strip_out)
+    words = [w.strip() for w in (args.attention or "").split(",") if w.strip()]
+    if args.attention is not None and not words:
+        raise ConfigError("--attention needs at least one word, e.g. --attention ball,background")
+    for word in words:
+        _check_png_target(out.with_name(f"{out.stem}_attn_{word}.png"))
     lora_specs = [lora_io.parse_lora_spec(spec) for spec in args.lora]
     for path, _ in lora_specs:
         if not path.is_file():
@@ -124,6 +141,9 @@ def run_cli(args: argparse.Namespace) -> int:
     pipe.to(device)
     if lora_specs:
         lora_io.apply_loras(pipe, lora_specs)
+    tokens = attention.prompt_tokens(args.prompt, pipe.tokenizer)
+    for word in words:  # before sampling: an unknown word fails fast
+        attention.word_token_positions(tokens, word, pipe.tokenizer)
 
     [sample] = generate(
         pipe,
@@ -138,6 +158,7 @@ def run_cli(args: argparse.Namespace) -> int:
         init_image=args.init_image,
         strength=args.strength,
         trajectory_every=args.trajectory,
+        attention=bool(words),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     sample.image.save(out, format="PNG")
@@ -147,4 +168,13 @@ def run_cli(args: argparse.Namespace) -> int:
         logger.info("wrote %s (%d frames) and %s", strip_out, len(sample.frames), out)
     else:
         logger.info("wrote %s", out)
+    if words:
+        maps = sample.attention
+        attention.save_maps(out.with_name(f"{out.stem}_attention.safetensors"), maps, args.prompt)
+        for word in words:
+            strip_path = out.with_name(f"{out.stem}_attn_{word}.png")
+            attention.word_strip(sample.image, maps.word_map(word, pipe.tokenizer)).save(
+                strip_path, format="PNG"
+            )
+            logger.info("wrote %s", strip_path)
     return 0
