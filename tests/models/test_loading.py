@@ -139,7 +139,7 @@ def test_single_file_without_config(tiny_file: Path, tmp_path: Path) -> None:
     lonely = tmp_path / "lonely.safetensors"
     shutil.copy(tiny_file, lonely)
     message = _error(lonely)
-    assert "needs a config folder" in message and "config=" in message
+    assert "needs a config folder" in message and "--config DIR" in message and "recipes" in message
 
 
 def test_config_that_is_not_a_diffusers_folder(tiny_file: Path, tmp_path: Path) -> None:

@@ -219,8 +219,9 @@ def _find_config_folder(path: Path, config: str | os.PathLike[str] | None, famil
             _check_config_family(path, candidate, family)
             return candidate
     raise ModelError(
-        f"{path} needs a config folder (configs + tokenizer): pass config=<diffusers folder> "
-        f"(--config on the command line), or put a diffusers folder at {path.with_suffix('')}"
+        f"{path} needs a config folder (the same model's configs + tokenizer as a diffusers folder): put one at "
+        f"{path.with_suffix('')} (recipes, tune eval and the dashboard look there), or pass --config DIR to "
+        "tune sample / tune lora (config= in Python)"
     )
 
 
