@@ -23,14 +23,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from kohya_math import expected_delta
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors import safe_open
-from tool_rules import a1111_load, comfy_key_map, comfy_load
+from tool_rules import a1111_load, comfy_key_map, comfy_load, kohya_targets, random_rank1_pairs
 from torch import nn
 
 from tune import lora as lora_io
@@ -295,38 +293,13 @@ def test_comfyui_and_a1111_map_every_key_of_the_tiny_export(
     print(f"tiny export: ComfyUI {comfy}/{comfy}, A1111 {a1111}/{a1111} modules ({unet_modules} U-Net)")
 
 
-def kohya_targets(skeleton: dict[str, nn.Module], *, conv: bool) -> list[str]:
-    """kohya LoRANetwork.create_modules: Linear/Conv2d children of its target classes."""
-    classes: tuple[type, ...] = (Transformer2DModel,) + (
-        (ResnetBlock2D, Downsample2D, Upsample2D) if conv else ()
-    )
-    targets = []
-    for component, model in skeleton.items():
-        wanted = classes if component == "unet" else ()
-        for name, module in model.named_modules():
-            is_text = component == "text_encoder" and type(module).__name__ in ("CLIPAttention", "CLIPMLP")
-            if not (isinstance(module, wanted) or is_text):
-                continue
-            for child, leaf in module.named_modules():
-                if child and isinstance(leaf, (nn.Linear, nn.Conv2d)):
-                    targets.append(f"{component}.{name}.{child}")
-    return targets
-
-
 @pytest.mark.parametrize("conv, unet_count", [(False, 192), (True, 278)])
 def test_real_sd15_module_list_maps_in_comfyui_and_a1111(conv: bool, unet_count: int, tmp_path: Path) -> None:
     skeleton = lora_io.sd1_module_skeleton()  # SD1.5 at real size, on the meta device
     targets = kohya_targets(skeleton, conv=conv)
     assert sum(t.startswith("unet.") for t in targets) == unet_count
     assert sum(t.startswith("text_encoder.") for t in targets) == 72
-    generator = torch.Generator().manual_seed(0)
-    modules = {}
-    for target in targets:
-        component, path = target.split(".", 1)
-        shape = skeleton[component].get_submodule(path).weight.shape
-        down = torch.randn(1, *shape[1:], generator=generator)
-        up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=generator)
-        modules[target] = lora_io.LoraModule(down=down, up=up, alpha=1.0)
+    modules = random_rank1_pairs(skeleton, targets)
     lora = lora_io.Lora(modules=modules, formats=frozenset({"peft"}))
     file = lora_io.save_lora(lora, tmp_path / "sd15.safetensors", "kohya")
     assert lora_io.read_lora(file).modules.keys() == modules.keys()

@@ -26,6 +26,8 @@ from tool_rules import (
     comfy_key_map,
     comfy_load,
     comfy_unet_to_diffusers,
+    kohya_targets,
+    random_rank1_pairs,
 )
 
 from tune import lora as lora_io
@@ -391,39 +393,15 @@ def test_real_sdxl_kohya_module_list_maps_in_comfyui_and_a1111(
 ) -> None:
     """kohya's SDXL target set on the real SDXL (meta device): every Linear of the Transformer2DModels
     (+ resnet and sampler convs with conv_dim), CLIPAttention/CLIPMLP of both text encoders."""
-    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
     from tune.lora.sgm import unet_key_to_sgm
     from tune.lora.skeleton import module_skeleton
     from tune.models.single_file import _open_clip_state_dict
 
     skeleton = module_skeleton("sdxl")
-    classes = (Transformer2DModel,) + ((ResnetBlock2D, Downsample2D, Upsample2D) if conv else ())
-    targets = []
-    for component, model in skeleton.items():
-        for name, module in model.named_modules():
-            wanted = (
-                isinstance(module, classes)
-                if component == "unet"
-                else type(module).__name__ in ("CLIPAttention", "CLIPMLP")
-            )
-            if wanted:
-                targets += [
-                    f"{component}.{name}.{child}"
-                    for child, leaf in module.named_modules()
-                    if child and isinstance(leaf, (torch.nn.Linear, torch.nn.Conv2d))
-                ]
+    targets = kohya_targets(skeleton, conv=conv)
     counts = {c: sum(t.startswith(c + ".") for t in targets) for c in COMPONENTS}
     assert counts == {"unet": unet_count, "text_encoder": 72, "text_encoder_2": 192}
-    generator = torch.Generator().manual_seed(0)
-    modules = {}
-    for target in targets:
-        component, path = target.split(".", 1)
-        shape = skeleton[component].get_submodule(path).weight.shape
-        down = torch.randn(1, *shape[1:], generator=generator)
-        up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=generator)
-        modules[target] = lora_io.LoraModule(down=down, up=up, alpha=1.0)
+    modules = random_rank1_pairs(skeleton, targets)
     file = lora_io.save_lora(
         lora_io.Lora(modules, frozenset({"peft"}), family="sdxl"), tmp_path / "x.safetensors", "kohya"
     )

@@ -12,6 +12,7 @@ import math
 import re
 
 import torch
+from torch import nn
 
 UNET_MAP_ATTENTIONS = {
     "proj_in.weight",
@@ -378,3 +379,43 @@ def a1111_load(
             continue
         matched.setdefault(key, set()).add(network_part)
     return matched, failed, fused
+
+
+def kohya_targets(skeleton: dict[str, nn.Module], *, conv: bool) -> list[str]:
+    """kohya LoRANetwork.create_modules: the Linear/Conv2d children of its target classes (Transformer2DModel,
+    with conv_dim also ResnetBlock2D/Downsample2D/Upsample2D; CLIPAttention/CLIPMLP of every text encoder)."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    classes: tuple[type, ...] = (Transformer2DModel,) + (
+        (ResnetBlock2D, Downsample2D, Upsample2D) if conv else ()
+    )
+    targets = []
+    for component, model in skeleton.items():
+        wanted = classes if component == "unet" else ()
+        for name, module in model.named_modules():
+            is_text = component.startswith("text_encoder") and type(module).__name__ in (
+                "CLIPAttention",
+                "CLIPMLP",
+            )
+            if not (isinstance(module, wanted) or is_text):
+                continue
+            for child, leaf in module.named_modules():
+                if child and isinstance(leaf, (nn.Linear, nn.Conv2d)):
+                    targets.append(f"{component}.{name}.{child}")
+    return targets
+
+
+def random_rank1_pairs(skeleton: dict[str, nn.Module], targets: list[str]) -> dict:
+    """A random rank-1 LoraModule (alpha 1) for each target, shaped like its weight in `skeleton`."""
+    from tune.lora import LoraModule
+
+    generator = torch.Generator().manual_seed(0)
+    modules = {}
+    for target in targets:
+        component, path = target.split(".", 1)
+        shape = skeleton[component].get_submodule(path).weight.shape
+        down = torch.randn(1, *shape[1:], generator=generator)
+        up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=generator)
+        modules[target] = LoraModule(down=down, up=up, alpha=1.0)
+    return modules
