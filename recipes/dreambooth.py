@@ -50,6 +50,7 @@ from tune.optim import (
     optimizer_state_bytes,
 )
 from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder, check_disk_space
+from tune.tokens import text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -136,9 +137,9 @@ def main(cfg: Config) -> RunDir:
     device = accelerator.device
 
     # ---- models -------------------------------------------------------------------------------------
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    text_encoders = [m for m in (text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    base_hash = base_model_hash(unet, text_encoder, getattr(pipe, "text_encoder_2", None))
+    unet, vae = pipe.unet, pipe.vae
+    _, text_encoders = text_towers(pipe)  # SDXL: both
+    base_hash = base_model_hash(unet, *text_encoders)
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:

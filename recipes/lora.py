@@ -162,7 +162,7 @@ def main(cfg: Config) -> RunDir:
         )
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
-    tokenizers, towers = text_towers(pipe)  # SDXL: the trigger becomes a token of both encoders
+    tokenizers, text_encoders = text_towers(pipe)  # SDXL: two of each; pivotal's trigger goes into both
     if cfg.pivotal.enabled:
         check_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
@@ -174,10 +174,9 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    base_hash = lora_io.base_model_hash(unet, text_encoder, getattr(pipe, "text_encoder_2", None))
+    base_hash = lora_io.base_model_hash(unet, *text_encoders)
     train_text = "text_encoder" in cfg.lora.targets or cfg.pivotal.enabled
     dtype = weight_dtype(accelerator)
-    text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     unet.to(device, dtype)
@@ -192,7 +191,9 @@ def main(cfg: Config) -> RunDir:
     new_tokens = None
     if cfg.pivotal.enabled:
         initializer = cfg.pivotal.initializer_token or subject.class_word
-        new_tokens = add_tokens(tokenizers, towers, subject.token, initializer, cfg.pivotal.num_vectors)
+        new_tokens = add_tokens(
+            tokenizers, text_encoders, subject.token, initializer, cfg.pivotal.num_vectors
+        )
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
     inject_lora(
         unet,
