@@ -23,9 +23,10 @@ from torch import nn
 
 from tune.errors import ModelError
 from tune.lora.core import COMPONENTS, Lora, LoraModule
+from tune.lora.files import write_lora_file
 from tune.lora.inject import TYPE_OPTIONS, AdapterType
 from tune.lora.keys import _PEFT_PREFIX, _listing
-from tune.lora.write import ADAPTER_METADATA_KEY, diffusers_stem, save_lora, write_lora_file
+from tune.lora.write import ADAPTER_METADATA_KEY, diffusers_stem, save_lora
 
 ADAPTER_TYPE_KEY = "tune_adapter_type"
 ADAPTER_CONFIG_KEY = "tune_adapter_config"

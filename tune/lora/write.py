@@ -42,9 +42,7 @@ from tune.lora.family_files import (
     kohya_unet_path,
     with_all_text_projections,
 )
-
-# safetensors_data_hash is re-exported: callers imported it from here before tune.lora.files existed.
-from tune.lora.files import SSHS_HASH_KEY, safetensors_data_hash, write_lora_file  # noqa: F401
+from tune.lora.files import SSHS_HASH_KEY, write_lora_file
 from tune.lora.keys import _TEXT_MODEL_LEVEL
 from tune.lora.write_lycoris import lycoris_metadata, lycoris_tensors
 
