@@ -312,6 +312,10 @@ def test_another_architecture_is_a_model_error(pipe: StableDiffusionPipeline, tm
 
     with pytest.raises(ModelError, match="has no up weight"):
         lora_io.parse_lora({f"{stem}.lora_down.weight": torch.zeros(4, 16)}, lora_io.lora_targets(pipe))
+    # An alpha that is not one number (an empty tensor, found by tests/test_fuzz.py) is the module's problem.
+    pair = {f"{stem}.lora_down.weight": torch.zeros(4, 16), f"{stem}.lora_up.weight": torch.zeros(16, 4)}
+    with pytest.raises(ModelError, match="has an alpha of 0 values, not one"):
+        lora_io.parse_lora({**pair, f"{stem}.alpha": torch.zeros(0)}, lora_io.lora_targets(pipe))
 
 
 def test_parse_lora_spec() -> None:

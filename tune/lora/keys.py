@@ -265,6 +265,9 @@ def parse_lora(
         stem = first_key[target]
         component, path = target.split(".", 1)
         weight = indexes[component].weights[path]
+        if "alpha" in slot and slot["alpha"].numel() != 1:
+            problems.append(f"{stem} has an alpha of {slot['alpha'].numel()} values, not one")
+            continue
         alpha: float | None = float(slot["alpha"].float().item()) if "alpha" in slot else None
         config_rank = rank_for(stem) if rank_for is not None else None
         if alpha is None and alpha_for is not None:
