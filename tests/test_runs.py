@@ -118,3 +118,13 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
         raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"first"
     assert [p.name for p in target.parent.iterdir()] == ["weights.safetensors"]  # no temp file left
+
+
+def test_resume_keeps_the_command_that_started_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tune", "run", "vae", "max_steps=6000", f"output_dir={tmp_path / 'r'}"])
+    RunDir.create(tmp_path / "r", "vae", "").close()
+    monkeypatch.setattr(sys, "argv", ["tune", "run", "vae", "--config", "r/config.toml", "resume=latest"])
+    RunDir.create(tmp_path / "r", "vae", "", resume=True).close()
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["argv"][3] == "max_steps=6000"
+    assert info["resume_argv"][-1] == "resume=latest" and "resumed_at" in info

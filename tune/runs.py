@@ -214,6 +214,10 @@ class RunDir:
         if resume and (path / "run.json").exists():
             previous = _read_json(path / "run.json")
             info["started_at"] = previous.get("started_at", info["started_at"])
+            # The command that started the run stays (a resume's own command line is often just
+            # `--config <run>/config.toml resume=latest`, which does not say how the run was made).
+            info["argv"] = previous.get("argv", info["argv"])
+            info["resume_argv"] = sys.argv
             info["resumed_at"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         write_atomic(path / "run.json", json.dumps(info, indent=2))
         return run
