@@ -7,8 +7,8 @@ edited words cover.
     result.side_by_side().save("edit.png")
 
 Two passes through the shared sampler `tune.sampling.generate`, with every cross-attention (attn2)
-processor swapped for an `EditProcessor` through diffusers' attention-processor API (the originals come
-back on exit, also on error):
+processor swapped for an `EditProcessor` (`tune.editing_hooks`) through diffusers' attention-processor
+API (the originals come back on exit, also on error):
 
 1. A: for steps < K each attn2 layer keeps the attention probabilities of the conditional half of
    classifier-free guidance (diffusers stacks [negative, positive]; the negative half is never edited).
@@ -24,6 +24,14 @@ The plan, from the two prompts' tokens:
   renormalising over tokens (as in the paper): most of each pixel's mass sits on the start token, so
   renormalising would mostly rescale the other tokens' share and change little, while the
   unnormalised column changes exactly that word's contribution by F.
+
+Local blend (`blend=True`, the default; P2P's LocalBlend): on the shipped world base, A's maps alone
+keep the layout but not the background's colour (the new colour leaks into it: 15 of 255 on average
+over 8 pairs, as much as plain B). For a word swap with K > 0, B therefore keeps A's U-Net output
+outside the swapped words' region in A (their maps averaged over all steps, at BLEND_THRESHOLD of
+their range), which keeps B's latents equal to A's there (`editing_hooks.blend_outside`): 3.6 of 255.
+A's self-attention (attn1) for the first `self_steps` steps is optional (default 0): it lowered that
+to 3.2 but cost class changes their new shape (see scripts/edit_figure.py for the 40-pair figures).
 
 While a step is edited (or recorded), the layer computes attention with its own modules and
 `Attention.get_attention_scores` (diffusers' classic AttnProcessor path, needed to reach the
@@ -144,7 +152,9 @@ def plan_edit(
         try:
             positions = attention.word_token_positions(tuple(tokens_b), word, tokenizer)
         except ConfigError as error:
-            raise ConfigError(f"--reweight: {error} (the edited prompt)") from None
+            raise ConfigError(
+                f"--reweight: {str(error).replace('the prompt', 'the edited prompt', 1)}"
+            ) from None
         for p in positions:
             scale[p] = factor
     return EditPlan(mode, tuple(source), tuple(scale))
