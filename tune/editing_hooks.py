@@ -38,11 +38,13 @@ class EditState:
     keep: torch.Tensor | None = None
     """With `blend_outside`: [1, 1, h, w] latent mask where B's U-Net output is kept (True); A's elsewhere."""
     calls: int = 0
+    """U-Net calls so far in this pass (the local blend's step)."""
 
 
 class EditProcessor:
-    """One attn2 layer: records (pass A) or edits (pass B) the conditional probabilities for steps < K,
-    reweights in pass B at every step, and otherwise calls the original processor unchanged."""
+    """One attention layer. attn2: records (pass A) or edits (pass B) the conditional probabilities for
+    steps < K, reweights in pass B at every step. attn1: records or replaces them for steps <
+    self_steps. Otherwise the original processor runs unchanged."""
 
     def __init__(self, original: Any, state: EditState, name: str) -> None:
         self.original, self.state, self.name = original, state, name
