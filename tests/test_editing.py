@@ -115,6 +115,14 @@ def test_outside_the_blend_mask_b_keeps_a_latents(pipe: StableDiffusionPipeline)
     assert not pipe.unet._forward_hooks
 
 
+def test_the_blend_mask_covers_where_the_swapped_word_looks() -> None:
+    maps = torch.full((3, 77, 8, 8), 0.01)
+    maps[:, 2, 2:4, 2:4] = 0.05  # the word looks at a 2x2 cell block: 4x4 latent pixels of 16x16
+    mask = editing.blend_mask(attention.AttentionMaps(maps, ("x",) * 77), [2], (16, 16))[0, 0]
+    assert mask.shape == (16, 16) and mask[5:7, 5:7].all()
+    assert not mask[10:].any() and not mask[:, 10:].any()  # far from it: A's latents
+
+
 def test_processors_and_hooks_are_restored_after_an_error(pipe: StableDiffusionPipeline) -> None:
     before = pipe.unet.attn_processors
     with pytest.raises(ConfigError, match="8"):  # the size check inside generate, after the swap
