@@ -188,3 +188,14 @@ def test_sdxl_edits_with_its_two_text_encoders() -> None:
     assert np.array_equal(pixels(zero.image_b), plain(pipe, "a blue circle", 0, steps=2))
     swapped = editing.edit(pipe, "a red circle", "a blue circle", 0, steps=2, edit_steps=2)
     assert swapped.blended and not np.array_equal(pixels(swapped.image_b), pixels(zero.image_b))
+
+
+def test_side_by_side_is_a_then_b() -> None:
+    a, b = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    plan = editing.EditPlan("swap", tuple(range(77)), (1.0,) * 77)
+    grid = editing.EditResult("a red ball", "a blue ball", 0, a, b, plan, 2, 5).side_by_side()
+    pixels_ = np.asarray(grid)
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    row = pixels_[-16]
+    first_red, first_blue = [int(np.flatnonzero((row == c).all(-1))[0]) for c in (red, blue)]
+    assert first_red + 32 == first_blue and grid.height > 32  # A left of B, labels above

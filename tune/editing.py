@@ -91,19 +91,22 @@ class EditResult:
     steps: int
     blended: bool = False
     """Whether B kept A's latents outside the swapped words' region (the local blend)."""
+    reweight: tuple[tuple[str, float], ...] = ()
 
     def side_by_side(self) -> Image.Image:
-        """A left, B right, labelled like tune's other grids (prompts above, the setting on the left)."""
-        reweight = ", ".join(f"x{f:g}" for f in sorted(set(self.plan.scale)) if f != 1.0)
-        setting = f"seed {self.seed}, {self.plan.mode} for {self.edit_steps}/{self.steps} steps"
-        setting += ", local blend" if self.blended else ""
-        return make_grid(
-            [self.image_a, self.image_b],
-            1,
-            2,
-            row_labels=[setting + (f", reweight {reweight}" if reweight else "")],
-            col_labels=[f"A: {self.prompt_a}", f"B: {self.prompt_b}"],
+        """A left, B right, labelled like tune's other grids: the words that differ above each image, the
+        prompt and the settings on the left."""
+        words_a, words_b = self.prompt_a.split(), self.prompt_b.split()
+        ops = difflib.SequenceMatcher(None, words_a, words_b, autojunk=False).get_opcodes()
+        gone = [w for tag, i1, i2, _, _ in ops if tag in ("replace", "delete") for w in words_a[i1:i2]]
+        new = [w for tag, _, _, j1, j2 in ops if tag in ("replace", "insert") for w in words_b[j1:j2]]
+        changes_b = [*new, *(f"{w} x{f:g}" for w, f in self.reweight)]
+        labels = [f"A: {' '.join(gone)}" if gone else "A", f"B: {' '.join(changes_b)}" if changes_b else "B"]
+        setting = (
+            f"{self.prompt_a} (seed {self.seed}; {self.plan.mode} for {self.edit_steps}/{self.steps} steps"
         )
+        setting += ", local blend)" if self.blended else ")"
+        return make_grid([self.image_a, self.image_b], 1, 2, row_labels=[setting], col_labels=labels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,4 +239,5 @@ def edit(
                 )
             hooks.start_edit(pipe.unet, state, plan)
             [b] = generate(pipe, prompt_b, seed, **settings)  # type: ignore[arg-type]
-    return EditResult(prompt_a, prompt_b, seed, a.image, b.image, plan, k, steps, local)
+    weights = tuple((reweight or {}).items())
+    return EditResult(prompt_a, prompt_b, seed, a.image, b.image, plan, k, steps, local, weights)
