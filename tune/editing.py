@@ -21,9 +21,11 @@ The plan, from the two prompts' tokens:
 - refinement: B is A with words added; the tokens B shares with A (aligned by difflib over the token
   lists) take A's maps, the new tokens keep B's own.
 - reweight {word: F}: B's attention to the word's tokens is multiplied by F at every step, without
-  renormalising over tokens (as in the paper): most of each pixel's mass sits on the start token, so
-  renormalising would mostly rescale the other tokens' share and change little, while the
-  unnormalised column changes exactly that word's contribution by F.
+  renormalising over tokens (as in the paper): a word holds a few percent of each pixel's mass (on the
+  world base, "red" in "a photo of a large red ball on a blue background" 1%; the end token and the
+  padding after it 58%), so renormalising would mostly rescale everything else and undo the edit,
+  while the unnormalised column changes exactly that word's contribution by F. Its effect is small on
+  the world base: CLIP's end and padding tokens carry the whole prompt, the word's own too.
 
 Local blend (`blend=True`, the default; P2P's LocalBlend): on the shipped world base, A's maps alone
 keep the layout but not the background's colour (the new colour leaks into it: 15 of 255 on average
