@@ -21,11 +21,11 @@ The plan, from the two prompts' tokens:
 - refinement: B is A with words added; the tokens B shares with A (aligned by difflib over the token
   lists) take A's maps, the new tokens keep B's own.
 - reweight {word: F}: B's attention to the word's tokens is multiplied by F at every step, without
-  renormalising over tokens (as in the paper): a word holds a few percent of each pixel's mass (on the
-  world base, "red" in "a photo of a large red ball on a blue background" 1%; the end token and the
-  padding after it 58%), so renormalising would mostly rescale everything else and undo the edit,
-  while the unnormalised column changes exactly that word's contribution by F. Its effect is small on
-  the world base: CLIP's end and padding tokens carry the whole prompt, the word's own too.
+  renormalising over tokens (as the paper's code does): the word's contribution to each pixel changes
+  by exactly F and every other token's stays as it was, where renormalising would also scale all the
+  others by 1 / (1 + (F - 1) p) for the word's share p. p is small (on the world base, "red" in "a photo
+  of a large red ball on a blue background" holds 1% of the final maps; the end token and padding
+  58%), and so is the effect there: CLIP's end and padding tokens carry the whole prompt, the word too.
 
 Local blend (`blend=True`, the default; P2P's LocalBlend): on the shipped world base, A's maps alone
 keep the layout but not the background's colour (the new colour leaks into it: 15 of 255 on average
