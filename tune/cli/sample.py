@@ -3,7 +3,7 @@
     tune sample --model PATH --prompt TEXT --out FILE.png [--lora FILE[:SCALE] ...] [--seed N] [--steps N]
                 [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
                 [--trajectory K] [--attention WORD[,WORD]] [--negative TEXT] [--config DIR]
-                [--device auto|cpu|cuda]
+                [--device auto|cpu|cuda] [--edit TEXT [--edit-steps K] [--reweight WORD=F ...]]
 
 Draws through `tune.sampling.generate`, the sampler every recipe, `tune eval` and the dashboard use, with
 diffusers' own pipeline of the model's family: SD1.x and SD2.x (v-prediction included) through
@@ -13,6 +13,11 @@ An existing --out is overwritten only when it is a PNG image.
 --attention WORD[,WORD] also records the cross-attention maps (`tune.attention`) and writes, beside the
 image, `<stem>_attn_<word>.png` (the word's map over the image at 5 steps) and `<stem>_attention.safetensors`
 (all maps [steps, 77, h, w] float16, the tokens in the metadata). A word not in the prompt is an error.
+
+--edit B draws the prompt (A) and B from the same seed, B with A's cross-attention maps for its first K
+steps (prompt-to-prompt, `tune.editing`; --edit-steps K, default 40% of --steps): a word swap when A and B
+have as many tokens, a refinement when B adds words to A. --reweight WORD=F (repeatable) scales B's
+attention to WORD by F. --out gets A and B side by side, `<stem>_a.png` and `<stem>_b.png` each alone.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tune import attention
+from tune import attention, editing
 from tune.errors import ConfigError, DataError, ModelError
 from tune.paths import missing_shipped
 from tune.sampling import DEFAULT_MODEL, SCHEDULERS, generate
@@ -48,7 +54,7 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         metavar="FILE[:SCALE]",
         help="apply a LoRA (repeatable; scale default 1)",
     )
-    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--prompt", default=None, help="text prompt (required)")
     parser.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
@@ -78,6 +84,23 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         help="also write each word's cross-attention film strip and the maps (.safetensors)",
     )
     parser.add_argument(
+        "--edit", default=None, metavar="TEXT", help="also draw this prompt with the prompt's attention maps"
+    )
+    parser.add_argument(
+        "--edit-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --edit: steps that reuse the prompt's maps (default: 40%% of --steps)",
+    )
+    parser.add_argument(
+        "--reweight",
+        action="append",
+        default=[],
+        metavar="WORD=F",
+        help="with --edit: scale the edit's attention to WORD by F (repeatable)",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -99,6 +122,67 @@ def _check_png_target(path: Path) -> None:
         logger.info("%s exists; it will be overwritten", path)
 
 
+def _check_edit(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """The --edit options' own errors (before the model loads); returns --reweight as {word: factor}."""
+    if args.edit is None:
+        for flag, value in (("--edit-steps", args.edit_steps), ("--reweight", args.reweight or None)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --edit B (the edited prompt; B may equal --prompt)")
+        return {}
+    for flag, value in (("--attention", args.attention), ("--init-image", args.init_image)):
+        if value is not None:
+            raise ConfigError(f"{flag} does not combine with --edit; draw the prompt on its own for it")
+    if args.trajectory:
+        raise ConfigError("--trajectory does not combine with --edit; draw the prompt on its own for it")
+    if args.edit_steps is not None and not 0 <= args.edit_steps <= args.steps:
+        raise ConfigError(f"--edit-steps must be in [0, {args.steps}] (--steps); got {args.edit_steps}")
+    reweight = dict(_parse_reweight(spec) for spec in args.reweight)
+    for suffix in ("_a", "_b"):
+        _check_png_target(out.with_name(f"{out.stem}{suffix}.png"))
+    return reweight
+
+
+def _parse_reweight(spec: str) -> tuple[str, float]:
+    word, _, factor = spec.rpartition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = None
+    if not word.strip() or value is None:
+        raise ConfigError(f"--reweight needs WORD=FACTOR, e.g. --reweight red=2; got {spec!r}")
+    return word.strip(), value
+
+
+def _run_edit(args: argparse.Namespace, pipe: Any, out: Path, reweight: dict[str, float]) -> int:
+    """--edit: A and B side by side in `out`, each alone beside it."""
+    result = editing.edit(
+        pipe,
+        args.prompt,
+        args.edit,
+        args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        edit_steps=args.edit_steps,
+        reweight=reweight,
+        negative_prompt=args.negative,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.side_by_side().save(out, format="PNG")
+    for suffix, image in (("_a", result.image_a), ("_b", result.image_b)):
+        image.save(out.with_name(f"{out.stem}{suffix}.png"), format="PNG")
+    logger.info(
+        "wrote %s (%s for %d of %d steps) and its _a/_b images",
+        out,
+        result.plan.mode,
+        result.edit_steps,
+        args.steps,
+    )
+    return 0
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,9 +196,14 @@ def run_cli(args: argparse.Namespace) -> int:
     from tune import lora as lora_io
     from tune import models
 
+    if args.prompt is None:
+        raise ConfigError(
+            "--edit B needs --prompt A, the prompt to edit" if args.edit else "--prompt is required"
+        )
     out = Path(args.out)
     strip_out = out.with_name(f"{out.stem}_trajectory.png")
     _check_png_target(out)
+    reweight = _check_edit(args, out)
     if args.trajectory:
         _check_png_target(strip_out)
     words = [w.strip() for w in (args.attention or "").split(",") if w.strip()]
@@ -141,6 +230,8 @@ def run_cli(args: argparse.Namespace) -> int:
     pipe.to(device)
     if lora_specs:
         lora_io.apply_loras(pipe, lora_specs)
+    if args.edit is not None:
+        return _run_edit(args, pipe, out, reweight)
     tokens = attention.prompt_tokens(args.prompt, pipe.tokenizer)
     for word in words:  # before sampling: an unknown word fails fast
         attention.word_token_positions(tokens, word, pipe.tokenizer)
