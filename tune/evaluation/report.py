@@ -30,6 +30,7 @@ METRICS = (
     "style_right",
     "prompt_right",
     "subject_in_others",
+    "trigger_on_subject",
 )
 
 
