@@ -249,7 +249,7 @@ def test_tune_eval_scores_base_and_checkpoints(
     ]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "best step:" in out and "report.md" in out
+    assert "best step:" in out and "report.md" in out and "trigger on subject" in out
     after = json.loads((lora_run / "eval" / "report.json").read_text())
     check_report(after, lora_run, [2, 4])
     # The same base model, prompts and seeds: the same numbers as during training; the checkpoints'

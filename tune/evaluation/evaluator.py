@@ -152,6 +152,7 @@ class Evaluator:
 
         label = "base" if base else step_dir_name(step)
         folder = self.eval_dir / label
+        record = any(self.is_subject) and bool(self.subject.token.strip())  # maps for trigger_on_subject
         modes = [(m, m.training) for m in modules]
         for m, _ in modes:
             m.eval()
@@ -169,7 +170,7 @@ class Evaluator:
                     negative_prompt=self.suite.negative_prompt or None,
                     batch_size=self.suite.batch_size,
                     progress=progress,
-                    attention=any(self.is_subject),
+                    attention=record,
                 )
         finally:
             for m, mode in modes:
@@ -177,7 +178,7 @@ class Evaluator:
         shares = [
             share_on_subject(s.attention, self.subject.token, s.image, pipe.tokenizer)
             for s in samples
-            if self.is_subject[s.prompt_index]
+            if record and self.is_subject[s.prompt_index]
         ]
         scores = self.score([s.image for s in samples], shares)
         entry = {"label": label, "step": 0 if base else step, **scores}
