@@ -10,6 +10,7 @@ Pages (sidebar; also `?page=compare&run=NAME` in the URL):
                 live base vs tuned images of any prompt, with a LoRA scale slider
     Trajectory  the denoising film strip of one sample (saved, or generated live)
     Export      the run's export/*.safetensors: summary, metadata, download
+    Attention   where each word of a prompt looks, tuned vs base (dashboard/attention_page.py)
 
 Browsing reads run directories only (dashboard/data.py); torch is imported the first time the user
 asks for a live image (dashboard/live.py), and the loaded pipelines are cached for the session.
@@ -30,11 +31,11 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import data  # noqa: E402
+from dashboard import attention_page, data  # noqa: E402
 from tune.errors import TuneError  # noqa: E402
 from tune.runs import RunInfo  # noqa: E402
 
-PAGES = ("Runs", "Compare", "Trajectory", "Export")
+PAGES = ("Runs", "Compare", "Trajectory", "Export", "Attention")
 # Tiny sample images (32-64 px) shown large: keep their pixels sharp instead of blurring them.
 _CSS = "<style>img { image-rendering: pixelated; }</style>"
 
@@ -181,7 +182,9 @@ def _eval_figures(report: dict[str, Any]) -> None:
     )
     if report.get("overfit"):
         st.warning(f"overfit: {report.get('overfit_reason') or 'later checkpoints score worse'}")
-    scores = [k for k in ("subject_fidelity", "prompt_fidelity") if any(k in r for r in table)]
+    scores = [
+        k for k in ("subject_fidelity", "prompt_fidelity", "trigger_on_subject") if any(k in r for r in table)
+    ]
     if table and scores:
         long = pd.DataFrame(
             [{"step": r["step"], "score": k, "value": r[k]} for r in table for k in scores if k in r]
@@ -189,7 +192,7 @@ def _eval_figures(report: dict[str, Any]) -> None:
         lines = (
             alt.Chart(long)
             .mark_line(point=True)
-            .encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title="fidelity"), color="score:N")
+            .encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title="score"), color="score:N")
         )
         chart = lines
         if best is not None:
@@ -366,7 +369,13 @@ def main() -> None:
     params["run"] = name
     run = runs[names.index(name)]
     st.sidebar.caption(f"{run.recipe} · {run.status} · {data.base_model(run) or 'base model ?'}")
-    {"Compare": page_compare, "Trajectory": page_trajectory, "Export": page_export}[page](run, name)
+    pages = {
+        "Compare": page_compare,
+        "Trajectory": page_trajectory,
+        "Export": page_export,
+        "Attention": functools.partial(attention_page.page_attention, live=_live_model),
+    }
+    pages[page](run, name)
 
 
 main()

@@ -5,7 +5,7 @@ bg) drawn by the shipped base (25 steps, guidance 6, seed = prompt index), the s
 cross-attention mass (tune.attention) that falls on the object. Object mask, from the GENERATED image
 (the judge gives no mask): pixels whose RGB distance from the background colour (the median of the
 image's border pixels) is over 80 of 255, averaged down to the map's grid (a cell's fraction of object
-pixels).
+pixels): `tune.attention.subject_mask`, which `tune eval`'s trigger_on_subject uses too.
 
     python scripts/attention_figure.py [MODEL] [--device cpu|cuda]
 """
@@ -13,13 +13,12 @@ pixels).
 import sys
 
 import numpy as np
-import torch
 
+from tune.attention import share_on_subject, subject_mask
 from tune.models import load_pipeline
 from tune.sampling import generate
 from tune.world.spec import CLASSES, COLORS
 
-FAR = 80.0
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 device = "cuda" if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cuda" else "cpu"
 pipe = load_pipeline(args[0] if args else "models/world-base").to(device)
@@ -36,23 +35,12 @@ samples = generate(
 )
 
 
-def object_cells(image: np.ndarray, h: int, w: int) -> torch.Tensor:
-    """Fraction of object pixels (far from the border's median colour) in each of h x w cells."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    far = np.linalg.norm(image - np.median(border, axis=0), axis=-1) > FAR
-    H, W = far.shape
-    return torch.from_numpy(far.reshape(h, H // h, w, W // w).mean((1, 3))).float()
-
-
 class_share, bg_share, coverage = [], [], []
 for sample, (_, cls, bg) in zip(samples, rows, strict=True):
     maps = sample.attention
-    image = np.asarray(sample.image.convert("RGB"), dtype=np.float64)
-    mask = object_cells(image, *maps.maps.shape[2:])
-    coverage.append(float(mask.mean()))
+    coverage.append(float(subject_mask(sample.image, tuple(maps.maps.shape[2:])).mean()))
     for word, shares in ((cls, class_share), (bg, bg_share)):
-        final = maps.word_map(word, pipe.tokenizer)[-1]
-        shares.append(float((final * mask).sum() / final.sum()))
+        shares.append(share_on_subject(maps, word, sample.image, pipe.tokenizer))
 
 print(
     f"map grid {tuple(samples[0].attention.maps.shape[2:])}, object covers {np.mean(coverage):.1%} of the image"

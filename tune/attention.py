@@ -207,3 +207,28 @@ def word_strip(image: Image.Image, word_map: torch.Tensor, frames: int = STRIP_F
         light_arr = np.asarray(light, dtype=np.float32)[..., None] / 255
         shots.append(Image.fromarray((pixels * (0.15 + 0.85 * light_arr)).clip(0, 255).astype(np.uint8)))
     return make_film_strip(shots)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a word looks: on the subject or on the background
+# ---------------------------------------------------------------------------------------------------
+
+SUBJECT_FAR = 80.0
+"""A pixel is the subject's when its RGB distance from the background colour is over this (of 255)."""
+
+
+def subject_mask(image: Image.Image, grid_hw: tuple[int, int], far: float = SUBJECT_FAR) -> torch.Tensor:
+    """[h, w]: the share of each cell of an h x w grid over `image` that is subject, i.e. pixels unlike
+    the background (RGB distance over `far` from the median of the image's border pixels)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    unlike = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > far
+    cells = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(unlike).float()[None], grid_hw)
+    return cells[0]
+
+
+def share_on_subject(maps: AttentionMaps, word: str, image: Image.Image, tokenizer: Any) -> float:
+    """The share of `word`'s attention mass at the last step that falls on the subject of `image`."""
+    final = maps.word_map(word, tokenizer)[-1]
+    mask = subject_mask(image, (final.shape[0], final.shape[1]))
+    return float((final * mask).sum() / final.sum())

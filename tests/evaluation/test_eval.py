@@ -213,6 +213,7 @@ def check_report(report: dict, run: Path, steps: list[int]) -> None:
         assert e["background_right"] in (0.0, 0.5, 1.0)  # one prompt x two seeds names a background
         assert e["style_right"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # both prompts name "a photo of"
         assert e["dino_fidelity"] is None and e["prompt_right"] in (0.0, 0.5, 1.0)
+        assert 0 <= e["trigger_on_subject"] <= 1  # the token's final attention mass on the subject
         folder = run / e["images"]
         assert {"p00_s0.png", "p00_s1.png", "p01_s0.png", "p01_s1.png", "grid.png", "prompts.json"} <= {
             p.name for p in folder.iterdir()
@@ -248,7 +249,7 @@ def test_tune_eval_scores_base_and_checkpoints(
     ]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "best step:" in out and "report.md" in out
+    assert "best step:" in out and "report.md" in out and "trigger on subject" in out
     after = json.loads((lora_run / "eval" / "report.json").read_text())
     check_report(after, lora_run, [2, 4])
     # The same base model, prompts and seeds: the same numbers as during training; the checkpoints'

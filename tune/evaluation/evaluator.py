@@ -14,6 +14,9 @@ scores them with `tune.metrics`:
     style_right        share of images in the style their prompt named, else null
     prompt_right       share of images without the subject whose every named attribute is drawn, else null
     subject_in_others  share of images without the token that show the subject anyway (language drift)
+    trigger_on_subject share of the token's cross-attention mass at the last step that falls on the
+                       subject (pixels unlike the background: tune.attention.share_on_subject), mean over
+                       the subject images; maps recorded while drawing them (the same images)
 
 "Subject prompts" are the suite's prompts with `{token}`; a prompt without it ("a photo of {class}",
 a world caption) shows whether the model still draws other things. The judge figures need the
@@ -144,10 +147,12 @@ class Evaluator:
     ) -> dict[str, Any]:
         """Draw the suite with `pipe` as it is now into eval/<label>/, score it and add it to the report
         (`base=True`: as the base model). `modules` are put in eval mode meanwhile."""
+        from tune.attention import share_on_subject
         from tune.sampling import sample_grid
 
         label = "base" if base else step_dir_name(step)
         folder = self.eval_dir / label
+        record = any(self.is_subject) and bool(self.subject.token.strip())  # maps for trigger_on_subject
         modes = [(m, m.training) for m in modules]
         for m, _ in modes:
             m.eval()
@@ -165,11 +170,18 @@ class Evaluator:
                     negative_prompt=self.suite.negative_prompt or None,
                     batch_size=self.suite.batch_size,
                     progress=progress,
+                    attention=record,
                 )
         finally:
             for m, mode in modes:
                 m.train(mode)
-        entry = {"label": label, "step": 0 if base else step, **self.score([s.image for s in samples])}
+        shares = [
+            share_on_subject(s.attention, self.subject.token, s.image, pipe.tokenizer)
+            for s in samples
+            if record and self.is_subject[s.prompt_index]
+        ]
+        scores = self.score([s.image for s in samples], shares)
+        entry = {"label": label, "step": 0 if base else step, **scores}
         entry["images"] = f"eval/{label}/"
         if base:
             self.base = entry
@@ -177,8 +189,11 @@ class Evaluator:
             self.checkpoints = sorted([c for c in self.checkpoints if c["step"] != step] + [entry], key=_step)
         return entry
 
-    def score(self, images: Sequence[Image.Image]) -> dict[str, float | None]:
-        """The metrics of images drawn prompt-major for the suite (image i*S + j: prompt i, seed j)."""
+    def score(
+        self, images: Sequence[Image.Image], trigger_shares: Sequence[float] = ()
+    ) -> dict[str, float | None]:
+        """The metrics of images drawn prompt-major for the suite (image i*S + j: prompt i, seed j);
+        `trigger_shares`: each subject image's share_on_subject (none: trigger_on_subject is null)."""
         from tune import metrics
 
         n_seeds = len(self.suite.seeds)
@@ -208,6 +223,7 @@ class Evaluator:
             "style_right": metrics.style_right(images, prompts, self.judge),
             "prompt_right": metrics.prompt_right(other_images, other_prompts, self.judge),
             "subject_in_others": metrics.subject_found(other_images, self.look, self.judge),
+            "trigger_on_subject": sum(trigger_shares) / len(trigger_shares) if trigger_shares else None,
         }
         if self.dino is not None and self.reference_dino is not None and subject_images:
             result["dino_fidelity"] = metrics.subject_fidelity(subject_images, self.reference_dino, self.dino)

@@ -30,6 +30,7 @@ METRICS = (
     "style_right",
     "prompt_right",
     "subject_in_others",
+    "trigger_on_subject",
 )
 
 
@@ -104,12 +105,18 @@ def format_markdown(report: dict[str, Any]) -> str:
 def format_summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal: base vs last, best step, overfit."""
     rows = ([report["base"]] if report["base"] else []) + report["checkpoints"][-1:]
-    lines = [
-        f"{e['label']:>12}: subject {e['subject_fidelity']:.4f}  prompt {e['prompt_fidelity']:.4f}  "
-        f"diversity {e['diversity']:.4f}"
-        for e in rows
-    ]
+    lines = [_summary_line(e) for e in rows]
     lines.append(f"best step: {report['best_step']}  overfit: {report['overfit']}")
     if report["overfit_reason"]:
         lines.append(f"  ({report['overfit_reason']})")
     return "\n".join(lines)
+
+
+def _summary_line(e: dict[str, Any]) -> str:
+    line = (
+        f"{e['label']:>12}: subject {e['subject_fidelity']:.4f}  prompt {e['prompt_fidelity']:.4f}  "
+        f"diversity {e['diversity']:.4f}"
+    )
+    if e.get("trigger_on_subject") is not None:
+        line += f"  trigger on subject {e['trigger_on_subject']:.4f}"
+    return line
