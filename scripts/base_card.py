@@ -102,9 +102,10 @@ def previous_rows(card: Path) -> dict[str, tuple[str, str]]:
     return {m[1]: (m[2], m[3]) for m in rows if m}
 
 
-def stage_rows(runs: Path, previous_card: Path) -> list[tuple[str, str, str]]:
-    """The card's stage table. A required stage whose run is not in `runs` (shipped before, its run
-    folder gone) keeps its row from `previous_card`, marked as carried over."""
+def stage_rows(runs: Path, previous_card: Path, eval_seconds: float | None) -> list[tuple[str, str, str]]:
+    """The card's stage table (`eval_seconds`: the unet run's judged evaluation). A required stage whose
+    run is not in `runs` (shipped before, its run folder gone) keeps its row from `previous_card`, marked
+    as carried over."""
     config = (runs / "base-unet" / "config.toml").read_text()
     data_dir = next(
         (
@@ -131,8 +132,7 @@ def stage_rows(runs: Path, previous_card: Path) -> list[tuple[str, str, str]]:
                 "" if "carried over" in time else f"; carried over from the previous card ({run} is gone)"
             )
             rows.append((stage, command, time + carried))
-    unet = unet_eval(runs)
-    rows.append(("unet eval", "(end of the unet run)", minutes(unet.get("eval_time_s"))))
+    rows.append(("unet eval", "(end of the unet run)", minutes(eval_seconds)))
     return rows
 
 
@@ -170,7 +170,9 @@ def base_card(runs: Path, out: Path, previous_card: Path, kept_clip: Path, note:
     unet = unet_eval(runs)
     vae = vae_report(runs)
     clip = clip_report(runs, kept_clip)
-    stages = "\n".join(f"| {s} | `{c}` | {t} |" for s, c, t in stage_rows(runs, previous_card))
+    stages = "\n".join(
+        f"| {s} | `{c}` | {t} |" for s, c, t in stage_rows(runs, previous_card, unet.get("eval_time_s"))
+    )
     settings = unet.get("settings", {})
     odd = unet.get("odd_prompts", {})
     psnr = " / ".join(f"{k} {v:.1f}" for k, v in vae["psnr_db_by_style"].items())
