@@ -7,7 +7,8 @@ the pipelines the Compare page's live panel draws with), and the base model draw
 For each picked word (default: the trigger word) a film strip shows the image lit by the word's map
 from the first denoising step (left) to the last (right), with the share of the word's final attention
 mass that falls on the subject (pixels unlike the background: `tune.attention.share_on_subject`, the
-figure `tune eval` reports as trigger_on_subject).
+figure `tune eval` reports as trigger_on_subject). Below, an Edit panel runs prompt-to-prompt editing on
+the picked model (dashboard/edit_panel.py).
 
 Torch is imported on the first draw, as for every live image.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard import edit_panel
 from tune.errors import TuneError
 from tune.runs import RunInfo
 
@@ -54,15 +56,17 @@ def _model_label(choice: Any) -> str:
     return BASE if choice == BASE else f"tuned (step {choice})"
 
 
+def _pipe(live: Any, choice: Any) -> Any:
+    """The pipeline of a model choice (call under live._lock)."""
+    return live.base() if choice == BASE else live.tuned(None if choice == FINAL else int(choice))
+
+
 def _draw(live: Any, prompt: str, seed: int, choice: Any) -> tuple[Any, Any]:
     """(sample with its attention maps, the tokenizer of the model that drew it)."""
     from tune.sampling import generate
 
     with live._lock:  # the live models are shared: one image at a time (as LiveModel.generate)
-        if choice == BASE:
-            pipe = live.base()
-        else:
-            pipe = live.tuned(None if choice == FINAL else int(choice))
+        pipe = _pipe(live, choice)
         [sample] = generate(pipe, prompt, int(seed), progress=False, attention=True, **live.settings)
         return sample, pipe.tokenizer
 
@@ -93,6 +97,15 @@ def page_attention(run: RunInfo, name: str, *, live: Callable[[str], Any]) -> No
             st.error(str(err))
     if result_key in st.session_state:
         _show(run, name, *st.session_state[result_key])
+    edit_panel.panel_edit(
+        name,
+        " ".join(prompt.split()) or trigger_prompt(run),
+        seed,
+        choice,
+        _model_label(choice),
+        model=lambda: live(str(run.path)),
+        pipe_of=_pipe,
+    )
 
 
 def _show(run: RunInfo, name: str, prompt: str, seed: int, columns: list[tuple[str, Any, Any]]) -> None:

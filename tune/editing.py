@@ -176,6 +176,18 @@ def default_edit_steps(steps: int) -> int:
     return round(DEFAULT_EDIT_SHARE * steps)
 
 
+def parse_reweight(spec: str) -> tuple[str, float]:
+    """--reweight's 'WORD=FACTOR' (e.g. 'red=2') -> ('red', 2.0); plan_edit checks the factor."""
+    word, _, factor = spec.rpartition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = None
+    if not word.strip() or value is None:
+        raise ConfigError(f"--reweight needs WORD=FACTOR, e.g. --reweight red=2; got {spec!r}")
+    return word.strip(), value
+
+
 def swapped_positions(plan: EditPlan, tokens_a: Sequence[str], tokens_b: Sequence[str]) -> list[int]:
     """The token positions a word swap changes (none for a refinement or B == A)."""
     return (

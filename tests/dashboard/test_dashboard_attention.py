@@ -87,3 +87,40 @@ def test_opening_the_attention_page_imports_no_torch(attn_runs: Path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch imported: False" in out.stdout
+
+
+def edit_captions(at: AppTest) -> list[str]:
+    return [c for im in at.image for c in im.captions if " steps" in c and "first step" not in c]
+
+
+def test_edit_panel_draws_the_prompt_and_its_edit_on_the_picked_model(attn_runs: Path, monkeypatch):
+    at = open_page(attn_runs, monkeypatch)
+    assert at.text_input(key=f"edit_a:{RUN}").value == "a photo of sks toy"  # the page's prompt
+    at.text_input(key=f"edit_w:{RUN}").set_value("sks=2")
+    at.button(key=f"edit_go:{RUN}").click().run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    # The run's samples were drawn with 2 steps: K defaults to 40% of them (1).
+    assert edit_captions(at) == ["tuned (export) · swap for 1 of 2 steps"]
+    [image] = [im for im in at.image if im.captions == edit_captions(at)]
+    at.selectbox(key=f"attn_model:{RUN}").set_value("base")
+    at.number_input(key=f"edit_k:{RUN}").set_value(2)
+    at.button(key=f"edit_go:{RUN}").click().run()
+    assert edit_captions(at) == ["base · swap for 2 of 2 steps"] and not at.error
+
+
+@pytest.mark.parametrize(
+    ("edit", "weights", "message"),
+    [
+        ("a photo", "", "a word swap needs the same number of tokens"),
+        ("a photo of sks toy", "sks", "--reweight needs WORD=FACTOR"),
+    ],
+)
+def test_edit_panel_errors_are_one_line(attn_runs: Path, monkeypatch, edit: str, weights: str, message: str):
+    at = open_page(attn_runs, monkeypatch)
+    at.text_input(key=f"edit_b:{RUN}").set_value(edit)
+    at.text_input(key=f"edit_w:{RUN}").set_value(weights)
+    at.button(key=f"edit_go:{RUN}").click().run()
+    assert not at.exception
+    [error] = at.error
+    assert message in error.value and len(error.value.splitlines()) == 1
+    assert not edit_captions(at)

@@ -136,21 +136,10 @@ def _check_edit(args: argparse.Namespace, out: Path) -> dict[str, float]:
         raise ConfigError("--trajectory does not combine with --edit; draw the prompt on its own for it")
     if args.edit_steps is not None and not 0 <= args.edit_steps <= args.steps:
         raise ConfigError(f"--edit-steps must be in [0, {args.steps}] (--steps); got {args.edit_steps}")
-    reweight = dict(_parse_reweight(spec) for spec in args.reweight)
+    reweight = dict(editing.parse_reweight(spec) for spec in args.reweight)
     for suffix in ("_a", "_b"):
         _check_png_target(out.with_name(f"{out.stem}{suffix}.png"))
     return reweight
-
-
-def _parse_reweight(spec: str) -> tuple[str, float]:
-    word, _, factor = spec.rpartition("=")
-    try:
-        value = float(factor)
-    except ValueError:
-        value = None
-    if not word.strip() or value is None:
-        raise ConfigError(f"--reweight needs WORD=FACTOR, e.g. --reweight red=2; got {spec!r}")
-    return word.strip(), value
 
 
 def _run_edit(args: argparse.Namespace, pipe: Any, out: Path, reweight: dict[str, float]) -> int:
