@@ -93,6 +93,18 @@ def test_instance_prompt_wins_over_sidecars(photos: Path, caplog: pytest.LogCapt
     assert captions["p1.jpg"] == ""
 
 
+def test_a_sidecar_that_extends_the_instance_prompt_is_the_caption(
+    photos: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (photos / "p0.txt").write_text("A photo of  SKS dog on a sofa\n")  # case and spacing aside
+    with caplog.at_level(logging.INFO, logger="tune.data.dataset"):
+        ds = build_dataset(photos, SMALL, instance_prompt="a photo of sks dog")
+    captions = {r.name: (r.caption, r.has_caption) for r in ds.records}
+    assert captions["p0.jpg"] == ("A photo of SKS dog on a sofa", True)
+    assert captions["p1.jpg"] == captions["p2.jpg"] == ("a photo of sks dog", False)  # none; "sks dog, sofa"
+    assert "1 caption sidecars ignored" in caplog.text
+
+
 def test_one_summary_line_and_min_images(corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="tune.data"):
         ds = build_dataset(corpus, SMALL)

@@ -1,9 +1,12 @@
 """Captions: sidecar files, and the per-step caption augmentations (shuffle, keep-N, dropout).
 
 Where a caption comes from (documented choice, what a DreamBooth user expects):
-- an instance prompt, when one is given, is the caption of every photo in that folder; sidecars are
-  then ignored (the loader logs how many), because DreamBooth binds the new token to exactly that
-  prompt and a stray `IMG_0001.txt` from a phone backup must not change it;
+- an instance prompt, when one is given, is the caption of every photo in that folder, except where the
+  photo's sidecar contains the instance prompt and says more ("a photo of sks toy on sand" for the prompt
+  "a photo of sks toy"): then the sidecar is its caption, so that what differs between the photos (the
+  surface, the light) is named and not bound to the new token. Other sidecars are ignored (the loader
+  logs how many): DreamBooth binds the token to that prompt, and a stray `IMG_0001.txt` from a phone
+  backup must not change it;
 - otherwise `<stem>.txt`, else `<stem>.caption`, next to the photo;
 - otherwise the empty caption (the loader warns with a count: the model then learns these photos
   unconditionally).
@@ -27,6 +30,19 @@ def sidecar_path(image_path: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def instance_caption(image_path: Path, instance_prompt: str) -> tuple[str, bool]:
+    """(caption, from the sidecar) of a photo captioned by `instance_prompt`: its sidecar when the sidecar
+    contains the prompt (case and spacing aside), else the prompt (an unreadable sidecar is ignored too)."""
+    try:
+        sidecar = read_sidecar(image_path)
+    except DataError:
+        return instance_prompt, False
+    prompt = " ".join(instance_prompt.split()).lower()
+    if sidecar and prompt in sidecar.lower():
+        return sidecar, True
+    return instance_prompt, False
 
 
 def read_sidecar(image_path: Path) -> str | None:

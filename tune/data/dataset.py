@@ -178,7 +178,10 @@ def _summary_line(label: str, scan: ScanResult, n_prior: int) -> str:
     if uncaptioned:
         parts.append(f"{uncaptioned} without a caption train with the empty caption")
     if scan.sidecars_ignored:
-        parts.append(f"{scan.sidecars_ignored} caption sidecars ignored in favour of the instance prompt")
+        parts.append(
+            f"{scan.sidecars_ignored} caption sidecars ignored in favour of the instance prompt (a sidecar "
+            "that contains the instance prompt and says more is used)"
+        )
     return "; ".join(parts)
 
 

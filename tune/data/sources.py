@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune.data.buckets import Bucket, choose_bucket, square_bucket
-from tune.data.captions import read_sidecar, sidecar_path
+from tune.data.captions import instance_caption, read_sidecar, sidecar_path
 from tune.data.config import DataConfig
 from tune.data.images import IMAGE_EXTENSIONS, BadImage, ImageInfo, probe_image, read_bytes
 from tune.errors import DataError
@@ -92,7 +92,8 @@ class ScanResult:
     tables: list[datasets.Dataset] = field(default_factory=list)
     """`datasets` tables that records with `table` set read their bytes from."""
     sidecars_ignored: int = 0
-    """Photos whose sidecar was ignored because an instance prompt was given."""
+    """Photos whose sidecar was ignored because an instance prompt was given (and the sidecar does not
+    contain it)."""
     label: str = ""
     """The source as the user named it, for messages."""
 
@@ -194,9 +195,9 @@ def scan_folder(
         if isinstance(info, BadImage):
             result.skipped.append(SkippedFile(name, info.reason, info.detail))
             continue
-        if instance_prompt is not None:  # sidecars are ignored, so they are not read (nor judged)
-            caption, has_caption = instance_prompt, False
-            result.sidecars_ignored += sidecar_path(path) is not None
+        if instance_prompt is not None:  # a sidecar saying more than the prompt, else the prompt
+            caption, has_caption = instance_caption(path, instance_prompt)
+            result.sidecars_ignored += not has_caption and sidecar_path(path) is not None
         else:
             sidecar = read_sidecar(path)
             caption, has_caption = (sidecar or ""), sidecar is not None
