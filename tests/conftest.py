@@ -76,3 +76,14 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path: Path = tmp_path_factory.mktemp("tiny-pipeline")
     build_pipeline("tiny", seed=0).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_pipeline_dir: str):  # noqa: ANN201 - a StableDiffusionPipeline (diffusers loads lazily)
+    """The tiny pipeline loaded once per test module, progress bars off. Tests that change it (attention
+    processors, adapters) must put it back as they found it."""
+    from tune.models import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

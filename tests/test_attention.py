@@ -13,16 +13,13 @@ from PIL import Image
 from tune import attention, sampling
 from tune.cli import main as tune_main
 from tune.errors import ConfigError
-from tune.models import load_pipeline
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline_dir: str) -> StableDiffusionPipeline:
-    pipe = load_pipeline(tiny_pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    return tiny_pipe
 
 
 def test_maps_are_a_softmax_over_tokens_and_the_image_is_unchanged(pipe: StableDiffusionPipeline) -> None:

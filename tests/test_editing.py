@@ -15,16 +15,13 @@ from tune import attention, editing, sampling
 from tune import editing_hooks as hooks
 from tune.cli import main as tune_main
 from tune.errors import ConfigError
-from tune.models import load_pipeline
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipeline_dir: str) -> StableDiffusionPipeline:
-    pipe = load_pipeline(tiny_pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    return tiny_pipe
 
 
 def pixels(image: Image.Image) -> np.ndarray:

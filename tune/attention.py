@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,19 +117,27 @@ class RecordingProcessor:
 
 
 @contextmanager
-def record_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
-    """Record attn2 probabilities into the yielded store; the original processors are restored after."""
+def swapped_processors(unet: torch.nn.Module, wrap: Callable[[str, Any], Any]) -> Iterator[None]:
+    """Every attention processor replaced by `wrap(name, processor)` (which may return it as it is),
+    through diffusers' processor API; the originals are put back on exit, also on error."""
     originals = unet.attn_processors
-    store = AttentionStore()
-    recording = {
-        name: RecordingProcessor(proc, store, name) if name.endswith("attn2.processor") else proc
-        for name, proc in originals.items()
-    }
-    unet.set_attn_processor(recording)
+    unet.set_attn_processor({name: wrap(name, proc) for name, proc in originals.items()})
     try:
-        yield store
+        yield
     finally:
         unet.set_attn_processor(originals)
+
+
+@contextmanager
+def record_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
+    """Record attn2 probabilities into the yielded store; the original processors are restored after."""
+    store = AttentionStore()
+
+    def wrap(name: str, proc: Any) -> Any:
+        return RecordingProcessor(proc, store, name) if name.endswith("attn2.processor") else proc
+
+    with swapped_processors(unet, wrap):
+        yield store
 
 
 # ---------------------------------------------------------------------------------------------------

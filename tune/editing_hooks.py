@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from tune.attention import swapped_processors
+
 if TYPE_CHECKING:
     from tune.editing import EditPlan
 
@@ -108,18 +110,14 @@ class EditProcessor:
 def edit_attention(unet: torch.nn.Module, edit_steps: int, self_steps: int = 0) -> Iterator[EditState]:
     """Swap every attn2 processor (and attn1, with self_steps > 0) for an EditProcessor sharing the
     yielded state (phase "record"); the original processors are restored after, also on error."""
-    originals = unet.attn_processors
     state = EditState(edit_steps, self_steps)
     kinds = ("attn2.processor", "attn1.processor") if self_steps else ("attn2.processor",)
-    editing = {
-        name: EditProcessor(proc, state, name) if name.endswith(kinds) else proc
-        for name, proc in originals.items()
-    }
-    unet.set_attn_processor(editing)
-    try:
+
+    def wrap(name: str, proc: Any) -> Any:
+        return EditProcessor(proc, state, name) if name.endswith(kinds) else proc
+
+    with swapped_processors(unet, wrap):
         yield state
-    finally:
-        unet.set_attn_processor(originals)
 
 
 def start_edit(unet: torch.nn.Module, state: EditState, plan: EditPlan) -> None:
