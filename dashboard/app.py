@@ -9,8 +9,9 @@ Pages (sidebar; also `?page=compare&run=NAME` in the URL):
                 style, seed and columns; concept photos beside the grid; eval figures per checkpoint;
                 live base vs tuned images of any prompt, with a LoRA scale slider
     Trajectory  the denoising film strip of one sample (saved, or generated live)
-    Export      the run's export/*.safetensors: summary, metadata, download
-    Attention   where each word of a prompt looks, tuned vs base (dashboard/attention_page.py)
+    Export      the run's export/*.safetensors: summary, metadata, download (dashboard/export_page.py)
+    Attention   where each word of a prompt looks, tuned vs base, and prompt-to-prompt edits
+                (dashboard/attention_page.py, dashboard/edit_panel.py)
 
 Browsing reads run directories only (dashboard/data.py); torch is imported the first time the user
 asks for a live image (dashboard/live.py), and the loaded pipelines are cached for the session.
@@ -31,7 +32,7 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import attention_page, data  # noqa: E402
+from dashboard import attention_page, data, export_page  # noqa: E402
 from tune.errors import TuneError  # noqa: E402
 from tune.runs import RunInfo  # noqa: E402
 
@@ -287,52 +288,6 @@ def page_trajectory(run: RunInfo, name: str) -> None:
         st.image(result[3], caption="generated live: noise (left) to image (right)")
 
 
-_EXPORT_FACTS = "kind format base tensors parameters dtypes modules ranks vectors trigger".split()
-"""What the Export page shows of each file's summary (data.describe_safetensors), in this order."""
-
-
-def page_export(run: RunInfo, name: str) -> None:
-    st.header(f"Export · {name}")
-    files = data.export_files(run)
-    others = [p for p in run.exports if p.suffix != ".safetensors"]
-    if not files:
-        st.info(f"{name} has no export/*.safetensors files yet.")
-    for path in files:
-        summary = data.describe_safetensors(path)
-        rel = path.relative_to(run.path)
-        with st.container(border=True):
-            st.markdown(f"**{rel}** · {summary['size_mb']} MB")
-            if "problem" in summary:
-                st.error(summary["problem"])
-                continue
-            facts = {k: summary[k] for k in _EXPORT_FACTS if k in summary}
-            st.json(facts, expanded=True)
-            st.download_button(
-                f"Download {path.name}",
-                data=functools.partial(path.read_bytes),
-                file_name=path.name,
-                mime="application/octet-stream",
-                key=f"dl:{rel}",
-            )
-            with st.expander(f"metadata ({len(summary['metadata'])} keys)"):
-                st.json({k: _short(v) for k, v in sorted(summary["metadata"].items())}, expanded=True)
-            if summary.get("kind") == "LoRA" and st.button(
-                "Full inspect (loads torch)", key=f"inspect:{rel}"
-            ):
-                from tune.lora import format_report, inspect_lora
-
-                try:
-                    st.code(format_report(inspect_lora(path)), language=None)
-                except TuneError as err:
-                    st.error(str(err))
-    if others:
-        st.caption(f"also in export/: {len(others)} other files, e.g. {others[0].relative_to(run.path)}")
-
-
-def _short(value: str, most: int = 200) -> str:
-    return value if len(value) <= most else f"{value[:most]}... ({len(value)} chars)"
-
-
 # ---------------------------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +327,7 @@ def main() -> None:
     pages = {
         "Compare": page_compare,
         "Trajectory": page_trajectory,
-        "Export": page_export,
+        "Export": export_page.page_export,
         "Attention": functools.partial(attention_page.page_attention, live=_live_model),
     }
     pages[page](run, name)

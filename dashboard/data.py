@@ -2,8 +2,8 @@
 
 Everything here goes through `tune.runs` (read_run / list_runs) and the files that module and
 `tune.sampling` document: samples/step_XXXXXX/ (p{i:02d}_s{seed}.png, prompts.json, optional
-*_trajectory.png), metrics.jsonl, export/*.safetensors (read with safetensors' numpy backend), and
-eval/report.json (written by `tune eval`). The Streamlit app (app.py) only lays these out.
+*_trajectory.png), metrics.jsonl and eval/report.json (written by `tune eval`); export files are
+described by dashboard/export_page.py. The Streamlit app (app.py) only lays these out.
 """
 
 from __future__ import annotations
@@ -395,89 +395,6 @@ def eval_sample_sets(run: RunInfo, report: dict[str, Any]) -> dict[int, SampleSe
         if s is not None:
             sets[step] = s
     return sets
-
-
-# ---------------------------------------------------------------------------------------------
-# Export panel: safetensors files described without torch
-# ---------------------------------------------------------------------------------------------
-
-_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight")
-_DOWN_SUFFIXES += (".lora_linear_layer.down.weight",)
-# safetensors' header dtype codes -> the names torch and numpy users know.
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
-_DTYPE_NAMES |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_DTYPE_NAMES |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
-
-
-def _dtype_name(code: object) -> str:
-    return _DTYPE_NAMES.get(str(code), str(code).lower())
-
-
-def export_files(run: RunInfo) -> list[Path]:
-    return [p for p in run.exports if p.suffix == ".safetensors"]
-
-
-def describe_safetensors(path: str | Path) -> dict[str, Any]:
-    """A torch-free summary of a safetensors file: size, tensor count, dtypes, parameters, and for
-    LoRA files the key format, modules per component and ranks (from the down-projection shapes).
-    Only the header is read (safetensors' numpy backend), never the tensor data."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    summary: dict[str, Any] = {"file": path.name, "size_mb": round(path.stat().st_size / 2**20, 3)}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-            keys = list(f.keys())
-            shapes = {k: f.get_slice(k).get_shape() for k in keys}
-            dtypes = sorted({_dtype_name(f.get_slice(k).get_dtype()) for k in keys})
-    except Exception as err:  # noqa: BLE001 - any unreadable file is shown as such, not a crash
-        return {**summary, "problem": f"not a readable safetensors file: {err}"}
-    params = sum(math.prod(s) for s in shapes.values())
-    summary.update(tensors=len(keys), dtypes=dtypes, parameters=params, metadata=metadata)
-    downs = [k for k in keys if k.endswith(_DOWN_SUFFIXES)]
-    if downs:
-        fmt = (
-            "kohya"
-            if all(k.startswith("lora_") for k in downs)
-            else "peft"
-            if any(k.startswith("base_model.") for k in downs)
-            else "diffusers"
-        )
-        components: dict[str, int] = {}
-        for k in downs:
-            comp = _lora_component(k)
-            components[comp] = components.get(comp, 0) + 1
-        summary.update(
-            kind="LoRA",
-            format=fmt,
-            modules=components,
-            ranks=sorted({shapes[k][0] for k in downs if shapes[k]}),
-        )
-    elif len(keys) == 1 and len(shapes[keys[0]]) <= 2:
-        summary.update(kind="embedding", token=keys[0], vectors=shapes[keys[0]][0] if shapes[keys[0]] else 1)
-    elif set(keys) == set(_SDXL_EMBEDDING_KEYS) and all(len(shapes[k]) == 2 for k in keys):
-        # SDXL's one-file textual inversion: a row block per text encoder; the token is the file name.
-        summary.update(kind="embedding", format="SDXL (clip_l + clip_g)", vectors=shapes["clip_g"][0])
-    else:
-        summary.update(kind="weights")
-    trigger = metadata.get("modelspec.trigger_phrase") or metadata.get("token")
-    if trigger:
-        summary["trigger"] = trigger
-    base = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
-    if base:
-        summary["base"] = base
-    return summary
-
-
-def _lora_component(key: str) -> str:
-    """unet, text_encoder or text_encoder_2 (SDXL's second) from a kohya or diffusers LoRA key."""
-    if key.startswith(("lora_te2_", "text_encoder_2.")):
-        return "text_encoder_2"
-    if key.startswith(("lora_te", "text_encoder")):  # lora_te_ (SD1/SD2) and lora_te1_ (SDXL)
-        return "text_encoder"
-    return "unet"
 
 
 # ---------------------------------------------------------------------------------------------

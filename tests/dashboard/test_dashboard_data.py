@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from dashboard_testkit import LORA_RUN, PROMPTS, SEEDS, STEPS, STOPPED_RUN
 
-from dashboard import data
+from dashboard import data, export_page
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_runs_table_and_loss_curve(runs_root: Path):
 
 def test_describe_safetensors_without_torch(runs_root: Path, tmp_path: Path):
     export = runs_root / LORA_RUN / "export"
-    kohya = data.describe_safetensors(export / f"{LORA_RUN}.safetensors")
+    kohya = export_page.describe_safetensors(export / f"{LORA_RUN}.safetensors")
     assert (kohya["kind"], kohya["format"], kohya["ranks"], kohya["modules"]) == (
         "LoRA",
         "kohya",
@@ -94,11 +94,11 @@ def test_describe_safetensors_without_torch(runs_root: Path, tmp_path: Path):
         {"unet": 4},
     )
     assert kohya["dtypes"] == ["float16"] and kohya["trigger"] == "sks" and kohya["tensors"] == 12
-    diffusers = data.describe_safetensors(export / "pytorch_lora_weights.safetensors")
+    diffusers = export_page.describe_safetensors(export / "pytorch_lora_weights.safetensors")
     assert diffusers["format"] == "diffusers" and diffusers["parameters"] == 4 * (4 * 64 + 32 * 4)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(json.dumps({"x": 1}).encode())
-    assert "not a readable safetensors file" in data.describe_safetensors(bad)["problem"]
+    assert "not a readable safetensors file" in export_page.describe_safetensors(bad)["problem"]
 
 
 def test_default_columns_keep_base_and_last():
@@ -120,16 +120,16 @@ def test_describe_sdxl_lora_and_embedding_files(tmp_path: Path):
         stem = f"lora_te2_text_model_encoder_layers_{i}_self_attn_q_proj"
         kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
     save_file(kohya, str(tmp_path / "k.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    summary = data.describe_safetensors(tmp_path / "k.safetensors")
+    summary = export_page.describe_safetensors(tmp_path / "k.safetensors")
     assert summary["modules"] == {"unet": 1, "text_encoder": 1, "text_encoder_2": 2}
     assert (summary["format"], summary["base"]) == ("kohya", "sdxl_base_v1-0")
     diffusers = {
         f"{c}.m.lora_{ab}.weight": down for c in ("unet", "text_encoder", "text_encoder_2") for ab in "AB"
     }
     save_file(diffusers, str(tmp_path / "d.safetensors"))
-    summary = data.describe_safetensors(tmp_path / "d.safetensors")
+    summary = export_page.describe_safetensors(tmp_path / "d.safetensors")
     assert summary["modules"] == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1} and "base" not in summary
     rows = {"clip_l": np.zeros((2, 16), np.float32), "clip_g": np.zeros((2, 24), np.float32)}
     save_file(rows, str(tmp_path / "e.safetensors"))
-    summary = data.describe_safetensors(tmp_path / "e.safetensors")
+    summary = export_page.describe_safetensors(tmp_path / "e.safetensors")
     assert (summary["kind"], summary["vectors"]) == ("embedding", 2) and "clip_g" in summary["format"]
