@@ -54,8 +54,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # The default base model from scratch: the toy world's data, then the vae and clip runs (side by side, one
-# torch thread each), two decoder-only runs on the vae's frozen encoder (sharper reconstructions; the latents
-# do not change), then the unet run, then models/world-base and models/world-clip in fp16 (see
+# torch thread each), then the unet run, then models/world-base and models/world-clip in fp16 (see
 # models/world-base/MODEL_CARD.md for stage times). A stage whose run finished (DONE) is not run again; an
 # interrupted one resumes from its last checkpoint. SHIP_ARGS=--force replaces the models. The unet run's
 # evaluation reads its images with the world judge (models/world-judge; `make judge` retrains it).
@@ -72,19 +71,9 @@ $(BASE_RUNS)/base-vae/DONE $(BASE_RUNS)/base-clip/DONE &: $(WORLD)/metadata.json
 	OMP_NUM_THREADS=1 $(TUNE) run clip --config default data_dir=$(WORLD) output_dir=$(BASE_RUNS)/base-clip resume=latest; \
 	clip=$$?; wait $$vae && test $$clip -eq 0
 
-DECODER = data_dir=$(WORLD) train_encoder=false optim.warmup_steps=50 resume=latest
-
-$(BASE_RUNS)/base-vae-decoder/DONE: $(BASE_RUNS)/base-vae/DONE
-	$(TUNE) run vae --config default $(DECODER) output_dir=$(BASE_RUNS)/base-vae-decoder \
-		init_vae=$(BASE_RUNS)/base-vae/export/vae max_steps=6000 optim.lr=3e-4 sample_every=1000 checkpoint_every=1000
-
-$(BASE_RUNS)/base-vae-decoder2/DONE: $(BASE_RUNS)/base-vae-decoder/DONE
-	$(TUNE) run vae --config default $(DECODER) output_dir=$(BASE_RUNS)/base-vae-decoder2 \
-		init_vae=$(BASE_RUNS)/base-vae-decoder/export/vae max_steps=7500 optim.lr=2e-4 sample_every=2500 checkpoint_every=2500
-
-$(BASE_RUNS)/base-unet/DONE: $(BASE_RUNS)/base-vae-decoder2/DONE $(BASE_RUNS)/base-clip/DONE
+$(BASE_RUNS)/base-unet/DONE: $(BASE_RUNS)/base-vae/DONE $(BASE_RUNS)/base-clip/DONE
 	$(TUNE) run unet --config default data_dir=$(WORLD) output_dir=$(BASE_RUNS)/base-unet resume=latest \
-		vae=$(BASE_RUNS)/base-vae-decoder2/export/vae clip=$(BASE_RUNS)/base-clip/export/clip
+		vae=$(BASE_RUNS)/base-vae/export/vae clip=$(BASE_RUNS)/base-clip/export/clip
 
 base: $(BASE_RUNS)/base-unet/DONE
 	$(PY) scripts/ship_base.py --runs $(BASE_RUNS) $(SHIP_ARGS)

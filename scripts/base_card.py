@@ -81,15 +81,8 @@ def unet_eval(runs: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-STAGES = (
-    ("vae", "base-vae", False),
-    ("vae decoder", "base-vae-decoder", True),
-    ("vae decoder 2", "base-vae-decoder2", True),
-    ("clip", "base-clip", False),
-    ("unet", "base-unet", False),
-)
-"""(stage, run folder in --runs, optional): the decoder stages fine-tune the vae run's decoder on its frozen
-encoder (`tune run vae init_vae=... train_encoder=false`), so the U-Net's latents do not change."""
+STAGES = (("vae", "base-vae"), ("clip", "base-clip"), ("unet", "base-unet"))
+"""(stage, run folder in --runs), in the order `make base` runs them."""
 
 
 def previous_rows(card: Path) -> dict[str, tuple[str, str]]:
@@ -120,11 +113,11 @@ def stage_rows(runs: Path, previous_card: Path, eval_seconds: float | None) -> l
     previous = previous_rows(previous_card)
     data_time = minutes(seconds) if seconds is not None or "data" not in previous else previous["data"][1]
     rows = [("data", DATA_COMMAND.replace("data/world-train", data_dir), data_time)]
-    for stage, name, optional in STAGES:
+    for stage, name in STAGES:
         run = runs / name
         if run.is_dir():
             rows.append((stage, command_of(run), minutes(compute_seconds(run))))
-        elif not optional:
+        else:
             if stage not in previous:
                 fail(f"{run} is missing and {previous_card} has no '{stage}' row to keep; run make base")
             command, time = previous[stage]
@@ -137,12 +130,10 @@ def stage_rows(runs: Path, previous_card: Path, eval_seconds: float | None) -> l
 
 
 def vae_report(runs: Path) -> dict[str, Any]:
-    """The evaluation of the VAE the base ships: the last decoder stage's, else the vae run's."""
-    for name in ("base-vae-decoder2", "base-vae-decoder", "base-vae"):
-        if (runs / name).is_dir():
-            return read_json(runs / name / "eval" / "vae.json")
-    fail(f"{runs} has no base-vae run (nor a decoder stage); run make base")
-    raise AssertionError  # fail exits
+    """The evaluation of the VAE the base ships (the vae run's)."""
+    if not (runs / "base-vae").is_dir():
+        fail(f"{runs} has no base-vae run; run make base")
+    return read_json(runs / "base-vae" / "eval" / "vae.json")
 
 
 def clip_report(runs: Path, kept_clip: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Measure a base pipeline on the toy world as the unet recipe's final evaluation does, without training.
 
     python scripts/score_base.py --model models/world-base --out runs/score-base
-    python scripts/score_base.py --model models/world-base --vae runs/base-vae-decoder/export/vae --out DIR
+    python scripts/score_base.py --model models/world-base --vae runs/vae-dec-ft/export/vae --out DIR
 
 400 seen-combination prompts, 200 held-out ones and the odd prompts, 25 DDIM steps at guidance 6 (the unet
 recipe's defaults), each image read by the world judge (`tune.world.scoring.evaluate_generation`):

@@ -1,6 +1,6 @@
 """Ship the base model: the base runs' exports -> models/world-base and models/world-clip (fp16).
 
-    python scripts/ship_base.py                     # runs/base-{vae,vae-decoder*,clip,unet} -> models/
+    python scripts/ship_base.py                     # runs/base-{vae,clip,unet} -> models/
     python scripts/ship_base.py --runs DIR --out DIR [--note TEXT]
 
 A U-Net retrained on the shipped CLIP (its clip run gone) ships without a base-clip run: models/world-clip

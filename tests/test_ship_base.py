@@ -31,7 +31,7 @@ def test_the_shipped_cards_stage_rows_parse():
 def test_stages_whose_runs_are_gone_keep_their_rows(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs / "base-unet", [".venv/bin/tune", "run", "unet", "max_steps=6000"], [0.0, 60.0, 120.0])
-    fake_run(runs / "base-vae-decoder", [".venv/bin/tune", "run", "vae", "train_encoder=false"], [0.0, 30.0])
+    fake_run(runs / "base-clip", [".venv/bin/tune", "run", "clip", "max_steps=10"], [0.0, 30.0])
     card = tmp_path / "MODEL_CARD.md"
     card.write_text(
         "| stage | command | time |\n|---|---|---|\n"
@@ -41,13 +41,13 @@ def test_stages_whose_runs_are_gone_keep_their_rows(tmp_path):
         "| unet | `tune run unet max_steps=2200` | 49.0 min (2942 s) |\n"
     )
     rows = {stage: (command, time) for stage, command, time in base_card.stage_rows(runs, card, 175.0)}
-    assert list(rows) == ["data", "vae", "vae decoder", "clip", "unet", "unet eval"]
+    assert list(rows) == ["data", "vae", "clip", "unet", "unet eval"]
     assert rows["vae"][0] == "tune run vae latent_channels=8" and "carried over" in rows["vae"][1]
     assert rows["data"][1] == "3.5 min (210 s)"  # no data folder here: the earlier measurement stays
-    assert rows["vae decoder"] == ("tune run vae train_encoder=false", "0.5 min (30 s)")
+    assert rows["clip"] == ("tune run clip max_steps=10", "0.5 min (30 s)")
     assert rows["unet"] == ("tune run unet max_steps=6000", "2.0 min (120 s)")  # the run, not the card
     assert rows["unet eval"] == ("(end of the unet run)", "2.9 min (175 s)")
-    card.write_text(card.read_text().replace("| clip |", "| other |"))
+    card.write_text(card.read_text().replace("| vae |", "| other |"))
     with pytest.raises(SystemExit) as exit_info:
         base_card.stage_rows(runs, card, None)
     assert exit_info.value.code == 2
