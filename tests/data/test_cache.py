@@ -165,11 +165,11 @@ def test_text_cache_with_dropout_and_shuffle(photos: Path, tmp_path: Path, token
     ds = build_dataset(
         photos,
         DataConfig(resolution=64, bucket_step=8, caption_dropout=0.5),
-        instance_prompt="sks",
+        instance_prompt="a photo of sks",  # no sidecar here contains it: every photo takes it
         cache_dir=cache,
     )
     s = cache_text(ds, te, tokenizer)
-    assert (s.encoded, s.loaded) == (2, 0) and set(ds.text_files or {}) == {"", "sks"}
+    assert (s.encoded, s.loaded) == (2, 0) and set(ds.text_files or {}) == {"", "a photo of sks"}
     ds = build_dataset(
         photos, DataConfig(resolution=64, bucket_step=8, shuffle_captions=True), cache_dir=cache
     )
