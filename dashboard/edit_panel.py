@@ -45,7 +45,7 @@ def panel_edit(
     prompt_a = c_a.text_input("Prompt A", prompt, key=f"edit_a:{name}")
     prompt_b = c_b.text_input("Prompt B (the edit)", prompt, key=f"edit_b:{name}")
     c_k, c_w = st.columns([2, 3])
-    k = c_k.number_input(
+    edit_k = c_k.number_input(
         "Edited steps K (empty: 40% of the steps)", min_value=0, value=None, step=1, key=f"edit_k:{name}"
     )
     weights = c_w.text_input("Re-weight words of B (WORD=FACTOR, ...)", "", key=f"edit_w:{name}")
@@ -53,7 +53,7 @@ def panel_edit(
     if st.button("Edit", key=f"edit_go:{name}"):
         try:
             live = model()
-            settings = {k: v for k, v in live.settings.items() if k != "batch_size"}
+            settings = {key: v for key, v in live.settings.items() if key != "batch_size"}
             with st.spinner(f"drawing '{prompt_a}' and its edit (seed {seed})..."):
                 result = _edit(
                     live,
@@ -62,7 +62,7 @@ def panel_edit(
                     " ".join(prompt_a.split()),
                     " ".join(prompt_b.split()),
                     seed,
-                    edit_steps=None if k is None else int(k),
+                    edit_steps=None if edit_k is None else int(edit_k),
                     reweight=parse_reweights(weights),
                     **settings,
                 )
