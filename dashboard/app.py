@@ -6,7 +6,8 @@ Pages (sidebar; also `?page=compare&run=NAME` in the URL):
     Runs        every run under the folder: recipe, base model, concept, status, steps, time, loss curve
                 (training loss and, with val_every, the held-out photos' val_loss)
     Compare     rows = prompts (x seeds), columns = base (step 0) and checkpoints; filters for prompt,
-                style, seed and columns; concept photos beside the grid; eval figures per checkpoint;
+                style, seed and columns; concept photos beside the grid; eval figures per checkpoint (of
+                the suite picked, when `tune eval` ran several);
                 live base vs tuned images of any prompt, with a LoRA scale slider
     Trajectory  the denoising film strip of one sample (saved, or generated live)
     Export      the run's export/*.safetensors: summary, metadata, download (dashboard/export_page.py)
@@ -105,7 +106,10 @@ def _loss_chart(points: list[dict[str, Any]]) -> None:
 
 def page_compare(run: RunInfo, name: str) -> None:
     st.header(f"Compare · {name}")
-    report = data.read_eval_report(run)
+    suites = data.eval_suites(run)  # each `tune eval --suite` keeps its report; pick one when several
+    if len(suites) > 1:
+        suites = [st.selectbox("Eval suite", suites, key=f"eval_suite:{name}")]
+    report = data.read_eval_report(run, suites[0]) if suites else None
     sets = data.sample_sets(run)
     styles: dict[str, str] = {}
     if report is not None:

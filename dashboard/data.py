@@ -2,12 +2,14 @@
 
 Everything here goes through `tune.runs` (read_run / list_runs) and the files that module and
 `tune.sampling` document: samples/step_XXXXXX/ (p{i:02d}_s{seed}.png, prompts.json, optional
-*_trajectory.png), metrics.jsonl and eval/report.json (written by `tune eval`); export files are
+*_trajectory.png), metrics.jsonl and the eval reports (`tune eval`: eval/report.json for the default
+suite, eval/<suite>/report.json for each other one); export files are
 described by dashboard/export_page.py. The Streamlit app (app.py) only lays these out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune.errors import ConfigError
 from tune.evaluation.report import METRICS
+from tune.evaluation.suites import DEFAULT_SUITE, suite_eval_dir
 from tune.paths import find_path
 from tune.runs import RunInfo, list_runs, read_run, step_dir_name
 
@@ -339,17 +343,27 @@ def concept_photos(run: RunInfo, limit: int = 24) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Eval report (eval/report.json, written by `tune eval`)
+# Eval reports (`tune eval`: eval/report.json for the default suite, eval/<suite>/report.json else)
 # ---------------------------------------------------------------------------------------------
 
 EVAL_SCORES = METRICS
 """The scores a report may hold per model (`tune eval`'s own list)."""
 
 
-def read_eval_report(run: RunInfo) -> dict[str, Any] | None:
-    """eval/report.json as a dict, or None when there is none (or it is unreadable)."""
+def eval_suites(run: RunInfo) -> list[str]:
+    """The suites with a report in the run: "default" (eval/report.json) first, then eval/<suite>/'s."""
+    names = [DEFAULT_SUITE] if (run.path / "eval" / "report.json").is_file() else []
+    for report in sorted((run.path / "eval").glob("*/report.json")):
+        with contextlib.suppress(ConfigError):  # a folder no suite writes to (eval/base/, eval/default/)
+            if suite_eval_dir(run.path, report.parent.name) == report.parent:
+                names.append(report.parent.name)
+    return names
+
+
+def read_eval_report(run: RunInfo, suite: str = DEFAULT_SUITE) -> dict[str, Any] | None:
+    """A suite's report.json as a dict, or None when there is none (or it is unreadable)."""
     try:
-        report = json.loads((run.path / "eval" / "report.json").read_text(encoding="utf-8"))
+        report = json.loads((suite_eval_dir(run.path, suite) / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None

@@ -105,7 +105,8 @@ class Config(p.PersonalizeConfig):
     """That LoRA's rank for the resnets' 3x3 convs (0: attention, MLP and projections only)."""
     eval_every: int = 0
     """Score the (EMA) model with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0
-    and at the last step (eval/report.json), keeping the best step's pipeline in export/best/; 0 = never."""
+    and at the last step (eval/report.json; another suite: eval/<suite>/report.json), keeping the best
+    step's pipeline in export/best/; 0 = never."""
     eval_suite: str = "default"
     """Suite of those evaluations: a name in eval/ or a TOML file."""
     eval_clip: str = "models/world-clip"

@@ -144,7 +144,8 @@ class Config(p.PersonalizeConfig):
     """dtype of the exported adapter files (checkpoints keep fp32)."""
     eval_every: int = 0
     """Score the adapter with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0 and
-    at the last step (eval/report.json), keeping the best step's adapter in export/best/; 0 = never."""
+    at the last step (eval/report.json; another suite: eval/<suite>/report.json), keeping the best step's
+    adapter in export/best/; 0 = never."""
     eval_suite: str = "default"
     """Suite of those evaluations: a name in eval/ or a TOML file."""
     eval_clip: str = "models/world-clip"

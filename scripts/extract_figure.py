@@ -55,7 +55,7 @@ for step, file in files.items():
 
 
 def pixels(step: int) -> list[np.ndarray]:
-    folder = out / "eval" / "eval" / f"step_{step:06d}"
+    folder = evaluator.eval_dir / f"step_{step:06d}"
     return [np.asarray(Image.open(p)).astype(float) for p in sorted(folder.glob("p*_s*.png"))]
 
 

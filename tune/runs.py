@@ -8,7 +8,7 @@
   samples/step_XXXXXX/   validation images (written by tune.sampling.sample_grid)
   checkpoints/step_XXXXXX/  complete only once its COMPLETE marker exists (written last)
   export/             LoRA / weights files for other tools; export/pipeline/ a whole diffusers pipeline
-  eval/               evaluation reports
+  eval/               evaluation reports: the default suite's; eval/<suite>/ each other suite's
   LOCK                held (flock) by the one process writing the run
   DONE                written last, when the run finished
 ```

@@ -6,6 +6,7 @@ conftest.py makes them per test (`runs_root`); the constants say what the tests 
     lora-sks/      a finished LoRA-like run: samples at steps 0 (base, one film strip) and 200, three
                    prompts (plain, red, blue background) x seeds 0 and 1, metrics, concept photos,
                    a complete checkpoint, export/*.safetensors (diffusers + kohya keys), eval/report.json
+                   (the default suite's; `write_eval_report` adds another suite's)
     unet-stopped/  a run without DONE and without samples (status crashed)
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tune.evaluation.suites import suite_eval_dir
 
 PROMPTS = [
     "a photo of sks toy",
@@ -130,42 +133,55 @@ def make_lora_run(root: Path, concept: Path) -> Path:
     (ckpt / "COMPLETE").write_text("")
     _write_lora_file(run / "export" / "pytorch_lora_weights.safetensors", kohya=False)
     _write_lora_file(run / "export" / f"{LORA_RUN}.safetensors", kohya=True)
+    write_eval_report(run)
+    (run / "DONE").write_text("2026-01-02T10:10:00+00:00")
+    return run
+
+
+def write_eval_report(
+    run: Path,
+    suite: str = "default",
+    prompts: list[str] = PROMPTS[1:],
+    fidelity: tuple[float, float] = (0.21, 0.62),
+) -> None:
+    """A `tune eval` report of `suite` (base and step 200, seed 0) where tune writes it: eval/ for the
+    default suite, eval/<suite>/ for any other; `fidelity` is the two entries' subject_fidelity."""
+    folder = suite_eval_dir(run, suite)
+    images = folder.relative_to(run).as_posix()
     for label in ("base", "step_000200"):
-        write_sample_set(run / "eval" / label, PROMPTS[1:], [0], 120, trajectory=False)
+        write_sample_set(folder / label, prompts, [0], 120, trajectory=False)
     scores = {"diversity": 0.3, "dino_fidelity": 0.4, "subject_found": 0.5, "background_right": 0.9}
     report = {
-        "suite": "backgrounds",
+        "suite": suite,
         "clip_model": "models/world-clip",
         "dino_model": None,
-        "prompts": PROMPTS[1:],
+        "prompts": prompts,
         "seeds": [0],
         "steps": 8,
         "guidance": 6.0,
         "base": {
             "label": "base",
             "step": 0,
-            "subject_fidelity": 0.21,
+            "subject_fidelity": fidelity[0],
             "prompt_fidelity": 0.30,
             **scores,
-            "images": "eval/base/",
+            "images": f"{images}/base/",
         },
         "checkpoints": [
             {
                 "label": "step_000200",
                 "step": 200,
-                "subject_fidelity": 0.62,
+                "subject_fidelity": fidelity[1],
                 "prompt_fidelity": 0.27,
                 **scores,
-                "images": "eval/step_000200/",
+                "images": f"{images}/step_000200/",
             }
         ],
         "best_step": 200,
         "overfit": False,
         "overfit_reason": None,
     }
-    (run / "eval" / "report.json").write_text(json.dumps(report, indent=2))
-    (run / "DONE").write_text("2026-01-02T10:10:00+00:00")
-    return run
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def make_stopped_run(root: Path) -> Path:

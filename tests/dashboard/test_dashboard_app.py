@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_testkit import IMAGES_PER_STEP, LORA_RUN, PROMPTS, STEPS, STOPPED_RUN
+from dashboard_testkit import IMAGES_PER_STEP, LORA_RUN, PROMPTS, STEPS, STOPPED_RUN, write_eval_report
 from streamlit.testing.v1 import AppTest
 
 from tune import PROJECT_ROOT
@@ -112,6 +112,22 @@ def test_compare_shows_eval_figures_and_eval_images(app: AppTest):
     app.radio(key=f"source:{LORA_RUN}").set_value("eval suite").run()
     assert not app.exception, app.exception
     assert len(grid_images(app)) == 2 * 2  # two eval prompts, one seed, base + step 200
+    assert f"eval_suite:{LORA_RUN}" not in [w.key for w in app.selectbox]  # one suite: nothing to pick
+
+
+def test_compare_picks_one_of_several_eval_suites(runs_root: Path, monkeypatch: pytest.MonkeyPatch):
+    write_eval_report(runs_root / LORA_RUN, "surfaces", PROMPTS[:1], (0.4, 0.8))
+    monkeypatch.setenv("TUNE_RUNS_DIR", str(runs_root))
+    app = goto(AppTest.from_file(APP, default_timeout=60).run(), "Compare")
+    picker = app.selectbox(key=f"eval_suite:{LORA_RUN}")
+    assert picker.options == ["default", "surfaces"] and picker.value == "default"
+    assert list(app.dataframe[0].value["subject_fidelity"]) == [0.21, 0.62]
+    picker.set_value("surfaces").run()
+    assert not app.exception, app.exception
+    assert any("suite surfaces" in c.value for c in app.caption)
+    assert list(app.dataframe[0].value["subject_fidelity"]) == [0.4, 0.8]
+    app.radio(key=f"source:{LORA_RUN}").set_value("eval suite").run()
+    assert len(grid_images(app)) == 1 * 2  # surfaces: one prompt, one seed, base + step 200
 
 
 def test_live_panel_is_there_without_generating(app: AppTest):

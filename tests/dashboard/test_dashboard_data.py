@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dashboard_testkit import LORA_RUN, PROMPTS, SEEDS, STEPS, STOPPED_RUN
+from dashboard_testkit import LORA_RUN, PROMPTS, SEEDS, STEPS, STOPPED_RUN, write_eval_report
 
 from dashboard import data, export_page
 
@@ -67,6 +67,23 @@ def test_trajectory_concept_photos_and_eval_report(runs_root: Path):
     assert sorted(data.eval_sample_sets(run, report)) == [0, 200]
     (run.path / "eval" / "report.json").write_text("{not json")
     assert data.read_eval_report(run) is None
+
+
+def test_every_suites_report_is_listed_and_read(runs_root: Path):
+    run = data.load_run(runs_root / LORA_RUN)
+    assert data.eval_suites(run) == ["default"]
+    write_eval_report(run.path, "surfaces", PROMPTS[:1], (0.4, 0.8))
+    write_eval_report(run.path, "backgrounds", PROMPTS[1:2], (0.3, 0.7))
+    (run.path / "eval" / "step_000200" / "report.json").write_text("{}")  # an image folder: no suite
+    assert data.eval_suites(run) == ["default", "backgrounds", "surfaces"]
+    surfaces = data.read_eval_report(run, "surfaces")
+    assert surfaces is not None and (surfaces["suite"], surfaces["prompts"]) == ("surfaces", PROMPTS[:1])
+    assert [r["subject_fidelity"] for r in data.eval_table(surfaces)] == [0.4, 0.8]
+    sets = data.eval_sample_sets(run, surfaces)  # the images of eval/surfaces/, not the default suite's
+    assert {im.path.parent.parent.name for s in sets.values() for im in s.images} == {"surfaces"}
+    assert [r["subject_fidelity"] for r in data.eval_table(data.read_eval_report(run) or {})] == [0.21, 0.62]
+    (run.path / "eval" / "report.json").unlink()
+    assert data.eval_suites(run) == ["backgrounds", "surfaces"]
 
 
 def test_runs_table_and_loss_curve(runs_root: Path):

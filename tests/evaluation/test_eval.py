@@ -16,8 +16,9 @@ from tune import PROJECT_ROOT
 from tune.cli import main as cli_main
 from tune.config import load_config
 from tune.errors import ConfigError
-from tune.evaluation import decide, load_suite
+from tune.evaluation import Evaluator, decide, load_suite, run_subject, suite_eval_dir
 from tune.evaluation.report import METRICS
+from tune.runs import read_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
 from test_metrics import save_tiny_clip  # noqa: E402
@@ -33,6 +34,9 @@ seeds = [0, 1]
 steps = 2
 guidance = 6.0
 """
+# The lora fixture trains with TINY_SUITE saved as suite.toml: a suite named "suite", not the default one,
+# so its reports go to eval/suite/.
+SUITE_DIR = Path("eval/suite")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def lora_run(setup: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lora_recipe.main(cfg).path
 
 
-def check_report(report: dict, run: Path, steps: list[int]) -> None:
+def check_report(report: dict, run: Path, steps: list[int], suite_dir: Path = SUITE_DIR) -> None:
     assert set(report) == {
         "suite",
         "clip_model",
@@ -205,7 +209,7 @@ def check_report(report: dict, run: Path, steps: list[int]) -> None:
     assert [e["step"] for e in entries] == [0, *steps]
     assert [e["label"] for e in entries] == ["base"] + [f"step_{s:06d}" for s in steps]
     for e in entries:
-        assert set(e) == METRIC_KEYS and e["images"] == f"eval/{e['label']}/"
+        assert set(e) == METRIC_KEYS and e["images"] == f"{suite_dir.as_posix()}/{e['label']}/"
         assert (
             -1 <= e["subject_fidelity"] <= 1 and -1 <= e["prompt_fidelity"] <= 1 and 0 <= e["diversity"] <= 2
         )
@@ -224,9 +228,9 @@ def check_report(report: dict, run: Path, steps: list[int]) -> None:
 
 
 def test_eval_every_writes_the_report_and_keeps_the_best_adapter(lora_run: Path) -> None:
-    report = json.loads((lora_run / "eval" / "report.json").read_text())
+    report = json.loads((lora_run / SUITE_DIR / "report.json").read_text())
     check_report(report, lora_run, [2, 4])
-    assert "| base | 0 |" in (lora_run / "eval" / "report.md").read_text()
+    assert "| base | 0 |" in (lora_run / SUITE_DIR / "report.md").read_text()
     info = json.loads((lora_run / "run.json").read_text())
     assert info["best_step"] == report["best_step"]
     best = lora_run / "export" / "best" / "pytorch_lora_weights.safetensors"
@@ -236,7 +240,7 @@ def test_eval_every_writes_the_report_and_keeps_the_best_adapter(lora_run: Path)
 def test_tune_eval_scores_base_and_checkpoints(
     lora_run: Path, setup: dict, capsys: pytest.CaptureFixture
 ) -> None:
-    during = json.loads((lora_run / "eval" / "report.json").read_text())
+    during = json.loads((lora_run / SUITE_DIR / "report.json").read_text())
     args = [
         "eval",
         str(lora_run),
@@ -249,8 +253,9 @@ def test_tune_eval_scores_base_and_checkpoints(
     ]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "best step:" in out and "report.md" in out and "trigger on subject" in out
-    after = json.loads((lora_run / "eval" / "report.json").read_text())
+    assert "best step:" in out and "trigger on subject" in out
+    assert str(lora_run / SUITE_DIR / "report.md") in out
+    after = json.loads((lora_run / SUITE_DIR / "report.json").read_text())
     check_report(after, lora_run, [2, 4])
     # The same base model, prompts and seeds: the same numbers as during training; the checkpoints'
     # merged adapters match the live PEFT adapters to rounding.
@@ -259,9 +264,75 @@ def test_tune_eval_scores_base_and_checkpoints(
         for a, b in zip(after["checkpoints"], during["checkpoints"], strict=True):
             assert a[key] == pytest.approx(b[key], abs=1e-3)
     assert cli_main([*args, "--checkpoints", "last"]) == 0
-    last = json.loads((lora_run / "eval" / "report.json").read_text())
+    last = json.loads((lora_run / SUITE_DIR / "report.json").read_text())
     assert [c["step"] for c in last["checkpoints"]] == [4]
     assert last["checkpoints"][0]["subject_fidelity"] == after["checkpoints"][1]["subject_fidelity"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each suite keeps its own report
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_suite_folder_is_eval_for_the_default_suite_else_its_own(tmp_path: Path) -> None:
+    assert suite_eval_dir(tmp_path, "default") == tmp_path / "eval"
+    assert suite_eval_dir(tmp_path, "backgrounds") == tmp_path / "eval" / "backgrounds"
+    for name in ("base", "step_000200", "Step_1"):
+        with pytest.raises(ConfigError, match="clashes with the image folders"):
+            suite_eval_dir(tmp_path, name)
+    for name in ("", "..", "a/b"):
+        with pytest.raises(ConfigError, match="not a plain folder name"):
+            suite_eval_dir(tmp_path, name)
+
+
+def test_each_suite_keeps_its_own_report(
+    lora_run: Path, setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Three suites on one run, one after another: the training-time "suite" (eval/suite/), "other"
+    # (eval/other/) and a suite named "default" (eval/, where the dashboard has always looked).
+    (tmp_path / "other.toml").write_text(TINY_SUITE.replace("on a red background", "on grass"))
+    (tmp_path / "default.toml").write_text(TINY_SUITE.replace("a photo of {class}", "a drawing of {class}"))
+    clip = ["--clip", str(setup["clip"]), "--device", "cpu", "--checkpoints", "last"]
+    for name in ("other", "default"):
+        assert cli_main(["eval", str(lora_run), "--suite", str(tmp_path / f"{name}.toml"), *clip]) == 0
+        assert str(suite_eval_dir(lora_run, name) / "report.md") in capsys.readouterr().out
+    prompts = {
+        "suite": ["a photo of sks toy on a red background", "a photo of toy"],
+        "other": ["a photo of sks toy on grass", "a photo of toy"],
+        "default": ["a photo of sks toy on a red background", "a drawing of toy"],
+    }
+    for name, folder in (("suite", SUITE_DIR), ("other", Path("eval/other")), ("default", Path("eval"))):
+        report = json.loads((lora_run / folder / "report.json").read_text())
+        assert (report["suite"], report["prompts"]) == (name, prompts[name])
+        for e in [report["base"], *report["checkpoints"]]:
+            assert e["images"] == f"{folder.as_posix()}/{e['label']}/" and (lora_run / e["images"]).is_dir()
+        assert f"({report['base']['label']}/grid.png)" in (lora_run / folder / "report.md").read_text()
+
+
+def test_resumed_training_eval_reads_its_suites_report(lora_run: Path, setup: dict) -> None:
+    subject = run_subject(read_run(lora_run))
+    evaluator = Evaluator(load_suite(setup["suite"]), subject, None, clip=setup["clip"])
+    evaluator.attach(lora_run, step=3)  # a run resumed at step 3 keeps base and step 2 of eval/suite/
+    report = json.loads((lora_run / SUITE_DIR / "report.json").read_text())
+    assert evaluator.eval_dir == lora_run / SUITE_DIR and evaluator.base == report["base"]
+    kept = [c["step"] for c in report["checkpoints"] if c["step"] < 3]
+    assert [c["step"] for c in evaluator.checkpoints] == kept
+
+
+def test_a_suite_named_like_an_image_folder_is_refused_before_drawing(
+    lora_run: Path, setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "base.toml").write_text(TINY_SUITE)
+    (tmp_path / "renamed.toml").write_text('name = "step_000002"\n' + TINY_SUITE)
+    before = sorted((p, p.stat().st_mtime_ns) for p in lora_run.rglob("*"))
+    for suite in ("base.toml", "renamed.toml"):
+        args = ["eval", str(lora_run), "--suite", str(tmp_path / suite), "--clip", str(setup["clip"])]
+        assert "clashes with the image folders" in one_line_error([*args, "--device", "cpu"], capsys)
+    assert sorted((p, p.stat().st_mtime_ns) for p in lora_run.rglob("*")) == before
+    # In training (eval_suite) it fails as the evaluator is built: before the CLIP folder is even read.
+    subject = run_subject(read_run(lora_run))
+    with pytest.raises(ConfigError, match="clashes with the image folders"):
+        Evaluator(load_suite(tmp_path / "base.toml"), subject, None, clip=tmp_path / "no-clip")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,13 +358,13 @@ def test_dreambooth_run_evaluated_in_training_and_after(
     ]
     cfg = load_config(dreambooth.Config, PROJECT_ROOT / "recipes/configs/dreambooth/tiny.toml", overrides)
     run = dreambooth.main(cfg).path
-    during = json.loads((run / "eval" / "report.json").read_text())
+    during = json.loads((run / SUITE_DIR / "report.json").read_text())
     check_report(during, run, [4])
     assert (run / "export" / "best" / "model_index.json").is_file() == (during["best_step"] == 4)
     # tune eval reads the accelerate checkpoint (U-Net + EMA) and draws what the run drew at step 4.
     args = ["eval", str(run), "--suite", str(setup["suite"]), "--clip", str(setup["clip"]), "--device", "cpu"]
     assert cli_main(args) == 0
-    after = json.loads((run / "eval" / "report.json").read_text())
+    after = json.loads((run / SUITE_DIR / "report.json").read_text())
     for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
         assert after["checkpoints"][0][key] == pytest.approx(during["checkpoints"][0][key], abs=1e-4)
 

@@ -28,7 +28,7 @@ from tune.runs import RunDir
 from tune.sampling import generate
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
-from test_eval import TINY_SUITE, check_report  # noqa: E402
+from test_eval import SUITE_DIR, TINY_SUITE, check_report  # noqa: E402
 from test_metrics import save_tiny_clip  # noqa: E402
 
 from recipe_testkit import make_concept  # noqa: E402
@@ -91,7 +91,7 @@ def test_tune_eval_scores_an_sdxl_run(sdxl_run: dict[str, Path]) -> None:
     run = sdxl_run["run"]
     args = ["eval", str(run), "--suite", str(sdxl_run["suite"]), "--clip", str(sdxl_run["clip"])]
     assert cli_main([*args, "--device", "cpu"]) == 0
-    report = json.loads((run / "eval" / "report.json").read_text())
+    report = json.loads((run / SUITE_DIR / "report.json").read_text())
     entries = [report["base"], *report["checkpoints"]]
     assert [e["step"] for e in entries] == [0, *STEPS]
     for entry in entries:
@@ -130,11 +130,11 @@ def test_lora_recipe_on_sdxl_is_evaluated_in_training_and_after(
     ]
     cfg = load_config(lora_recipe.Config, PROJECT_ROOT / "recipes/configs/lora/tiny.toml", overrides)
     run = lora_recipe.main(cfg).path
-    during = json.loads((run / "eval" / "report.json").read_text())
+    during = json.loads((run / SUITE_DIR / "report.json").read_text())
     check_report(during, run, [2, 4])
     args = ["eval", str(run), "--suite", str(tmp_path / "suite.toml"), "--clip", str(sdxl_run["clip"])]
     assert cli_main([*args, "--device", "cpu"]) == 0
-    after = json.loads((run / "eval" / "report.json").read_text())
+    after = json.loads((run / SUITE_DIR / "report.json").read_text())
     check_report(after, run, [2, 4])
     for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
         # During training the base is drawn through zero-initialised adapters on all three models, whose

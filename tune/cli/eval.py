@@ -2,18 +2,19 @@
 
     tune eval RUN_DIR [--suite default|FILE] [--checkpoints all|last] [--clip PATH] [--dino PATH]
 
-Writes RUN_DIR/eval/report.json and report.md (`evaluate_run`), prints the verdict (`format_summary`).
+Writes the suite's report.json and report.md (`evaluate_run`): RUN_DIR/eval/ for the default suite,
+RUN_DIR/eval/<suite name>/ for any other, so every suite keeps its report. Prints the verdict
+(`format_summary`) and the report.md path.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from tune.errors import ConfigError
 from tune.evaluation.report import format_summary
 from tune.evaluation.run_dir import evaluate_run
-from tune.evaluation.suites import DEFAULT_SUITE
+from tune.evaluation.suites import DEFAULT_SUITE, suite_eval_dir
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
@@ -59,5 +60,5 @@ def run_cli(args: argparse.Namespace) -> int:
         device=None if args.device == "auto" else args.device,
     )
     print(format_summary(report))
-    print(Path(args.run_dir) / "eval" / "report.md")
+    print(suite_eval_dir(args.run_dir, report["suite"]) / "report.md")
     return 0

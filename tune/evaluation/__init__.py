@@ -2,14 +2,17 @@
 
 The base model and every complete checkpoint (lora: its adapter; dreambooth: its U-Net, the EMA
 weights where kept; textual_inversion: its embedding) draw the suite's prompts x seeds through the
-shared sampler into `RUN_DIR/eval/<label>/`, are scored with `tune.metrics`, and the verdict (best
-step, overfit) is written to `RUN_DIR/eval/report.json` and `report.md`. The lora and dreambooth
-recipes run the same evaluation in-process every `eval_every` steps (`start_training_eval`) and keep
+shared sampler into `<folder>/<label>/`, are scored with `tune.metrics`, and the verdict (best step,
+overfit) is written to `<folder>/report.json` and `report.md`. The folder is the suite's own
+(`suite_eval_dir`): `RUN_DIR/eval/` for the default suite, `RUN_DIR/eval/<suite name>/` for any other,
+so running several suites keeps every report. The lora and dreambooth recipes run the same
+evaluation in-process every `eval_every` steps (`start_training_eval`), into the same folder, and keep
 the best step's weights in export/best/.
 
 One job per module:
 
     suites       load_suite(name | path) -> Suite, find_suite         eval/*.toml, read strictly
+                 suite_eval_dir(run_path, suite_name)                where a suite's report goes
     report       decide(base, checkpoints) -> best_step, overfit, reason
                  format_markdown, format_summary                     torch-free: the verdict, report.md
     evaluator    Evaluator(suite, subject, run_path): evaluate(pipe, step), write(), resume()
@@ -45,7 +48,15 @@ from tune.evaluation.report import (
     format_summary,
 )
 from tune.evaluation.run_dir import evaluate_run, run_subject
-from tune.evaluation.suites import DEFAULT_SUITE, SUITES_DIR, Suite, find_suite, load_suite
+from tune.evaluation.suites import (
+    DEFAULT_SUITE,
+    SUITES_DIR,
+    Suite,
+    find_suite,
+    load_suite,
+    suite_eval_dir,
+    suite_folder,
+)
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -66,4 +77,6 @@ __all__ = [
     "load_suite",
     "run_subject",
     "start_training_eval",
+    "suite_eval_dir",
+    "suite_folder",
 ]

@@ -1,8 +1,9 @@
 """The evaluator: one suite, one subject, any number of models (the base model, then checkpoints).
 
 `Evaluator.evaluate(pipe, step)` draws the suite's prompts x seeds with `pipe` as it is through the
-shared sampler into `eval/<label>/` (`base`, `step_000200`, ...: images, grid.png, prompts.json) and
-scores them with `tune.metrics`:
+shared sampler into `<folder>/<label>/` (`base`, `step_000200`, ...: images, grid.png, prompts.json)
+and scores them with `tune.metrics`. The folder is the suite's own (`suite_eval_dir`): `eval/` for the
+default suite, `eval/<suite name>/` for any other, so each suite keeps its report:
 
     subject_fidelity   CLIP-I: mean cosine of the images with the concept's photos (subject prompts only)
     dino_fidelity      the same with DINO (--dino), else null
@@ -22,7 +23,7 @@ scores them with `tune.metrics`:
 a world caption) shows whether the model still draws other things. The judge figures need the
 world judge (models/world-judge); without it they are null.
 
-`write()` writes eval/report.json and report.md (see `tune.evaluation.report`). `start_training_eval`
+`write()` writes the folder's report.json and report.md (see `tune.evaluation.report`). `start_training_eval`
 builds the evaluator the lora and dreambooth recipes run every `eval_every` steps.
 """
 
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, DataError
 from tune.evaluation.report import decide, format_markdown
-from tune.evaluation.suites import Suite, load_suite
+from tune.evaluation.suites import Suite, load_suite, suite_folder
 from tune.runs import step_dir_name, write_atomic
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ def _load_judge() -> Any:
 
 
 class Evaluator:
-    """Scores pipelines on one suite for one subject and keeps the report (eval/report.json, report.md)."""
+    """Scores pipelines on one suite for one subject and keeps the report (report.json, report.md in the
+    suite's folder of the run: `eval/`, or `eval/<suite name>/`)."""
 
     def __init__(
         self,
@@ -108,6 +110,7 @@ class Evaluator:
     ) -> None:
         from tune import metrics
 
+        self.folder = suite_folder(suite.name)  # a suite named like an image folder fails before loading
         self.suite, self.subject = suite, subject
         self.run_path = Path(run_path) if run_path is not None else None
         self.clip: Clip = metrics.load_clip(clip, device)
@@ -127,10 +130,10 @@ class Evaluator:
     def eval_dir(self) -> Path:
         if self.run_path is None:
             raise RuntimeError("attach(run_path) the evaluator to a run directory first")
-        return self.run_path / "eval"
+        return self.run_path / self.folder
 
     def attach(self, run_path: Path, step: int = 0) -> None:
-        """Write into `run_path`/eval/; a run resumed at `step` > 0 keeps its report so far."""
+        """Write into the suite's folder of `run_path`; a run resumed at `step` > 0 keeps its report so far."""
         self.run_path = Path(run_path)
         if step > 0:
             self.resume(step)
@@ -145,7 +148,7 @@ class Evaluator:
         modules: Sequence[torch.nn.Module] = (),
         progress: bool = True,
     ) -> dict[str, Any]:
-        """Draw the suite with `pipe` as it is now into eval/<label>/, score it and add it to the report
+        """Draw the suite with `pipe` as it is now into <folder>/<label>/, score it and add it to the report
         (`base=True`: as the base model). `modules` are put in eval mode meanwhile."""
         from tune.attention import share_on_subject
         from tune.sampling import sample_grid
@@ -182,7 +185,7 @@ class Evaluator:
         ]
         scores = self.score([s.image for s in samples], shares)
         entry = {"label": label, "step": 0 if base else step, **scores}
-        entry["images"] = f"eval/{label}/"
+        entry["images"] = f"{self.folder}/{label}/"  # relative to the run directory
         if base:
             self.base = entry
         else:
@@ -251,7 +254,7 @@ class Evaluator:
         }
 
     def write(self) -> dict[str, Any]:
-        """Write eval/report.json and eval/report.md (atomically); returns the report."""
+        """Write report.json and report.md into the suite's folder (atomically); returns the report."""
         report = self.report()
         self.eval_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.eval_dir / "report.json", json.dumps(report, indent=2) + "\n")

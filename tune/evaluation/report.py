@@ -1,11 +1,14 @@
 """The report of `tune eval`, torch-free: the best-step/overfit rule and the report's text.
 
-Written (atomically, by `Evaluator.write`): `RUN_DIR/eval/report.json`
+Written (atomically, by `Evaluator.write`) into the suite's folder (`suite_eval_dir`): the default
+suite's `RUN_DIR/eval/report.json`, any other's `RUN_DIR/eval/<suite name>/report.json`
 
     {"suite", "clip_model", "dino_model", "prompts", "seeds", "steps", "guidance",
      "base": {"label": "base", "step": 0, <metrics>, "images": "eval/base/"},
      "checkpoints": [{"label": "step_000200", "step": 200, <metrics>, "images": "eval/step_000200/"}],
      "best_step", "overfit", "overfit_reason"}
+
+("images" is relative to the run directory: `eval/backgrounds/base/` for the backgrounds suite.)
 
 and `report.md` (a table and the grids: `format_markdown`). `best_step` and `overfit` are decided by
 `decide()`; `format_summary` is what `tune eval` prints.

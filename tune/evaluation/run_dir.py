@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, TuneError
 from tune.evaluation.evaluator import EvalSubject, Evaluator, _word_after
-from tune.evaluation.suites import DEFAULT_SUITE, load_suite
+from tune.evaluation.suites import DEFAULT_SUITE, load_suite, suite_eval_dir
 from tune.paths import find_path
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ def evaluate_run(
     dino: str | Path | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's base model and checkpoints; write and return eval/report.json's content."""
+    """Evaluate a run's base model and checkpoints; write and return the suite's report.json content
+    (`suite_eval_dir`: eval/report.json for the default suite, eval/<suite name>/report.json else)."""
     from tqdm.auto import tqdm
 
     from tune import metrics
@@ -71,6 +72,7 @@ def evaluate_run(
     if checkpoints not in ("all", "last"):
         raise ConfigError(f"--checkpoints must be all or last; got {checkpoints!r}")
     the_suite = load_suite(suite)
+    out = suite_eval_dir(path, the_suite.name)  # a name that clashes with the image folders fails here
     subject = run_subject(run)
     base_model = str(run.info.get("base_model") or run.config.get("base_model") or "")
     if not base_model:
@@ -93,7 +95,7 @@ def evaluate_run(
     report = evaluator.write()
     log.info(
         "wrote %s (best step %s, overfit %s)",
-        path / "eval" / "report.json",
+        out / "report.json",
         report["best_step"],
         report["overfit"],
     )

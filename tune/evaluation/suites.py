@@ -1,11 +1,13 @@
-"""Evaluation suites: TOML files in eval/ (see eval/default.toml), parsed strictly by `load_suite`."""
+"""Evaluation suites: TOML files in eval/ (see eval/default.toml), parsed strictly by `load_suite`, and
+where each suite's report lands in a run directory (`suite_eval_dir`).
+"""
 
 from __future__ import annotations
 
 import string
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tune.config import suggest
 from tune.errors import ConfigError
@@ -122,3 +124,27 @@ def _check_template(template: str, path: Path) -> None:
         raise ConfigError(
             f"{path}: prompt {template!r} uses {{{sorted(unknown)[0]}}}; only {{token}} and {{class}} are filled in"
         )
+
+
+def suite_folder(suite_name: str) -> PurePosixPath:
+    """A suite's folder inside a run directory: eval/ for the default suite, eval/<name>/ for any other,
+    so that running several suites keeps every report. A name that would share eval/ with the image
+    folders (base/, step_NNNNNN/) or is not one plain folder name is a ConfigError."""
+    if suite_name == DEFAULT_SUITE:
+        return PurePosixPath("eval")
+    if suite_name.lower() == "base" or suite_name.lower().startswith("step_"):
+        raise ConfigError(
+            f"suite name {suite_name!r} clashes with the image folders eval/base/ and eval/step_NNNNNN/; "
+            "rename the suite (its file, or its 'name' key)"
+        )
+    if suite_name in ("", ".", "..") or any(c in suite_name for c in "/\\"):
+        raise ConfigError(
+            f"suite name {suite_name!r} is not a plain folder name (its report goes to eval/<name>/); "
+            "rename the suite (its file, or its 'name' key)"
+        )
+    return PurePosixPath("eval", suite_name)
+
+
+def suite_eval_dir(run_path: str | Path, suite_name: str) -> Path:
+    """Where `suite_name`'s report.json, report.md and image folders go in a run directory."""
+    return Path(run_path) / suite_folder(suite_name)
