@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tune import PROJECT_ROOT
 from tune.cli import main as tune_main
+from tune.data.config import DataConfig
 from tune.errors import DataError
 from tune.world.captions import (
     RESERVED_WORDS,
@@ -179,3 +182,27 @@ def test_eval_prompts_balance_styles_and_keep_to_their_split() -> None:
     assert all(is_heldout_pair(p.spec) and parse(p.prompt) == spec_attributes(p.spec) for p in prompts)
     seen = make_eval_prompts(48, "train")
     assert {p.spec.cls for p in seen} == set(CLASSES) and not any(is_heldout_pair(p.spec) for p in seen)
+
+
+@pytest.mark.parametrize("name", ["sks-toy", "w-person"])
+def test_the_shipped_subject_photos_and_their_captions_are_write_photos_output(
+    name: str, tmp_path: Path
+) -> None:
+    from tune.data.concepts import load_concept
+    from tune.data.sources import scan_folder
+    from tune.world.subjects import SUBJECTS, photo_spec, write_photos
+
+    shipped = PROJECT_ROOT / "concepts" / name / "photos"
+    written = write_photos(SUBJECTS[name], tmp_path, count=10)
+    for path in written:
+        assert path.read_bytes() == (shipped / path.name).read_bytes()
+        caption = path.with_suffix(".txt")
+        assert caption.read_text() == (shipped / caption.name).read_text()
+    # The loader captions each photo by its sidecar, which names the photo's surface after the prompt.
+    concept = load_concept(PROJECT_ROOT / "concepts" / name)
+    scan = scan_folder(shipped, DataConfig(resolution=64), instance_prompt=concept.instance_caption)
+    for index, record in enumerate(sorted(scan.records, key=lambda r: r.name)):
+        background = photo_spec(SUBJECTS[name], index)[2].background
+        assert record.has_caption and record.caption.startswith(concept.instance_caption + " on ")
+        assert background in record.caption
+    assert scan.sidecars_ignored == 0

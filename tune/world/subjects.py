@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from tune.errors import DataError
-from tune.world.captions import object_phrase
+from tune.world.captions import background_phrase, object_phrase
 from tune.world.render import render
 from tune.world.spec import COLORS, HELDOUT_LOOKS, Spec, allowed
 
@@ -123,16 +123,24 @@ def photo_names(subject: Subject, count: int) -> list[str]:
     return [f"{subject.name.replace('-', '_')}_{i:02d}.jpg" for i in range(count)]
 
 
+def photo_caption(subject: Subject, index: int) -> str:
+    """Photo `index`'s caption sidecar: the concepts' instance prompt ("a photo of sks toy") and the
+    surface it stands on, so that training binds the token to the subject and not to the surfaces."""
+    _, _, spec = photo_spec(subject, index)
+    return f"a photo of {subject.token} {subject.class_word} on {background_phrase(spec.background)}"
+
+
 def write_photos(
     subject: Subject, out_dir: str | Path, count: int = 10, seed: int = 0, *, overwrite: bool = False
 ) -> list[Path]:
-    """Write `count` JPEGs of the subject into `out_dir` (the same seed gives the same files). Existing
-    files of those names are an error unless `overwrite`; other files are left alone."""
+    """Write `count` JPEGs of the subject into `out_dir` (the same seed gives the same files), each with
+    its caption sidecar (`photo_caption`, <stem>.txt). Existing files of those names are an error unless
+    `overwrite`; other files are left alone."""
     if count <= 0:
         raise ValueError(f"count must be > 0; got {count}")
     out = Path(out_dir)
     paths = [out / name for name in photo_names(subject, count)]
-    existing = [p for p in paths if p.exists()]
+    existing = [p for p in paths if p.exists() or p.with_suffix(".txt").exists()]
     if existing and not overwrite:
         raise DataError(
             f"{len(existing)} photo(s) already exist in {out} (e.g. {existing[0].name}); pass --force to replace them"
@@ -140,6 +148,7 @@ def write_photos(
     out.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(paths):
         render_photo(subject, index, seed).save(path, "JPEG", quality=JPEG_QUALITY)
+        path.with_suffix(".txt").write_text(photo_caption(subject, index) + "\n")
     return paths
 
 
