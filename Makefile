@@ -50,6 +50,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tune recipes tests dashboard scripts bench
 	$(VENV)/bin/ruff format --check tune recipes tests dashboard scripts bench
 
+# A LoRA of each example subject (concepts/sks-toy, concepts/w-person; default config), base vs tuned of both
+# in compare.png, and the backgrounds suite's subject found / background right per subject (scripts/demo.py).
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 

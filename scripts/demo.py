@@ -1,13 +1,19 @@
-"""`make demo`: the main job end to end, offline, on this machine (a few minutes on 2 CPU cores).
+"""`make demo`: the main job end to end, offline, on this machine (several minutes on 2 CPU cores).
 
 1. writes a few renders of the built-in toy world and checks them with the shared data loader;
 2. samples the shipped base model (models/world-base): an image and its denoising film strip;
-3. trains a LoRA on the example concept (concepts/sks-toy: 10 photos of a toy the base model has never
-   seen) with the lora recipe's default config, which exports kohya and diffusers files;
-4. draws the exported kohya file through `tune sample --lora` (the file A1111 and ComfyUI load);
-5. puts base and tuned side by side on the concept's validation prompts (the recipe's step-0 samples are
-   the base model, its last samples the tuned one: same prompts, same seeds) in compare.png.
-Everything goes to runs/demo-<timestamp>/; the last lines say where, and how to open the dashboard.
+3. trains a LoRA on each example subject (concepts/sks-toy: 10 photos of a toy, concepts/w-person: of a
+   person; the base model has seen neither) with the lora recipe's default config, which exports kohya
+   and diffusers files;
+4. draws sks-toy's exported kohya file through `tune sample --lora` (the file A1111 and ComfyUI load);
+5. scores each run's base model and last checkpoint on the backgrounds suite, as
+   `tune eval RUN --suite backgrounds --checkpoints last` (report in RUN/eval/backgrounds/): subject found
+   and background right, read by the world judge (models/world-judge; without it this step is skipped);
+6. puts base and tuned of both subjects side by side on the concepts' validation prompts (background,
+   surface and style; the recipe's step-0 samples are the base model, its last samples the tuned one:
+   same prompts, same seeds) in compare.png.
+Everything goes to runs/demo-<timestamp>/; the last lines give the figures, say where, and how to open
+the dashboard.
 """
 
 from __future__ import annotations
@@ -15,16 +21,20 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tune import PROJECT_ROOT
 from tune.cli import main as tune
 
 log = logging.getLogger("demo")
-CONCEPT = PROJECT_ROOT / "concepts" / "sks-toy"
+SUBJECTS = ("sks-toy", "w-person")
 BASE = PROJECT_ROOT / "models" / "world-base"
+JUDGE = PROJECT_ROOT / "models" / "world-judge"
+SUITE = "backgrounds"
 
 
 def step(*args: str) -> None:
@@ -34,25 +44,61 @@ def step(*args: str) -> None:
         sys.exit(code)
 
 
-def compare(run: Path, out: Path) -> Path:
-    """Base (the step-0 samples) next to tuned (the last samples), one row per validation prompt."""
+def template(prompt: str, token: str, class_word: str) -> str:
+    """A validation prompt back as its template: "a drawing of sks toy" -> "a drawing of {token} {class}"."""
+    prompt = prompt.replace(f"{token} {class_word}", "{token} {class}")
+    return re.sub(rf"\b{re.escape(class_word)}\b", "{class}", prompt)
+
+
+def compare(runs: Sequence[Path], out: Path) -> Path:
+    """A base column (the step-0 samples) and a tuned column (the last samples) per run, one row per
+    validation prompt, labelled with its template (the runs must share them)."""
     from PIL import Image
 
+    from tune.evaluation import run_subject
     from tune.grids import make_grid
     from tune.runs import read_run
 
-    steps = read_run(run).sample_steps
-    first, last = run / "samples" / f"step_{steps[0]:06d}", run / "samples" / f"step_{steps[-1]:06d}"
-    index = json.loads((first / "prompts.json").read_text())
-    seed = index["seeds"][0]
-    images, labels = [], []
-    for i, prompt in enumerate(index["prompts"]):
-        name = f"p{i:02d}_s{seed}.png"
-        images += [Image.open(first / name).convert("RGB"), Image.open(last / name).convert("RGB")]
-        labels.append(prompt)
-    grid = make_grid(images, len(labels), 2, row_labels=labels, col_labels=["base", f"lora step {steps[-1]}"])
-    grid.save(out)
+    columns: list[list[Image.Image]] = []
+    col_labels: list[str] = []
+    row_labels: list[str] = []
+    for run in runs:
+        info = read_run(run)
+        subject = run_subject(info)
+        first, last = info.samples_at(info.sample_steps[0]), info.samples_at(info.sample_steps[-1])
+        index = json.loads((first / "prompts.json").read_text())
+        templates = [template(p, subject.token, subject.class_word) for p in index["prompts"]]
+        if row_labels and templates != row_labels:
+            raise ValueError(f"{run} was sampled on other validation prompts than {runs[0]}")
+        row_labels = templates
+        names = [f"p{i:02d}_s{index['seeds'][0]}.png" for i in range(len(templates))]
+        columns += [[Image.open(folder / name).convert("RGB") for name in names] for folder in (first, last)]
+        col_labels += [
+            f"{subject.token} {subject.class_word} base",
+            f"{subject.token} {subject.class_word} tuned",
+        ]
+    images = [column[row] for row in range(len(row_labels)) for column in columns]
+    make_grid(images, len(row_labels), len(columns), row_labels=row_labels, col_labels=col_labels).save(out)
     return out
+
+
+def figures(run: Path) -> str:
+    """Subject found and background right, base -> last checkpoint, from the run's backgrounds report."""
+    from tune.evaluation import suite_eval_dir
+
+    report = json.loads((suite_eval_dir(run, SUITE) / "report.json").read_text())
+    base, tuned = report["base"], report["checkpoints"][-1]
+
+    def pct(entry: dict, key: str) -> str:
+        return "n/a" if entry.get(key) is None else f"{100 * entry[key]:.1f}%"
+
+    return (
+        ", ".join(
+            f"{key.replace('_', ' ')} {pct(base, key)} -> {pct(tuned, key)}"
+            for key in ("subject_found", "background_right")
+        )
+        + f" (base -> step {tuned['step']})"
+    )
 
 
 def main() -> None:
@@ -65,52 +111,55 @@ def main() -> None:
 
     step("data", "world", str(out / "world"), "--count", "24", "--seed", "0", "--workers", "1")
     step("data", "check", str(out / "world"), "--resolution", "64")
+    ball = "a photo of a large red ball on a blue background"
     step(
         "sample",
         "--prompt",
-        "a photo of a large red ball on a blue background",
-        "--seed",
-        "3",
-        "--steps",
-        "25",
-        "--guidance",
-        "6",
-        "--trajectory",
-        "5",
+        ball,
+        *"--seed 3 --steps 25 --guidance 6 --trajectory 5".split(),
         "--out",
         str(out / "sample.png"),
     )
 
-    lora_run = out / "lora-sks-toy"
-    step("run", "lora", "--config", "default", f"concept={CONCEPT}", f"output_dir={lora_run}")
+    runs = [out / f"lora-{name}" for name in SUBJECTS]
+    for name, run in zip(SUBJECTS, runs, strict=True):
+        concept = PROJECT_ROOT / "concepts" / name
+        step("run", "lora", "--config", "default", f"concept={concept}", f"output_dir={run}")
     kohya = next(
-        p for p in sorted((lora_run / "export").glob("*.safetensors")) if p.name.startswith(lora_run.name)
+        p for p in sorted((runs[0] / "export").glob("*.safetensors")) if p.name.startswith(runs[0].name)
     )
+    toy = "a photo of sks toy on a blue background"
     step(
         "sample",
         "--lora",
         str(kohya),
         "--prompt",
-        "a photo of sks toy on a blue background",
-        "--seed",
-        "0",
-        "--steps",
-        "20",
-        "--guidance",
-        "6",
+        toy,
+        *"--seed 0 --steps 20 --guidance 6".split(),
         "--out",
         str(out / "sks_toy_blue.png"),
     )
-    side_by_side = compare(lora_run, out / "compare.png")
+    judged = (JUDGE / "model.safetensors").is_file()
+    if judged:
+        for run in runs:
+            step("eval", str(run), "--suite", SUITE, "--checkpoints", "last")
+    side_by_side = compare(runs, out / "compare.png")
 
     minutes = (time.perf_counter() - started) / 60
     log.info("demo done in %.1f min; results in %s:", minutes, out)
-    log.info("  %s  base (left) vs LoRA (right) on the concept's validation prompts", side_by_side)
+    if judged:
+        for name, run in zip(SUBJECTS, runs, strict=True):
+            log.info("  %s on the %s suite: %s", name, SUITE, figures(run))
+    else:
+        log.info("  no world judge in %s: no subject-found / background-right figures (`make judge`)", JUDGE)
+    log.info("  %s  base vs LoRA of both subjects on the concepts' validation prompts", side_by_side)
     log.info(
         "  %s  the exported kohya LoRA (A1111, ComfyUI), drawn through tune sample", out / "sks_toy_blue.png"
     )
-    log.info("  %s  every validation grid of the run (step 0 is the base model)", lora_run / "samples")
-    log.info("  %s  the LoRA files (kohya and diffusers formats)", lora_run / "export")
+    for run in runs:
+        log.info("  %s  validation grids (step 0 is the base), LoRA files in export/", run)
+        if judged:
+            log.info("  %s  the %s report, its images beside it", run / "eval" / SUITE / "report.md", SUITE)
     log.info(
         "  %s  and %s  the base model and its film strip", out / "sample.png", out / "sample_trajectory.png"
     )
