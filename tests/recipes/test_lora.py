@@ -233,9 +233,11 @@ def test_prior_preservation_generates_and_reuses_class_images(
 
 
 def test_shipped_configs_load_strictly() -> None:
-    for name in ("tiny", "default"):
-        cfg = load_config(recipe.Config, CONFIGS / f"{name}.toml")
-        assert cfg.max_steps > 0 and cfg.lora.targets == ("attn2",)
+    tiny = load_config(recipe.Config, CONFIGS / "tiny.toml")
+    assert tiny.max_steps > 0 and tiny.lora.targets == ("attn2",)
+    default = load_config(recipe.Config, CONFIGS / "default.toml")  # the values measured on the shipped base
+    assert default.lora.targets == ("attn1", "attn2", "ff") and default.lora.rank == 16
+    assert default.optim.lr == 1e-3 and not default.prior.enabled
     with pytest.raises(ConfigError, match="did you mean 'lora.rank'"):
         load_config(recipe.Config, CONFIGS / "tiny.toml", ["lora.rnak=3"])
     with pytest.raises(ConfigError, match="lora.targets"):
