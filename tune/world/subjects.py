@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from tune.errors import DataError
-from tune.world.captions import background_phrase, object_phrase
+from tune.world.captions import STYLE_PREFIX, background_phrase, object_phrase
 from tune.world.render import render
 from tune.world.spec import COLORS, HELDOUT_LOOKS, Spec, allowed
 
@@ -127,7 +127,8 @@ def photo_caption(subject: Subject, index: int) -> str:
     """Photo `index`'s caption sidecar: the concepts' instance prompt ("a photo of sks toy") and the
     surface it stands on, so that training binds the token to the subject and not to the surfaces."""
     _, _, spec = photo_spec(subject, index)
-    return f"a photo of {subject.token} {subject.class_word} on {background_phrase(spec.background)}"
+    prefix = STYLE_PREFIX[spec.style]  # "a photo of": the photos' own style, from the captions' table
+    return f"{prefix} {subject.token} {subject.class_word} on {background_phrase(spec.background)}"
 
 
 def write_photos(
