@@ -211,8 +211,10 @@ def test_adamw8bit_state_is_a_fraction_of_adamw(setup: dict, tmp_path: Path) -> 
 
 
 def test_shipped_configs_load_strictly(setup: dict, tmp_path: Path) -> None:
-    for name in ("tiny", "default"):
+    for name in ("tiny", "default", "sd15"):
         assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
+    sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
+    assert sd15.resolution == 512 and sd15.optim.lr == 5e-6
     with pytest.raises(ConfigError, match="did you mean 'train_text_encoder'"):
         load_config(recipe.Config, None, ["train_text_encoders=true"])
     with pytest.raises(ConfigError, match="ema_decay"):

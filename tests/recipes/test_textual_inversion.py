@@ -140,8 +140,10 @@ def test_several_vectors_all_train(setup: dict, tmp_path: Path) -> None:
 
 
 def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
-    for name in ("tiny", "default"):
+    for name in ("tiny", "default", "sd15"):
         assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
+    sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
+    assert sd15.resolution == 512 and sd15.optim.lr == 2e-3
     with pytest.raises(ConfigError, match="did you mean 'initializer_token'"):
         load_config(recipe.Config, None, ["initialiser_token=toy"])
     with pytest.raises(ConfigError, match="num_vectors"):
