@@ -64,10 +64,6 @@ class Config(p.PersonalizeConfig):
     """Word the new embedding starts from (the subject's class, e.g. "toy"); "" means the concept's class word."""
     num_vectors: int = 1
     """Embedding vectors behind the token (more can hold more detail, and overfit sooner)."""
-    max_norm_scale: float = 0.0
-    """After each step, scale each new vector longer than this many times its starting length (the
-    initializer word's) back to it; 0 = no limit. A vector that keeps growing comes to outweigh the
-    rest of the prompt: the subject turns into another class and the backgrounds are lost."""
     max_steps: int = 500
     batch_size: int = 2
     optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20)
@@ -79,8 +75,6 @@ class Config(p.PersonalizeConfig):
         super().__post_init__()
         if self.num_vectors < 1:
             raise ConfigError(f"num_vectors must be >= 1; got {self.num_vectors}")
-        if self.max_norm_scale < 0 or 0 < self.max_norm_scale < 1:
-            raise ConfigError(f"max_norm_scale must be 0 (no limit) or >= 1; got {self.max_norm_scale}")
 
 
 def main(cfg: Config) -> RunDir:
@@ -198,8 +192,6 @@ def main(cfg: Config) -> RunDir:
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach())
         new_tokens.restore_frozen_rows()  # weight decay and 8-bit state would move the other rows
-        if cfg.max_norm_scale:
-            new_tokens.limit_norms(cfg.max_norm_scale)
         step += 1
         loss_value = loss_sum / cfg.grad_accum
         # per text encoder (their widths differ on SDXL): embedding_norm, embedding_norm_2

@@ -84,14 +84,6 @@ class TokenRows:
         self.weight.copy_(self.original)
         self.weight[ids] = new_rows
 
-    @torch.no_grad()
-    def limit_norms(self, scale: float) -> None:
-        """Scale each new row longer than `scale` times its starting length back to that length."""
-        ids = list(self.ids)
-        rows = self.weight[ids]
-        limit = scale * self.original[ids].to(rows.device, rows.dtype).norm(dim=1, keepdim=True)
-        self.weight[ids] = rows * (limit / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
-
 
 @dataclass
 class NewTokens:
@@ -142,12 +134,6 @@ class NewTokens:
         """Put every row but the new ones back to its value when the tokens were added (bit-exact)."""
         for rows in self.rows:
             rows.restore_frozen_rows()
-
-    def limit_norms(self, scale: float) -> None:
-        """Keep each new vector at most `scale` times as long as when it was added (its initializer
-        word's length): an embedding that keeps growing comes to outweigh the rest of the prompt."""
-        for rows in self.rows:
-            rows.limit_norms(scale)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """What the embedding file holds: `{token: rows}`, or SDXL's `{"clip_l": ..., "clip_g": ...}`."""
