@@ -96,6 +96,38 @@ def test_tune_sample_matches_diffusers_pipeline(tiny_pipeline_dir: str, tmp_path
     assert diff == 0.0  # same code path, same CPU: bit-identical is what we expect
 
 
+def test_tune_sample_embedding_draws_as_diffusers_load_textual_inversion(
+    tiny_pipeline_dir: str, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from tune.cli import main
+
+    width = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir).text_encoder.config.hidden_size
+    embedding = tmp_path / "sks.safetensors"  # A1111's one-tensor layout: {token: [vectors, width]}
+    save_file(
+        {"<sks>": torch.randn(1, width, generator=torch.Generator().manual_seed(0)) * 3}, str(embedding)
+    )
+    prompt = "a photo of <sks> toy"
+    argv = ["sample", "--model", tiny_pipeline_dir, "--prompt", prompt, "--scheduler", "ddim", "--steps", "4"]
+    argv += ["--guidance", "5", "--seed", "1", "--device", "cpu"]
+    assert main([*argv, "--embedding", str(embedding), "--out", str(tmp_path / "with.png")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "without.png")]) == 0
+
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, local_files_only=True)
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_textual_inversion(str(embedding))
+    expected = reference(
+        prompt, num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(1)
+    ).images[0]
+    with Image.open(tmp_path / "with.png") as drawn, Image.open(tmp_path / "without.png") as plain:
+        assert mean_abs_diff(drawn, expected) == 0.0  # the token means the file's vector, as in diffusers
+        assert mean_abs_diff(drawn, plain) > 1  # and not the pieces '<sks>' splits into without it
+    missing = [*argv, "--embedding", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.png")]
+    assert main(missing) == 2 and not (tmp_path / "x.png").exists()
+
+
 def test_every_scheduler_runs_and_leaves_the_pipeline_alone(pipe: StableDiffusionPipeline) -> None:
     own = pipe.scheduler
     own_config = dict(own.config)

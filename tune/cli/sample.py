@@ -1,9 +1,13 @@
 """`tune sample`: one image (and optionally its denoising film strip) from a model and optional LoRAs.
 
-    tune sample --model PATH --prompt TEXT --out FILE.png [--lora FILE[:SCALE] ...] [--seed N] [--steps N]
-                [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
+    tune sample --model PATH --prompt TEXT --out FILE.png [--lora FILE[:SCALE] ...] [--embedding FILE ...]
+                [--seed N] [--steps N] [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
                 [--trajectory K] [--attention WORD[,WORD]] [--negative TEXT] [--config DIR]
                 [--device auto|cpu|cuda] [--edit TEXT [--edit-steps K] [--reweight WORD=F ...]]
+
+--embedding loads a textual-inversion file (a textual_inversion run's export, or a lora run's with
+pivotal tuning: learned_embeds.safetensors; or an A1111/ComfyUI/kohya embedding) under the token it
+names, as diffusers' load_textual_inversion does.
 
 Draws through `tune.sampling.generate`, the sampler every recipe, `tune eval` and the dashboard use, with
 diffusers' own pipeline of the model's family: SD1.x and SD2.x (v-prediction included) through
@@ -23,6 +27,7 @@ attention to WORD by F. --out gets A and B side by side, `<stem>_a.png` and `<st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FILE[:SCALE]",
         help="apply a LoRA (repeatable; scale default 1)",
+    )
+    parser.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="load a textual-inversion embedding under its token (repeatable)",
     )
     parser.add_argument("--prompt", default=None, help="text prompt (required)")
     parser.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt")
@@ -184,6 +196,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """`tune sample`: one image (plus an optional trajectory strip) from a model and optional LoRAs."""
     from tune import lora as lora_io
     from tune import models
+    from tune.personalize.weights import apply_embeddings
 
     if args.prompt is None:
         raise ConfigError(
@@ -204,6 +217,9 @@ def run_cli(args: argparse.Namespace) -> int:
     for path, _ in lora_specs:
         if not path.is_file():
             raise ModelError(f"LoRA file not found: {path}")
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise ModelError(f"embedding file not found: {path}")
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise DataError(f"init image not found: {args.init_image}")
     device = _device(args.device)
@@ -219,6 +235,9 @@ def run_cli(args: argparse.Namespace) -> int:
     pipe.to(device)
     if lora_specs:
         lora_io.apply_loras(pipe, lora_specs)
+    embeddings = contextlib.ExitStack()  # left open: the command draws, then exits
+    for path in args.embedding:
+        embeddings.enter_context(apply_embeddings(pipe, Path(path)))
     if args.edit is not None:
         return _run_edit(args, pipe, out, reweight)
     tokens = attention.prompt_tokens(args.prompt, pipe.tokenizer)

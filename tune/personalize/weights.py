@@ -99,7 +99,7 @@ def apply_run_weights(
         elif run.recipe == "textual_inversion":
             path = _folder(run, step) / EMBEDDINGS_FILE
             _need(path, "is it a textual_inversion checkpoint?" if step is not None else _not_exported(run))
-            undo.enter_context(_embeddings(pipe, path))
+            undo.enter_context(apply_embeddings(pipe, path))
             applied = AppliedWeights(step, (path,))
         else:
             applied = _apply_dreambooth(pipe, run, step, undo)
@@ -155,7 +155,7 @@ def _apply_lora(
     files = [adapter]
     embeddings = adapter.parent / EMBEDDINGS_FILE  # pivotal tuning: the trigger's embedding, same step
     if embeddings.is_file():
-        undo.enter_context(_embeddings(pipe, embeddings))
+        undo.enter_context(apply_embeddings(pipe, embeddings))
         files.append(embeddings)
     stack = lora_io.LoraStack(pipe)
     undo.callback(stack.clear)
@@ -164,7 +164,7 @@ def _apply_lora(
 
 
 @contextlib.contextmanager
-def _embeddings(pipe: StableDiffusionPipeline, path: Path) -> Iterator[None]:
+def apply_embeddings(pipe: StableDiffusionPipeline, path: Path) -> Iterator[None]:
     """A learned_embeds.safetensors in the tokenizer(s) and text encoder(s) (`token`, `token_1` ... as
     diffusers' load_textual_inversion names them; an SDXL file's clip_l and clip_g rows in text_encoder and
     text_encoder_2), then the base's tokenizers and embedding matrices back."""
