@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,7 @@ from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora,
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
-from tune.tokens import add_tokens, check_new_token, text_towers
+from tune.tokens import add_tokens, check_new_token, is_new_token, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -116,8 +116,10 @@ class LoraOptions:
 class PivotalOptions:
     """Pivotal tuning (the `[pivotal]` table): the trigger word becomes a new token trained with the LoRA."""
 
-    enabled: bool = False
-    """Add the token (`token`, or the concept's) as a new embedding and train it too."""
+    enabled: bool | Literal["auto"] = False
+    """Add the token (`token`, or the concept's) as a new embedding and train it too; "auto": when the
+    token is a new word to the tokenizer and in the instance prompt (as "sks"), else (a word it has, as
+    "w": every single letter) the LoRA alone learns the subject. The run's config.toml records which."""
     initializer_token: str = ""
     """Word the new embedding starts from; "" means the concept's class word."""
     num_vectors: int = 1
@@ -156,7 +158,8 @@ def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
     prior = p.resolve_prior(cfg.prior, subject)
-    if cfg.pivotal.enabled and subject.token not in subject.instance_prompt.split():
+    in_prompt = subject.token in subject.instance_prompt.split()
+    if cfg.pivotal.enabled is True and not in_prompt:
         raise ConfigError(
             f"pivotal tuning trains the trigger word, which must be in the instance prompt: token=sks and "
             f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
@@ -164,6 +167,15 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: two of each; pivotal's trigger goes into both
+    if cfg.pivotal.enabled == "auto":
+        pivotal = in_prompt and is_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
+        log.info(
+            "pivotal tuning: %s",
+            f"{subject.token!r} becomes a new token"
+            if pivotal
+            else f"off ({subject.token!r} is a word the tokenizer has, or not in the instance prompt)",
+        )
+        cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))
     if cfg.pivotal.enabled:
         check_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)

@@ -5,7 +5,8 @@
 3. trains a LoRA on each example subject (concepts/sks-toy: 10 photos of a toy, concepts/w-person: of a
    person; the base model has seen neither) with the lora recipe's default config, which exports kohya
    and diffusers files (the two runs side by side, one torch thread each; their logs in train-*.log);
-4. draws sks-toy's exported kohya file through `tune sample --lora` (the file A1111 and ComfyUI load);
+4. draws sks-toy's exported kohya file through `tune sample --lora` (the file A1111 and ComfyUI load),
+   with the trigger's embedding (`--embedding`) when the config trains it (pivotal tuning);
 5. scores each run's base model and last checkpoint on the backgrounds suite, as
    `tune eval RUN --suite backgrounds --checkpoints last` (report in RUN/eval/backgrounds/): subject found
    and background right, read by the world judge (models/world-judge; without it this step is skipped);
@@ -161,10 +162,12 @@ def main() -> None:
         p for p in sorted((runs[0] / "export").glob("*.safetensors")) if p.name.startswith(runs[0].name)
     )
     toy = "a photo of sks toy on a blue background"
+    token = runs[0] / "export" / "learned_embeds.safetensors"  # the trigger's embedding (pivotal tuning)
     step(
         "sample",
         "--lora",
         str(kohya),
+        *(["--embedding", str(token)] if token.is_file() else []),
         "--prompt",
         toy,
         *"--seed 0 --steps 20 --guidance 6".split(),

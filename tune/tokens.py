@@ -172,6 +172,15 @@ def check_new_token(tokenizer, token: str, num_vectors: int = 1) -> tuple[str, .
     return tokens
 
 
+def is_new_token(tokenizer, token: str, num_vectors: int = 1) -> bool:  # noqa: ANN001
+    """Whether `check_new_token` accepts `token`: one word none of the tokenizers has yet."""
+    try:
+        check_new_token(tokenizer, token, num_vectors)
+    except ConfigError:
+        return False
+    return True
+
+
 def pool_at_first_eos(tokenizer, text_encoder: nn.Module) -> int | None:  # noqa: ANN001
     """Make a legacy CLIP config (eos_token_id == 2) pool its output at the first EOS; returns the old value
     (to put back) when it changed it, else None.

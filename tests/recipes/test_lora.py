@@ -18,6 +18,7 @@ from recipes import lora as recipe
 from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.config import load_config
+from tune.embeddings import EMBEDDINGS_FILE
 from tune.errors import ConfigError, ModelError
 from tune.models import load_pipeline
 from tune.runs import read_run
@@ -237,7 +238,8 @@ def test_shipped_configs_load_strictly() -> None:
     assert tiny.max_steps > 0 and tiny.lora.targets == ("attn2",)
     default = load_config(recipe.Config, CONFIGS / "default.toml")  # the values measured on the shipped base
     assert default.lora.targets == ("attn1", "attn2", "ff") and default.lora.rank == 16
-    assert default.optim.lr == 1e-3 and not default.prior.enabled
+    assert default.optim.lr == 1e-4 and not default.prior.enabled
+    assert default.pivotal.enabled == "auto" and default.pivotal.lr == 5e-3
     sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
     assert (sd15.resolution, sd15.lora.rank, sd15.optim.lr) == (512, 4, 1e-4)
     with pytest.raises(ConfigError, match="did you mean 'lora.rank'"):
@@ -257,6 +259,17 @@ def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: 
     with pytest.raises(ModelError, match="no model file or folder"):
         recipe.main(config({**setup, "base": str(tmp_path / "no-model")}, tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # all checked before the run directory is made
+
+
+def test_pivotal_auto_makes_a_new_word_a_token_and_leaves_a_known_one(setup: dict, tmp_path: Path) -> None:
+    short = ("pivotal.enabled=auto", "max_steps=2", "sample_every=0")
+    photos = f"instance_dir={Path(setup['concept']) / 'photos'}"
+    new = recipe.main(config(setup, tmp_path / "new", *short)).path  # the concept's trigger, "sks"
+    known = recipe.main(
+        config(setup, tmp_path / "known", *short, "concept=", photos, "instance_prompt=a photo of w toy")
+    ).path  # a letter is a word the tokenizer has
+    assert (new / "export" / EMBEDDINGS_FILE).is_file() and not (known / "export" / EMBEDDINGS_FILE).exists()
+    assert [read_run(r).config["pivotal"]["enabled"] for r in (new, known)] == [True, False]  # as it ran
 
 
 @pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree"])
