@@ -125,7 +125,14 @@ class PivotalOptions:
     num_vectors: int = 1
     """Embedding vectors behind the token."""
     lr: float = 1e-3
-    """Learning rate of the embedding (the adapters use optim.lr)."""
+    """Learning rate of the embedding (the adapters use optim.lr, or lora_lr)."""
+    lora_lr: float = 0.0
+    """Learning rate of the adapters while the token trains; 0 means optim.lr. The token carries most of the
+    subject then, so the adapters want less (and with pivotal "auto" off, optim.lr holds for them)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.lora_lr < 0:
+            raise ConfigError(f"need pivotal.lr > 0 and pivotal.lora_lr >= 0 (0: optim.lr); got {self}")
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,8 @@ def main(cfg: Config) -> RunDir:
 
     # ---- optimizer ----------------------------------------------------------------------------------
     groups: list[dict] = [{"params": lora_params}]
+    if new_tokens is not None and cfg.pivotal.lora_lr:
+        groups[0]["lr"] = cfg.pivotal.lora_lr
     if new_tokens is not None:
         groups.append({"params": embeddings, "lr": cfg.pivotal.lr, "weight_decay": 0.0})
     optimizer = build_optimizer(groups, cfg.optim)

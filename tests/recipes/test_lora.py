@@ -238,8 +238,8 @@ def test_shipped_configs_load_strictly() -> None:
     assert tiny.max_steps > 0 and tiny.lora.targets == ("attn2",)
     default = load_config(recipe.Config, CONFIGS / "default.toml")  # the values measured on the shipped base
     assert default.lora.targets == ("attn1", "attn2", "ff") and default.lora.rank == 16
-    assert default.optim.lr == 1e-4 and not default.prior.enabled
-    assert default.pivotal.enabled == "auto" and default.pivotal.lr == 5e-3
+    assert default.optim.lr == 1e-3 and not default.prior.enabled
+    assert (default.pivotal.enabled, default.pivotal.lr, default.pivotal.lora_lr) == ("auto", 5e-3, 1e-4)
     sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
     assert (sd15.resolution, sd15.lora.rank, sd15.optim.lr) == (512, 4, 1e-4)
     with pytest.raises(ConfigError, match="did you mean 'lora.rank'"):
@@ -262,7 +262,7 @@ def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: 
 
 
 def test_pivotal_auto_makes_a_new_word_a_token_and_leaves_a_known_one(setup: dict, tmp_path: Path) -> None:
-    short = ("pivotal.enabled=auto", "max_steps=2", "sample_every=0")
+    short = ("pivotal.enabled=auto", "pivotal.lora_lr=3e-5", "max_steps=2", "sample_every=0")
     photos = f"instance_dir={Path(setup['concept']) / 'photos'}"
     new = recipe.main(config(setup, tmp_path / "new", *short)).path  # the concept's trigger, "sks"
     known = recipe.main(
@@ -270,6 +270,8 @@ def test_pivotal_auto_makes_a_new_word_a_token_and_leaves_a_known_one(setup: dic
     ).path  # a letter is a word the tokenizer has
     assert (new / "export" / EMBEDDINGS_FILE).is_file() and not (known / "export" / EMBEDDINGS_FILE).exists()
     assert [read_run(r).config["pivotal"]["enabled"] for r in (new, known)] == [True, False]  # as it ran
+    # The adapters learn at pivotal.lora_lr beside the token, at optim.lr (tiny: 1e-3) alone; after warmup:
+    assert [[m["lr"] for m in read_run(r).metrics if "loss" in m][-1] for r in (new, known)] == [3e-5, 1e-3]
 
 
 @pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree"])
