@@ -1,0 +1,140 @@
+"""The default configs on subjects they were not tuned on: the world's three extra subjects.
+
+    python bench/subjects.py [--subjects yellow-cup blue-cone red-ball] [--recipes lora dreambooth]
+        [--photos 8] [--suites backgrounds] [--jobs 2] [--name NAME] [--keep DIR]
+
+For each subject of `tune.world.subjects.SUBJECTS` named (by default the three besides the shipped
+sks-toy and w-person: a yellow cup with purple spots, a blue and orange striped cone, a red ball with
+white spots, each a look held out of the base), the script renders `--photos` photos with their caption
+sidecars and a concept folder like the shipped ones (concept.toml: the subject's token and class word,
+prior preservation on), runs each recipe with `--config default` on it and `tune eval --suite S
+--checkpoints last` for each suite, `--jobs` runs at a time, each on one torch thread. It prints one row
+per subject, recipe and suite (subject found, background right, style right, training seconds) and
+writes bench/results/subjects-<name>.json. The concept folders and runs go to a temporary folder, or
+to `--keep DIR` to look at the images afterwards (DIR/runs/<subject>-<recipe>/eval/<suite>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXTRA = ("yellow-cup", "blue-cone", "red-ball")
+CONCEPT = """\
+# Written by bench/subjects.py: {description}.
+token = "{token}"
+class_word = "{class_word}"
+instance_dir = "photos"
+instance_prompt = "a photo of {{token}} {{class}}"
+class_prompt = "a photo of {{class}}"
+
+[prior_preservation]
+enabled = true
+num_class_images = 100
+prior_loss_weight = 1.0
+"""
+
+
+def write_concept(name: str, folder: Path, photos: int) -> Path:
+    """concepts/<name>-like folder: photos with caption sidecars and concept.toml."""
+    from tune.world.subjects import SUBJECTS, write_photos
+
+    subject = SUBJECTS[name]
+    concept = folder / name
+    write_photos(subject, concept / "photos", count=photos)
+    (concept / "concept.toml").write_text(
+        CONCEPT.format(description=subject.description, token=subject.token, class_word=subject.class_word)
+    )
+    return concept
+
+
+def run_one(concept: Path, recipe: str, suites: list[str], runs: Path, log: Path) -> list[dict[str, Any]]:
+    """Train `recipe` with its default config on `concept`, evaluate each suite; one row per suite."""
+    from tune.evaluation import suite_eval_dir
+
+    out = runs / f"{concept.name}-{recipe}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    tune = [sys.executable, "-m", "tune.cli"]
+    with log.open("w") as f:
+        start = time.time()
+        command = [*tune, "run", recipe, "--config", "default", f"concept={concept}", f"output_dir={out}"]
+        subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+        train_s = time.time() - start
+        rows = []
+        for suite in suites:
+            command = [*tune, "eval", str(out), "--suite", suite, "--checkpoints", "last"]
+            subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+            report = json.loads((suite_eval_dir(out, suite) / "report.json").read_text())
+            last = report["checkpoints"][-1]
+            rows.append(
+                {
+                    "subject": concept.name,
+                    "recipe": recipe,
+                    "suite": suite,
+                    "step": last["step"],
+                    "train_s": round(train_s, 1),
+                    **{k: last[k] for k in ("subject_found", "background_right", "style_right")},
+                    "base_subject_found": report["base"]["subject_found"],
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    from tune.world.subjects import SUBJECTS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", nargs="+", default=list(EXTRA), choices=sorted(SUBJECTS))
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["lora", "dreambooth"],
+        choices=["lora", "dreambooth", "textual_inversion"],
+    )
+    parser.add_argument("--photos", type=int, default=8, help="photos per subject (default 8)")
+    parser.add_argument("--suites", nargs="+", default=["backgrounds"])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument("--name", default="extra", help="results file: bench/results/subjects-NAME.json")
+    parser.add_argument("--keep", type=Path, help="keep concepts and runs here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tune-subjects-") as tmp:
+        work = args.keep or Path(tmp)
+        concepts = [write_concept(name, work / "concepts", args.photos) for name in args.subjects]
+        (work / "runs").mkdir(parents=True, exist_ok=True)
+        jobs = [(c, r) for r in args.recipes for c in concepts]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [
+                pool.submit(run_one, c, r, args.suites, work / "runs", work / f"{c.name}-{r}.log")
+                for c, r in jobs
+            ]
+            rows = []
+            for (c, r), future in zip(jobs, futures, strict=True):
+                try:
+                    rows += future.result()
+                except subprocess.CalledProcessError:
+                    print(f"{c.name} / {r} failed; see {work / f'{c.name}-{r}.log'}", flush=True)
+    print(f"{'subject':<12} {'recipe':<18} {'suite':<12} found  background  style  train s")
+    for row in rows:
+        print(
+            f"{row['subject']:<12} {row['recipe']:<18} {row['suite']:<12} {row['subject_found']:>5.1%}"
+            f"  {row['background_right']:>10.1%}  {row['style_right']:>5.1%}  {row['train_s']:>7.0f}"
+        )
+    out = ROOT / "bench" / "results" / f"subjects-{args.name}.json"
+    out.write_text(json.dumps({"photos": args.photos, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
