@@ -107,10 +107,6 @@ class Config(p.PersonalizeConfig):
     """Score the (EMA) model with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0
     and at the last step (eval/report.json; another suite: eval/<suite>/report.json), keeping the best
     step's pipeline in export/best/; 0 = never."""
-    eval_suite: str = "default"
-    """Suite of those evaluations: a name in eval/ or a TOML file."""
-    eval_clip: str = "models/world-clip"
-    """CLIPModel folder those evaluations score with."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

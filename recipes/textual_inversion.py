@@ -11,7 +11,8 @@ tokenizers and text encoders and both sets of rows train. The result is a few hu
 export/learned_embeds.safetensors, which `pipe.load_textual_inversion(path, token="sks")` loads in
 diffusers for SD1/SD2 (A1111 and ComfyUI read it too, under its file name); for SDXL it holds `clip_l`
 and `clip_g`, what A1111 and ComfyUI read, and diffusers loads it with two calls (tune.tokens). Each
-checkpoint folder holds the embedding at that step under the same name.
+checkpoint folder holds the embedding at that step under the same name. `eval_every` scores the embedding
+during training as `tune eval` does and keeps the best step's in export/best/.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from tune import personalize as p
 from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
+from tune.evaluation import start_training_eval
 from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
@@ -39,6 +41,7 @@ from tune.training import (
     checkpoint_trainable_only,
     compiled,
     enable_gradient_checkpointing,
+    evaluation_weights,
     is_due,
     log_step,
     on_checkpoint,
@@ -70,6 +73,10 @@ class Config(p.PersonalizeConfig):
     """Optimizer and learning-rate schedule of the embedding (no weight decay: it would shrink the vector)."""
     sample_every: int = 250
     checkpoint_every: int = 250
+    eval_every: int = 0
+    """Score the embedding with `tune eval`'s metrics on `eval_suite` every this many steps, at step 0 and
+    at the last step (eval/report.json; another suite: eval/<suite>/report.json), keeping the best step's
+    embedding in export/best/; 0 = never."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +101,7 @@ def main(cfg: Config) -> RunDir:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: both tokenizers and text encoders
+    evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     check_new_token(tokenizers, subject.token, cfg.num_vectors)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
@@ -155,6 +163,8 @@ def main(cfg: Config) -> RunDir:
         lambda folder, step: save_embeddings(new_tokens, folder / EMBEDDINGS_FILE, {"tune_step": str(step)}),
     )
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    if evaluator is not None:
+        evaluator.attach(run.path, step)
     run.update_info(
         **p.run_info(subject, cfg, base_hash, dataset, pipe=pipe),
         initializer_token=initializer,
@@ -163,6 +173,16 @@ def main(cfg: Config) -> RunDir:
     if cfg.report_to != "none":
         accelerator.init_trackers("textual_inversion", config=tracker_config(cfg))
 
+    def evaluate(at: int) -> None:  # eval_every: score the embedding as it is now, keep the best one
+        if evaluator is None or not accelerator.is_main_process:
+            return
+        evaluator.evaluate(
+            pipe, at, base=at == 0, accelerator=accelerator, modules=text_encoders, progress=False
+        )
+        evaluator.write()
+        if at and evaluator.best_step == at:
+            save_embeddings(new_tokens, run.export_dir / "best" / EMBEDDINGS_FILE, {"tune_step": str(at)})
+
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and val_loss is not None:
         val_loss.log(run, accelerator, 0)
@@ -170,6 +190,8 @@ def main(cfg: Config) -> RunDir:
         p.sample_validation(
             pipe, prompts, cfg.sample, run.sample_dir(0), accelerator=accelerator, modules=text_encoders
         )
+    if step == 0:  # the base model, the token at its initializer's embedding
+        evaluate(0)
     for text_encoder in text_encoders:
         text_encoder.train()
     batches = p.forever(loader)
@@ -223,12 +245,17 @@ def main(cfg: Config) -> RunDir:
                 accelerator=accelerator,
                 modules=text_encoders,
             )
+        if is_due(step, cfg.eval_every, cfg.max_steps):
+            with evaluation_weights(accelerator):
+                evaluate(step)
         if val_loss is not None and is_due(step, cfg.val_every, cfg.max_steps):
             val_loss.log(run, accelerator, step)
         if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
             save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
     bar.close()
     use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
+    if evaluator is not None:
+        run.update_info(best_step=evaluator.best_step)
 
     # ---- save/export --------------------------------------------------------------------------------
     if accelerator.is_main_process:

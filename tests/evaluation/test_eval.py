@@ -369,6 +369,38 @@ def test_dreambooth_run_evaluated_in_training_and_after(
         assert after["checkpoints"][0][key] == pytest.approx(during["checkpoints"][0][key], abs=1e-4)
 
 
+def test_textual_inversion_run_evaluated_in_training_and_after(setup: dict, tmp_path: Path) -> None:
+    from recipes import textual_inversion
+
+    overrides = [
+        f"base_model={setup['base']}",
+        f"concept={setup['concept']}",
+        f"output_dir={tmp_path / 'ti'}",
+        f"data.cache_dir={setup['cache']}",
+        "eval_every=2",
+        f"eval_suite={setup['suite']}",
+        f"eval_clip={setup['clip']}",
+        "sample_every=0",
+        "checkpoint_every=2",
+        "checkpoints_keep=0",
+        "optim.lr=0.05",  # a tiny run's embedding moves enough for the scores to differ
+    ]
+    config = PROJECT_ROOT / "recipes/configs/textual_inversion/tiny.toml"
+    run = textual_inversion.main(load_config(textual_inversion.Config, config, overrides)).path
+    during = json.loads((run / SUITE_DIR / "report.json").read_text())
+    check_report(during, run, [2, 4])
+    assert json.loads((run / "run.json").read_text())["best_step"] == during["best_step"]
+    best = run / "export" / "best" / "learned_embeds.safetensors"
+    assert best.is_file() == (during["best_step"] is not None)
+    # tune eval loads each checkpoint's embedding and draws what the run drew at that step.
+    args = ["eval", str(run), "--suite", str(setup["suite"]), "--clip", str(setup["clip"]), "--device", "cpu"]
+    assert cli_main(args) == 0
+    after = json.loads((run / SUITE_DIR / "report.json").read_text())
+    for now, then in zip(after["checkpoints"], during["checkpoints"], strict=True):
+        for key in ("subject_fidelity", "prompt_fidelity", "diversity"):
+            assert now[key] == pytest.approx(then[key], abs=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI errors: one line, exit code 2
 # ---------------------------------------------------------------------------------------------------

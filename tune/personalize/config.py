@@ -169,6 +169,10 @@ class PersonalizeConfig(TrainConfig):
     """Share of the subject's photos held out for val_loss (at least one; never trained on)."""
     val_dir: str = ""
     """Folder of validation photos instead of a share of the subject's (then every photo trains)."""
+    eval_suite: str = "default"
+    """Suite of the evaluations a recipe's `eval_every` runs: a name in eval/ or a TOML file."""
+    eval_clip: str = "models/world-clip"
+    """CLIPModel folder those evaluations score with."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
