@@ -10,7 +10,8 @@ sidecars and a concept folder like the shipped ones (concept.toml: the subject's
 prior preservation on), runs each recipe with `--config default` on it and `tune eval --suite S
 --checkpoints last` for each suite, `--jobs` runs at a time, each on one torch thread. It prints one row
 per subject, recipe and suite (subject found, background right, style right, training seconds) and
-writes bench/results/subjects-<name>.json. The concept folders and runs go to a temporary folder, or
+writes bench/results/subjects-<name>.json (rows of another subject, recipe or suite already there are
+kept; each row names the commit it was measured at). The concept folders and runs go to a temporary folder, or
 to `--keep DIR` to look at the images afterwards (DIR/runs/<subject>-<recipe>/eval/<suite>/).
 """
 
@@ -131,7 +132,14 @@ def main() -> None:
             f"{row['subject']:<12} {row['recipe']:<18} {row['suite']:<12} {row['subject_found']:>5.1%}"
             f"  {row['background_right']:>10.1%}  {row['style_right']:>5.1%}  {row['train_s']:>7.0f}"
         )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    for row in rows:
+        row["commit"] = commit.stdout.strip() or None  # the configs and code the row was measured with
     out = ROOT / "bench" / "results" / f"subjects-{args.name}.json"
+    if out.is_file():  # a rerun of some subjects or recipes replaces their rows and keeps the others
+        ran = {(r["subject"], r["recipe"], r["suite"]) for r in rows}
+        old = json.loads(out.read_text())["rows"]
+        rows = [r for r in old if (r["subject"], r["recipe"], r["suite"]) not in ran] + rows
     out.write_text(json.dumps({"photos": args.photos, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,13 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the baseline
 
 
-def run_baseline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The diffusers example scripts' loop, condensed: no caching, VAE and text encoder every step."""
+def run_baseline(
+    args: argparse.Namespace, work: Path, on_step: Callable[[int, Any], None] | None = None
+) -> dict[str, Any]:
+    """The diffusers example scripts' loop, condensed: no caching, VAE and text encoder every step.
+    `on_step(step, unet)` runs after each optimizer step, once its time is taken (bench/time_to_quality.py
+    scores the LoRA there). Optional `args` fields override the defaults: `lora_targets` (a peft regex;
+    attn2 only), `prompt` (PROMPT) and `lr` (LR)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -145,7 +151,10 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         unet.to(accelerator.device, dtype=weight_dtype)
         config = LoraConfig(
-            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+            r=args.rank,
+            lora_alpha=args.rank,
+            init_lora_weights="gaussian",
+            target_modules=getattr(args, "lora_targets", None) or LORA_TARGETS,
         )
         unet.add_adapter(config)
         for p in unet.parameters():
@@ -165,8 +174,9 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         text_encoder.get_input_embeddings().requires_grad_(True)
         params = list(text_encoder.get_input_embeddings().parameters())
         unet.to(accelerator.device, dtype=weight_dtype)
-    prompt = PROMPT.replace("sks", "<sks>") if placeholder_id is not None else PROMPT
-    optimizer = torch.optim.AdamW(params, lr=LR[args.recipe], weight_decay=0.0)
+    prompt = getattr(args, "prompt", None) or PROMPT
+    prompt = prompt.replace("sks", "<sks>") if placeholder_id is not None else prompt
+    optimizer = torch.optim.AdamW(params, lr=getattr(args, "lr", None) or LR[args.recipe], weight_decay=0.0)
 
     files = sorted(Path(args.photos_dir).iterdir())
 
@@ -223,7 +233,11 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     dtype=weight_dtype
                 )
                 model_pred = unet_model(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+                if noise_scheduler.config.prediction_type == "v_prediction":  # as the examples do
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)
@@ -240,6 +254,8 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 step += 1
                 final_loss = loss.detach().item()  # the example logs it every step
                 times.append(time.time())
+                if on_step is not None:
+                    on_step(step, unet_model)
                 if step >= total:
                     break
     return {"times": times, "start": start, "final_loss": final_loss}
