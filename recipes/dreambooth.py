@@ -227,13 +227,12 @@ def main(cfg: Config) -> RunDir:
             return
         if ema is not None and ema_unet is not None:
             ema.copy_to(ema_unet.parameters())
-        modules = [unet, *text_encoders]
-        evaluator.evaluate(
-            sample_pipe, at, base=at == 0, accelerator=accelerator, modules=modules, progress=False
-        )
-        evaluator.write()
-        if at and evaluator.best_step == at:
+
+        def keep_best() -> None:
             sample_pipe.save_pretrained(run.export_dir / "best")
+
+        modules = [unet, *text_encoders]
+        evaluator.evaluate_in_training(sample_pipe, at, keep_best, accelerator=accelerator, modules=modules)
 
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and val_loss is not None:

@@ -260,9 +260,9 @@ def main(cfg: Config) -> RunDir:
 
     # ---- optimizer ----------------------------------------------------------------------------------
     groups: list[dict] = [{"params": lora_params}]
-    if new_tokens is not None and cfg.pivotal.lora_lr:
-        groups[0]["lr"] = cfg.pivotal.lora_lr
     if new_tokens is not None:
+        if cfg.pivotal.lora_lr:
+            groups[0]["lr"] = cfg.pivotal.lora_lr
         groups.append({"params": embeddings, "lr": cfg.pivotal.lr, "weight_decay": 0.0})
     optimizer = build_optimizer(groups, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
@@ -301,18 +301,16 @@ def main(cfg: Config) -> RunDir:
     def evaluate(at: int) -> None:  # eval_every: score the adapter as it is now, keep the best one
         if evaluator is None or not accelerator.is_main_process:
             return
-        evaluator.evaluate(
-            pipe, at, base=at == 0, accelerator=accelerator, modules=sampled_modules, progress=False
-        )
-        evaluator.write()
-        if at and evaluator.best_step == at:
-            best = run.export_dir / "best"
-            meta = {"tune_step": str(at)}
+
+        def keep_best() -> None:
+            best, meta = run.export_dir / "best", {"tune_step": str(at)}
             lora_io.save_adapter(
                 unet, te, best / lora_io.FINAL_ADAPTER, meta, dtype=torch.float16, text_encoder_2=te2
             )
             if new_tokens is not None:
-                save_embeddings(new_tokens, best / EMBEDDINGS_FILE, {"tune_step": str(at)})
+                save_embeddings(new_tokens, best / EMBEDDINGS_FILE, meta)
+
+        evaluator.evaluate_in_training(pipe, at, keep_best, accelerator=accelerator, modules=sampled_modules)
 
     # ---- loop ---------------------------------------------------------------------------------------
     sampled_modules = [unet, *text_encoders]

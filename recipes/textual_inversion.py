@@ -176,12 +176,11 @@ def main(cfg: Config) -> RunDir:
     def evaluate(at: int) -> None:  # eval_every: score the embedding as it is now, keep the best one
         if evaluator is None or not accelerator.is_main_process:
             return
-        evaluator.evaluate(
-            pipe, at, base=at == 0, accelerator=accelerator, modules=text_encoders, progress=False
-        )
-        evaluator.write()
-        if at and evaluator.best_step == at:
+
+        def keep_best() -> None:
             save_embeddings(new_tokens, run.export_dir / "best" / EMBEDDINGS_FILE, {"tune_step": str(at)})
+
+        evaluator.evaluate_in_training(pipe, at, keep_best, accelerator=accelerator, modules=text_encoders)
 
     # ---- loop ---------------------------------------------------------------------------------------
     if step == 0 and val_loss is not None:

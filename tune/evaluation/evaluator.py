@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,6 +252,22 @@ class Evaluator:
             "overfit": overfit,
             "overfit_reason": reason,
         }
+
+    def evaluate_in_training(
+        self,
+        pipe: DiffusionPipeline,
+        step: int,
+        keep_best: Callable[[], None],
+        *,
+        accelerator: Any,
+        modules: Sequence[torch.nn.Module],
+    ) -> None:
+        """A recipe's `eval_every`: score `pipe` at `step` (0: as the base model), write the report, and call
+        `keep_best()` (which saves the weights into export/best/) when `step` is now the best step."""
+        self.evaluate(pipe, step, base=step == 0, accelerator=accelerator, modules=modules, progress=False)
+        self.write()
+        if step and self.best_step == step:
+            keep_best()
 
     def write(self) -> dict[str, Any]:
         """Write report.json and report.md into the suite's folder (atomically); returns the report."""
