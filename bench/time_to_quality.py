@@ -106,13 +106,10 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
         batch_size=cfg.batch_size,
         rank=cfg.lora.rank,
-        lora_targets="|".join(f"(?:{UNET_TARGETS[t]})" for t in cfg.lora.targets),
         warmup=0,
         steps=args.max_steps,
         mixed_precision="no",
         seed=args.seed,
-        prompt=concept.instance_caption,
-        lr=cfg.optim.lr,
     )
     points: list[dict[str, Any]] = []
     paused = 0.0  # seconds spent scoring, off the training clock
@@ -136,7 +133,14 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         paused += time.time() - now
         print(f"  baseline step {step}: subject found {entry['subject_found']:.1%}", flush=True)
 
-    train_speed.run_baseline(baseline_args, work, on_step=on_step)
+    train_speed.run_baseline(
+        baseline_args,
+        work,
+        on_step=on_step,
+        prompt=concept.instance_caption,
+        lr=cfg.optim.lr,
+        lora_targets="|".join(f"(?:{UNET_TARGETS[t]})" for t in cfg.lora.targets),
+    )
     return points
 
 

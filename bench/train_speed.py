@@ -115,12 +115,18 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def run_baseline(
-    args: argparse.Namespace, work: Path, on_step: Callable[[int, Any], None] | None = None
+    args: argparse.Namespace,
+    work: Path,
+    on_step: Callable[[int, Any], None] | None = None,
+    *,
+    prompt: str = PROMPT,
+    lr: float | None = None,
+    lora_targets: str = LORA_TARGETS,
 ) -> dict[str, Any]:
     """The diffusers example scripts' loop, condensed: no caching, VAE and text encoder every step.
     `on_step(step, unet)` runs after each optimizer step, once its time is taken (bench/time_to_quality.py
-    scores the LoRA there). Optional `args` fields override the defaults: `lora_targets` (a peft regex;
-    attn2 only), `prompt` (PROMPT) and `lr` (LR)."""
+    scores the LoRA there); `prompt` captions every photo, `lr` (default: LR of the recipe) and `lora_targets`
+    (a peft regex) are what the adapter trains at and on."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -154,7 +160,7 @@ def run_baseline(
             r=args.rank,
             lora_alpha=args.rank,
             init_lora_weights="gaussian",
-            target_modules=getattr(args, "lora_targets", None) or LORA_TARGETS,
+            target_modules=lora_targets,
         )
         unet.add_adapter(config)
         for p in unet.parameters():
@@ -174,9 +180,8 @@ def run_baseline(
         text_encoder.get_input_embeddings().requires_grad_(True)
         params = list(text_encoder.get_input_embeddings().parameters())
         unet.to(accelerator.device, dtype=weight_dtype)
-    prompt = getattr(args, "prompt", None) or PROMPT
     prompt = prompt.replace("sks", "<sks>") if placeholder_id is not None else prompt
-    optimizer = torch.optim.AdamW(params, lr=getattr(args, "lr", None) or LR[args.recipe], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr or LR[args.recipe], weight_decay=0.0)
 
     files = sorted(Path(args.photos_dir).iterdir())
 

@@ -1,9 +1,9 @@
 """`tune sample`: one image (and optionally its denoising film strip) from a model and optional LoRAs.
 
     tune sample --model PATH --prompt TEXT --out FILE.png [--lora FILE[:SCALE] ...] [--embedding FILE ...]
-                [--seed N] [--steps N] [--scheduler NAME] [--guidance G] [--width W --height H] [--init-image FILE --strength S]
-                [--trajectory K] [--attention WORD[,WORD]] [--negative TEXT] [--config DIR]
-                [--device auto|cpu|cuda] [--edit TEXT [--edit-steps K] [--reweight WORD=F ...]]
+                [--seed N] [--steps N] [--scheduler NAME] [--guidance G] [--width W --height H]
+                [--init-image FILE --strength S] [--trajectory K] [--attention WORD[,WORD]] [--negative TEXT]
+                [--config DIR] [--device auto|cpu|cuda] [--edit TEXT [--edit-steps K] [--reweight WORD=F ...]]
 
 --embedding loads a textual-inversion file (a textual_inversion run's export, or a lora run's with
 pivotal tuning: learned_embeds.safetensors; or an A1111/ComfyUI/kohya embedding) under the token it
