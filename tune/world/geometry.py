@@ -131,7 +131,7 @@ def ring(X: np.ndarray, Y: np.ndarray, pose: Pose, pattern: str) -> Geometry:
     around = np.arctan2(v, u) + pose.phase
     if pattern == "striped":
         period = 2 * math.pi / 4
-        marks = (around % period) < 0.42 * period
+        marks = (around % period) < 0.3 * period  # narrower than the gaps: the ring's colour dominates
     else:
         k = np.round(around / (2 * math.pi / 8))
         centre = k * (2 * math.pi / 8)
@@ -270,10 +270,10 @@ def person(X: np.ndarray, Y: np.ndarray, pose: Pose, pattern: str) -> Geometry:
         normal[:, sleeve & ~body] = limb[:, sleeve & ~body]
     sph = _unit(X / hr, (Y - hy) / hr, np.sqrt(np.clip(1 - (dh / hr) ** 2, 0, 1)))
     normal[:, head | hands] = sph[:, head | hands]
-    if pattern == "striped":
-        marks = (np.floor((Y - by0) / 0.09).astype(np.int32) % 2) == 1
-    else:
-        marks = _spots(X, Y - by0, 0.13, 0.042)
+    if pattern == "striped":  # two stripes between three bands of the shirt's colour, which dominates
+        marks = _bands((Y - by0) / (by1 - by0), 5)
+    else:  # spots of about 2 px even on a small person
+        marks = _spots(X, Y - by0, 0.17, 0.06)
     return Geometry(mask, region, face, normal, marks & shirt, 0.08)
 
 

@@ -29,6 +29,9 @@ from tune.world.spec import COLORS, PALETTE, Spec
 
 SIZE_FRACTION = {"small": 0.44, "large": 0.68}
 """The object's box side over the picture's short side, before jitter."""
+SMALL_PERSON_SCALE = 1.15
+"""A small person's box is this much larger than a small toy's: its shirt's pattern stays a few pixels
+wide at 64 px (a person is narrow: its box is about 0.65 as wide as it is tall)."""
 CORNER = 0.28
 """A small object's centre in a corner, as a fraction of the short side from the two near edges."""
 POSITION_CENTRE = {
@@ -75,6 +78,8 @@ def layout(spec: Spec, rng: np.random.Generator, width: int, height: int) -> Lay
     cx = (width - short) / 2 + (fx + jitter[0]) * short
     cy = (height - short) / 2 + (fy + jitter[1]) * short
     side = SIZE_FRACTION[spec.size] * short * float(rng.uniform(0.9, 1.1))
+    if spec.cls == "person" and spec.size == "small":
+        side *= SMALL_PERSON_SCALE
     azimuth = math.radians(float(rng.uniform(200, 340)))  # y points down: 270 deg is light from above
     elevation = math.radians(float(rng.uniform(35, 60)))
     light = (

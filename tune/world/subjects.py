@@ -38,7 +38,7 @@ class Subject:
     color2: str | None
     hair: str | None = None
     either_order: bool = False
-    """The two colours may be read either way round (a ring with wide stripes reads both ways)."""
+    """The two colours may be read either way round (a small ring's stripes, a third of it, can read as its colour)."""
 
     def spec(
         self, background: str, style: str = "photo", size: str = "large", position: str = "center"
