@@ -179,7 +179,7 @@ def main(cfg: Config) -> RunDir:
             else f"off ({subject.token!r} is a word the tokenizer has, or not in the instance prompt)",
         )
         cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))
-    if cfg.pivotal.enabled:
+    elif cfg.pivotal.enabled:  # asked for outright: a token the tokenizer has is an error
         check_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
