@@ -167,6 +167,11 @@ def base_card(runs: Path, out: Path, previous_card: Path, kept_clip: Path, note:
     settings = unet.get("settings", {})
     odd = unet.get("odd_prompts", {})
     psnr = " / ".join(f"{k} {v:.1f}" for k, v in vae["psnr_db_by_style"].items())
+    rescored = (
+        f"; scored again at commit {vae['rescored']} by `python scripts/score_vae.py`"
+        if vae.get("rescored")
+        else ""
+    )
     subjects = ", ".join(
         f"{name}: {vae.get(f'{name}_psnr_db', float('nan')):.1f} dB, found in {vae.get(f'{name}_found', 'n/a')} of "
         f"{vae.get(f'{name}_photos', 'n/a')} reconstructions ({vae.get(f'{name}_found_originals', 'n/a')} originals)"
@@ -222,7 +227,7 @@ Partial and odd prompts, 8 colours x 5 seeds each, right background: "a photo of
 background" {pct(odd.get("toy", float("nan")))}; "a photo of zwx toy on a {{colour}} background" (an unknown
 word) {pct(odd.get("unknown_word", float("nan")))}.
 
-VAE ({vae["eval_images"]} fresh renders): PSNR {vae["psnr_db"]:.2f} dB ({psnr}); the judge reads
+VAE ({vae["eval_images"]} fresh renders{rescored}): PSNR {vae["psnr_db"]:.2f} dB ({psnr}); the judge reads
 {pct(vae.get("judge_agreement", float("nan")))} of reconstructions exactly as the originals
 ({pct(vae.get("judge_agreement_blurred", float("nan")))} after a 1 px blur). Example subjects' photos: {subjects}.
 Latent scaling factor {vae["scaling_factor"]:.4f}.
