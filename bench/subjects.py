@@ -132,9 +132,11 @@ def main() -> None:
             f"{row['subject']:<12} {row['recipe']:<18} {row['suite']:<12} {row['subject_found']:>5.1%}"
             f"  {row['background_right']:>10.1%}  {row['style_right']:>5.1%}  {row['train_s']:>7.0f}"
         )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    from tune.paths import source_commit
+
+    commit = source_commit()
     for row in rows:
-        row["commit"] = commit.stdout.strip() or None  # the configs and code the row was measured with
+        row["commit"] = commit  # the configs and code the row was measured with
     out = ROOT / "bench" / "results" / f"subjects-{args.name}.json"
     if out.is_file():  # a rerun of some subjects or recipes replaces their rows and keeps the others
         ran = {(r["subject"], r["recipe"], r["suite"]) for r in rows}

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-from tune import PROJECT_ROOT
+from tune.paths import source_commit
 from tune.world.reconstruction import evaluate_reconstructions
 
 
@@ -37,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     with torch.no_grad():
         figures = evaluate_reconstructions(vae, report["eval_images"], report["eval_seed"], resolution)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
-    ).stdout.strip()
     previous = {k: report[k] for k in figures if k in report}
-    report |= figures | {"previous": previous, "rescored": commit or "unknown"}
+    report |= figures | {"previous": previous, "rescored": source_commit() or "unknown"}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"PSNR {figures['psnr_db']:.2f} dB; judge agreement {figures.get('judge_agreement', 'n/a')}; "

@@ -4,12 +4,13 @@ copy), what a missing one says, and the build files that put the shipped folders
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tune import paths
-from tune.paths import find_path, missing_shipped
+from tune.paths import find_path, missing_shipped, source_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,3 +74,11 @@ def test_setup_ships_the_folders_the_sdist_carries() -> None:
     assert set(shipped) == grafts
     assert all((ROOT / name).is_dir() for name in shipped)
     assert {"models", "concepts", "eval", "recipes/configs", "dashboard"} <= set(shipped)
+
+
+def test_source_commit_is_the_clones_head() -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git clone")
+    commit = source_commit()
+    assert commit is not None and head.stdout.strip().startswith(commit) and len(commit) >= 7

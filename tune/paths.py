@@ -10,6 +10,7 @@ out the same way. `find_path` is the one lookup: the user's own path first, then
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -43,3 +44,15 @@ def missing_shipped(name: str, rebuild: str = "") -> str:
         )
     again = f" or rebuild it ({rebuild})" if rebuild else ""
     return f"{name} is missing from the clone at {DATA_ROOT}; restore it (git checkout -- {name}){again}"
+
+
+def source_commit() -> str | None:
+    """The short hash of the clone's checked-out commit (what a measurement was made with), or None
+    outside a git clone (an installed wheel) or without git."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=_PACKAGE.parent, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() or None
