@@ -44,11 +44,13 @@ from tune.runs import RunDir, atomic_folder
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    evaluation_weights,
     is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
+    use_final_weights,
 )
 from tune.world.captions import parse, spec_attributes
 from tune.world.judge import HEADS, IGNORE, labels
@@ -269,7 +271,8 @@ def main(cfg: Config) -> RunDir:
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
-                val = retrieval(model, tokenizer, val_pixels, val_specs)
+                with evaluation_weights(accelerator):
+                    val = retrieval(model, tokenizer, val_pixels, val_specs)
                 run.log_metrics(step, val_t2i_top1=val["t2i_top1"], val_i2t_top1=val["i2t_top1"])
                 log.info("step %d: loss %.3f, held-out t2i top-1 %.2f", step, values["loss"], val["t2i_top1"])
             if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
@@ -277,6 +280,7 @@ def main(cfg: Config) -> RunDir:
             if step >= cfg.max_steps:
                 break
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
 
     # --- save / export -------------------------------------------------------------------------
     if accelerator.is_main_process:

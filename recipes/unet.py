@@ -44,11 +44,13 @@ from tune.sampling import sample_grid
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    evaluation_weights,
     is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
+    use_final_weights,
 )
 from tune.world.dataset import make_eval_prompts
 from tune.world.scoring import evaluate_generation, judge_prompts, try_load_judge
@@ -93,8 +95,11 @@ class Config(TrainConfig):
     """Loss: prediction type (auto means v_prediction here), min-SNR gamma, noise offset."""
     caption_dropout: float = 0.1
     """Share of samples trained with the empty caption, for classifier-free guidance."""
+    ema: bool = True
+    """Keep an EMA of the U-Net weights and sample and export it (false: the trained weights; with
+    optim.name = "adamw_schedulefree", its own average of them, which an EMA would bypass)."""
     ema_decay: float = 0.999
-    """Largest EMA decay of the U-Net weights (the EMA weights are sampled and exported)."""
+    """Largest EMA decay of the U-Net weights."""
     ema_power: float = 0.75
     """EMA warmup: decay at step n is min(ema_decay, 1 - (1 + n) ** -ema_power)."""
     optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100)
@@ -197,13 +202,15 @@ def main(cfg: Config) -> RunDir:
     noise_scheduler = DDPMScheduler(
         beta_schedule=cfg.beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=pred_type
     )
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
-    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # holds the EMA weights to sample and export
+    ema = ema_unet = None
+    if cfg.ema:
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+        ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # the EMA weights, to sample and export
     # "trailing" spacing starts sampling at t = 999, where the cosine schedule is pure noise, as in training.
     sampling = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
     scheduler = DDIMScheduler.from_config(noise_scheduler.config, **sampling)
     no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = StableDiffusionPipeline(vae, text_encoder, tokenizer, ema_unet, scheduler, **no_checker)
+    pipe = StableDiffusionPipeline(vae, text_encoder, tokenizer, ema_unet or unet, scheduler, **no_checker)
     pipe.set_progress_bar_config(disable=True)
     n_params = sum(p.numel() for p in unet.parameters())
     log.info("unet: %.2fM parameters, %dx%d latents", n_params / 1e6, preset.latent_size, preset.latent_size)
@@ -232,9 +239,24 @@ def main(cfg: Config) -> RunDir:
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     accelerator.register_for_checkpointing(loader)
-    accelerator.register_for_checkpointing(ema)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     run.update_info(vae=cfg.vae, clip=cfg.clip, unet_params=n_params, max_steps=cfg.max_steps)
+
+    def validate(step: int) -> None:
+        """The sample grid and, with a judge, the judged accuracy of `val_set`, drawn by the sampled U-Net."""
+        if ema is not None and ema_unet is not None:
+            ema.copy_to(ema_unet.parameters())
+        prompts, seeds, out = list(cfg.sample_prompts), list(cfg.sample_seeds), run.sample_dir(step)
+        sample_grid(pipe, prompts, seeds, out, steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
+        if val_set:
+            table, *_ = judge_prompts(
+                pipe, judge, val_set, 1000, steps=cfg.sample_steps, guidance=cfg.guidance
+            )
+            metrics = table["overall"]
+            run.log_metrics(step, **{f"val_{k}": v for k, v in metrics.items()})
+            log.info("step %d judged: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
 
     # ---- loop ---------------------------------------------------------------------------------------
     started = last = time.perf_counter()
@@ -265,7 +287,7 @@ def main(cfg: Config) -> RunDir:
                 optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if applied:
+            if applied and ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             step += 1
             loss_value = float(loss.detach())
@@ -275,36 +297,30 @@ def main(cfg: Config) -> RunDir:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
-                ema.copy_to(ema_unet.parameters())
-                prompts, seeds, out = list(cfg.sample_prompts), list(cfg.sample_seeds), run.sample_dir(step)
-                sample_grid(
-                    pipe, prompts, seeds, out, steps=cfg.sample_steps, guidance=cfg.guidance, progress=False
-                )
-                if val_set:
-                    table, *_ = judge_prompts(
-                        pipe, judge, val_set, 1000, steps=cfg.sample_steps, guidance=cfg.guidance
-                    )
-                    metrics = table["overall"]
-                    run.log_metrics(step, **{f"val_{k}": v for k, v in metrics.items()})
-                    log.info(
-                        "step %d judged: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-                    )
+                with evaluation_weights(accelerator):
+                    validate(step)
             if is_due(step, cfg.checkpoint_every, cfg.max_steps) or step == cfg.max_steps:
                 save_checkpoint(accelerator, run, step, keep=cfg.checkpoints_keep)
             if step >= cfg.max_steps:
                 break
             last = time.perf_counter()
     bar.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     train_time_s = time.perf_counter() - started
     if not accelerator.is_main_process:  # the main process exports and evaluates alone
         run.finish()
         return run
 
     # ---- save/export --------------------------------------------------------------------------------
-    ema.copy_to(ema_unet.parameters())
+    if ema is not None and ema_unet is not None:
+        ema.copy_to(ema_unet.parameters())
     with atomic_folder(run.export_dir / EXPORT_PIPELINE, module_bytes(*pipe.components.values())) as folder:
         pipe.save_pretrained(folder)  # swapped in complete, after the free space was checked
-    log.info("exported the pipeline (EMA U-Net) to %s", run.export_dir / EXPORT_PIPELINE)
+    log.info(
+        "exported the pipeline (%s U-Net) to %s",
+        "EMA" if ema is not None else "trained",
+        run.export_dir / EXPORT_PIPELINE,
+    )
     judge = try_load_judge()  # read again: a judge retrained while this run trained reads its final images
     if cfg.eval_prompts and judge is not None:
         # Times of this process (a resumed run trained from start_step on).

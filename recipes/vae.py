@@ -37,11 +37,13 @@ from tune.runs import RunDir, atomic_folder, write_atomic
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
+    evaluation_weights,
     is_due,
     module_bytes,
     resume_from_checkpoint,
     save_checkpoint,
     start_run,
+    use_final_weights,
 )
 from tune.world.reconstruction import (
     evaluate_reconstructions,
@@ -297,7 +299,8 @@ def main(cfg: Config) -> RunDir:
                 run.log_metrics(step, **metrics, kl=kl.item(), lr=lr_schedule.get_last_lr()[0])
             if is_due(step, cfg.sample_every, cfg.max_steps) and accelerator.is_main_process:
                 vae.eval()
-                recons = to_images(reconstruct(vae, val_pixels))
+                with evaluation_weights(accelerator):
+                    recons = to_images(reconstruct(vae, val_pixels))
                 val_psnr = float(np.mean(psnr_db(val_originals, recons)))
                 save_recon_grid(val_originals[:8], recons[:8], run.sample_dir(step) / "recon.png")
                 run.log_metrics(step, val_psnr_db=val_psnr)
@@ -308,6 +311,7 @@ def main(cfg: Config) -> RunDir:
             if step >= cfg.max_steps:
                 break
     progress.close()
+    use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     train_seconds = time.perf_counter() - started
     if not accelerator.is_main_process:  # the main process exports and evaluates alone
         run.finish()

@@ -121,3 +121,17 @@ def test_bad_values_are_config_errors() -> None:
         load_config(Config, None, ["patch_size=12"])
     with pytest.raises(ConfigError, match="unknown key 'optim.warmup' .*did you mean 'optim.warmup_steps'"):
         load_config(Config, None, ["optim.warmup=10"])
+
+
+def test_schedule_free_exports_its_averaged_weights(world_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    run = train(world_dir, tmp_path / "sf", "optim.name=adamw_schedulefree", "checkpoints_keep=1")
+    # The last checkpoint holds the optimizer's averaged weights (the CLIPModel under "model.", beside the
+    # attribute heads, which are not exported); the export is those.
+    saved = load_file(str(run.path / "checkpoints" / "step_000004" / "model.safetensors"))
+    exported = load_file(str(run.path / "export" / "clip" / "model.safetensors"))
+    model = {k.removeprefix("model."): v for k, v in saved.items() if k.startswith("model.")}
+    assert set(model) == set(exported)
+    for k, v in model.items():
+        torch.testing.assert_close(exported[k], v.to(exported[k].dtype))

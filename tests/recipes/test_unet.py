@@ -181,3 +181,23 @@ def test_text_tower_loads_from_a_bare_clipmodel_folder(inputs: dict[str, str], t
         Path(inputs["clip"]) / "text_encoder",
         Path(inputs["clip"]) / "tokenizer",
     )
+
+
+def test_schedule_free_without_ema_resumes_exactly_and_exports_its_average(
+    inputs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from recipe_testkit import check_exact_resume
+
+    extra = ("optim.name=adamw_schedulefree", "optim.schedule=constant", "ema=false", "eval_prompts=0")
+    make = lambda out, *more: tiny_config(inputs, out, *more)  # noqa: E731
+    whole, _ = check_exact_resume(recipe, monkeypatch, make, tmp_path, *extra)
+    # The checkpoint holds the optimizer's averaged weights; the export is those, not the training point.
+    saved = load_file(str(whole.path / "checkpoints" / "step_000004" / "model.safetensors"))
+    exported = load_file(
+        str(whole.path / "export" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    )
+    assert saved.keys() == exported.keys()
+    for k in saved:
+        torch.testing.assert_close(exported[k], saved[k].to(exported[k].dtype))

@@ -202,3 +202,16 @@ def test_nonfinite_loss_skips_the_step_and_keeps_the_weights(world_dir, tmp_path
     assert rows and "skipped" in rows[0] and "loss" not in rows[0]
     weights = load_file(str(run.path / "export" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_schedule_free_exports_its_averaged_weights(world_dir, tmp_path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    run = run_tiny(world_dir, tmp_path / "sf", "optim.name=adamw_schedulefree", "optim.schedule=constant")
+    # The last checkpoint holds the optimizer's averaged weights (its RoundTrip wrapper adds "vae.").
+    saved = load_file(str(run.path / "checkpoints" / "step_000004" / "model.safetensors"))
+    exported = load_file(str(run.path / "export" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {f"vae.{k}" for k in exported} == set(saved)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, saved[f"vae.{k}"].to(v.dtype))
