@@ -35,12 +35,13 @@ from transformers import CLIPImageProcessorPil, CLIPModel
 from tune.config import TrainConfig, check_at_least
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
+from tune.durable import atomic_folder
 from tune.errors import ConfigError
 from tune.models import build_clip_tokenizer
 from tune.models.scratch import build_clip_model
 from tune.models.tokenizer import MIN_VOCAB_SIZE
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
-from tune.runs import RunDir, atomic_folder
+from tune.runs import RunDir
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,

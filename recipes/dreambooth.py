@@ -35,6 +35,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from tune import personalize as p
+from tune.durable import atomic_folder, check_disk_space
 from tune.errors import ConfigError, ModelError
 from tune.evaluation import start_training_eval
 from tune.lora import run_metadata, save_lora
@@ -49,7 +50,7 @@ from tune.optim import (
     optimizer_metrics,
     optimizer_state_bytes,
 )
-from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder, check_disk_space
+from tune.runs import EXPORT_PIPELINE, RunDir
 from tune.tokens import text_towers
 from tune.training import (
     NonFiniteGuard,

@@ -35,11 +35,12 @@ from tune.config import TrainConfig, check_at_least
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset, cache_latents
 from tune.diffusion import DiffusionConfig, diffusion_step
+from tune.durable import atomic_folder
 from tune.errors import ConfigError, DataError
 from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, UP_BLOCK_FOR, build_unet
 from tune.models.scratch import check_base_parts, load_base_parts
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
-from tune.runs import EXPORT_PIPELINE, RunDir, atomic_folder
+from tune.runs import EXPORT_PIPELINE, RunDir
 from tune.sampling import sample_grid
 from tune.training import (
     NonFiniteGuard,

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from tune.config import TrainConfig, check_at_least
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataloader, build_dataset
+from tune.durable import atomic_folder, write_atomic
 from tune.errors import ConfigError, DataError
 from tune.models.scratch import build_autoencoder, sample_latents
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.paths import find_path
-from tune.runs import RunDir, atomic_folder, write_atomic
+from tune.runs import RunDir
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from recipes import lora as recipe
-from tune import PROJECT_ROOT, runs
+from tune import PROJECT_ROOT, durable
 from tune.config import load_config
+from tune.durable import atomic_folder, write_atomic
 from tune.errors import TrainingError, TuneError
 from tune.personalize import loading as photo_loading
-from tune.runs import RunDir, atomic_folder, read_metrics, read_run, write_atomic
+from tune.runs import RunDir, read_metrics, read_run
 
 sys.path.insert(0, str(Path(__file__).parent / "recipes"))
 from recipe_testkit import make_concept  # noqa: E402
@@ -120,13 +121,13 @@ def test_max_nonfinite_steps_is_a_checked_config_key() -> None:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> int:
     free = 5 * 2**20
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: Usage(2**40, 2**40 - free, free))
+    monkeypatch.setattr(durable.shutil, "disk_usage", lambda path: Usage(2**40, 2**40 - free, free))
     return free
 
 
 def test_disk_space_error_names_folder_free_and_needed(tmp_path: Path, full_disk: int) -> None:
     with pytest.raises(TuneError) as err:
-        runs.check_disk_space(tmp_path / "not" / "yet", 3 * 2**30, "the export")
+        durable.check_disk_space(tmp_path / "not" / "yet", 3 * 2**30, "the export")
     message = str(err.value)
     assert (
         str(tmp_path / "not" / "yet") in message and "5.0 MiB free" in message and "3.0 GiB needed" in message
@@ -147,11 +148,11 @@ def test_cache_checkpoint_and_export_check_the_space(
     from tune.data.cache import save_entry
 
     with monkeypatch.context() as m:
-        m.setattr(runs.shutil, "disk_usage", lambda path: Usage(2**40, 2**40, 2**20))
+        m.setattr(durable.shutil, "disk_usage", lambda path: Usage(2**40, 2**40, 2**20))
         with pytest.raises(TuneError, match="not enough disk space for the cache"):
             save_entry(tmp_path / "c" / "x.safetensors", {"mean": torch.zeros(4)})
     # A run whose disk fills up after its first checkpoint: the next checkpoint is refused, cleanly.
-    real = runs.check_disk_space
+    real = durable.check_disk_space
     seen: list[str] = []
 
     def filling(folder: Any, needed: int, what: str) -> None:

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
+from tune.durable import write_atomic
 from tune.errors import TuneError
-from tune.runs import RunDir, list_runs, read_metrics, read_run, write_atomic
+from tune.runs import RunDir, list_runs, read_metrics, read_run
 
 
 def test_create_write_read_finish(tmp_path):
@@ -106,7 +107,7 @@ def test_reader_does_not_import_torch(tmp_path):
 def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     import pytest
 
-    from tune.runs import atomic_file
+    from tune.durable import atomic_file
 
     target = tmp_path / "out" / "weights.safetensors"
     target.parent.mkdir()

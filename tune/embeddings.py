@@ -34,7 +34,7 @@ def save_embeddings(new: NewTokens, path: str | Path, metadata: dict[str, str] |
     """Write the new rows (float32) to a safetensors file (the format: see the module docstring)."""
     from safetensors.torch import save_file
 
-    from tune.runs import atomic_file
+    from tune.durable import atomic_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,7 @@ def save_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     A crash mid-write leaves at most a stray temp file, never a half-written entry under the real name;
     two processes writing the same entry both produce a complete file and the last rename wins.
     """
-    from tune.runs import check_disk_space
+    from tune.durable import check_disk_space
 
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in tensors.values())

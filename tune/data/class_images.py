@@ -27,8 +27,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tune.data.cache import make_key, resolve_cache_dir
+from tune.durable import write_atomic
 from tune.errors import ConfigError
-from tune.runs import write_atomic
 
 logger = logging.getLogger(__name__)
 

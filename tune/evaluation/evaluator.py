@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tune.durable import write_atomic
 from tune.errors import ConfigError, DataError
 from tune.evaluation.report import decide, format_markdown
 from tune.evaluation.suites import Suite, load_suite, suite_folder
-from tune.runs import step_dir_name, write_atomic
+from tune.runs import step_dir_name
 
 if TYPE_CHECKING:
     import torch

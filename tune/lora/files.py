@@ -34,7 +34,7 @@ def write_lora_file(
     """Write tensors + metadata (plus `sshs_model_hash`) atomically; returns the hash."""
     from safetensors.torch import save
 
-    from tune.runs import write_atomic
+    from tune.durable import write_atomic
 
     bad = [key for key, value in metadata.items() if not isinstance(value, str)]
     if bad:

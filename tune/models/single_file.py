@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from tune.durable import atomic_file
 from tune.lora.sgm import unet_key_to_sgm
 from tune.models.families import Family, family_of_pipeline
 from tune.models.presets import UP_BLOCK_FOR, mirror_block_types
-from tune.runs import atomic_file
 
 logger = logging.getLogger(__name__)
 

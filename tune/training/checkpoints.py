@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tune.durable import check_disk_space, fsync_tree
 from tune.errors import TuneError
-from tune.runs import COMPLETE_MARKER, RunDir, check_disk_space, fsync_tree, read_run
+from tune.runs import COMPLETE_MARKER, RunDir, read_run
 from tune.training.weights import evaluation_weights, use_training_weights
 
 if TYPE_CHECKING:
