@@ -33,7 +33,7 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import attention_page, data, export_page  # noqa: E402
+from dashboard import attention_page, data, eval_reports, export_page  # noqa: E402
 from tune.errors import TuneError  # noqa: E402
 from tune.runs import RunInfo  # noqa: E402
 
@@ -106,20 +106,20 @@ def _loss_chart(points: list[dict[str, Any]]) -> None:
 
 def page_compare(run: RunInfo, name: str) -> None:
     st.header(f"Compare · {name}")
-    suites = data.eval_suites(run)  # each `tune eval --suite` keeps its report; pick one when several
+    suites = eval_reports.eval_suites(run)  # each `tune eval --suite` keeps its report; pick one when several
     if len(suites) > 1:
         suites = [st.selectbox("Eval suite", suites, key=f"eval_suite:{name}")]
-    report = data.read_eval_report(run, suites[0]) if suites else None
+    report = eval_reports.read_eval_report(run, suites[0]) if suites else None
     sets = data.sample_sets(run)
     styles: dict[str, str] = {}
     if report is not None:
-        eval_sets = data.eval_sample_sets(run, report)
+        eval_sets = eval_reports.eval_sample_sets(run, report)
         if eval_sets:
             source = st.radio(
                 "Images", ["validation samples", "eval suite"], horizontal=True, key=f"source:{name}"
             )
             if source == "eval suite":
-                sets, styles = eval_sets, data.eval_styles(report)
+                sets, styles = eval_sets, eval_reports.eval_styles(report)
     if not sets:
         st.info(f"{name} has no samples yet (samples/step_XXXXXX/ appear as the run trains).")
     else:
@@ -179,7 +179,7 @@ def _eval_figures(report: dict[str, Any]) -> None:
     import pandas as pd
 
     st.subheader("Eval")
-    table = data.eval_table(report)
+    table = eval_reports.eval_table(report)
     best = report.get("best_step")
     st.caption(
         f"suite {report.get('suite', '?')} · CLIP {report.get('clip_model', '?')} · "

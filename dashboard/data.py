@@ -2,14 +2,12 @@
 
 Everything here goes through `tune.runs` (read_run / list_runs) and the files that module and
 `tune.sampling` document: samples/step_XXXXXX/ (p{i:02d}_s{seed}.png, prompts.json, optional
-*_trajectory.png), metrics.jsonl and the eval reports (`tune eval`: eval/report.json for the default
-suite, eval/<suite>/report.json for each other one); export files are
-described by dashboard/export_page.py. The Streamlit app (app.py) only lays these out.
+*_trajectory.png) and metrics.jsonl; the eval reports are read by dashboard/eval_reports.py and export
+files described by dashboard/export_page.py. The Streamlit app (app.py) only lays these out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -19,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune.errors import ConfigError
-from tune.evaluation.report import METRICS
-from tune.evaluation.suites import DEFAULT_SUITE, suite_eval_dir
 from tune.paths import find_path
 from tune.runs import RunInfo, list_runs, read_run, step_dir_name
 
@@ -340,75 +335,6 @@ def concept_photos(run: RunInfo, limit: int = 24) -> list[Path]:
             if photos:
                 return photos[:limit]
     return []
-
-
-# ---------------------------------------------------------------------------------------------
-# Eval reports (`tune eval`: eval/report.json for the default suite, eval/<suite>/report.json else)
-# ---------------------------------------------------------------------------------------------
-
-EVAL_SCORES = METRICS
-"""The scores a report may hold per model (`tune eval`'s own list)."""
-
-
-def eval_suites(run: RunInfo) -> list[str]:
-    """The suites with a report in the run: "default" (eval/report.json) first, then eval/<suite>/'s."""
-    names = [DEFAULT_SUITE] if (run.path / "eval" / "report.json").is_file() else []
-    for report in sorted((run.path / "eval").glob("*/report.json")):
-        with contextlib.suppress(ConfigError):  # a folder no suite writes to (eval/base/, eval/default/)
-            if suite_eval_dir(run.path, report.parent.name) == report.parent:
-                names.append(report.parent.name)
-    return names
-
-
-def read_eval_report(run: RunInfo, suite: str = DEFAULT_SUITE) -> dict[str, Any] | None:
-    """A suite's report.json as a dict, or None when there is none (or it is unreadable)."""
-    try:
-        report = json.loads((suite_eval_dir(run.path, suite) / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) else None
-
-
-def eval_entries(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The base entry and the checkpoints', in step order."""
-    entries = [report["base"]] if isinstance(report.get("base"), dict) else []
-    entries += [c for c in report.get("checkpoints", []) if isinstance(c, dict)]
-    return sorted(entries, key=lambda e: int(e.get("step", 0) or 0))
-
-
-def eval_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per entry: label, step and every score present."""
-    rows = []
-    for e in eval_entries(report):
-        row: dict[str, Any] = {"label": e.get("label", ""), "step": int(e.get("step", 0) or 0)}
-        for key in EVAL_SCORES:
-            if isinstance(e.get(key), int | float):
-                row[key] = float(e[key])
-        rows.append(row)
-    return rows
-
-
-def eval_styles(report: dict[str, Any]) -> dict[str, str]:
-    """prompt -> style from the suite's prompts when they carry one ({"prompt": ..., "style": ...})."""
-    styles = {}
-    for p in report.get("prompts", []):
-        if isinstance(p, dict) and p.get("prompt") and p.get("style"):
-            styles[str(p["prompt"])] = str(p["style"])
-    return styles
-
-
-def eval_sample_sets(run: RunInfo, report: dict[str, Any]) -> dict[int, SampleSet]:
-    """step -> the eval suite's images of that entry (same layout as samples/step_XXXXXX/)."""
-    sets = {}
-    for e in eval_entries(report):
-        folder = e.get("images")
-        if not folder:
-            continue
-        step = int(e.get("step", 0) or 0)
-        s = read_sample_set(run.path / str(folder), step, str(e.get("label") or ""))
-        if s is not None:
-            sets[step] = s
-    return sets
 
 
 # ---------------------------------------------------------------------------------------------

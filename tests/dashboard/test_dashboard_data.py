@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from dashboard_testkit import LORA_RUN, PROMPTS, SEEDS, STEPS, STOPPED_RUN, write_eval_report
 
-from dashboard import data, export_page
+from dashboard import data, eval_reports, export_page
 
 
 @pytest.mark.parametrize(
@@ -61,29 +61,36 @@ def test_trajectory_concept_photos_and_eval_report(runs_root: Path):
     strips = [im for im in base.images if data.trajectory_of(im)]
     assert [(im.prompt_index, im.seed) for im in strips] == [(0, 0)]
     assert [p.name for p in data.concept_photos(run)] == ["toy_0.jpg", "toy_1.jpg", "toy_2.jpg"]
-    report = data.read_eval_report(run)
+    report = eval_reports.read_eval_report(run)
     assert report is not None
-    assert [(r["step"], r["prompt_fidelity"]) for r in data.eval_table(report)] == [(0, 0.30), (200, 0.27)]
-    assert sorted(data.eval_sample_sets(run, report)) == [0, 200]
+    assert [(r["step"], r["prompt_fidelity"]) for r in eval_reports.eval_table(report)] == [
+        (0, 0.30),
+        (200, 0.27),
+    ]
+    assert sorted(eval_reports.eval_sample_sets(run, report)) == [0, 200]
     (run.path / "eval" / "report.json").write_text("{not json")
-    assert data.read_eval_report(run) is None
+    assert eval_reports.read_eval_report(run) is None
 
 
 def test_every_suites_report_is_listed_and_read(runs_root: Path):
     run = data.load_run(runs_root / LORA_RUN)
-    assert data.eval_suites(run) == ["default"]
+    assert eval_reports.eval_suites(run) == ["default"]
     write_eval_report(run.path, "surfaces", PROMPTS[:1], (0.4, 0.8))
     write_eval_report(run.path, "backgrounds", PROMPTS[1:2], (0.3, 0.7))
     (run.path / "eval" / "step_000200" / "report.json").write_text("{}")  # an image folder: no suite
-    assert data.eval_suites(run) == ["default", "backgrounds", "surfaces"]
-    surfaces = data.read_eval_report(run, "surfaces")
+    assert eval_reports.eval_suites(run) == ["default", "backgrounds", "surfaces"]
+    surfaces = eval_reports.read_eval_report(run, "surfaces")
     assert surfaces is not None and (surfaces["suite"], surfaces["prompts"]) == ("surfaces", PROMPTS[:1])
-    assert [r["subject_fidelity"] for r in data.eval_table(surfaces)] == [0.4, 0.8]
-    sets = data.eval_sample_sets(run, surfaces)  # the images of eval/surfaces/, not the default suite's
+    assert [r["subject_fidelity"] for r in eval_reports.eval_table(surfaces)] == [0.4, 0.8]
+    sets = eval_reports.eval_sample_sets(
+        run, surfaces
+    )  # the images of eval/surfaces/, not the default suite's
     assert {im.path.parent.parent.name for s in sets.values() for im in s.images} == {"surfaces"}
-    assert [r["subject_fidelity"] for r in data.eval_table(data.read_eval_report(run) or {})] == [0.21, 0.62]
+    assert [
+        r["subject_fidelity"] for r in eval_reports.eval_table(eval_reports.read_eval_report(run) or {})
+    ] == [0.21, 0.62]
     (run.path / "eval" / "report.json").unlink()
-    assert data.eval_suites(run) == ["backgrounds", "surfaces"]
+    assert eval_reports.eval_suites(run) == ["backgrounds", "surfaces"]
 
 
 def test_runs_table_and_loss_curve(runs_root: Path):
