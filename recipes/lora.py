@@ -125,7 +125,8 @@ class PivotalOptions:
     num_vectors: int = 1
     """Embedding vectors behind the token."""
     lr: float = 1e-3
-    """Learning rate of the embedding (the adapters use optim.lr, or lora_lr)."""
+    """Learning rate of the embedding (the adapters use optim.lr, or lora_lr); under Prodigy, which sets its
+    own step size, the embedding steps pivotal.lr / optim.lr times the adapters' step."""
     lora_lr: float = 0.0
     """Learning rate of the adapters while the token trains; 0 means optim.lr. The token carries most of the
     subject then, so the adapters want less (and with pivotal "auto" off, optim.lr holds for them)."""

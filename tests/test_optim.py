@@ -92,3 +92,12 @@ def test_bad_settings_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match="prodigy"):
         load_config(OptimConfig, None, ["name='prodigi'"])
     assert {"prodigy", "adamw_schedulefree"} <= set(OPTIMIZERS)
+
+
+def test_prodigy_keeps_a_groups_learning_rate_ratio() -> None:
+    """Pivotal tuning gives its embedding group lr 1e-3 beside adapters at optim.lr 1e-4: under Prodigy,
+    whose lr multiplies its own step size, the embedding group steps 10x the adapters', not 1e-3x."""
+    cfg = load_config(OptimConfig, None, ["name='prodigy'", "lr=1e-4", "prodigy.lr=0.5"])
+    adapters, embedding = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = build_optimizer([{"params": [adapters]}, {"params": [embedding], "lr": 1e-3}], cfg)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 5.0])

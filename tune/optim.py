@@ -140,6 +140,11 @@ def _prodigy(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
     from prodigyopt import Prodigy
 
     opts = cfg.prodigy
+    # A parameter group's own "lr" is in optim.lr's units (e.g. pivotal tuning's embedding at 1e-3 beside
+    # adapters at 1e-4); Prodigy's lr is a multiplier on its estimate d, so a group keeps its ratio to optim.lr.
+    params = [
+        {**g, "lr": opts.lr * g["lr"] / cfg.lr} if isinstance(g, dict) and "lr" in g else g for g in params
+    ]
     return Prodigy(
         params,
         lr=opts.lr,
