@@ -7,7 +7,7 @@ Both sides train a LoRA on the shipped base (models/world-base) from the same ph
 with our default lora config's rank, targets, learning rate and batch size:
 - ours: `recipes.lora.main` with `--config default` (cached latents and text, the photos' caption
   sidecars), a checkpoint every `--every` steps, each scored afterwards by `tune eval`'s evaluator;
-- the baseline: bench/train_speed.py's loop written the way diffusers' example scripts are (no caching,
+- the baseline: bench/baseline_loop.py's loop, written the way diffusers' example scripts are (no caching,
   the VAE and text encoder every step, the one instance prompt for every photo), scored in the loop
   every `--every` steps by the same evaluator, with its clock stopped while it draws.
 Scoring is the suite's prompts and seeds judged by the world judge (subject found, background right).
@@ -30,7 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import train_speed  # noqa: E402  (the baseline loop and the machine description)
+import baseline_loop  # noqa: E402  (the diffusers-example loop)
+import train_speed  # noqa: E402  (the machine description, the results folder)
 
 BASE = "models/world-base"
 
@@ -133,7 +134,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         paused += time.time() - now
         print(f"  baseline step {step}: subject found {entry['subject_found']:.1%}", flush=True)
 
-    train_speed.run_baseline(
+    baseline_loop.run_baseline(
         baseline_args,
         work,
         on_step=on_step,
