@@ -8,9 +8,9 @@ Both sides train the same model (a freshly built `--preset` pipeline in SD1.5's 
 on the same photos (the first `--photos` of concepts/sks-toy), at the same resolution, batch size,
 learning rate and precision. The baseline (bench/baseline_loop.py) is written the way diffusers'
 example scripts are (train_text_to_image_lora.py, train_dreambooth.py, textual_inversion.py): a torch
-DataLoader that decodes and resizes the photos every step, the VAE encoding them and the text encoder running every
-step, no caching, peft LoRA on the cross-attention projections (or the whole U-Net, or the new token's
-embedding) with AdamW through accelerate. Ours is the recipe's `main()` with sampling off and one
+DataLoader that decodes and resizes the photos every step, the VAE encoding them and the text encoder
+running every step, no caching, peft LoRA on the cross-attention projections (or the whole U-Net, or
+the new token's embedding) with AdamW through accelerate. Ours is the recipe's `main()` with sampling off and one
 checkpoint at the end.
 
 Each side runs `--repeats` times in its own child process (so peak RSS is its own), alternating with
