@@ -31,7 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the pipeline's")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the report")
     parser.add_argument("--prompts", type=int, default=400, help="seen prompts (default: %(default)s)")
+    parser.add_argument(
+        "--draw-seed",
+        type=int,
+        default=0,
+        help="0: the recipe's own prompts and noise; n > 0: another sample of them (default: %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} already holds files; pass a new folder")
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         odd_prompt_seeds=5,
         steps=25,
         guidance=6.0,
+        draw_seed=args.draw_seed,
     )
     print(json.dumps({k: report[k]["overall"] for k in ("seen", "heldout")}), report["odd_prompts"])
     return 0

@@ -212,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--eval-per-style", type=int, default=2000)
-    parser.add_argument("--cache", type=Path, default=ROOT / "data" / "judge-train.npz")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "data" / "judge-train.npz"],
+        help="training renders (.npz); one is rendered when missing, several are concatenated",
+    )
+    parser.add_argument("--style", choices=STYLES, help="render the --cache file in this style only")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "world-judge")
     parser.add_argument("--render-only", action="store_true", help="write the --cache file and stop")
     parser.add_argument(
@@ -237,13 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
-    if args.cache.is_file() and np.load(args.cache, allow_pickle=True)["pixels"].shape[0] == args.count:
-        data = np.load(args.cache, allow_pickle=True)
+    if len(args.cache) > 1:  # a mixture of caches rendered before (e.g. one style given more weight)
+        missing = [str(c) for c in args.cache if not c.is_file()]
+        if missing:
+            parser.error(f"several --cache files are only read, and these are missing: {', '.join(missing)}")
+        loaded = [np.load(c, allow_pickle=True) for c in args.cache]
+        pixels = np.concatenate([d["pixels"] for d in loaded])
+        specs = [s for d in loaded for s in d["specs"]]
+    elif (
+        args.cache[0].is_file() and np.load(args.cache[0], allow_pickle=True)["pixels"].shape[0] == args.count
+    ):
+        data = np.load(args.cache[0], allow_pickle=True)
         pixels, specs = data["pixels"], list(data["specs"])
     else:
-        pixels, specs = render_set(args.count, 1000 + args.seed, args.workers)
-        args.cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.cache, pixels=pixels, specs=np.array(specs, dtype=object))
+        pixels, specs = render_set(args.count, 1000 + args.seed, args.workers, args.style)
+        args.cache[0].parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.cache[0], pixels=pixels, specs=np.array(specs, dtype=object))
     render_s = time.perf_counter() - t0
     if args.render_only:
         return 0

@@ -126,7 +126,14 @@ def judge_prompts(pipe, judge: Judge, prompts, seed0: int, steps: int, guidance:
     return per_style(verdicts, [p.spec for p in prompts]), images, verdicts
 
 
-def odd_prompts(pipe, judge: Judge, seeds: int, steps: int, guidance: float) -> dict[str, float]:  # noqa: ANN001
+def odd_prompts(
+    pipe,  # noqa: ANN001
+    judge: Judge,
+    seeds: int,
+    steps: int,
+    guidance: float,
+    seed0: int = 30_000,
+) -> dict[str, float]:
     """Share of images with the right background for each of `ODD_PROMPTS` (8 colours x `seeds`)."""
     out = {}
     for name, template in ODD_PROMPTS.items():
@@ -135,7 +142,7 @@ def odd_prompts(pipe, judge: Judge, seeds: int, steps: int, guidance: float) -> 
             article = "an" if color[0] in "aeiou" else "a"
             prompts += [template.format(article=article, color=color)] * seeds
             wanted += [color] * seeds
-        verdicts = judge.read(draw(pipe, prompts, 30_000, steps, guidance))
+        verdicts = judge.read(draw(pipe, prompts, seed0, steps, guidance))
         out[name] = float(np.mean([v.background == w for v, w in zip(verdicts, wanted, strict=True)]))
     return out
 
@@ -217,21 +224,24 @@ def evaluate_generation(
     odd_prompt_seeds: int,
     steps: int,
     guidance: float,
+    draw_seed: int = 0,
 ) -> dict:
     """A text-to-image pipeline's final evaluation on the world: `prompts` seen-combination prompts and
     half as many held-out ones (one image each) and the odd prompts, judged. Adds the tables to `report`
     and writes `<out_stem>.json`, the tables in `<out_stem>.md` and `<out_stem>_grid.png`: the first 64
-    seen-prompt images with the judge's verdict under each."""
+    seen-prompt images with the judge's verdict under each. `draw_seed` > 0 draws other prompts and
+    noise (another sample of the same measurement, to see its spread)."""
     t0 = time.perf_counter()
     kwargs = dict(steps=steps, guidance=guidance)
-    report["settings"] = {**kwargs, "scheduler": "DDIMScheduler"}
+    report["settings"] = {**kwargs, "scheduler": "DDIMScheduler", "draw_seed": draw_seed}
     # Fresh seeds: neither validation's (1000 + i) nor each other's.
-    seen_prompts = make_eval_prompts(prompts, "train", 1)
-    report["seen"], images, verdicts = judge_prompts(pipe, judge, seen_prompts, 20_000, **kwargs)
+    seen_prompts = make_eval_prompts(prompts, "train", 1 + 10 * draw_seed)
+    offset = 100_000 * draw_seed
+    report["seen"], images, verdicts = judge_prompts(pipe, judge, seen_prompts, 20_000 + offset, **kwargs)
     report["heldout"], *_ = judge_prompts(
-        pipe, judge, make_eval_prompts(prompts // 2, "heldout", 2), 10_000, **kwargs
+        pipe, judge, make_eval_prompts(prompts // 2, "heldout", 2 + 10 * draw_seed), 10_000 + offset, **kwargs
     )
-    report["odd_prompts"] = odd_prompts(pipe, judge, odd_prompt_seeds, **kwargs)
+    report["odd_prompts"] = odd_prompts(pipe, judge, odd_prompt_seeds, **kwargs, seed0=30_000 + offset)
     report["eval_time_s"] = round(time.perf_counter() - t0, 1)
     out_stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     tables = [f"## seen combinations\n\n{format_table(report['seen'])}"]
