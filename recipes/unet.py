@@ -38,7 +38,7 @@ from tune.diffusion import DiffusionConfig, diffusion_step
 from tune.durable import atomic_folder
 from tune.errors import ConfigError, DataError
 from tune.models.presets import DOWN_BLOCK_TYPES, PRESETS, UP_BLOCK_FOR, build_unet
-from tune.models.scratch import check_base_parts, load_base_parts
+from tune.models.scratch import check_base_parts, init_unet_from, load_base_parts, unet_weight_files
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer
 from tune.runs import EXPORT_PIPELINE, RunDir
 from tune.sampling import sample_grid
@@ -74,6 +74,9 @@ class Config(TrainConfig):
     """AutoencoderKL folder (the `vae` recipe's export/vae); its scaling_factor scales the latents."""
     clip: str = "runs/base-clip/export/clip"
     """The `clip` recipe's export: a CLIPModel folder (or text_encoder/ subfolder) plus tokenizer/."""
+    init_unet: str = ""
+    """A U-Net folder to start from (e.g. models/world-base/unet), not from scratch: its tensors are copied;
+    attention this config adds on a level starts as the identity. Empty: from scratch."""
     data_dir: str = "data/world-train"
     """World imagefolder (metadata.jsonl with a `captions` list per image), written by `tune data world`."""
     resolution: int = 64
@@ -168,6 +171,8 @@ _NON_NEGATIVE = ("val_prompts", "eval_prompts")
 def check_inputs(cfg: Config) -> None:
     """Say what to run when the VAE, the CLIP export or the data is missing (before a run dir exists)."""
     check_base_parts(cfg.vae, cfg.clip)
+    if cfg.init_unet:
+        unet_weight_files(cfg.init_unet)
     if not Path(cfg.data_dir).is_dir():
         res = "" if cfg.resolution == 64 else f" --resolution {cfg.resolution}"
         raise DataError(
@@ -199,6 +204,9 @@ def main(cfg: Config) -> RunDir:
         unet_down_block_types=tuple(cfg.unet_down_block_types),
     )
     unet = build_unet(preset, text_encoder.config.hidden_size, vae.config.latent_channels).to(device).train()
+    if cfg.init_unet:
+        new = init_unet_from(unet, cfg.init_unet)
+        log.info("unet: started from %s; %d new tensors (identity at start)", cfg.init_unet, len(new))
     pred_type = "v_prediction" if cfg.diffusion.prediction_type == "auto" else cfg.diffusion.prediction_type
     noise_scheduler = DDPMScheduler(
         beta_schedule=cfg.beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=pred_type

@@ -201,3 +201,35 @@ def test_schedule_free_without_ema_resumes_exactly_and_exports_its_average(
     assert saved.keys() == exported.keys()
     for k in saved:
         torch.testing.assert_close(exported[k], saved[k].to(exported[k].dtype))
+
+
+def test_init_unet_starts_from_a_unet_and_new_attention_starts_as_identity(
+    first_run: Path, inputs: dict[str, str], tmp_path: Path
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from tune.models.scratch import init_unet_from
+
+    folder = first_run / "export" / "pipeline" / "unet"
+    trained = UNet2DConditionModel.from_pretrained(folder).eval()
+    wider = dict(trained.config)
+    assert wider["down_block_types"][3] == "DownBlock2D"
+    wider["down_block_types"] = ["CrossAttnDownBlock2D"] * 4  # attention on the innermost level too
+    wider["up_block_types"] = ["CrossAttnUpBlock2D"] * 4
+    grown = UNet2DConditionModel.from_config(wider).eval()
+    new = init_unet_from(grown, folder)
+    assert new and all(k.startswith(("down_blocks.3.attentions", "up_blocks.0.attentions")) for k in new)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    text = torch.randn(2, 77, trained.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, text).sample, trained(x, t, text).sample)
+
+    # The recipe: a run from the export trains on from it; a folder without weights is refused up front.
+    run = recipe.main(tiny_config(inputs, tmp_path / "on", f"init_unet={folder}", "max_steps=2")).path
+    assert read_run(run).status == "done"
+    with pytest.raises(ModelError, match="init_unet: no diffusion_pytorch_model"):
+        recipe.main(tiny_config(inputs, tmp_path / "bad", f"init_unet={tmp_path}"))
+    assert not (tmp_path / "bad").exists()
+    narrow = dict(trained.config, block_out_channels=[16, 16, 32, 32])
+    with pytest.raises(ModelError, match="do not fit this U-Net"):
+        init_unet_from(UNet2DConditionModel.from_config(narrow), folder)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from tune.errors import ModelError
@@ -120,3 +122,39 @@ def load_base_parts(
     text_dir, tokenizer_dir = clip_paths(clip)
     text_encoder = CLIPTextModel.from_pretrained(text_dir).requires_grad_(False).eval().to(device)
     return autoencoder, text_encoder, CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+
+def unet_weight_files(folder: str | Path) -> list[Path]:
+    """A diffusers U-Net folder's weight files, or a ModelError that says what to pass."""
+    files = sorted(Path(folder).glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise ModelError(
+            f"init_unet: no diffusion_pytorch_model.safetensors in {folder}; pass a U-Net folder "
+            "(models/world-base/unet, or a unet run's export/pipeline/unet)"
+        )
+    return files
+
+
+def init_unet_from(unet: UNet2DConditionModel, folder: str | Path) -> list[str]:
+    """Start `unet` from another U-Net's weights (a diffusers folder): every tensor the folder holds is
+    copied (same name and shape, or a ModelError); the tensors it lacks (attention added on a level) keep
+    their initialisation, each new transformer block's output projection zeroed, so that it starts as the
+    identity and the copy draws what the folder's U-Net drew. Returns the new tensors' names."""
+    state: dict[str, torch.Tensor] = {}
+    for file in unet_weight_files(folder):
+        state |= load_file(str(file))
+    own = unet.state_dict()
+    misfits = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if misfits:
+        raise ModelError(
+            f"init_unet: {len(misfits)} tensors of {folder} do not fit this U-Net (first: {misfits[0]}); "
+            "its widths and levels must be the config's"
+        )
+    unet.load_state_dict(state, strict=False)
+    new = sorted(set(own) - set(state))
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if isinstance(module, Transformer2DModel) and f"{name}.proj_out.weight" in new:
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+    return new
