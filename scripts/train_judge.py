@@ -244,18 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
-    if len(args.cache) > 1:  # a mixture of caches rendered before (e.g. one style given more weight)
-        missing = [str(c) for c in args.cache if not c.is_file()]
-        if missing:
-            parser.error(f"several --cache files are only read, and these are missing: {', '.join(missing)}")
-        loaded = [np.load(c, allow_pickle=True) for c in args.cache]
-        pixels = np.concatenate([d["pixels"] for d in loaded])
-        specs = [s for d in loaded for s in d["specs"]]
-    elif (
-        args.cache[0].is_file() and np.load(args.cache[0], allow_pickle=True)["pixels"].shape[0] == args.count
-    ):
-        data = np.load(args.cache[0], allow_pickle=True)
-        pixels, specs = data["pixels"], list(data["specs"])
+    # Several caches: a mixture rendered before (e.g. one style given more weight), only read.
+    missing = [str(c) for c in args.cache if not c.is_file()]
+    if len(args.cache) > 1 and missing:
+        parser.error(f"several --cache files are only read, and these are missing: {', '.join(missing)}")
+    parts = []
+    for cache in [] if missing else args.cache:
+        data = np.load(cache, allow_pickle=True)  # an npz reads an array each time it is indexed: once here
+        parts.append((data["pixels"], list(data["specs"])))
+    if len(parts) == 1 and len(parts[0][0]) != args.count:  # one cache of another size: render it again
+        parts = []
+    if parts:
+        pixels, specs = np.concatenate([p for p, _ in parts]), [s for _, ss in parts for s in ss]
     else:
         pixels, specs = render_set(args.count, 1000 + args.seed, args.workers, args.style)
         args.cache[0].parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers import AutoencoderKL, Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
