@@ -230,17 +230,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--subjects-only", action="store_true", help="measure the judge in --out on the subjects; no training"
     )
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="measure the judge in --out again (per style, blurred, subjects); no training",
+    )
     args = parser.parse_args(argv)
-    if args.subjects_only:
-        report_path = args.out / "report.json"
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-        report["subjects"] = subject_figures(load_judge(args.out), args.subject_photos, 7000 + args.seed)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-        write_card(args.out, report, report.get("command", "python scripts/train_judge.py"))
-        print(json.dumps(report["subjects"], indent=2))
-        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.subjects_only or args.measure_only:
+        report_path = args.out / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        judge = load_judge(args.out)
+        if args.measure_only:
+            report["clean"] = evaluate(judge, args.eval_per_style, 5000 + args.seed, args.workers)
+            report["blur_1px"] = evaluate(
+                judge, args.eval_per_style, 6000 + args.seed, args.workers, blur_sigma=1.0
+            )
+        report["subjects"] = subject_figures(judge, args.subject_photos, 7000 + args.seed)
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_card(args.out, report, report.get("command", "python scripts/train_judge.py"))
+        print(json.dumps({k: report[k] for k in ("clean", "blur_1px", "subjects") if k in report}, indent=2))
+        return 0
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()

@@ -161,7 +161,8 @@ def block(X: np.ndarray, Y: np.ndarray, pose: Pose, pattern: str) -> Geometry:
     if pattern == "striped":
         marks = _bands(q, 5) & ~top_face
     else:
-        marks = _spots(p * a, q * np.where(top_face, d, a), 0.26, 0.075)
+        # spots as large as a person's (the same blur at 16x16 latents on the smaller radius 0.075)
+        marks = _spots(p * a, q * np.where(top_face, d, a), 0.36, 0.105)
     return Geometry(mask, mask.astype(np.int8) * BODY, face, normal, marks & mask, 0.35)
 
 
@@ -192,7 +193,7 @@ def cup(X: np.ndarray, Y: np.ndarray, pose: Pose, pattern: str) -> Geometry:
     if pattern == "striped":
         marks = _bands((Y - curve - y_top) / (y_bot - y_top), 5) & side
     else:
-        marks = _spots(np.arcsin(np.clip(nx, -1, 1)) * w, Y, 0.22, 0.068) & side
+        marks = _spots(np.arcsin(np.clip(nx, -1, 1)) * w, Y, 0.32, 0.1) & side
     return Geometry(mask, region.astype(np.int8), face, normal, marks, 0.4)
 
 
@@ -211,7 +212,7 @@ def cone(X: np.ndarray, Y: np.ndarray, pose: Pose, pattern: str) -> Geometry:
     if pattern == "striped":
         marks = _bands(t, 5)
     else:
-        marks = _spots(np.arcsin(nx) * half, Y, 0.22, 0.068) & (frac > 0.25)
+        marks = _spots(np.arcsin(nx) * half, Y, 0.32, 0.1) & (frac > 0.25)
     return Geometry(mask, mask.astype(np.int8) * BODY, mask.astype(np.int8), normal, marks & mask, 0.4)
 
 
@@ -272,9 +273,10 @@ def person(X: np.ndarray, Y: np.ndarray, pose: Pose, pattern: str) -> Geometry:
     normal[:, head | hands] = sph[:, head | hands]
     if pattern == "striped":  # two stripes between three bands of the shirt's colour, which dominates
         marks = _bands((Y - by0) / (by1 - by0), 5)
-    else:  # fewer, larger spots (radius about 2.4 px on a small person): at 0.06 / 0.17 the judge read a
-        # small person's spot colour right in 52-60% of photos and pixel art
-        marks = _spots(X, Y - by0, 0.21, 0.075)
+    else:  # few, large spots (radius about 3.5 px on a small person): at 0.06 / 0.17 the judge read a small
+        # person's spot colour right in 52-60% of photos and pixel art; at 0.075 / 0.21 the base model's
+        # 16x16 latents blurred them into the shirt (a LoRA of w-person found it in 0-5% of backgrounds)
+        marks = _spots(X, Y - by0, 0.30, 0.11)
     return Geometry(mask, region, face, normal, marks & shirt, 0.08)
 
 
