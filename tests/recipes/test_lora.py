@@ -238,8 +238,8 @@ def test_shipped_configs_load_strictly() -> None:
     assert tiny.max_steps > 0 and tiny.lora.targets == ("attn2",)
     default = load_config(recipe.Config, CONFIGS / "default.toml")  # the values measured on the shipped base
     assert default.lora.targets == ("attn1", "attn2", "ff") and default.lora.rank == 16
-    assert default.optim.lr == 1e-3 and not default.prior.enabled
-    assert (default.pivotal.enabled, default.pivotal.lr, default.pivotal.lora_lr) == (False, 5e-3, 1e-4)
+    assert default.optim.lr == 1e-3 and default.prior.enabled and default.max_steps == 1200
+    assert (default.pivotal.enabled, default.pivotal.lr, default.pivotal.lora_lr) == ("auto", 5e-3, 0.0)
     sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
     assert (sd15.resolution, sd15.lora.rank, sd15.optim.lr) == (512, 4, 1e-4)
     with pytest.raises(ConfigError, match="did you mean 'lora.rank'"):
