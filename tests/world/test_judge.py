@@ -24,8 +24,8 @@ def judge():
 
 
 # Floors for a fast sample (about 60 renders per style) under the accuracy measured on 2,000 renders per
-# style (models/world-judge/report.json): 0.99-1.0 for class, background, size, position and hair,
-# 0.985-1.0 for colour, pattern and style, 0.984-0.993 for the second colour. A broken judge falls far
+# style (models/world-judge/report.json): 0.997-1.0 for class, background, size, position and hair,
+# 0.987-1.0 for colour, pattern and style, 0.988-0.996 for the second colour. A broken judge falls far
 # below them.
 FLOORS = {"color2": 0.75, "hair": 0.85, "color": 0.88, "pattern": 0.88, "style": 0.88}
 
