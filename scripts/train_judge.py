@@ -163,6 +163,19 @@ def subject_figures(judge: Judge, photos: int, seed: int) -> dict:
     return out
 
 
+def measure(judge: Judge, args: argparse.Namespace, per_style: bool = True) -> dict:
+    """The report's figures: accuracy per style on fresh renders, clean and after a 1 px blur (unless
+    `per_style` is False), and the example subjects; each on renders of its own seed."""
+    figures = {}
+    if per_style:
+        figures["clean"] = evaluate(judge, args.eval_per_style, 5000 + args.seed, args.workers)
+        figures["blur_1px"] = evaluate(
+            judge, args.eval_per_style, 6000 + args.seed, args.workers, blur_sigma=1.0
+        )
+    figures["subjects"] = subject_figures(judge, args.subject_photos, 7000 + args.seed)
+    return figures
+
+
 def write_card(folder: Path, report: dict, command: str) -> None:
     """MODEL_CARD.md from report.json: how it was made and every measured figure."""
     lines = [
@@ -241,13 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.subjects_only or args.measure_only:
         report_path = args.out / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-        judge = load_judge(args.out)
-        if args.measure_only:
-            report["clean"] = evaluate(judge, args.eval_per_style, 5000 + args.seed, args.workers)
-            report["blur_1px"] = evaluate(
-                judge, args.eval_per_style, 6000 + args.seed, args.workers, blur_sigma=1.0
-            )
-        report["subjects"] = subject_figures(judge, args.subject_photos, 7000 + args.seed)
+        report |= measure(load_judge(args.out), args, per_style=args.measure_only)
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         write_card(args.out, report, report.get("command", "python scripts/train_judge.py"))
         print(json.dumps({k: report[k] for k in ("clean", "blur_1px", "subjects") if k in report}, indent=2))
@@ -327,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
         "params": sum(p.numel() for p in net.parameters()),
-        "clean": evaluate(judge, args.eval_per_style, 5000 + args.seed, args.workers),
-        "blur_1px": evaluate(judge, args.eval_per_style, 6000 + args.seed, args.workers, blur_sigma=1.0),
-        "subjects": subject_figures(judge, args.subject_photos, 7000 + args.seed),
+        **measure(judge, args),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(
