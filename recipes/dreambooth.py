@@ -6,17 +6,21 @@
 
 Photos are captioned "a photo of {token} {class}". With prior preservation (on when the concept says
 so, or when class_prompt is given), the base model first draws `num_class_images` images of the class
-prompt with the shared sampler (cached under the cache dir by base model, prompt, seeds and sampler
-settings, so the next run reuses them); every batch then pairs the photos with as many class images,
-and the loss is instance loss + prior.loss_weight * class loss, so the class word keeps its meaning.
+prompt with the shared sampler (with `prior.from_captions`, of the photos' captions with the trigger taken
+out too, in turn, each trained with its caption; cached under the cache dir by base model, prompts, seeds
+and sampler settings, so the next run reuses them); every batch then pairs the photos with as many class
+images, and the loss is instance loss + prior.loss_weight * class loss, so the class word keeps its meaning.
 An exponential moving average of the U-Net weights (diffusers' EMAModel) is what the validation
-grids show and what is exported.
+grids show and what is exported. With pivotal tuning (`pivotal.enabled`; "auto" in the default config) a
+trigger that is a new word ("sks") becomes a new token whose embedding trains beside the U-Net, so the
+class word keeps its meaning; its embedding is written to each checkpoint and export/learned_embeds.safetensors.
 
 On SDXL both text encoders condition the U-Net (and train with train_text_encoder), with pooled text
 embeds and each image's size and crop (`tune.models.conditioning`).
 
-Writes export/pipeline/ (a complete diffusers folder of the base's pipeline class) and, by default,
-export/<run name>.safetensors (one checkpoint file for A1111 and ComfyUI) and export/<run name>_lora.safetensors
+Writes export/pipeline/ (a complete diffusers folder of the base's pipeline class, the new token in its
+tokenizer) and, by default, export/<run name>.safetensors (one checkpoint file for A1111 and ComfyUI, with
+the base's text encoder: the token is the embedding file beside it) and export/<run name>_lora.safetensors
 (the fine-tune's difference to the base as a kohya LoRA, by SVD: `tune lora extract`).
 """
 
@@ -26,7 +30,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 
 from tune import personalize as p
 from tune.durable import atomic_folder, check_disk_space
+from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError, ModelError
 from tune.evaluation import start_training_eval
 from tune.lora import run_metadata, save_lora
@@ -51,7 +56,7 @@ from tune.optim import (
     optimizer_state_bytes,
 )
 from tune.runs import EXPORT_PIPELINE, RunDir
-from tune.tokens import text_towers
+from tune.tokens import add_tokens, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -62,6 +67,7 @@ from tune.training import (
     is_due,
     log_step,
     module_bytes,
+    on_checkpoint,
     resume_from_checkpoint,
     save_checkpoint,
     set_channels_last,
@@ -88,6 +94,8 @@ class Config(p.PersonalizeConfig):
     """Optimizer and learning-rate schedule; adamw8bit keeps about a quarter of adamw's state."""
     prior: p.PriorConfig = p.PriorConfig()
     """Prior preservation: class images, their count and loss weight."""
+    pivotal: p.PivotalConfig = p.PivotalConfig()
+    """Pivotal tuning: also train the trigger as a new token (its rows only, at pivotal.lr)."""
     ema: bool = True
     """Keep an exponential moving average of the U-Net weights; grids and export use it."""
     ema_decay: float = 0.999
@@ -127,6 +135,9 @@ def main(cfg: Config) -> RunDir:
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
     prior = p.resolve_prior(cfg.prior, subject)
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
+    tokenizers, text_encoders = text_towers(pipe)  # SDXL: both; pivotal's trigger goes into both
+    pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers)
+    cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))  # config.toml records which
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
@@ -136,19 +147,27 @@ def main(cfg: Config) -> RunDir:
 
     # ---- models -------------------------------------------------------------------------------------
     unet, vae = pipe.unet, pipe.vae
-    _, text_encoders = text_towers(pipe)  # SDXL: both
     base_hash = base_model_hash(unet, *text_encoders)
+    train_text = cfg.train_text_encoder or pivotal  # the text encoders run in the training forward
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:
         model.requires_grad_(cfg.train_text_encoder)
-        model.to(device, torch.float32 if cfg.train_text_encoder else dtype)  # trained weights stay fp32
+        model.to(device, torch.float32 if train_text else dtype)  # trained weights stay fp32
     unet.requires_grad_(True).to(device, torch.float32)
     class_dir = None
     if prior is not None:  # drawn by the base model, before training changes it
         class_dir = p.prepare_class_images(
             pipe, prior, cfg.prior, base_hash=base_hash, cache_dir=cfg.data.cache_dir, accelerator=accelerator
         )
+    new_tokens = None
+    if pivotal:  # after the class images, which the base draws without the token
+        initializer = cfg.pivotal.initializer_token or subject.class_word
+        new_tokens = add_tokens(
+            tokenizers, text_encoders, subject.token, initializer, cfg.pivotal.num_vectors
+        )
+        new_tokens.train_rows_only()
+    embeddings = list(new_tokens.weights) if new_tokens else []
     ema = ema_unet = None
     if cfg.ema:
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
@@ -156,7 +175,7 @@ def main(cfg: Config) -> RunDir:
             copy.deepcopy(unet).requires_grad_(False).eval()
         )  # holds the EMA weights to sample and export
     if cfg.gradient_checkpointing:
-        for model in text_encoders if cfg.train_text_encoder else [None]:
+        for model in text_encoders if train_text else [None]:
             enable_gradient_checkpointing(unet, model)
     set_channels_last(unet, cfg.channels_last)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -164,9 +183,10 @@ def main(cfg: Config) -> RunDir:
     sample_pipe.set_progress_bar_config(disable=True)
 
     # ---- data ---------------------------------------------------------------------------------------
+    instance_prompt = new_tokens.expand(subject.instance_prompt) if new_tokens else subject.instance_prompt
     dataset, loader = p.build_photo_loader(
         subject.photos,
-        subject.instance_prompt,
+        instance_prompt,
         cfg.data,
         pipe=pipe,
         resolution=p.resolve_resolution(cfg.resolution, pipe),
@@ -175,19 +195,21 @@ def main(cfg: Config) -> RunDir:
         accelerator=accelerator,
         class_dir=class_dir,
         class_prompt=prior.class_prompt if prior else None,
-        cache_text=not cfg.train_text_encoder,
+        cache_text=not train_text,
         holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
     prompts = p.validation_prompts(subject, cfg.sample)
     # val_every: the loss on held-out photos (None when 0)
-    val_loss = p.build_validation_loss(
-        cfg, subject.photos, subject.instance_prompt, pipe, noise_scheduler, dtype
-    )
+    val_loss = p.build_validation_loss(cfg, subject.photos, instance_prompt, pipe, noise_scheduler, dtype)
 
     # ---- optimizer ----------------------------------------------------------------------------------
-    trained = [unet, *text_encoders] if cfg.train_text_encoder else [unet]
-    params = [q for model in trained for q in model.parameters()]
-    optimizer = build_optimizer(params, cfg.optim)
+    trained = [unet, *text_encoders] if train_text else [unet]
+    embedding = {id(w) for w in embeddings}
+    params = [q for m in trained for q in m.parameters() if q.requires_grad and id(q) not in embedding]
+    groups: list[dict] = [{"params": params}]
+    if embeddings:
+        groups.append({"params": embeddings, "lr": cfg.pivotal.lr, "weight_decay": 0.0})
+    optimizer = build_optimizer(groups, cfg.optim)
     lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
     *trained, optimizer, lr_schedule = accelerator.prepare(*trained, optimizer, lr_schedule)
     # The prepared models (DDP wrappers on several GPUs) run the training forward; `unet` and
@@ -201,6 +223,8 @@ def main(cfg: Config) -> RunDir:
     accelerator.register_for_checkpointing(loader)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    if new_tokens is not None:  # the token beside the weights, for `tune eval` and `tune sample` at a step
+        on_checkpoint(accelerator, lambda folder, step: save_embeddings(new_tokens, folder / EMBEDDINGS_FILE))
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
     if evaluator is not None:
         evaluator.attach(run.path, step)
@@ -244,7 +268,7 @@ def main(cfg: Config) -> RunDir:
         evaluate(0)
     unet.train()
     for model in text_encoders:
-        model.train(cfg.train_text_encoder)
+        model.train(train_text)
     batches = p.forever(loader)
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, accelerator)
     applied = True
@@ -261,11 +285,13 @@ def main(cfg: Config) -> RunDir:
                 applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
                 if applied:
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                        accelerator.clip_grad_norm_(params + embeddings, cfg.optim.max_grad_norm)
                     optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach())
+        if new_tokens is not None:
+            new_tokens.restore_frozen_rows()
         if ema is not None and applied:
             ema.step(unet.parameters())
         step += 1
@@ -307,23 +333,44 @@ def main(cfg: Config) -> RunDir:
         if dtype != torch.float32:  # the frozen parts were cast for training: export the base's own weights
             pipe = p.load_base(cfg.base_model)
         components = {"unet": final_unet.to(torch.float32)}
-        if cfg.train_text_encoder:  # the trained ones, also when `pipe` was reloaded
+        if train_text:  # the trained ones (and the tokenizers with the token), also when `pipe` was reloaded
             names = ("text_encoder", "text_encoder_2")
             components.update(zip(names, (m.to(torch.float32) for m in text_encoders), strict=False))
+            components.update(zip(("tokenizer", "tokenizer_2"), tokenizers, strict=False))
         export = p.with_components(pipe, **components)
         size = module_bytes(*export.components.values())  # checked against the free space before writing
         # complete or absent, never half
         with atomic_folder(run.export_dir / EXPORT_PIPELINE, size) as folder:
             export.save_pretrained(folder)
+        if new_tokens is not None:
+            save_embeddings(new_tokens, run.export_dir / EMBEDDINGS_FILE, {"tune_base_model_hash": base_hash})
         if cfg.export_single_file:
             check_disk_space(run.export_dir, size // 2, "the single-file export")
-            save_single_file(export, run.export_dir / f"{run.path.resolve().name}.safetensors")
+            save_single_file(
+                without_new_rows(export, new_tokens),
+                run.export_dir / f"{run.path.resolve().name}.safetensors",
+            )
         if cfg.export_lora_rank:
             export_lora(run, export, cfg, device)
         log.info("exported %s", run.export_dir / EXPORT_PIPELINE)
     accelerator.end_training()
     run.finish()
     return run
+
+
+def without_new_rows(export: Any, new_tokens: Any) -> Any:
+    """The export with its text encoders' embedding matrices cut back to the base's rows: a single-file
+    checkpoint holds a base-shaped text encoder (what A1111 and ComfyUI expect); the token is the embedding
+    file beside it."""
+    if new_tokens is None:
+        return export
+    names = ("text_encoder", "text_encoder_2")
+    cut = {}
+    for name, rows in zip(names, new_tokens.rows, strict=False):
+        encoder = copy.deepcopy(getattr(export, name))
+        encoder.resize_token_embeddings(min(rows.ids), mean_resizing=False)  # the new rows are the last ones
+        cut[name] = encoder
+    return p.with_components(export, **cut)
 
 
 def export_lora(run: RunDir, export: Any, cfg: Config, device: torch.device) -> None:

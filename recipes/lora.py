@@ -40,7 +40,7 @@ from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora,
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
-from tune.tokens import add_tokens, check_new_token, is_new_token, text_towers
+from tune.tokens import add_tokens, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -113,27 +113,17 @@ class LoraOptions:
 
 
 @dataclass(frozen=True)
-class PivotalOptions:
+class PivotalOptions(p.PivotalConfig):
     """Pivotal tuning (the `[pivotal]` table): the trigger word becomes a new token trained with the LoRA."""
 
-    enabled: bool | Literal["auto"] = False
-    """Add the token (`token`, or the concept's) as a new embedding and train it too; "auto": when the
-    token is a new word to the tokenizer and in the instance prompt (as "sks"), else (a word it has, as
-    "w": every single letter) the LoRA alone learns the subject. The run's config.toml records which."""
-    initializer_token: str = ""
-    """Word the new embedding starts from; "" means the concept's class word."""
-    num_vectors: int = 1
-    """Embedding vectors behind the token."""
-    lr: float = 1e-3
-    """Learning rate of the embedding (the adapters use optim.lr, or lora_lr); under Prodigy, which sets its
-    own step size, the embedding steps pivotal.lr / optim.lr times the adapters' step."""
     lora_lr: float = 0.0
     """Learning rate of the adapters while the token trains; 0 means optim.lr. The token carries most of the
     subject then, so the adapters want less (and with pivotal "auto" off, optim.lr holds for them)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.lora_lr < 0:
-            raise ConfigError(f"need pivotal.lr > 0 and pivotal.lora_lr >= 0 (0: optim.lr); got {self}")
+        super().__post_init__()
+        if self.lora_lr < 0:
+            raise ConfigError(f"need pivotal.lora_lr >= 0 (0: optim.lr); got {self}")
 
 
 @dataclass(frozen=True)
@@ -162,26 +152,11 @@ def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
     prior = p.resolve_prior(cfg.prior, subject)
-    in_prompt = subject.token in subject.instance_prompt.split()
-    if cfg.pivotal.enabled is True and not in_prompt:
-        raise ConfigError(
-            f"pivotal tuning trains the trigger word, which must be in the instance prompt: token=sks and "
-            f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
-        )
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: two of each; pivotal's trigger goes into both
-    if cfg.pivotal.enabled == "auto":
-        pivotal = in_prompt and is_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
-        log.info(
-            "pivotal tuning: %s",
-            f"{subject.token!r} becomes a new token"
-            if pivotal
-            else f"off ({subject.token!r} is a word the tokenizer has, or not in the instance prompt)",
-        )
-        cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))
-    elif cfg.pivotal.enabled:  # asked for outright: a token the tokenizer has is an error
-        check_new_token(tokenizers, subject.token, cfg.pivotal.num_vectors)
+    pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers)
+    cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))  # config.toml records which
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(

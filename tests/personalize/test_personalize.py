@@ -152,6 +152,44 @@ def test_checkpoints_hold_only_trainable_weights(tmp_path: Path) -> None:
         accelerator.load_state(str(tmp_path / "step_000001"))
 
 
+def test_class_prompts_follow_the_photos_captions(concept: Path) -> None:
+    photos = concept / "photos"
+    for name, caption in (
+        ("a", "a photo of zwx dog on grass"),
+        ("b", "A photo of zwx dog on grass"),
+        ("c", None),
+    ):
+        Image.new("RGB", (8, 8)).save(photos / f"{name}.png")
+        if caption:
+            (photos / f"{name}.txt").write_text(caption)
+    (photos / "d.png").write_bytes((photos / "c.png").read_bytes())
+    (photos / "d.txt").write_text("my dog on sand")  # says nothing of the prompt: not a caption of ours
+    subject = p.resolve_subject(cfg(f"concept={concept}"))
+    prior = p.resolve_prior(p.PriorConfig(from_captions=True), subject)
+    assert prior is not None and prior.prompts == ("a photo of dog", "a photo of dog on grass")
+    assert p.resolve_prior(p.PriorConfig(), subject).prompts == ()  # off by default
+    for f in photos.glob("*.txt"):
+        f.unlink()
+    assert (
+        p.resolve_prior(p.PriorConfig(from_captions=True), subject).prompts == ()
+    )  # no captions: the class prompt
+
+
+def test_class_images_of_several_prompts_carry_their_captions(tiny_pipeline_dir: str, tmp_path: Path) -> None:
+    pipe = load_pipeline(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(base_hash="ab" * 32, seed=0, steps=1, batch_size=2, cache_dir=tmp_path)
+    prompts = ["a photo of toy", "a photo of toy on grass"]
+    made = generate_class_images(pipe, prompts, 3, **kwargs)
+    captions = [(made.folder / f"s{i}.txt").read_text() for i in range(3)]
+    assert captions == [prompts[0], prompts[1], prompts[0]]  # in turn
+    alone = generate_class_images(pipe, prompts[1], 1, **{**kwargs, "seed": 1})
+    pair = [np.asarray(Image.open(f / "s1.png")).astype(int) for f in (made.folder, alone.folder)]
+    assert np.abs(pair[0] - pair[1]).max() <= 1  # seed 1 drew its own prompt (batching moves the last bit)
+    assert not list(alone.folder.glob("*.txt"))  # one prompt: no sidecars, and the cache key of before
+    assert generate_class_images(pipe, [prompts[1]], 1, **{**kwargs, "seed": 1}).folder == alone.folder
+
+
 def test_class_images_are_generated_once_and_finished_exactly(tiny_pipeline_dir: str, tmp_path: Path) -> None:
     pipe = load_pipeline(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)

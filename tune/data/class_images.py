@@ -7,6 +7,7 @@ prompt, the seeds and the sampler settings, so they are generated once and reuse
 
     <cache_dir>/class_images/<base model hash[:16]>/<key[:16]>/
         s{seed}.png ...        one image per seed (seed, seed + 1, ..., seed + count - 1)
+        s{seed}.txt ...        its prompt, when the images follow several prompts (the photos' captions)
         index.json             what the images are: prompt, seeds, sampler settings, base model hash
         COMPLETE               written last; a folder without it is finished by the next run
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ def class_image_folder(cache_dir: Path, base_hash: str, settings: dict[str, Any]
 
 def generate_class_images(
     pipe: Any,
-    prompt: str,
+    prompt: str | Sequence[str],
     count: int,
     *,
     base_hash: str,
@@ -72,6 +74,7 @@ def generate_class_images(
     accelerator: Any = None,
 ) -> ClassImages:
     """`count` images of `prompt` from `pipe` (seeds seed .. seed + count - 1), from the cache when there.
+    Several prompts are drawn in turn (image i: prompts[i % len]), each image's beside it as its caption.
 
     `base_hash` names the model (`tune.models.identity.base_model_hash`); `cache_dir` defaults to
     `$TUNE_CACHE_DIR` or `~/.cache/tune`. With an accelerator only the main process generates; the
@@ -85,8 +88,12 @@ def generate_class_images(
         raise ConfigError(f"prior.batch_size must be >= 1; got {batch_size}")
     width, height = check_size(pipe, None, None)
     seeds = list(range(seed, seed + count))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ConfigError("class images need a prompt")
+    of_seed = {s: prompts[i % len(prompts)] for i, s in enumerate(seeds)}
     settings = {
-        "prompt": prompt,
+        "prompt": prompts[0] if len(prompts) == 1 else prompts,  # one prompt: the key of earlier caches
         "seeds": seeds,
         "steps": steps,
         "guidance": guidance,
@@ -111,8 +118,9 @@ def generate_class_images(
             for group in todo:
                 samples = generate(
                     pipe,
-                    prompt,
+                    prompts[0] if len(prompts) == 1 else [of_seed[s] for s in group],
                     group,
+                    paired=len(prompts) > 1,
                     steps=steps,
                     guidance=guidance,
                     negative_prompt=negative_prompt,
@@ -122,6 +130,8 @@ def generate_class_images(
                 )
                 for sample in samples:
                     path = folder / IMAGE_NAME.format(seed=sample.seed)
+                    if len(prompts) > 1:  # its caption first: an image on disk always has its caption
+                        write_atomic(path.with_suffix(".txt"), of_seed[sample.seed])
                     tmp = path.with_name(f".{path.name}.tmp")
                     sample.image.save(tmp, format="PNG")
                     tmp.replace(path)  # a crash leaves the old state or the whole image, never half

@@ -23,9 +23,10 @@
 The training loops themselves stay in the recipes, written out.
 
 Where each job lives:
-- `config`: `PersonalizeConfig` and its `[data]` (`PhotoOptions`), `[sample]` and `[prior]` tables;
-- `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, and the prior
-  (`resolve_prior`, `prepare_class_images`);
+- `config`: `PersonalizeConfig` and its `[data]` (`PhotoOptions`), `[sample]` and `[prior]` tables, and the
+  `[pivotal]` table the lora and dreambooth recipes take (`PivotalConfig`);
+- `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, the prior
+  (`resolve_prior`, `prepare_class_images`) and whether the trigger trains as a token (`resolve_pivotal`);
 - `loading`: `load_base`, the photo loader (`build_photo_loader`, `encode_batch`, ...) and `PhotoLoss`;
 - `hooks`: `sample_validation` and `run_info`, called during and after training;
 - `validation`: the held-out photos (`holdout_share`) and `ValidationLoss` (`build_validation_loss`);
@@ -43,6 +44,7 @@ from tune.personalize.config import (
     MixedPrecision,
     PersonalizeConfig,
     PhotoOptions,
+    PivotalConfig,
     PriorConfig,
     ReportTo,
     SampleConfig,
@@ -65,6 +67,7 @@ from tune.personalize.subject import (
     Prior,
     Subject,
     prepare_class_images,
+    resolve_pivotal,
     resolve_prior,
     resolve_subject,
     trigger_and_class,
@@ -85,6 +88,7 @@ __all__ = [
     "PersonalizeConfig",
     "PhotoLoss",
     "PhotoOptions",
+    "PivotalConfig",
     "Prior",
     "PriorConfig",
     "ReportTo",
@@ -106,6 +110,7 @@ __all__ = [
     "load_base",
     "prepare_class_images",
     "resolve_mixed_precision",
+    "resolve_pivotal",
     "resolve_prior",
     "resolve_resolution",
     "resolve_subject",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tune.errors import ConfigError, DataError
 from tune.paths import find_path
-from tune.personalize.config import PersonalizeConfig, PriorConfig, SampleConfig
+from tune.personalize.config import PersonalizeConfig, PivotalConfig, PriorConfig, SampleConfig
 from tune.runs import check_not_in_use
 
 if TYPE_CHECKING:
@@ -125,6 +125,32 @@ def validation_prompts(subject: Subject, sample: SampleConfig) -> list[str]:
     return [subject.instance_prompt] + ([subject.class_prompt] if subject.class_prompt else [])
 
 
+def resolve_pivotal(options: PivotalConfig, subject: Subject, tokenizers: list[Any]) -> bool:
+    """Whether the run trains its trigger as a new token: `options.enabled`, with "auto" meaning a new word to
+    the tokenizer(s) that is in the instance prompt. Pivotal tuning asked for outright on a trigger that is
+    not in the instance prompt, or is a word the tokenizer has, is a ConfigError."""
+    from tune.tokens import check_new_token, is_new_token
+
+    in_prompt = subject.token in subject.instance_prompt.split()
+    if options.enabled == "auto":
+        on = in_prompt and is_new_token(tokenizers, subject.token, options.num_vectors)
+        log.info(
+            "pivotal tuning: %s",
+            f"{subject.token!r} becomes a new token"
+            if on
+            else f"off ({subject.token!r} is a word the tokenizer has, or not in the instance prompt)",
+        )
+        return on
+    if options.enabled and not in_prompt:
+        raise ConfigError(
+            f"pivotal tuning trains the trigger word, which must be in the instance prompt: token=sks and "
+            f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
+        )
+    if options.enabled:  # asked for outright: a token the tokenizer has is an error
+        check_new_token(tokenizers, subject.token, options.num_vectors)
+    return bool(options.enabled)
+
+
 @dataclass(frozen=True)
 class Prior:
     """Resolved prior-preservation settings."""
@@ -134,6 +160,8 @@ class Prior:
     loss_weight: float
     class_dir: Path | None
     """Ready-made class images, or None to generate them."""
+    prompts: tuple[str, ...] = ()
+    """The prompts generated class images follow in turn (prior.from_captions); () means class_prompt alone."""
 
 
 def resolve_prior(prior: PriorConfig, subject: Subject) -> Prior | None:
@@ -165,7 +193,27 @@ def resolve_prior(prior: PriorConfig, subject: Subject) -> Prior | None:
         if prior.loss_weight is not None
         else (concept_prior.prior_loss_weight if concept_prior else 1.0)
     )
-    return Prior(subject.class_prompt, max(1, count), weight, class_dir)
+    prompts = class_captions(subject) if prior.from_captions and class_dir is None else ()
+    return Prior(subject.class_prompt, max(1, count), weight, class_dir, prompts)
+
+
+def class_captions(subject: Subject) -> tuple[str, ...]:
+    """The class prompt, then each distinct photo caption (a sidecar that contains the instance prompt) with
+    the instance prompt replaced by the class prompt; () when no photo has such a caption."""
+    from tune.data.captions import instance_caption
+    from tune.data.images import IMAGE_EXTENSIONS
+
+    prompt = " ".join(subject.instance_prompt.split())
+    found = set()
+    for path in sorted(subject.photos.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+            continue
+        caption, own = instance_caption(path, prompt)
+        if own:
+            at = caption.lower().index(prompt.lower())
+            found.add(caption[:at] + subject.class_prompt + caption[at + len(prompt) :])
+    found.discard(subject.class_prompt)
+    return (subject.class_prompt, *sorted(found)) if found else ()
 
 
 def prepare_class_images(
@@ -184,7 +232,7 @@ def prepare_class_images(
         return prior.class_dir
     result = generate_class_images(
         pipe,
-        prior.class_prompt,
+        prior.prompts or prior.class_prompt,
         prior.num_class_images,
         base_hash=base_hash,
         seed=settings.seed,

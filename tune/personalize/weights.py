@@ -17,7 +17,8 @@ tune.runs, tune.lora.run_files, tune.embeddings):
     dreambooth         a checkpoint's accelerate state: model.safetensors (the U-Net), model_1.safetensors
                        (the text encoder, when trained; SDXL's text_encoder_2 model_2.safetensors) and the
                        EMA weights (custom_checkpoint_*.pkl), which its grids and export use; or
-                       export/pipeline/'s U-Net and text encoder(s)
+                       export/pipeline/'s U-Net and text encoder(s); under pivotal tuning the trigger's
+                       embedding from the checkpoint (or export/) first, so the matrices fit the states
 
 On exit every change is undone: the LoRA is unmerged (LoraStack kept the originals), a loaded U-Net or text
 encoder gets its saved state back, and the tokenizers and embedding matrices are the base's again (the added
@@ -232,6 +233,10 @@ def _tower_rows(
 def _apply_dreambooth(
     pipe: StableDiffusionPipeline, run: RunInfo, step: int | None, undo: contextlib.ExitStack
 ) -> AppliedWeights:
+    # Pivotal tuning: the token first, so the text encoders hold the rows the saved states have.
+    embeddings = _folder(run, step) / EMBEDDINGS_FILE
+    if embeddings.is_file():
+        undo.enter_context(apply_embeddings(pipe, embeddings))
     if step is None:
         folder = run.export_dir / EXPORT_PIPELINE
         _need(folder / "model_index.json", _not_exported(run))
@@ -241,7 +246,7 @@ def _apply_dreambooth(
             if (folder / name).is_dir() and getattr(pipe, name, None) is not None
         ]
         undo.enter_context(_loaded(states))
-        return AppliedWeights(None, (folder,))
+        return AppliedWeights(None, (folder, *([embeddings] if embeddings.is_file() else [])))
     from accelerate.utils.constants import SAFE_MODEL_NAME
     from safetensors.torch import load_file
 
@@ -264,7 +269,9 @@ def _apply_dreambooth(
         if isinstance(state, dict) and "shadow_params" in state:
             ema = state["shadow_params"]
     undo.enter_context(_loaded(states, ema))
-    return AppliedWeights(step, tuple(file for _, file in parts))
+    return AppliedWeights(
+        step, (*(file for _, file in parts), *([embeddings] if embeddings.is_file() else []))
+    )
 
 
 @contextlib.contextmanager
