@@ -1,6 +1,6 @@
 """The dreambooth recipe end to end on the tiny pipeline: run-dir contract, class images generated once
 and reused, EMA export that plain diffusers loads and samples like the run, its LoRA by SVD, exact
-resume, 8-bit state."""
+resume, 8-bit state, pivotal tuning."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from tune import PROJECT_ROOT
 from tune import lora as lora_io
 from tune.cli import main
 from tune.config import load_config
+from tune.embeddings import EMBEDDINGS_FILE
 from tune.errors import ConfigError
 from tune.models import build_pipeline, load_pipeline
+from tune.personalize import apply_run_weights
 from tune.runs import read_run
 from tune.sampling import sample_grid
 
@@ -213,8 +215,16 @@ def test_adamw8bit_state_is_a_fraction_of_adamw(setup: dict, tmp_path: Path) -> 
 def test_shipped_configs_load_strictly(setup: dict, tmp_path: Path) -> None:
     for name in ("tiny", "default", "sd15"):
         assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
+    default = load_config(recipe.Config, CONFIGS / "default.toml")  # the values measured on the shipped base
+    assert (default.max_steps, default.optim.lr, default.pivotal.enabled, default.pivotal.lr) == (
+        1200,
+        3e-4,
+        "auto",
+        5e-3,
+    )
+    assert default.prior.from_captions
     sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
-    assert sd15.resolution == 512 and sd15.optim.lr == 5e-6
+    assert sd15.resolution == 512 and sd15.optim.lr == 5e-6 and sd15.pivotal.enabled is False
     with pytest.raises(ConfigError, match="did you mean 'train_text_encoder'"):
         load_config(recipe.Config, None, ["train_text_encoders=true"])
     with pytest.raises(ConfigError, match="ema_decay"):
@@ -251,3 +261,37 @@ def test_validation_loss_is_logged(setup: dict, tmp_path: Path) -> None:
     rows = [m for m in run.metrics if "val_loss" in m]
     assert [m["step"] for m in rows] == [0, 4] and run.info["photos"] == 3
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the trained U-Net's loss, not the base's
+
+
+def test_pivotal_trains_the_token_beside_the_unet_and_resumes_exactly(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make = lambda out, *extra: config(setup, out, "pivotal.enabled=auto", *extra)  # noqa: E731
+    whole = recipe.main(make(tmp_path / "p")).path  # the concept's trigger, "sks", a new word
+    run = read_run(whole)
+    assert run.config["pivotal"]["enabled"] is True  # as it ran
+    steps = [load_file(str(checkpoint(whole, s) / EMBEDDINGS_FILE))["sks"] for s in (2, 4)]
+    assert not torch.equal(*steps)  # the token trains
+    base = load_pipeline(setup["base"])
+    rows = base.text_encoder.get_input_embeddings().weight.shape[0]
+    export = StableDiffusionPipeline.from_pretrained(whole / "export" / "pipeline")
+    (token_id,) = export.tokenizer("sks", add_special_tokens=False).input_ids  # one token of its own
+    matrix = export.text_encoder.get_input_embeddings().weight.detach()
+    assert token_id == rows and matrix.shape[0] == rows + 1
+    assert torch.equal(matrix[:rows], base.text_encoder.get_input_embeddings().weight.detach())  # others kept
+    assert torch.equal(matrix[rows], load_file(str(whole / "export" / EMBEDDINGS_FILE))["sks"][0])
+    # The single file holds a base-shaped text encoder (A1111, ComfyUI); the token is the file beside it.
+    single = load_file(str(whole / "export" / f"{whole.name}.safetensors"))
+    (key,) = [k for k in single if k.endswith("token_embedding.weight")]
+    assert single[key].shape[0] == rows
+    # `tune eval` and `tune sample` put the token in at a checkpoint and at the export, and take it out.
+    for step in (4, None):
+        with apply_run_weights(base, whole, step) as applied:
+            assert EMBEDDINGS_FILE in [Path(f).name for f in applied.files]
+            assert base.tokenizer("sks", add_special_tokens=False).input_ids == [token_id]
+        assert base.text_encoder.get_input_embeddings().weight.shape[0] == rows
+    # Killed and resumed: the same losses and the same token.
+    left, resumed = crash_then_resume(recipe, monkeypatch, make, tmp_path / "r")
+    assert left == [2] and losses(resumed.path) == losses(whole)
+    again = load_file(str(checkpoint(resumed.path, 4) / EMBEDDINGS_FILE))["sks"]
+    assert torch.equal(again, steps[1])
