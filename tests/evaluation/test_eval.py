@@ -17,7 +17,7 @@ from tune.cli import main as cli_main
 from tune.config import load_config
 from tune.errors import ConfigError
 from tune.evaluation import Evaluator, decide, load_suite, run_subject, suite_eval_dir
-from tune.evaluation.report import METRICS
+from tune.evaluation.report import METRICS, format_summary
 from tune.runs import read_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
@@ -235,6 +235,25 @@ def test_eval_every_writes_the_report_and_keeps_the_best_adapter(lora_run: Path)
     assert info["best_step"] == report["best_step"]
     best = lora_run / "export" / "best" / "pytorch_lora_weights.safetensors"
     assert best.is_file() == (report["best_step"] is not None)
+
+
+def test_summary_leaves_out_what_a_suite_does_not_measure() -> None:
+    # The drift suite: no prompt names the trigger, so no subject fidelity, subject found or trigger figure.
+    base = dict.fromkeys(METRICS) | {"label": "base", "step": 0, "prompt_fidelity": 0.58, "diversity": 0.46}
+    base |= {"background_right": 1.0, "subject_in_others": 0.0}
+    tuned = base | {"label": "step_000004", "step": 4, "subject_in_others": 0.2}
+    report = {
+        "base": base,
+        "checkpoints": [tuned],
+        "best_step": None,
+        "overfit": False,
+        "overfit_reason": None,
+    }
+    lines = format_summary(report).splitlines()
+    assert lines[1] == (
+        " step_000004: prompt 0.5800  diversity 0.4600  background right 1.0000  subject without trigger 0.2000"
+    )
+    assert lines[2] == "best step: None  overfit: False"
 
 
 def test_tune_eval_scores_base_and_checkpoints(

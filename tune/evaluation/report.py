@@ -115,11 +115,19 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY = (  # (metric, its name in the terminal summary); a metric a suite does not measure is left out
+    ("subject_fidelity", "subject"),
+    ("prompt_fidelity", "prompt"),
+    ("diversity", "diversity"),
+    ("subject_found", "found"),
+    ("background_right", "background right"),
+    ("style_right", "style right"),
+    ("subject_in_others", "subject without trigger"),
+    ("trigger_on_subject", "trigger on subject"),
+)
+
+
 def _summary_line(e: dict[str, Any]) -> str:
-    line = (
-        f"{e['label']:>12}: subject {e['subject_fidelity']:.4f}  prompt {e['prompt_fidelity']:.4f}  "
-        f"diversity {e['diversity']:.4f}"
-    )
-    if e.get("trigger_on_subject") is not None:
-        line += f"  trigger on subject {e['trigger_on_subject']:.4f}"
-    return line
+    # The drift suite has no prompt with the trigger, so no subject fidelity (None): such values are left out.
+    cells = [f"{name} {e[key]:.4f}" for key, name in SUMMARY if e.get(key) is not None]
+    return f"{e['label']:>12}: " + "  ".join(cells)
