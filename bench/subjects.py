@@ -1,7 +1,7 @@
 """The default configs on subjects they were not tuned on: the world's three extra subjects.
 
     python bench/subjects.py [--subjects yellow-cup blue-cone red-ball] [--recipes lora dreambooth]
-        [--photos 8] [--suites backgrounds] [--jobs 2] [--name NAME] [--keep DIR]
+        [--photos 8] [--suites backgrounds] [--jobs 2] [--name NAME] [--keep DIR] [--collect DIR]
 
 For each subject of `tune.world.subjects.SUBJECTS` named (by default the three besides the shipped
 sks-toy and w-person: a yellow cup with purple spots, a blue and orange striped cone, a red ball with
@@ -9,10 +9,12 @@ white spots, each a look held out of the base), the script renders `--photos` ph
 sidecars and a concept folder like the shipped ones (concept.toml: the subject's token and class word,
 prior preservation on), runs each recipe with `--config default` on it and `tune eval --suite S
 --checkpoints last` for each suite, `--jobs` runs at a time, each on one torch thread. It prints one row
-per subject, recipe and suite (subject found, background right, style right, training seconds) and
+per subject, recipe and suite (subject found, background right, style right, the subject without the
+trigger for the drift suite, training seconds) and
 writes bench/results/subjects-<name>.json (rows of another subject, recipe or suite already there are
 kept; each row names the commit it was measured at). The concept folders and runs go to a temporary folder, or
-to `--keep DIR` to look at the images afterwards (DIR/runs/<subject>-<recipe>/eval/<suite>/).
+to `--keep DIR` to look at the images afterwards (DIR/runs/<subject>-<recipe>/eval/<suite>/);
+`--collect DIR` reads the rows of such kept runs again without training.
 """
 
 from __future__ import annotations
@@ -62,8 +64,6 @@ def write_concept(name: str, folder: Path, photos: int) -> Path:
 
 def run_one(concept: Path, recipe: str, suites: list[str], runs: Path, log: Path) -> list[dict[str, Any]]:
     """Train `recipe` with its default config on `concept`, evaluate each suite; one row per suite."""
-    from tune.evaluation import suite_eval_dir
-
     out = runs / f"{concept.name}-{recipe}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     tune = [sys.executable, "-m", "tune.cli"]
@@ -72,24 +72,69 @@ def run_one(concept: Path, recipe: str, suites: list[str], runs: Path, log: Path
         command = [*tune, "run", recipe, "--config", "default", f"concept={concept}", f"output_dir={out}"]
         subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
         train_s = time.time() - start
-        rows = []
         for suite in suites:
             command = [*tune, "eval", str(out), "--suite", suite, "--checkpoints", "last"]
             subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
-            report = json.loads((suite_eval_dir(out, suite) / "report.json").read_text())
-            last = report["checkpoints"][-1]
-            rows.append(
-                {
-                    "subject": concept.name,
-                    "recipe": recipe,
-                    "suite": suite,
-                    "step": last["step"],
-                    "train_s": round(train_s, 1),
-                    **{k: last[k] for k in ("subject_found", "background_right", "style_right")},
-                    "base_subject_found": report["base"]["subject_found"],
-                }
-            )
+    return rows_of(out, concept.name, recipe, suites, round(train_s, 1))
+
+
+def rows_of(
+    run: Path, subject: str, recipe: str, suites: list[str], train_s: float | None
+) -> list[dict[str, Any]]:
+    """One row per suite from the run's eval reports (the last checkpoint, and the base's subject found)."""
+    from tune.evaluation import suite_eval_dir
+
+    rows = []
+    for suite in suites:
+        report = json.loads((suite_eval_dir(run, suite) / "report.json").read_text())
+        last = report["checkpoints"][-1]
+        rows.append(
+            {
+                "subject": subject,
+                "recipe": recipe,
+                "suite": suite,
+                "step": last["step"],
+                "train_s": train_s,
+                **{
+                    k: last[k]
+                    for k in ("subject_found", "background_right", "style_right", "subject_in_others")
+                },
+                "base_subject_found": report["base"]["subject_found"],
+            }
+        )
     return rows
+
+
+def share(value: float | None, width: int) -> str:
+    """A share as a percentage, or "-" where the suite does not measure it (drift: no subject found)."""
+    return f"{value:>{width}.1%}" if value is not None else f"{'-':>{width}}"
+
+
+def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Render each subject's concept, then train and evaluate each recipe on it, `--jobs` at a time."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="tune-subjects-") as tmp:
+        work = args.keep or Path(tmp)
+        concepts = [write_concept(name, work / "concepts", args.photos) for name in args.subjects]
+        (work / "runs").mkdir(parents=True, exist_ok=True)
+        jobs = [(c, r) for r in args.recipes for c in concepts]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [
+                pool.submit(run_one, c, r, args.suites, work / "runs", work / f"{c.name}-{r}.log")
+                for c, r in jobs
+            ]
+            for (c, r), future in zip(jobs, futures, strict=True):
+                try:
+                    rows += future.result()
+                except subprocess.CalledProcessError:
+                    print(f"{c.name} / {r} failed; see {work / f'{c.name}-{r}.log'}", flush=True)
+    return rows
+
+
+def collect(folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows of the runs an earlier `--keep folder` left (their eval reports; no training seconds)."""
+    runs = [(n, r, folder / "runs" / f"{n}-{r}") for r in args.recipes for n in args.subjects]
+    return [row for n, r, run in runs if run.is_dir() for row in rows_of(run, n, r, args.suites, None)]
 
 
 def main() -> None:
@@ -108,29 +153,21 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
     parser.add_argument("--name", default="extra", help="results file: bench/results/subjects-NAME.json")
     parser.add_argument("--keep", type=Path, help="keep concepts and runs here (default: a temporary folder)")
+    parser.add_argument(
+        "--collect",
+        type=Path,
+        help="train nothing: read the rows from the runs an earlier --keep DIR holds (no training seconds)",
+    )
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="tune-subjects-") as tmp:
-        work = args.keep or Path(tmp)
-        concepts = [write_concept(name, work / "concepts", args.photos) for name in args.subjects]
-        (work / "runs").mkdir(parents=True, exist_ok=True)
-        jobs = [(c, r) for r in args.recipes for c in concepts]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [
-                pool.submit(run_one, c, r, args.suites, work / "runs", work / f"{c.name}-{r}.log")
-                for c, r in jobs
-            ]
-            rows = []
-            for (c, r), future in zip(jobs, futures, strict=True):
-                try:
-                    rows += future.result()
-                except subprocess.CalledProcessError:
-                    print(f"{c.name} / {r} failed; see {work / f'{c.name}-{r}.log'}", flush=True)
-    print(f"{'subject':<12} {'recipe':<18} {'suite':<12} found  background  style  train s")
+    rows = collect(args.collect, args) if args.collect else train_all(args)
+    print(f"{'subject':<12} {'recipe':<18} {'suite':<12}  found  background   style  drift  train s")
     for row in rows:
+        seconds = f"{row['train_s']:>7.0f}" if row["train_s"] is not None else f"{'-':>7}"
         print(
-            f"{row['subject']:<12} {row['recipe']:<18} {row['suite']:<12} {row['subject_found']:>5.1%}"
-            f"  {row['background_right']:>10.1%}  {row['style_right']:>5.1%}  {row['train_s']:>7.0f}"
+            f"{row['subject']:<12} {row['recipe']:<18} {row['suite']:<12} {share(row['subject_found'], 6)}"
+            f"  {share(row['background_right'], 10)}  {share(row['style_right'], 6)}"
+            f"  {share(row['subject_in_others'], 5)}  {seconds}"
         )
     from tune.paths import source_commit
 
