@@ -91,9 +91,10 @@ def generate_class_images(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ConfigError("class images need a prompt")
+    several = len(prompts) > 1  # one prompt draws, keys and names its images as before several existed
     of_seed = {s: prompts[i % len(prompts)] for i, s in enumerate(seeds)}
     settings = {
-        "prompt": prompts[0] if len(prompts) == 1 else prompts,  # one prompt: the key of earlier caches
+        "prompt": prompts if several else prompts[0],
         "seeds": seeds,
         "steps": steps,
         "guidance": guidance,
@@ -118,9 +119,9 @@ def generate_class_images(
             for group in todo:
                 samples = generate(
                     pipe,
-                    prompts[0] if len(prompts) == 1 else [of_seed[s] for s in group],
+                    [of_seed[s] for s in group] if several else prompts[0],
                     group,
-                    paired=len(prompts) > 1,
+                    paired=several,
                     steps=steps,
                     guidance=guidance,
                     negative_prompt=negative_prompt,
@@ -130,7 +131,7 @@ def generate_class_images(
                 )
                 for sample in samples:
                     path = folder / IMAGE_NAME.format(seed=sample.seed)
-                    if len(prompts) > 1:  # its caption first: an image on disk always has its caption
+                    if several:  # its caption first: an image on disk always has its caption
                         write_atomic(path.with_suffix(".txt"), of_seed[sample.seed])
                     tmp = path.with_name(f".{path.name}.tmp")
                     sample.image.save(tmp, format="PNG")

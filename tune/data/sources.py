@@ -172,7 +172,8 @@ def _probe_all(loaders: Sequence[Callable[[], bytes]], cfg: DataConfig) -> list[
         return list(pool.map(probe, loaders))
 
 
-def _visible_images(root: Path) -> list[Path]:
+def visible_images(root: Path) -> list[Path]:
+    """Every image file under `root`, recursive and sorted, as the loader reads a photo folder."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Hidden folders (.thumbnails, .git) and AppleDouble "._x.jpg" files are never photos.
@@ -187,7 +188,7 @@ def scan_folder(
     root: Path, cfg: DataConfig, *, instance_prompt: str | None = None, is_prior: bool = False
 ) -> ScanResult:
     """Records for every image file under `root` (recursive), with sidecar or instance-prompt captions."""
-    paths = _visible_images(root)
+    paths = visible_images(root)
     infos = _probe_all([lambda p=p: read_bytes(p) for p in paths], cfg)
     result = ScanResult(label=str(root))
     for path, info in zip(paths, infos, strict=True):

@@ -201,13 +201,11 @@ def class_captions(subject: Subject) -> tuple[str, ...]:
     """The class prompt, then each distinct photo caption (a sidecar that contains the instance prompt) with
     the instance prompt replaced by the class prompt; () when no photo has such a caption."""
     from tune.data.captions import instance_caption
-    from tune.data.images import IMAGE_EXTENSIONS
+    from tune.data.sources import visible_images
 
     prompt = " ".join(subject.instance_prompt.split())
     found = set()
-    for path in sorted(subject.photos.iterdir()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
-            continue
+    for path in visible_images(subject.photos):  # the photos the loader reads, subfolders too
         caption, own = instance_caption(path, prompt)
         if own:
             at = caption.lower().index(prompt.lower())

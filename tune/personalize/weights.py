@@ -235,8 +235,9 @@ def _apply_dreambooth(
 ) -> AppliedWeights:
     # Pivotal tuning: the token first, so the text encoders hold the rows the saved states have.
     embeddings = _folder(run, step) / EMBEDDINGS_FILE
-    if embeddings.is_file():
-        undo.enter_context(apply_embeddings(pipe, embeddings))
+    token_files = (embeddings,) if embeddings.is_file() else ()
+    for path in token_files:
+        undo.enter_context(apply_embeddings(pipe, path))
     if step is None:
         folder = run.export_dir / EXPORT_PIPELINE
         _need(folder / "model_index.json", _not_exported(run))
@@ -246,7 +247,7 @@ def _apply_dreambooth(
             if (folder / name).is_dir() and getattr(pipe, name, None) is not None
         ]
         undo.enter_context(_loaded(states))
-        return AppliedWeights(None, (folder, *([embeddings] if embeddings.is_file() else [])))
+        return AppliedWeights(None, (folder, *token_files))
     from accelerate.utils.constants import SAFE_MODEL_NAME
     from safetensors.torch import load_file
 
@@ -269,9 +270,7 @@ def _apply_dreambooth(
         if isinstance(state, dict) and "shadow_params" in state:
             ema = state["shadow_params"]
     undo.enter_context(_loaded(states, ema))
-    return AppliedWeights(
-        step, (*(file for _, file in parts), *([embeddings] if embeddings.is_file() else []))
-    )
+    return AppliedWeights(step, (*(file for _, file in parts), *token_files))
 
 
 @contextlib.contextmanager
