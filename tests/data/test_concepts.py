@@ -126,3 +126,20 @@ def test_concept_dataset_pairs_instance_and_class_images(tmp_path: Path) -> None
         assert b.is_prior.tolist() == [False] * n + [True] * n
         assert b.captions == ["a photo of sks dog"] * n + ["a photo of a dog"] * n
         assert b.pixel_values is not None and b.pixel_values.shape[1:] == (3, 64, 64)
+
+
+def test_class_images_are_captioned_by_their_own_sidecars(tmp_path: Path) -> None:
+    concept_file = write_concept(tmp_path / "concepts", "rex", FULL)
+    for i in range(2):
+        save_photo(concept_file.parent / "pics" / f"{i}.jpg", 64, 64, seed=i)
+    drawn_for = {
+        0: "a drawing of a dog",
+        1: "pixel art of a dog",
+    }  # what a recipe writes beside its class images
+    for i in range(3):
+        save_photo(concept_file.parent / "class_images" / f"{i}.png", 64, 64, seed=50 + i)
+        if i in drawn_for:
+            (concept_file.parent / "class_images" / f"{i}.txt").write_text(drawn_for[i])
+    dataset = build_dataset(load_concept(concept_file), DataConfig(resolution=64, bucket_step=8), seed=1)
+    captions = {Path(r.path).name: r.caption for r in dataset.records if r.is_prior}
+    assert captions == {"0.png": drawn_for[0], "1.png": drawn_for[1], "2.png": "a photo of a dog"}

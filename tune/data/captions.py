@@ -7,6 +7,9 @@ Where a caption comes from (documented choice, what a DreamBooth user expects):
   surface, the light) is named and not bound to the new token. Other sidecars are ignored (the loader
   logs how many): DreamBooth binds the token to that prompt, and a stray `IMG_0001.txt` from a phone
   backup must not change it;
+- a class image (prior preservation) is captioned by its sidecar when it has one, whatever it says (the
+  class images a recipe draws for several prompts carry the prompt each was drawn for: "a drawing of toy"),
+  else by the class prompt;
 - otherwise `<stem>.txt`, else `<stem>.caption`, next to the photo;
 - otherwise the empty caption (the loader warns with a count: the model then learns these photos
   unconditionally).
@@ -43,6 +46,16 @@ def instance_caption(image_path: Path, instance_prompt: str) -> tuple[str, bool]
     if sidecar and prompt in sidecar.lower():
         return sidecar, True
     return instance_prompt, False
+
+
+def class_image_caption(image_path: Path, class_prompt: str) -> tuple[str, bool]:
+    """(caption, from the sidecar) of a class image: its sidecar when it has a readable, non-empty one (the
+    prompt it was drawn for), else the class prompt."""
+    try:
+        sidecar = read_sidecar(image_path)
+    except DataError:
+        return class_prompt, False
+    return (sidecar, True) if sidecar else (class_prompt, False)
 
 
 def read_sidecar(image_path: Path) -> str | None:

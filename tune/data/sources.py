@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune.data.buckets import Bucket, choose_bucket, square_bucket
-from tune.data.captions import instance_caption, read_sidecar, sidecar_path
+from tune.data.captions import class_image_caption, instance_caption, read_sidecar, sidecar_path
 from tune.data.config import DataConfig
 from tune.data.images import IMAGE_EXTENSIONS, BadImage, ImageInfo, probe_image, read_bytes
 from tune.errors import DataError
@@ -196,7 +196,9 @@ def scan_folder(
         if isinstance(info, BadImage):
             result.skipped.append(SkippedFile(name, info.reason, info.detail))
             continue
-        if instance_prompt is not None:  # a sidecar saying more than the prompt, else the prompt
+        if instance_prompt is not None and is_prior:  # its own sidecar, else the class prompt
+            caption, has_caption = class_image_caption(path, instance_prompt)
+        elif instance_prompt is not None:  # a sidecar saying more than the prompt, else the prompt
             caption, has_caption = instance_caption(path, instance_prompt)
             result.sidecars_ignored += not has_caption and sidecar_path(path) is not None
         else:
