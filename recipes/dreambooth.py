@@ -133,11 +133,11 @@ class Config(p.PersonalizeConfig):
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
-    prior = p.resolve_prior(cfg.prior, subject)
+    prior = p.resolve_prior(cfg.prior, subject, p.validation_prompts(subject, cfg.sample))
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: both; pivotal's trigger goes into both
-    pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers)
-    cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))  # config.toml records which
+    pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers, text_encoders)  # off, new or known
+    cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal != "off"))  # config.toml records which
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
@@ -148,7 +148,9 @@ def main(cfg: Config) -> RunDir:
     # ---- models -------------------------------------------------------------------------------------
     unet, vae = pipe.unet, pipe.vae
     base_hash = base_model_hash(unet, *text_encoders)
-    train_text = cfg.train_text_encoder or pivotal  # the text encoders run in the training forward
+    train_text = (
+        cfg.train_text_encoder or cfg.pivotal.enabled
+    )  # the text encoders run in the training forward
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:
@@ -161,10 +163,15 @@ def main(cfg: Config) -> RunDir:
             pipe, prior, cfg.prior, base_hash=base_hash, cache_dir=cfg.data.cache_dir, accelerator=accelerator
         )
     new_tokens = None
-    if pivotal:  # after the class images, which the base draws without the token
+    if cfg.pivotal.enabled:  # after the class images, which the base draws without the token
         initializer = cfg.pivotal.initializer_token or subject.class_word
         new_tokens = add_tokens(
-            tokenizers, text_encoders, subject.token, initializer, cfg.pivotal.num_vectors
+            tokenizers,
+            text_encoders,
+            subject.token,
+            initializer,
+            cfg.pivotal.num_vectors,
+            known=pivotal == "known",
         )
         new_tokens.train_rows_only()
     embeddings = list(new_tokens.weights) if new_tokens else []
@@ -359,16 +366,16 @@ def main(cfg: Config) -> RunDir:
 
 
 def without_new_rows(export: Any, new_tokens: Any) -> Any:
-    """The export with its text encoders' embedding matrices cut back to the base's rows: a single-file
-    checkpoint holds a base-shaped text encoder (what A1111 and ComfyUI expect); the token is the embedding
-    file beside it."""
+    """The export with its text encoders' embedding matrices back to the base's (the added rows cut off, a
+    known word's row at its base value): a single-file checkpoint holds the base's text encoder matrix (what
+    A1111 and ComfyUI expect); the token is the embedding file beside it."""
     if new_tokens is None:
         return export
     names = ("text_encoder", "text_encoder_2")
     cut = {}
     for name, rows in zip(names, new_tokens.rows, strict=False):
         encoder = copy.deepcopy(getattr(export, name))
-        encoder.resize_token_embeddings(min(rows.ids), mean_resizing=False)  # the new rows are the last ones
+        rows.base_shaped(encoder)
         cut[name] = encoder
     return p.with_components(export, **cut)
 

@@ -151,12 +151,12 @@ class Config(p.PersonalizeConfig):
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
-    prior = p.resolve_prior(cfg.prior, subject)
+    prior = p.resolve_prior(cfg.prior, subject, p.validation_prompts(subject, cfg.sample))
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: two of each; pivotal's trigger goes into both
-    pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers)
-    cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal))  # config.toml records which
+    pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers, text_encoders)  # off, new or known
+    cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal != "off"))  # config.toml records which
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
@@ -184,7 +184,12 @@ def main(cfg: Config) -> RunDir:
     if cfg.pivotal.enabled:
         initializer = cfg.pivotal.initializer_token or subject.class_word
         new_tokens = add_tokens(
-            tokenizers, text_encoders, subject.token, initializer, cfg.pivotal.num_vectors
+            tokenizers,
+            text_encoders,
+            subject.token,
+            initializer,
+            cfg.pivotal.num_vectors,
+            known=pivotal == "known",
         )
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
     inject_lora(

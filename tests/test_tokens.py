@@ -3,6 +3,7 @@ SDXL (the token in both tokenizers and text encoders, one clip_l/clip_g file).""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,27 @@ def test_bad_tokens_say_what_to_do(pipe) -> None:  # noqa: ANN001
         add_tokens(pipe.tokenizer, pipe.text_encoder, "<x>", " ")
     with pytest.raises(ConfigError, match="num_vectors"):
         add_tokens(pipe.tokenizer, pipe.text_encoder, "<x>", "toy", num_vectors=0)
+
+
+def test_a_known_word_trains_in_its_own_row(pipe) -> None:  # noqa: ANN001
+    before = embeddings(pipe).detach().clone()
+    (w,) = token_ids(pipe.tokenizer, "w")  # "w</w>", the id prompts give the word
+    (toy,) = token_ids(pipe.tokenizer, "toy")
+    new = add_tokens(pipe.tokenizer, pipe.text_encoder, "w", "toy", known=True)
+    after = embeddings(pipe).detach()
+    assert new.in_place and new.ids == (w,) and after.shape == before.shape  # nothing added
+    assert torch.equal(after[w], before[toy])  # starts from the initializer, as a new token does
+    others = torch.ones(len(before), dtype=torch.bool)
+    others[w] = False
+    assert torch.equal(after[others], before[others])
+    # A copy of the tuned encoder made base-shaped (the single-file export) has the word's base row again.
+    encoder = copy.deepcopy(pipe.text_encoder)
+    new.rows[0].base_shaped(encoder)
+    assert torch.equal(encoder.get_input_embeddings().weight.detach(), before)
+    with pytest.raises(ConfigError, match="in place as one vector"):
+        add_tokens(pipe.tokenizer, pipe.text_encoder, "w", "toy", num_vectors=2, known=True)
+    with pytest.raises(ConfigError, match="in place as one vector"):
+        add_tokens(pipe.tokenizer, pipe.text_encoder, "zebra", "toy", known=True)  # several pieces
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "adamw8bit"])

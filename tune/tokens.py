@@ -62,6 +62,19 @@ class TokenRows:
     """The text encoder's input embeddings (resized to hold the new rows)."""
     original: torch.Tensor = field(repr=False)
     """A copy of the matrix when the tokens were added: the other rows are restored from it."""
+    base: torch.Tensor | None = field(default=None, repr=False)
+    """A word the tokenizer had, trained in place (`add_tokens(..., known=True)`): its rows' values in the
+    base; None when the rows were added."""
+
+    def base_shaped(self, text_encoder: nn.Module) -> None:
+        """Make `text_encoder` (a copy of the tuned one) hold the base's embedding matrix: the added rows cut
+        off (they are the last ones), or a known word's rows given their base values."""
+        if self.base is None:
+            text_encoder.resize_token_embeddings(min(self.ids), mean_resizing=False)
+            return
+        weight = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[list(self.ids)] = self.base.to(weight.device, weight.dtype)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -97,6 +110,11 @@ class NewTokens:
     """The new rows in each text encoder: one for SD1/SD2, two for SDXL (text_encoder, text_encoder_2)."""
     family: Family = "sd1"
     """The base's family (recorded in the embedding file)."""
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the token is a word the tokenizer had, trained in its own rows (nothing added)."""
+        return self.rows[0].base is not None
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -197,6 +215,11 @@ def pool_at_first_eos(tokenizer, text_encoder: nn.Module) -> int | None:  # noqa
     return previous
 
 
+def is_known_word(tokenizer, token: str) -> bool:  # noqa: ANN001
+    """Whether every tokenizer (one, or SDXL's two) reads `token` as one token of its own vocabulary."""
+    return all(len(token_ids(t, token)) == 1 for t in _as_list(tokenizer))
+
+
 def _family_of_towers(text_encoders: list[nn.Module]) -> Family:
     # The same rule as tune.models.families for the text side: a second encoder is SDXL, gelu is OpenCLIP.
     if len(text_encoders) == 2:
@@ -210,18 +233,32 @@ def add_tokens(
     token: str,
     initializer: str,
     num_vectors: int = 1,
+    *,
+    known: bool = False,
 ) -> NewTokens:
     """Add `token` (and `token_1` ... for more vectors) to each tokenizer and grow its text encoder; every
     new row starts from `initializer`'s embedding in that encoder.
 
+    known: `token` is a word every tokenizer has as one token (`is_known_word`), and its own row trains in
+    place, from `initializer`'s embedding too (one vector; nothing is added; `TokenRows.base` keeps the
+    row's base value).
+
     A multi-piece initializer ("swim ring") starts from the mean of its pieces' embeddings. Raises
-    ConfigError when the token already exists, is not one word, or the initializer is empty.
+    ConfigError when the token already exists (without `known`), is not one word, or the initializer is empty.
     """
     tokenizers, encoders = _as_list(tokenizer), _as_list(text_encoder)
     if len(tokenizers) != len(encoders) or len(encoders) not in (1, 2):
         raise ModelError(f"one tokenizer per text encoder: got {len(tokenizers)} and {len(encoders)}")
-    tokens = check_new_token(tokenizers, token, num_vectors)
-    if len(token_ids(tokenizers[0], token)) == 1:
+    if known:
+        if num_vectors != 1 or not is_known_word(tokenizers, token):
+            raise ConfigError(
+                f"a known word trains in place as one vector of its own: {token!r} with {num_vectors} vectors "
+                "is not one token of the tokenizer's; pick a new word, e.g. '<sks>'"
+            )
+        tokens = (token,)
+    else:
+        tokens = check_new_token(tokenizers, token, num_vectors)
+    if not known and len(token_ids(tokenizers[0], token)) == 1:
         # Rare words (DreamBooth's "sks") are fine; a common one would stop meaning itself in every prompt.
         logger.warning("the new token %r replaces a word the tokenizer already knows as one token", token)
     init_ids = [token_ids(t, initializer) if initializer.strip() else [] for t in tokenizers]
@@ -229,13 +266,16 @@ def add_tokens(
         raise ConfigError(
             f"initializer_token must be a word the model knows (the subject's class, e.g. 'toy'); got {initializer!r}"
         )
-    rows = tuple(_add(t, e, tokens, ids) for t, e, ids in zip(tokenizers, encoders, init_ids, strict=True))
+    rows = tuple(
+        _add(t, e, tokens, ids, known=known) for t, e, ids in zip(tokenizers, encoders, init_ids, strict=True)
+    )
     if len(init_ids[0]) > 1:
         logger.info(
             "initializer %r is %d tokens; the new token starts from their mean", initializer, len(init_ids[0])
         )
     logger.info(
-        "added token %s (%d vector(s), ids %s, %d text encoder(s)) initialised from %r",
+        "%s token %s (%d vector(s), ids %s, %d text encoder(s)) initialised from %r",
+        "training the known" if known else "added",
         token,
         num_vectors,
         list(rows[0].ids),
@@ -245,7 +285,18 @@ def add_tokens(
     return NewTokens(token=token, tokens=tokens, rows=rows, family=_family_of_towers(encoders))
 
 
-def _add(tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], init_ids: list[int]) -> TokenRows:  # noqa: ANN001
+def _add(
+    tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], init_ids: list[int], known: bool
+) -> TokenRows:  # noqa: ANN001
+    if known:  # its own row, set from the initializer below; the base value kept
+        ids = (token_ids(tokenizer, tokens[0])[0],)
+        embedding = text_encoder.get_input_embeddings()
+        base = embedding.weight.detach()[list(ids)].clone()
+        with torch.no_grad():
+            embedding.weight[list(ids)] = (
+                embedding.weight[init_ids].float().mean(dim=0).to(embedding.weight.dtype)
+            )
+        return TokenRows(ids=ids, embedding=embedding, original=embedding.weight.detach().clone(), base=base)
     added = tokenizer.add_tokens(list(tokens))
     if added != len(tokens):
         raise ModelError(f"the tokenizer added {added} of the tokens {list(tokens)}; is it a CLIP tokenizer?")

@@ -175,6 +175,21 @@ def test_class_prompts_follow_the_photos_captions(concept: Path) -> None:
     )  # no captions: the class prompt
 
 
+def test_class_prompts_follow_the_validation_prompts(concept: Path) -> None:
+    subject = p.resolve_subject(cfg(f"concept={concept}"))
+    validation = p.validation_prompts(subject, p.SampleConfig())
+    assert validation == ["a zwx dog on a beach", "a photo of dog"]
+    prior = p.resolve_prior(p.PriorConfig(from_prompts=True), subject, validation)
+    assert prior is not None and prior.prompts == (
+        "a photo of dog",
+        "a dog on a beach",
+    )  # trigger out, once each
+    assert p.resolve_prior(p.PriorConfig(), subject, validation).prompts == ()  # off by default
+    only_class = p.resolve_prior(p.PriorConfig(from_prompts=True), subject, ["a photo of zwx dog"])
+    assert only_class.prompts == ()  # the class prompt alone keeps its cache key
+    assert p.without_trigger("a pencil sketch of zwx, dog", "zwx") == "a pencil sketch of dog"
+
+
 def test_class_images_of_several_prompts_carry_their_captions(tiny_pipeline_dir: str, tmp_path: Path) -> None:
     pipe = load_pipeline(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -208,3 +223,25 @@ def test_class_images_are_generated_once_and_finished_exactly(tiny_pipeline_dir:
     assert all(np.array_equal(np.asarray(Image.open(first.folder / n)), a) for n, a in images.items())
     assert generate_class_images(pipe, "a photo of dog", 3, **kwargs).folder != first.folder
     assert generate_class_images(pipe, "a photo of toy", 3, **{**kwargs, "steps": 2}).folder != first.folder
+
+
+def test_pivotal_auto_trains_a_blank_known_word_in_place(
+    concept: Path, tiny_pipeline_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.personalize import subject as subjects
+    from tune.tokens import text_towers
+
+    towers = text_towers(load_pipeline(tiny_pipeline_dir))
+    auto = p.PivotalConfig(enabled="auto")
+    assert p.resolve_pivotal(auto, p.resolve_subject(cfg(f"concept={concept}")), *towers) == "new"  # "zwx"
+    known = p.resolve_subject(cfg(f"concept={concept}", "token=w", "instance_prompt=a photo of w dog"))
+    weight = subjects.trigger_weight(towers[0][0], towers[1][0], known.instance_prompt, "w")
+    assert weight > 0 and subjects.trigger_weight(towers[0][0], towers[1][0], "a photo of dog", "w") == 0
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", weight * 2)  # the base reads "w" as next to nothing
+    assert p.resolve_pivotal(auto, known, *towers) == "known"
+    assert p.resolve_pivotal(p.PivotalConfig(enabled=True), known, *towers) == "known"
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", weight / 2)  # ...or as a word: left alone
+    assert p.resolve_pivotal(auto, known, *towers) == "off"
+    with pytest.raises(ConfigError, match="already in the tokenizer's vocabulary"):
+        p.resolve_pivotal(p.PivotalConfig(enabled=True), known, *towers)
+    assert p.resolve_pivotal(p.PivotalConfig(), known, *towers) == "off"

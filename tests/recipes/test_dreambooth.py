@@ -295,3 +295,31 @@ def test_pivotal_trains_the_token_beside_the_unet_and_resumes_exactly(
     assert left == [2] and losses(resumed.path) == losses(whole)
     again = load_file(str(checkpoint(resumed.path, 4) / EMBEDDINGS_FILE))["sks"]
     assert torch.equal(again, steps[1])
+
+
+def test_pivotal_trains_a_blank_known_word_in_its_own_row(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.personalize import subject as subjects
+
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", float("inf"))  # the tiny base reads any word as blank
+    known = ("pivotal.enabled=auto", "token=w", "instance_prompt=a photo of w toy")
+    whole = recipe.main(config(setup, tmp_path / "w", *known)).path
+    assert read_run(whole).config["pivotal"]["enabled"] is True
+    base = load_pipeline(setup["base"])
+    matrix = base.text_encoder.get_input_embeddings().weight.detach().clone()
+    (w,) = base.tokenizer("w", add_special_tokens=False).input_ids
+    tuned = load_file(str(whole / "export" / EMBEDDINGS_FILE))["w"][0]
+    assert not torch.equal(tuned, matrix[w])  # the word's own row trained...
+    export = StableDiffusionPipeline.from_pretrained(whole / "export" / "pipeline")
+    exported = export.text_encoder.get_input_embeddings().weight.detach()
+    others = torch.ones(len(matrix), dtype=torch.bool)
+    others[w] = False
+    assert exported.shape == matrix.shape and torch.equal(exported[w], tuned)  # ...in place, nothing added
+    assert torch.equal(exported[others], matrix[others])
+    single = load_file(str(whole / "export" / f"{whole.name}.safetensors"))
+    (key,) = [k for k in single if k.endswith("token_embedding.weight")]
+    assert torch.equal(single[key], matrix.to(single[key].dtype))  # the base's row in the single file (fp16)
+    with apply_run_weights(base, whole, None):
+        assert torch.equal(base.text_encoder.get_input_embeddings().weight.detach()[w], tuned)
+    assert torch.equal(base.text_encoder.get_input_embeddings().weight.detach(), matrix)  # taken out again

@@ -21,6 +21,7 @@ from tune.config import load_config
 from tune.embeddings import EMBEDDINGS_FILE
 from tune.errors import ConfigError, ModelError
 from tune.models import load_pipeline
+from tune.personalize import subject as subjects
 from tune.runs import read_run
 from tune.sampling import sample_grid
 
@@ -248,7 +249,10 @@ def test_shipped_configs_load_strictly() -> None:
         load_config(recipe.Config, None, ['lora.targets=["attn3"]'])
 
 
-def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: Path) -> None:
+def test_bad_inputs_fail_before_the_run_directory_exists(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", 0.0)  # the base reads every word it has as a word
     with pytest.raises(ConfigError, match="instance_dir is required"):
         recipe.main(load_config(recipe.Config, None, [f"output_dir={tmp_path / 'x'}"]))
     with pytest.raises(ConfigError, match="must be in the instance prompt"):
@@ -261,15 +265,20 @@ def test_bad_inputs_fail_before_the_run_directory_exists(setup: dict, tmp_path: 
     assert not (tmp_path / "x").exists()  # all checked before the run directory is made
 
 
-def test_pivotal_auto_makes_a_new_word_a_token_and_leaves_a_known_one(setup: dict, tmp_path: Path) -> None:
+def test_pivotal_auto_makes_a_new_word_a_token_and_leaves_a_known_one(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     short = ("pivotal.enabled=auto", "pivotal.lora_lr=3e-5", "max_steps=2", "sample_every=0")
     photos = f"instance_dir={Path(setup['concept']) / 'photos'}"
     new = recipe.main(config(setup, tmp_path / "new", *short)).path  # the concept's trigger, "sks"
-    known = recipe.main(
-        config(setup, tmp_path / "known", *short, "concept=", photos, "instance_prompt=a photo of w toy")
-    ).path  # a letter is a word the tokenizer has
+    as_known = (*short, "concept=", photos, "instance_prompt=a photo of w toy")  # a letter: a word it has
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", 0.0)  # the base reads "w" as a word: left alone
+    known = recipe.main(config(setup, tmp_path / "known", *as_known)).path
     assert (new / "export" / EMBEDDINGS_FILE).is_file() and not (known / "export" / EMBEDDINGS_FILE).exists()
     assert [read_run(r).config["pivotal"]["enabled"] for r in (new, known)] == [True, False]  # as it ran
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", float("inf"))  # ...as next to nothing: its row trains
+    blank = recipe.main(config(setup, tmp_path / "blank", *as_known)).path
+    assert list(load_file(str(blank / "export" / EMBEDDINGS_FILE))) == ["w"]
     # The adapters learn at pivotal.lora_lr beside the token, at optim.lr (tiny: 1e-3) alone; after warmup:
     assert [[m["lr"] for m in read_run(r).metrics if "loss" in m][-1] for r in (new, known)] == [3e-5, 1e-3]
 

@@ -72,6 +72,7 @@ from tune.personalize.subject import (
     resolve_subject,
     trigger_and_class,
     validation_prompts,
+    without_trigger,
 )
 from tune.personalize.validation import ValidationLoss, build_validation_loss, holdout_share
 from tune.personalize.weights import AppliedWeights, apply_run_weights
@@ -121,4 +122,5 @@ __all__ = [
     "sample_validation",
     "trigger_and_class",
     "validation_prompts",
+    "without_trigger",
 ]

@@ -100,6 +100,11 @@ class PriorConfig:
     sks toy on grass" -> "a photo of toy on grass"; the class prompt and each such caption in turn), and
     train each with its caption: the class keeps its meaning in the settings the photos show. Photos
     without a caption sidecar add nothing."""
+    from_prompts: bool = False
+    """Draw class images for the run's validation prompts as well, with the trigger taken out ("a drawing
+    of sks toy" -> "a drawing of toy"; sample.prompts, else the concept's validation_prompts): the class keeps
+    its meaning in the styles and settings you will ask for, and the subject learns to follow them.
+    Taken in turn with the class prompt (and the captions, with from_captions)."""
     seed: int = 0
     """Seed of the first generated class image (image i uses seed + i)."""
     steps: int = 25
@@ -128,9 +133,10 @@ class PivotalConfig:
 
     enabled: bool | Literal["auto"] = False
     """Add the token (`token`, or the concept's) as a new embedding and train it too; "auto": when the
-    token is a new word to the tokenizer and in the instance prompt (as "sks"), else (a word it has, as
-    "w": every single letter) the recipe's weights alone learn the subject. The run's config.toml records
-    which."""
+    token is a new word to the tokenizer and in the instance prompt (as "sks"); a word the tokenizer has as
+    one token that the base's text encoder reads as next to nothing (our base's "w": every single letter)
+    trains its own embedding in place (`resolve_pivotal`); any other word is left alone and the recipe's
+    weights alone learn the subject. The run's config.toml records whether it trained."""
     initializer_token: str = ""
     """Word the new embedding starts from; "" means the concept's class word."""
     num_vectors: int = 1

@@ -7,9 +7,10 @@ import dataclasses
 import logging
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tune.errors import ConfigError, DataError
 from tune.paths import find_path
@@ -125,30 +126,70 @@ def validation_prompts(subject: Subject, sample: SampleConfig) -> list[str]:
     return [subject.instance_prompt] + ([subject.class_prompt] if subject.class_prompt else [])
 
 
-def resolve_pivotal(options: PivotalConfig, subject: Subject, tokenizers: list[Any]) -> bool:
-    """Whether the run trains its trigger as a new token: `options.enabled`, with "auto" meaning a new word to
-    the tokenizer(s) that is in the instance prompt. Pivotal tuning asked for outright on a trigger that is
-    not in the instance prompt, or is a word the tokenizer has, is a ConfigError."""
-    from tune.tokens import check_new_token, is_new_token
+BLANK_TRIGGER = 0.25
+"""A known word whose trigger weight (`trigger_weight`) is below this means next to nothing to the base's text
+encoder, and pivotal "auto" trains it in place. Measured on our base: single letters ("w", "x", "q") 0.17-0.19
+in "a photo of w person"; real words 0.29 ("striped") to 0.82 ("person"); "a" 0.26."""
+
+Pivotal = Literal["off", "new", "known"]
+"""How a run trains its trigger: not at all, as a new token, or in its own row (a word the tokenizer has)."""
+
+
+def resolve_pivotal(
+    options: PivotalConfig, subject: Subject, tokenizers: list[Any], text_encoders: list[Any]
+) -> Pivotal:
+    """How the run trains its trigger (`options.enabled`). "auto": as a new token when it is a new word to the
+    tokenizer(s) in the instance prompt; in place when it is one token the tokenizer has that the base's
+    text encoder reads as next to nothing (`trigger_weight` below BLANK_TRIGGER: our base's "w"), since
+    whatever learns the subject under such a word also draws it for the class prompt; else off. Pivotal
+    tuning asked for outright on a trigger that is not in the instance prompt, or is a word the tokenizer
+    has, is a ConfigError."""
+    from tune.tokens import check_new_token, is_known_word, is_new_token
 
     in_prompt = subject.token in subject.instance_prompt.split()
-    if options.enabled == "auto":
-        on = in_prompt and is_new_token(tokenizers, subject.token, options.num_vectors)
-        log.info(
-            "pivotal tuning: %s",
-            f"{subject.token!r} becomes a new token"
-            if on
-            else f"off ({subject.token!r} is a word the tokenizer has, or not in the instance prompt)",
-        )
-        return on
-    if options.enabled and not in_prompt:
+    if not options.enabled or (options.enabled == "auto" and not in_prompt):
+        if options.enabled:
+            log.info("pivotal tuning: off (%r is not in the instance prompt)", subject.token)
+        return "off"
+    if not in_prompt:
         raise ConfigError(
             f"pivotal tuning trains the trigger word, which must be in the instance prompt: token=sks and "
             f'instance_prompt="a photo of sks toy" (got token {subject.token!r}, {subject.instance_prompt!r})'
         )
-    if options.enabled:  # asked for outright: a token the tokenizer has is an error
+    how: Pivotal = "off"
+    if is_new_token(tokenizers, subject.token, options.num_vectors):
+        how, why = "new", f"{subject.token!r} becomes a new token"
+    elif options.num_vectors == 1 and is_known_word(tokenizers, subject.token):
+        weight = trigger_weight(tokenizers[0], text_encoders[0], subject.instance_prompt, subject.token)
+        how = "known" if weight < BLANK_TRIGGER else "off"
+        why = f"{subject.token!r} is a word the tokenizer has, which the text encoder reads as " + (
+            f"next to nothing (trigger weight {weight:.2f} < {BLANK_TRIGGER}): its own embedding trains"
+            if how == "known"
+            else f"a word (trigger weight {weight:.2f} >= {BLANK_TRIGGER}): off"
+        )
+    else:
+        why = f"off ({subject.token!r} is a word the tokenizer has, in several pieces)"
+    if how == "off" and options.enabled is True:  # asked for outright: a word the base reads is an error
         check_new_token(tokenizers, subject.token, options.num_vectors)
-    return bool(options.enabled)
+    log.info("pivotal tuning: %s", why)
+    return how
+
+
+def trigger_weight(tokenizer: Any, text_encoder: Any, prompt: str, token: str) -> float:
+    """How much `token` changes the text encoder's reading of `prompt`: the relative distance of its last
+    hidden states (the prompt padded as pipelines pad it) with and without the token."""
+    import torch
+
+    ids = tokenizer(
+        [prompt, without_trigger(prompt, token)],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        out = text_encoder(ids.to(text_encoder.device))[0].float()
+    return float((out[0] - out[1]).norm() / out[1].norm())
 
 
 @dataclass(frozen=True)
@@ -164,8 +205,9 @@ class Prior:
     """The prompts generated class images follow in turn (prior.from_captions); () means class_prompt alone."""
 
 
-def resolve_prior(prior: PriorConfig, subject: Subject) -> Prior | None:
-    """Prior preservation for this run (explicit keys, then the concept's settings, then defaults), or None."""
+def resolve_prior(prior: PriorConfig, subject: Subject, validation: Sequence[str] = ()) -> Prior | None:
+    """Prior preservation for this run (explicit keys, then the concept's settings, then defaults), or None.
+    validation: the run's validation prompts, which class images follow too under `prior.from_prompts`."""
     concept_prior = subject.concept.prior_preservation if subject.concept is not None else None
     if prior.enabled is not None:
         enabled = prior.enabled
@@ -193,8 +235,21 @@ def resolve_prior(prior: PriorConfig, subject: Subject) -> Prior | None:
         if prior.loss_weight is not None
         else (concept_prior.prior_loss_weight if concept_prior else 1.0)
     )
-    prompts = class_captions(subject) if prior.from_captions and class_dir is None else ()
+    prompts: tuple[str, ...] = ()
+    if class_dir is None:
+        more = list(class_captions(subject)) if prior.from_captions else []
+        if prior.from_prompts:
+            more += [without_trigger(v, subject.token) for v in validation]
+        prompts = tuple(dict.fromkeys([subject.class_prompt, *more]))
+        prompts = prompts if len(prompts) > 1 else ()  # the class prompt alone keeps its cache key
     return Prior(subject.class_prompt, max(1, count), weight, class_dir, prompts)
+
+
+def without_trigger(prompt: str, token: str) -> str:
+    """`prompt` with the trigger word taken out: "a drawing of sks toy" -> "a drawing of toy"."""
+    if not token:
+        return prompt
+    return " ".join(w for w in prompt.split() if w.strip(string.punctuation) != token)
 
 
 def class_captions(subject: Subject) -> tuple[str, ...]:

@@ -43,7 +43,7 @@ from tune.embeddings import EMBEDDINGS_FILE, load_embeddings
 from tune.errors import ConfigError, ModelError
 from tune.models.families import family_of_pipeline
 from tune.runs import EXPORT_PIPELINE, RunInfo, read_run
-from tune.tokens import TOWERS, pool_at_first_eos
+from tune.tokens import TOWERS, pool_at_first_eos, token_ids
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -200,7 +200,11 @@ def _tower_rows(
     if missing:
         tuned = copy.deepcopy(tokenizer)  # the base's own comes back on exit, without the tokens
         tuned.add_tokens(missing)
-    ids = tuned.convert_tokens_to_ids(tokens)
+    # A word the tokenizer had (trained in place) is the id prompts give it ("w</w>" for "w"), not the piece.
+    ids = [
+        token_ids(tuned, t)[0] if len(token_ids(tuned, t)) == 1 else tuned.convert_tokens_to_ids(t)
+        for t in tokens
+    ]
     grown = max(ids) >= size
     kept = [i for i in ids if i < size]  # rows the matrix already had: saved, put back on exit
     saved = text_encoder.get_input_embeddings().weight.detach()[kept].clone()
