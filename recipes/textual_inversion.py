@@ -6,7 +6,9 @@
 
 The token (`token`, or the concept's) is added to the tokenizer with `num_vectors` embedding rows,
 each starting from `initializer_token`'s embedding (the concept's class word by default); every other
-weight of the model stays as it was, bit for bit (tune.tokens). On SDXL the same token goes into both
+weight of the model stays as it was, bit for bit (tune.tokens). A word the tokenizer has as one token is
+refused, unless the base's text encoder reads it as next to nothing (our base's letters, w-person's "w":
+`tune.personalize.resolve_pivotal`); then its own row trains in place, one vector. On SDXL the same token goes into both
 tokenizers and text encoders and both sets of rows train. The result is a few hundred bytes:
 export/learned_embeds.safetensors, which `pipe.load_textual_inversion(path, token="sks")` loads in
 diffusers for SD1/SD2 (A1111 and ComfyUI read it too, under its file name); for SDXL it holds `clip_l`
@@ -33,7 +35,7 @@ from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
-from tune.tokens import add_tokens, check_new_token, text_towers
+from tune.tokens import add_tokens, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -102,7 +104,10 @@ def main(cfg: Config) -> RunDir:
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: both tokenizers and text encoders
     evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
-    check_new_token(tokenizers, subject.token, cfg.num_vectors)
+    # A new word is added; one the base reads as next to nothing (our base's "w") trains in place; else refused.
+    how = p.resolve_pivotal(
+        p.PivotalConfig(enabled=True, num_vectors=cfg.num_vectors), subject, tokenizers, text_encoders
+    )
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
         cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size
@@ -119,7 +124,9 @@ def main(cfg: Config) -> RunDir:
     vae.to(device, p.vae_dtype(pipe, dtype))  # SDXL's VAE stays fp32 under fp16
     for text_encoder in text_encoders:
         text_encoder.to(device, torch.float32)  # the trained embeddings stay fp32
-    new_tokens = add_tokens(tokenizers, text_encoders, subject.token, initializer, cfg.num_vectors)
+    new_tokens = add_tokens(
+        tokenizers, text_encoders, subject.token, initializer, cfg.num_vectors, known=how == "known"
+    )
     new_tokens.train_rows_only()
     if cfg.gradient_checkpointing:
         for text_encoder in text_encoders:

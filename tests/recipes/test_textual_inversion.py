@@ -20,6 +20,7 @@ from tune.config import load_config
 from tune.embeddings import EMBEDDINGS_FILE, load_embeddings
 from tune.errors import ConfigError
 from tune.models import build_pipeline, load_pipeline
+from tune.personalize import subject as subjects
 from tune.runs import read_run
 from tune.sampling import sample_grid
 from tune.tokens import text_towers, token_ids
@@ -88,6 +89,22 @@ def test_only_the_new_row_trains(first_run: Path, setup: dict) -> None:
         previous = matrix[len(base)]
 
 
+def test_a_word_the_base_reads_as_nothing_trains_in_its_own_row(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", float("inf"))  # the tiny base reads "w" as next to nothing
+    run = recipe.main(config(setup, tmp_path / "w", "token=w", "instance_prompt=a photo of w toy")).path
+    pipe = load_pipeline(setup["base"])
+    base = pipe.text_encoder.get_input_embeddings().weight.detach()
+    (w,) = token_ids(pipe.tokenizer, "w")
+    matrix = trained_matrix(run, 4)
+    others = torch.ones(len(base), dtype=torch.bool)
+    others[w] = False
+    assert matrix.shape == base.shape and torch.equal(matrix[others], base[others])  # nothing added
+    assert not torch.equal(matrix[w], base[w])
+    assert torch.equal(load_file(str(run / "export" / EMBEDDINGS_FILE))["w"][0], matrix[w])
+
+
 def test_embeddings_load_in_diffusers_and_sample_like_the_run(
     first_run: Path, setup: dict, tmp_path: Path
 ) -> None:
@@ -139,7 +156,7 @@ def test_several_vectors_all_train(setup: dict, tmp_path: Path) -> None:
     assert pipe.maybe_convert_prompt("a photo of sks toy", pipe.tokenizer) == "a photo of sks sks_1 toy"
 
 
-def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
+def test_shipped_configs_load_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("tiny", "default", "sd15"):
         assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
     sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
@@ -157,7 +174,8 @@ def test_shipped_configs_load_strictly(tmp_path: Path) -> None:
     ]
     with pytest.raises(ConfigError, match="cannot tell the trigger word"):
         recipe.main(load_config(recipe.Config, None, [*explicit, "token=zwx", "initializer_token=toy"]))
-    # A letter is a token: 'w' cannot be a new word.
+    # A letter is a token: 'w' cannot be a new word, and where the base reads it as a word, not trained in place.
+    monkeypatch.setattr(subjects, "BLANK_TRIGGER", 0.0)
     taken = [f"instance_dir={photos}", "instance_prompt=a photo of w toy", f"output_dir={tmp_path / 'x'}"]
     with pytest.raises(ConfigError, match="'w' is already in the tokenizer's vocabulary"):
         recipe.main(load_config(recipe.Config, None, [*taken, "token=w", "initializer_token=toy"]))
