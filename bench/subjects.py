@@ -41,6 +41,16 @@ class_word = "{class_word}"
 instance_dir = "photos"
 instance_prompt = "a photo of {{token}} {{class}}"
 class_prompt = "a photo of {{class}}"
+validation_prompts = [  # as the shipped concepts': what the samples show and prior.from_prompts draws
+    "a photo of {{token}} {{class}}",
+    "a photo of {{token}} {{class}} on a red background",
+    "a photo of {{token}} {{class}} on a blue background",
+    "a photo of {{token}} {{class}} on grass",
+    "a drawing of {{token}} {{class}}",
+    "a pencil sketch of {{token}} {{class}}",
+    "pixel art of {{token}} {{class}}",
+    "a photo of {{class}}",
+]
 
 [prior_preservation]
 enabled = true
