@@ -222,7 +222,11 @@ def test_shipped_configs_load_strictly(setup: dict, tmp_path: Path) -> None:
         "auto",
         5e-3,
     )
-    assert default.prior.from_captions
+    assert (default.prior.from_captions, default.prior.from_prompts, default.prior.loss_weight) == (
+        True,
+        True,
+        0.25,
+    )
     sd15 = load_config(recipe.Config, CONFIGS / "sd15.toml")  # diffusers' documented SD1.x values
     assert sd15.resolution == 512 and sd15.optim.lr == 5e-6 and sd15.pivotal.enabled is False
     with pytest.raises(ConfigError, match="did you mean 'train_text_encoder'"):
