@@ -217,7 +217,7 @@ def test_shipped_configs_load_strictly(setup: dict, tmp_path: Path) -> None:
         assert load_config(recipe.Config, CONFIGS / f"{name}.toml").max_steps > 0
     default = load_config(recipe.Config, CONFIGS / "default.toml")  # the values measured on the shipped base
     assert (default.max_steps, default.optim.lr, default.pivotal.enabled, default.pivotal.lr) == (
-        1200,
+        1600,
         3e-4,
         "auto",
         5e-3,
