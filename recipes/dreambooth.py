@@ -56,7 +56,7 @@ from tune.optim import (
     optimizer_state_bytes,
 )
 from tune.runs import EXPORT_PIPELINE, RunDir
-from tune.tokens import add_tokens, text_towers
+from tune.tokens import text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -162,17 +162,9 @@ def main(cfg: Config) -> RunDir:
         class_dir = p.prepare_class_images(
             pipe, prior, cfg.prior, base_hash=base_hash, cache_dir=cfg.data.cache_dir, accelerator=accelerator
         )
-    new_tokens = None
-    if cfg.pivotal.enabled:  # after the class images, which the base draws without the token
-        initializer = cfg.pivotal.initializer_token or subject.class_word
-        new_tokens = add_tokens(
-            tokenizers,
-            text_encoders,
-            subject.token,
-            initializer,
-            cfg.pivotal.num_vectors,
-            known=pivotal == "known",
-        )
+    # After the class images, which the base draws without the token.
+    new_tokens = p.add_trigger(cfg.pivotal, pivotal, subject, tokenizers, text_encoders)
+    if new_tokens:
         new_tokens.train_rows_only()
     embeddings = list(new_tokens.weights) if new_tokens else []
     ema = ema_unet = None

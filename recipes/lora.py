@@ -40,7 +40,7 @@ from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora,
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
-from tune.tokens import add_tokens, text_towers
+from tune.tokens import text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -180,17 +180,7 @@ def main(cfg: Config) -> RunDir:
         class_dir = p.prepare_class_images(
             pipe, prior, cfg.prior, base_hash=base_hash, cache_dir=cfg.data.cache_dir, accelerator=accelerator
         )
-    new_tokens = None
-    if cfg.pivotal.enabled:
-        initializer = cfg.pivotal.initializer_token or subject.class_word
-        new_tokens = add_tokens(
-            tokenizers,
-            text_encoders,
-            subject.token,
-            initializer,
-            cfg.pivotal.num_vectors,
-            known=pivotal == "known",
-        )
+    new_tokens = p.add_trigger(cfg.pivotal, pivotal, subject, tokenizers, text_encoders)
     rank, alpha = cfg.lora.rank, cfg.lora.alpha or float(cfg.lora.rank)
     inject_lora(
         unet,

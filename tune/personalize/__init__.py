@@ -66,6 +66,7 @@ from tune.personalize.loading import (
 from tune.personalize.subject import (
     Prior,
     Subject,
+    add_trigger,
     prepare_class_images,
     resolve_pivotal,
     resolve_prior,
@@ -96,6 +97,7 @@ __all__ = [
     "SampleConfig",
     "Subject",
     "ValidationLoss",
+    "add_trigger",
     "apply_run_weights",
     "build_photo_loader",
     "build_trackers",

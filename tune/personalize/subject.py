@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from tune.data.concepts import Concept
+    from tune.tokens import NewTokens
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,22 @@ def resolve_pivotal(
         check_new_token(tokenizers, subject.token, options.num_vectors)
     log.info("pivotal tuning: %s", why)
     return how
+
+
+def add_trigger(
+    options: PivotalConfig, how: Pivotal, subject: Subject, tokenizers: list[Any], text_encoders: list[Any]
+) -> NewTokens | None:
+    """The trigger as a token to train beside the recipe's weights (`how` from `resolve_pivotal`): a new
+    token, or a known word's own row ("known"), starting from `options.initializer_token`, else the class
+    word; None when `how` is "off"."""
+    from tune.tokens import add_tokens
+
+    if how == "off":
+        return None
+    initializer = options.initializer_token or subject.class_word
+    return add_tokens(
+        tokenizers, text_encoders, subject.token, initializer, options.num_vectors, known=how == "known"
+    )
 
 
 def trigger_weight(tokenizer: Any, text_encoder: Any, prompt: str, token: str) -> float:
