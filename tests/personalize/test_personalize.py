@@ -228,19 +228,19 @@ def test_class_images_are_generated_once_and_finished_exactly(tiny_pipeline_dir:
 def test_pivotal_auto_trains_a_blank_known_word_in_place(
     concept: Path, tiny_pipeline_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tune.personalize import subject as subjects
+    from tune.personalize import trigger
     from tune.tokens import text_towers
 
     towers = text_towers(load_pipeline(tiny_pipeline_dir))
     auto = p.PivotalConfig(enabled="auto")
     assert p.resolve_pivotal(auto, p.resolve_subject(cfg(f"concept={concept}")), *towers) == "new"  # "zwx"
     known = p.resolve_subject(cfg(f"concept={concept}", "token=w", "instance_prompt=a photo of w dog"))
-    weight = subjects.trigger_weight(towers[0][0], towers[1][0], known.instance_prompt, "w")
-    assert weight > 0 and subjects.trigger_weight(towers[0][0], towers[1][0], "a photo of dog", "w") == 0
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", weight * 2)  # the base reads "w" as next to nothing
+    weight = trigger.trigger_weight(towers[0][0], towers[1][0], known.instance_prompt, "w")
+    assert weight > 0 and trigger.trigger_weight(towers[0][0], towers[1][0], "a photo of dog", "w") == 0
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", weight * 2)  # the base reads "w" as next to nothing
     assert p.resolve_pivotal(auto, known, *towers) == "known"
     assert p.resolve_pivotal(p.PivotalConfig(enabled=True), known, *towers) == "known"
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", weight / 2)  # ...or as a word: left alone
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", weight / 2)  # ...or as a word: left alone
     assert p.resolve_pivotal(auto, known, *towers) == "off"
     with pytest.raises(ConfigError, match="already in the tokenizer's vocabulary"):
         p.resolve_pivotal(p.PivotalConfig(enabled=True), known, *towers)

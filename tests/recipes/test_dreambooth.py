@@ -304,9 +304,9 @@ def test_pivotal_trains_the_token_beside_the_unet_and_resumes_exactly(
 def test_pivotal_trains_a_blank_known_word_in_its_own_row(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tune.personalize import subject as subjects
+    from tune.personalize import trigger
 
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", float("inf"))  # the tiny base reads any word as blank
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", float("inf"))  # the tiny base reads any word as blank
     known = ("pivotal.enabled=auto", "token=w", "instance_prompt=a photo of w toy")
     whole = recipe.main(config(setup, tmp_path / "w", *known)).path
     assert read_run(whole).config["pivotal"]["enabled"] is True

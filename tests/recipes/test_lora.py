@@ -21,7 +21,7 @@ from tune.config import load_config
 from tune.embeddings import EMBEDDINGS_FILE
 from tune.errors import ConfigError, ModelError
 from tune.models import load_pipeline
-from tune.personalize import subject as subjects
+from tune.personalize import trigger
 from tune.runs import read_run
 from tune.sampling import sample_grid
 
@@ -252,7 +252,7 @@ def test_shipped_configs_load_strictly() -> None:
 def test_bad_inputs_fail_before_the_run_directory_exists(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", 0.0)  # the base reads every word it has as a word
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", 0.0)  # the base reads every word it has as a word
     with pytest.raises(ConfigError, match="instance_dir is required"):
         recipe.main(load_config(recipe.Config, None, [f"output_dir={tmp_path / 'x'}"]))
     with pytest.raises(ConfigError, match="must be in the instance prompt"):
@@ -272,11 +272,11 @@ def test_pivotal_auto_makes_a_new_word_a_token_and_leaves_a_known_one(
     photos = f"instance_dir={Path(setup['concept']) / 'photos'}"
     new = recipe.main(config(setup, tmp_path / "new", *short)).path  # the concept's trigger, "sks"
     as_known = (*short, "concept=", photos, "instance_prompt=a photo of w toy")  # a letter: a word it has
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", 0.0)  # the base reads "w" as a word: left alone
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", 0.0)  # the base reads "w" as a word: left alone
     known = recipe.main(config(setup, tmp_path / "known", *as_known)).path
     assert (new / "export" / EMBEDDINGS_FILE).is_file() and not (known / "export" / EMBEDDINGS_FILE).exists()
     assert [read_run(r).config["pivotal"]["enabled"] for r in (new, known)] == [True, False]  # as it ran
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", float("inf"))  # ...as next to nothing: its row trains
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", float("inf"))  # ...as next to nothing: its row trains
     blank = recipe.main(config(setup, tmp_path / "blank", *as_known)).path
     assert list(load_file(str(blank / "export" / EMBEDDINGS_FILE))) == ["w"]
     # The adapters learn at pivotal.lora_lr beside the token, at optim.lr (tiny: 1e-3) alone; after warmup:

@@ -20,7 +20,7 @@ from tune.config import load_config
 from tune.embeddings import EMBEDDINGS_FILE, load_embeddings
 from tune.errors import ConfigError
 from tune.models import build_pipeline, load_pipeline
-from tune.personalize import subject as subjects
+from tune.personalize import trigger
 from tune.runs import read_run
 from tune.sampling import sample_grid
 from tune.tokens import text_towers, token_ids
@@ -92,7 +92,7 @@ def test_only_the_new_row_trains(first_run: Path, setup: dict) -> None:
 def test_a_word_the_base_reads_as_nothing_trains_in_its_own_row(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", float("inf"))  # the tiny base reads "w" as next to nothing
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", float("inf"))  # the tiny base reads "w" as next to nothing
     run = recipe.main(config(setup, tmp_path / "w", "token=w", "instance_prompt=a photo of w toy")).path
     pipe = load_pipeline(setup["base"])
     base = pipe.text_encoder.get_input_embeddings().weight.detach()
@@ -175,7 +175,7 @@ def test_shipped_configs_load_strictly(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ConfigError, match="cannot tell the trigger word"):
         recipe.main(load_config(recipe.Config, None, [*explicit, "token=zwx", "initializer_token=toy"]))
     # A letter is a token: 'w' cannot be a new word, and where the base reads it as a word, not trained in place.
-    monkeypatch.setattr(subjects, "BLANK_TRIGGER", 0.0)
+    monkeypatch.setattr(trigger, "BLANK_TRIGGER", 0.0)
     taken = [f"instance_dir={photos}", "instance_prompt=a photo of w toy", f"output_dir={tmp_path / 'x'}"]
     with pytest.raises(ConfigError, match="'w' is already in the tokenizer's vocabulary"):
         recipe.main(load_config(recipe.Config, None, [*taken, "token=w", "initializer_token=toy"]))

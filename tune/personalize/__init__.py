@@ -25,8 +25,10 @@ The training loops themselves stay in the recipes, written out.
 Where each job lives:
 - `config`: `PersonalizeConfig` and its `[data]` (`PhotoOptions`), `[sample]` and `[prior]` tables, and the
   `[pivotal]` table the lora and dreambooth recipes take (`PivotalConfig`);
-- `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, the prior
-  (`resolve_prior`, `prepare_class_images`) and whether the trigger trains as a token (`resolve_pivotal`);
+- `subject`: `Subject`, `resolve_subject`, `trigger_and_class`, `validation_prompts`, `without_trigger`;
+- `trigger`: how the trigger trains (`resolve_pivotal`: off, a new token, or a blank known word's own row)
+  and the token to train (`add_trigger`);
+- `prior`: the class images (`resolve_prior`, `prepare_class_images`);
 - `loading`: `load_base`, the photo loader (`build_photo_loader`, `encode_batch`, ...) and `PhotoLoss`;
 - `hooks`: `sample_validation` and `run_info`, called during and after training;
 - `validation`: the held-out photos (`holdout_share`) and `ValidationLoss` (`build_validation_loss`);
@@ -63,18 +65,15 @@ from tune.personalize.loading import (
     vae_dtype,
     with_components,
 )
+from tune.personalize.prior import Prior, prepare_class_images, resolve_prior
 from tune.personalize.subject import (
-    Prior,
     Subject,
-    add_trigger,
-    prepare_class_images,
-    resolve_pivotal,
-    resolve_prior,
     resolve_subject,
     trigger_and_class,
     validation_prompts,
     without_trigger,
 )
+from tune.personalize.trigger import add_trigger, resolve_pivotal
 from tune.personalize.validation import ValidationLoss, build_validation_loss, holdout_share
 from tune.personalize.weights import AppliedWeights, apply_run_weights
 from tune.training.accelerator import resolve_mixed_precision
