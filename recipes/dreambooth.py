@@ -133,7 +133,8 @@ class Config(p.PersonalizeConfig):
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
-    prior = p.resolve_prior(cfg.prior, subject, p.validation_prompts(subject, cfg.sample))
+    prompts = p.validation_prompts(subject, cfg.sample)  # the samples' prompts, which class images follow too
+    prior = p.resolve_prior(cfg.prior, subject, prompts)
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: both; pivotal's trigger goes into both
     pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers, text_encoders)  # off, new or known
@@ -148,9 +149,8 @@ def main(cfg: Config) -> RunDir:
     # ---- models -------------------------------------------------------------------------------------
     unet, vae = pipe.unet, pipe.vae
     base_hash = base_model_hash(unet, *text_encoders)
-    train_text = (
-        cfg.train_text_encoder or cfg.pivotal.enabled
-    )  # the text encoders run in the training forward
+    # The text encoders run in the training forward when they train, or the trigger's rows do.
+    train_text = cfg.train_text_encoder or cfg.pivotal.enabled
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, p.vae_dtype(pipe, dtype))
     for model in text_encoders:
@@ -197,7 +197,6 @@ def main(cfg: Config) -> RunDir:
         cache_text=not train_text,
         holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
-    prompts = p.validation_prompts(subject, cfg.sample)
     # val_every: the loss on held-out photos (None when 0)
     val_loss = p.build_validation_loss(cfg, subject.photos, instance_prompt, pipe, noise_scheduler, dtype)
 

@@ -151,7 +151,8 @@ class Config(p.PersonalizeConfig):
 def main(cfg: Config) -> RunDir:
     # ---- run dir & seed -----------------------------------------------------------------------------
     subject = p.resolve_subject(cfg)  # before the run directory exists: a wrong key leaves nothing behind
-    prior = p.resolve_prior(cfg.prior, subject, p.validation_prompts(subject, cfg.sample))
+    prompts = p.validation_prompts(subject, cfg.sample)  # the samples' prompts, which class images follow too
+    prior = p.resolve_prior(cfg.prior, subject, prompts)
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: two of each; pivotal's trigger goes into both
@@ -225,7 +226,6 @@ def main(cfg: Config) -> RunDir:
         cache_text=not train_text,
         holdout=p.holdout_share(cfg),  # photos kept out for val_loss
     )
-    prompts = p.validation_prompts(subject, cfg.sample)
     # val_every: the loss on held-out photos (None when 0)
     val_loss = p.build_validation_loss(cfg, subject.photos, instance_prompt, pipe, noise_scheduler, dtype)
 

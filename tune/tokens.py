@@ -285,29 +285,26 @@ def add_tokens(
     return NewTokens(token=token, tokens=tokens, rows=rows, family=_family_of_towers(encoders))
 
 
-def _add(
+def _add(  # noqa: ANN001 - tokenizer: any HF CLIP tokenizer
     tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], init_ids: list[int], known: bool
-) -> TokenRows:  # noqa: ANN001
-    if known:  # its own row, set from the initializer below; the base value kept
+) -> TokenRows:
+    if known:  # the word's own row (the id prompts give it), nothing added
         ids = (token_ids(tokenizer, tokens[0])[0],)
-        embedding = text_encoder.get_input_embeddings()
-        base = embedding.weight.detach()[list(ids)].clone()
-        with torch.no_grad():
-            embedding.weight[list(ids)] = (
-                embedding.weight[init_ids].float().mean(dim=0).to(embedding.weight.dtype)
+    else:
+        added = tokenizer.add_tokens(list(tokens))
+        if added != len(tokens):
+            raise ModelError(
+                f"the tokenizer added {added} of the tokens {list(tokens)}; is it a CLIP tokenizer?"
             )
-        return TokenRows(ids=ids, embedding=embedding, original=embedding.weight.detach().clone(), base=base)
-    added = tokenizer.add_tokens(list(tokens))
-    if added != len(tokens):
-        raise ModelError(f"the tokenizer added {added} of the tokens {list(tokens)}; is it a CLIP tokenizer?")
-    ids = tuple(tokenizer.convert_tokens_to_ids(list(tokens)))
-    # mean_resizing draws random rows from the old ones' statistics (and the global RNG); ours are set below.
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if pool_at_first_eos(tokenizer, text_encoder) is not None:
-        logger.info("text encoder config has the legacy eos_token_id 2; pooling at the first EOS instead")
+        ids = tuple(tokenizer.convert_tokens_to_ids(list(tokens)))
+        # mean_resizing draws random rows from the old ones' statistics (and the global RNG); ours are set below.
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if pool_at_first_eos(tokenizer, text_encoder) is not None:
+            logger.info("text encoder config has the legacy eos_token_id 2; pooling at the first EOS instead")
     embedding = text_encoder.get_input_embeddings()
+    base = embedding.weight.detach()[list(ids)].clone() if known else None
     with torch.no_grad():
         start = embedding.weight[init_ids].float().mean(dim=0).to(embedding.weight.dtype)
         for i in ids:
             embedding.weight[i] = start
-    return TokenRows(ids=ids, embedding=embedding, original=embedding.weight.detach().clone())
+    return TokenRows(ids=ids, embedding=embedding, original=embedding.weight.detach().clone(), base=base)

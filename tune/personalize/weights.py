@@ -200,11 +200,7 @@ def _tower_rows(
     if missing:
         tuned = copy.deepcopy(tokenizer)  # the base's own comes back on exit, without the tokens
         tuned.add_tokens(missing)
-    # A word the tokenizer had (trained in place) is the id prompts give it ("w</w>" for "w"), not the piece.
-    ids = [
-        token_ids(tuned, t)[0] if len(token_ids(tuned, t)) == 1 else tuned.convert_tokens_to_ids(t)
-        for t in tokens
-    ]
+    ids = [_id_in_prompts(tuned, t) for t in tokens]
     grown = max(ids) >= size
     kept = [i for i in ids if i < size]  # rows the matrix already had: saved, put back on exit
     saved = text_encoder.get_input_embeddings().weight.detach()[kept].clone()
@@ -227,6 +223,13 @@ def _tower_rows(
         if eos is not None:
             text_encoder.text_model.eos_token_id = eos
         setattr(pipe, tokenizer_name, tokenizer)
+
+
+def _id_in_prompts(tokenizer: Any, token: str) -> int:
+    """The id a prompt's `token` gets: an added token's own, and for a word the tokenizer had (trained in
+    place) the word's ("w</w>" for "w"), not the vocabulary's piece of the same spelling."""
+    pieces = token_ids(tokenizer, token)
+    return pieces[0] if len(pieces) == 1 else tokenizer.convert_tokens_to_ids(token)
 
 
 # ---------------------------------------------------------------------------------------------------
