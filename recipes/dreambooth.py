@@ -6,14 +6,15 @@
 
 Photos are captioned "a photo of {token} {class}". With prior preservation (on when the concept says
 so, or when class_prompt is given), the base model first draws `num_class_images` images of the class
-prompt with the shared sampler (with `prior.from_captions`, of the photos' captions with the trigger taken
-out too, in turn, each trained with its caption; cached under the cache dir by base model, prompts, seeds
+prompt with the shared sampler (with `prior.from_captions` and `prior.from_prompts`, of the photos' captions
+and the validation prompts with the trigger taken out too, in turn, each trained with its prompt; the
+default config takes both; cached under the cache dir by base model, prompts, seeds
 and sampler settings, so the next run reuses them); every batch then pairs the photos with as many class
 images, and the loss is instance loss + prior.loss_weight * class loss, so the class word keeps its meaning.
 An exponential moving average of the U-Net weights (diffusers' EMAModel) is what the validation
 grids show and what is exported. With pivotal tuning (`pivotal.enabled`; "auto" in the default config) a
-trigger that is a new word ("sks") becomes a new token whose embedding trains beside the U-Net, so the
-class word keeps its meaning; its embedding is written to each checkpoint and export/learned_embeds.safetensors.
+trigger that is a new word ("sks") becomes a new token whose embedding trains beside the U-Net (a word
+the base reads as next to nothing, our base's "w", trains its own row), so the class word keeps its meaning; its embedding is written to each checkpoint and export/learned_embeds.safetensors.
 
 On SDXL both text encoders condition the U-Net (and train with train_text_encoder), with pooled text
 embeds and each image's size and crop (`tune.models.conditioning`).
