@@ -1,5 +1,5 @@
 """The issue-21 extract and resize figures: a dreambooth run on the example subject (the default config plus
-the overrides given), its export and LoRAs extracted from it (rank 32; rank 32 with conv rank 32; that one
+the overrides given; an OUT_DIR/db that holds a finished run is used as it is), its export and LoRAs extracted from it (rank 32; rank 32 with conv rank 32; that one
 resized to 8) drawn on the backgrounds suite: subject_found, background_right, errors, pixel differences.
 
     python scripts/extract_figure.py OUT_DIR [dreambooth overrides ...]
@@ -8,6 +8,7 @@ resized to 8) drawn on the backgrounds suite: subject_found, background_right, e
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from tune.evaluation.run_dir import run_subject
 from tune.lora import LoraStack, read_lora
 from tune.lora.svd import extract_lora_file, resize_lora_file, summarize_errors
 from tune.models import load_pipeline
+from tune.personalize.weights import apply_embeddings
 from tune.runs import read_run
 
 out = Path(sys.argv[1])
@@ -49,7 +51,10 @@ for step, file in files.items():
     base = load_pipeline(run.info["base_model"])
     stack = LoraStack(base)
     stack.add(read_lora(file), 1.0, name="x")
-    entry = evaluator.evaluate(base, step, progress=False)
+    # a pivotal run's trigger is a trained token: its embedding goes beside the LoRA, as users load them
+    embedding = run_path / "export" / "learned_embeds.safetensors"
+    with apply_embeddings(base, embedding) if embedding.exists() else nullcontext():
+        entry = evaluator.evaluate(base, step, progress=False)
     results[file.stem] |= {k: entry.get(k) for k in ("subject_found", "background_right")}
     print(file.stem, results[file.stem], f"{time.time() - t0:.0f} s", flush=True)
 

@@ -94,10 +94,20 @@ def test_bad_settings_are_one_line_errors() -> None:
     assert {"prodigy", "adamw_schedulefree"} <= set(OPTIMIZERS)
 
 
-def test_prodigy_keeps_a_groups_learning_rate_ratio() -> None:
-    """Pivotal tuning gives its embedding group lr 1e-3 beside adapters at optim.lr 1e-4: under Prodigy,
-    whose lr multiplies its own step size, the embedding group steps 10x the adapters', not 1e-3x."""
-    cfg = load_config(OptimConfig, None, ["name='prodigy'", "lr=1e-4", "prodigy.lr=0.5"])
-    adapters, embedding = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    optimizer = build_optimizer([{"params": [adapters]}, {"params": [embedding], "lr": 1e-3}], cfg)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 5.0])
+def test_prodigy_steps_every_training_group_by_its_one_estimate(caplog: pytest.LogCaptureFixture) -> None:
+    """Pivotal tuning gives its embedding group lr 5e-3 beside adapters at optim.lr 1e-3; prodigyopt refuses
+    different rates at its first step, so every training group gets Prodigy's multiplier (a frozen group
+    stays at 0), the run says so, and the optimizer steps."""
+    cfg = load_config(OptimConfig, None, ["name='prodigy'", "lr=1e-3", "prodigy.lr=0.5"])
+    adapters, embedding, frozen = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    groups = [{"params": [adapters]}, {"params": [embedding], "lr": 5e-3}, {"params": [frozen], "lr": 0.0}]
+    with caplog.at_level("WARNING", logger="tune.optim"):
+        optimizer = build_optimizer(groups, cfg)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.5, 0.0])
+    assert "do not apply" in caplog.text
+    for _ in range(3):
+        (adapters.square().sum() + embedding.square().sum() + frozen.square().sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(adapters.data, torch.ones(3)) and not torch.equal(embedding.data, torch.ones(3))
+    assert torch.equal(frozen.data, torch.ones(3))

@@ -10,6 +10,7 @@ schedule-free AdamW (schedulefree) trains at one point and is evaluated at anoth
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Literal
 import torch
 
 from tune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 OptimName = Literal["adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "prodigy", "adamw_schedulefree"]
 
@@ -140,11 +143,21 @@ def _prodigy(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
     from prodigyopt import Prodigy
 
     opts = cfg.prodigy
-    # A parameter group's own "lr" is in optim.lr's units (e.g. pivotal tuning's embedding at 1e-3 beside
-    # adapters at 1e-4); Prodigy's lr is a multiplier on its estimate d, so a group keeps its ratio to optim.lr.
-    params = [
-        {**g, "lr": opts.lr * g["lr"] / cfg.lr} if isinstance(g, dict) and "lr" in g else g for g in params
-    ]
+    # Prodigy steps every parameter group by its one estimate d: prodigyopt refuses groups whose lr differs
+    # from the largest unless it is 0 ("only supported for values of 0", at the first step). So a group's own
+    # rate (pivotal tuning's token at 5e-3 beside adapters at 1e-3) cannot keep its ratio: every group that
+    # trains gets the multiplier, a frozen (lr 0) one stays frozen.
+    groups = list(params)
+    rates = {g["lr"] for g in groups if isinstance(g, dict) and g.get("lr")}
+    if len(rates | {cfg.lr}) > 1:
+        log.warning(
+            "prodigy estimates one step size for all parameters: the groups' own rates (%s beside optim.lr %g) "
+            "do not apply; every group trains at prodigy.lr %g x d",
+            ", ".join(f"{r:g}" for r in sorted(rates)),
+            cfg.lr,
+            opts.lr,
+        )
+    params = [{**g, "lr": opts.lr if g["lr"] else 0.0} if isinstance(g, dict) and "lr" in g else g for g in groups]
     return Prodigy(
         params,
         lr=opts.lr,
