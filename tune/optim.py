@@ -157,7 +157,9 @@ def _prodigy(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
             cfg.lr,
             opts.lr,
         )
-    params = [{**g, "lr": opts.lr if g["lr"] else 0.0} if isinstance(g, dict) and "lr" in g else g for g in groups]
+    params = [
+        {**g, "lr": opts.lr if g["lr"] else 0.0} if isinstance(g, dict) and "lr" in g else g for g in groups
+    ]
     return Prodigy(
         params,
         lr=opts.lr,
