@@ -32,7 +32,7 @@ if not (run_path / "DONE").exists():
     dreambooth.main(load_config(dreambooth.Config, "recipes/configs/dreambooth/default.toml", overrides))
 print(f"dreambooth run: {time.time() - t0:.0f} s", flush=True)
 run = read_run(run_path)
-evaluator = Evaluator(load_suite("backgrounds"), run_subject(run), out / "eval", clip="models/world-clip")
+evaluator = Evaluator(load_suite("backgrounds"), run_subject(run), out, clip="models/world-clip")
 results = {}
 entry = evaluator.evaluate(load_pipeline(run_path / "export" / "pipeline"), 1, progress=False)
 results["dreambooth export"] = {k: entry.get(k) for k in ("subject_found", "background_right")}
