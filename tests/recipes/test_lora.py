@@ -288,7 +288,11 @@ def test_resume_is_exact_with_prodigy_and_schedule_free(
     optimizer: str, setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make = lambda out, *extra: config(setup, out, *extra)  # noqa: E731
-    whole, _ = check_exact_resume(recipe, monkeypatch, make, tmp_path, f"optim.name={optimizer}")
+    # with pivotal tuning, as the default config trains a new trigger: the token's group at the default's 5e-3,
+    # beside optim.lr (prodigyopt refused that at its first step until every group got its one multiplier)
+    overrides = (f"optim.name={optimizer}", "pivotal.enabled=true", "pivotal.lr=5e-3")
+    whole, _ = check_exact_resume(recipe, monkeypatch, make, tmp_path, *overrides)
+    assert (whole.path / "export" / EMBEDDINGS_FILE).is_file()
     rows = [m for m in read_run(whole.path).metrics if "loss" in m]
     if optimizer == "prodigy":  # its own step size: lr is the multiplier 1, d its estimate (from d0 = 1e-6)
         assert all(m["lr"] == 1.0 and m["d"] >= 1e-6 for m in rows)
