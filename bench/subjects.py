@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,22 +42,19 @@ class_word = "{class_word}"
 instance_dir = "photos"
 instance_prompt = "a photo of {{token}} {{class}}"
 class_prompt = "a photo of {{class}}"
-validation_prompts = [  # as the shipped concepts': what the samples show and prior.from_prompts draws
-    "a photo of {{token}} {{class}}",
-    "a photo of {{token}} {{class}} on a red background",
-    "a photo of {{token}} {{class}} on a blue background",
-    "a photo of {{token}} {{class}} on grass",
-    "a drawing of {{token}} {{class}}",
-    "a pencil sketch of {{token}} {{class}}",
-    "pixel art of {{token}} {{class}}",
-    "a photo of {{class}}",
-]
+# the shipped concepts' validation prompts: what the samples show and prior.from_prompts draws
+validation_prompts = {validation_prompts}
 
 [prior_preservation]
 enabled = true
 num_class_images = 100
 prior_loss_weight = 1.0
 """
+
+
+def shipped_validation_prompts() -> list[str]:
+    """The templates concepts/sks-toy (and w-person) ship ("a photo of {token} {class}", ...)."""
+    return tomllib.loads((ROOT / "concepts" / "sks-toy" / "concept.toml").read_text())["validation_prompts"]
 
 
 def write_concept(name: str, folder: Path, photos: int) -> Path:
@@ -67,7 +65,12 @@ def write_concept(name: str, folder: Path, photos: int) -> Path:
     concept = folder / name
     write_photos(subject, concept / "photos", count=photos)
     (concept / "concept.toml").write_text(
-        CONCEPT.format(description=subject.description, token=subject.token, class_word=subject.class_word)
+        CONCEPT.format(
+            description=subject.description,
+            token=subject.token,
+            class_word=subject.class_word,
+            validation_prompts=json.dumps(shipped_validation_prompts()),  # a JSON array of strings is TOML
+        )
     )
     return concept
 

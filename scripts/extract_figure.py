@@ -1,6 +1,7 @@
 """The issue-21 extract and resize figures: a dreambooth run on the example subject (the default config plus
-the overrides given; an OUT_DIR/db that holds a finished run is used as it is), its export and LoRAs extracted from it (rank 32; rank 32 with conv rank 32; that one
-resized to 8) drawn on the backgrounds suite: subject_found, background_right, errors, pixel differences.
+the overrides given; an OUT_DIR/db that holds a finished run is used as it is), its export and LoRAs
+extracted from it (rank 32; rank 32 with conv rank 32; that one resized to 8; a pivotal run's token loaded
+beside each) drawn on the backgrounds suite: subject_found, background_right, errors, pixel differences.
 
     python scripts/extract_figure.py OUT_DIR [dreambooth overrides ...]
 """
@@ -16,6 +17,7 @@ from PIL import Image
 
 from recipes import dreambooth
 from tune.config import load_config
+from tune.embeddings import EMBEDDINGS_FILE
 from tune.evaluation import Evaluator, load_suite
 from tune.evaluation.run_dir import run_subject
 from tune.lora import LoraStack, read_lora
@@ -52,7 +54,7 @@ for step, file in files.items():
     stack = LoraStack(base)
     stack.add(read_lora(file), 1.0, name="x")
     # a pivotal run's trigger is a trained token: its embedding goes beside the LoRA, as users load them
-    embedding = run_path / "export" / "learned_embeds.safetensors"
+    embedding = run_path / "export" / EMBEDDINGS_FILE
     with apply_embeddings(base, embedding) if embedding.exists() else nullcontext():
         entry = evaluator.evaluate(base, step, progress=False)
     results[file.stem] |= {k: entry.get(k) for k in ("subject_found", "background_right")}

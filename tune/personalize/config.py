@@ -142,8 +142,8 @@ class PivotalConfig:
     num_vectors: int = 1
     """Embedding vectors behind the token."""
     lr: float = 1e-3
-    """Learning rate of the embedding (the other weights use optim.lr); under Prodigy, which sets its own
-    step size, the embedding steps pivotal.lr / optim.lr times the other weights' step."""
+    """Learning rate of the embedding (the other weights use optim.lr); under Prodigy, which sets one step
+    size for all weights, it does not apply (the run's log says so)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.num_vectors < 1:
