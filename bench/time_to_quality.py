@@ -82,6 +82,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from tune import metrics
     from tune.config import load_config
     from tune.data.concepts import load_concept
+    from tune.data.masks import is_mask_file
     from tune.evaluation import EvalSubject, Evaluator, load_suite
     from tune.lora.inject import UNET_TARGETS
     from tune.personalize import load_base
@@ -91,7 +92,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     photos = work / "photos"  # the example scripts read every file of the folder: the images only
     photos.mkdir()
     for path in sorted(concept.instance_dir.iterdir()):
-        if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
+        if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not is_mask_file(path):
             shutil.copy(path, photos / path.name)
     evaluator = Evaluator(
         load_suite(args.suite),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune.data.masks import is_mask_file
 from tune.paths import find_path
 from tune.runs import RunInfo, list_runs, read_run, step_dir_name
 
@@ -331,7 +332,11 @@ def concept_photos(run: RunInfo, limit: int = 24) -> list[Path]:
         folders.append(root / sub)
     for folder in folders:
         if folder.is_dir():
-            photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+            photos = sorted(
+                p
+                for p in folder.iterdir()
+                if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file() and not is_mask_file(p)
+            )
             if photos:
                 return photos[:limit]
     return []

@@ -5,7 +5,8 @@
     python scripts/make_subject_photos.py yellow-cup --out /tmp/cup --count 8 --sheet /tmp/cup.png
 
 Subjects are `tune.world.subjects.SUBJECTS` (sks-toy, w-person, yellow-cup, blue-cone, red-ball); the
-photos are rendered in the world's photo style (`tune.world.subjects.render_photo`). Existing photos of
+photos are rendered in the world's photo style (`tune.world.subjects.render_photo`), each with its
+caption and its subject mask (`<stem>-masklabel.png`, `render_photo_mask`). Existing photos of
 the same names are an error unless --force; other files in the folder are left alone.
 """
 

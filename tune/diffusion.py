@@ -105,9 +105,20 @@ def denoising_loss(
     weights: torch.Tensor,
     is_prior: torch.Tensor | None = None,
     prior_loss_weight: float = 1.0,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted MSE; with `is_prior`, DreamBooth's prior preservation: instance loss + w * class loss."""
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Weighted MSE; with `is_prior`, DreamBooth's prior preservation: instance loss + w * class loss.
+
+    pixel_weights: [B, 1, H, W] image-space weights (subject masks, `tune.data.masks`), averaged down to
+    the latent grid; each sample's error is then their weighted mean, so a mask moves the loss between
+    pixels without scaling it."""
+    error = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if pixel_weights is None:
+        per_sample = error.mean(dim=(1, 2, 3))
+    else:
+        error = error.mean(dim=1, keepdim=True)
+        cell = F.adaptive_avg_pool2d(pixel_weights.float().to(error.device), error.shape[-2:])
+        per_sample = (error * cell).sum(dim=(1, 2, 3)) / cell.sum(dim=(1, 2, 3)).clamp_min(1e-8)
     per_sample = per_sample * weights.to(per_sample.device)
     if is_prior is None or not bool(is_prior.any()):
         return per_sample.mean()
@@ -126,6 +137,7 @@ def diffusion_step(
     is_prior: torch.Tensor | None = None,
     prior_loss_weight: float = 1.0,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One denoising-loss evaluation: noise the latents, predict, compare with the target.
 
@@ -141,4 +153,4 @@ def diffusion_step(
         model_pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
     target = training_target(noise_scheduler, pred_type, latents, noise, timesteps)
     weights = loss_weights(noise_scheduler, timesteps.cpu(), pred_type, cfg.snr_gamma)
-    return denoising_loss(model_pred, target, weights, is_prior, prior_loss_weight)
+    return denoising_loss(model_pred, target, weights, is_prior, prior_loss_weight, pixel_weights)

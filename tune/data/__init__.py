@@ -7,6 +7,7 @@ Modules (import them directly; this package imports nothing eagerly):
 - `tune.data.captions` caption sidecars, caption shuffle / keep-N / dropout.
 - `tune.data.concepts` `concepts/<name>/concept.toml` into a frozen `Concept`.
 - `tune.data.buckets`  aspect-ratio buckets and crop boxes.
+- `tune.data.masks`    a photo's subject mask (`-masklabel.png`) and the loss weights it gives.
 - `tune.data.sources`  folders, `metadata.jsonl` folders and `datasets` datasets into image records.
 - `tune.data.cache`    on-disk VAE latent and text-encoder caches (safetensors); `cache_latents` fills
   the latent one.

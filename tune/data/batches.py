@@ -40,6 +40,9 @@ class Batch:
     """[B, L, D] text-encoder outputs, when text is cached (SDXL: both encoders' penultimate states)."""
     pooled_text_embeds: torch.Tensor | None = None
     """[B, P] SDXL's pooled text embeddings (the U-Net's `text_embeds`), when text is cached."""
+    loss_weight: torch.Tensor | None = None
+    """float32 [B, 1, H, W] per-pixel loss weights from the photos' subject masks (tune.data.masks; 1 for
+    samples without one); None when no photo of the batch has a mask."""
     seeds: torch.Tensor | None = None
     """long [B]: each sample's own seed, a function of (seed, epoch, photo, draw) only, for the noise and
     timestep a recipe draws for it: the same however the photos are split into micro-batches or processes."""
@@ -90,6 +93,10 @@ def collate(
     )
     if "seed" in items[0]:
         batch.seeds = torch.tensor([it["seed"] for it in items], dtype=torch.long)
+    if any("loss_weight" in it for it in items):
+        width, height = batch.target_size[1], batch.target_size[0]
+        ones = torch.ones(1, height, width)
+        batch.loss_weight = torch.stack([it.get("loss_weight", ones) for it in items])
     if "latents" in items[0]:
         batch.latents = torch.stack([it["latents"] for it in items])
     else:

@@ -28,6 +28,8 @@ class DataReport:
     """Every file left out, with its reason."""
     captioned: int
     """Usable images with a caption of their own (sidecar or caption column)."""
+    masked: int
+    """Usable images with a subject mask (`-masklabel.png`, tune.data.masks)."""
     buckets: dict[Bucket, int]
     """Usable images per bucket (width, height)."""
     resolution: int
@@ -51,6 +53,7 @@ def check_data(source: str | Path, cfg: DataConfig | None = None) -> DataReport:
         usable=len(scan.records),
         skipped=tuple(scan.skipped),
         captioned=sum(1 for r in scan.records if r.has_caption),
+        masked=sum(1 for r in scan.records if r.mask is not None),
         buckets=histogram(r.bucket for r in scan.records),
         resolution=cfg.resolution,
         bucketing=cfg.bucketing,
@@ -69,6 +72,8 @@ def format_report(report: DataReport) -> str:
     if report.usable:
         pct = 100 * report.captioned / report.usable
         lines.append(f"captions: {report.captioned} of {report.usable} usable images have one ({pct:.0f}%)")
+        if report.masked:
+            lines.append(f"subject masks (-masklabel.png): {report.masked} of {report.usable} usable images")
         mode = "buckets" if report.bucketing else "square crops"
         lines.append(f"{mode} at {report.resolution} px (width x height: images):")
         top = max(report.buckets.values())

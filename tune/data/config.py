@@ -35,6 +35,9 @@ class DataConfig:
     """With shuffle_captions: how many leading tags keep their place (e.g. the trigger word)."""
     caption_dropout: float = 0.0
     """Probability of training a sample with the empty caption (for classifier-free guidance)."""
+    mask_background_weight: float = 1.0
+    """Loss weight of the pixels outside a photo's subject mask (its `-masklabel.png`, tune.data.masks),
+    against 1 inside; 1 ignores the masks."""
     min_images: int = 1
     """Fewer usable photos than this is an error."""
     min_side: int = 64
@@ -68,6 +71,11 @@ class DataConfig:
             (self.repeats >= 1, "data.repeats must be >= 1", self.repeats),
             (self.keep_tokens >= 0, "data.keep_tokens must be >= 0", self.keep_tokens),
             (0 <= self.caption_dropout <= 1, "data.caption_dropout must be in [0, 1]", self.caption_dropout),
+            (
+                0 <= self.mask_background_weight <= 1,
+                "data.mask_background_weight must be in [0, 1]",
+                self.mask_background_weight,
+            ),
             (self.min_images >= 1, "data.min_images must be >= 1", self.min_images),
             (self.min_side >= 1, "data.min_side must be >= 1", self.min_side),
             (self.max_pixels >= 1, "data.max_pixels must be >= 1", self.max_pixels),

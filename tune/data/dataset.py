@@ -25,6 +25,7 @@ from tune.data.captions import transform_caption
 from tune.data.concepts import Concept
 from tune.data.config import DataConfig
 from tune.data.images import crop_and_resize, decode_image, min_scale_size, to_tensor
+from tune.data.masks import read_mask, weight_map
 from tune.data.sources import ImageRecord, ScanResult, read_record_bytes, scan_source
 from tune.errors import DataError
 
@@ -104,6 +105,15 @@ class PhotoDataset(torch.utils.data.Dataset):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(img)
 
+    def load_weights(
+        self, record: ImageRecord, bucket: Bucket, box: tuple[float, float, float, float], flip: bool
+    ) -> torch.Tensor:
+        """[1, H, W] loss weights from the record's mask, cropped, resized and flipped as its photo is."""
+        mask = crop_and_resize(read_mask(record.mask), box, (record.width, record.height), bucket)
+        if flip:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return weight_map(mask, self.cfg.mask_background_weight)
+
     def __getitem__(self, key: ItemKey | int) -> dict[str, Any]:  # type: ignore[override]
         if isinstance(key, int):
             key = ItemKey(key, 0, 0, self.records[key].bucket)
@@ -147,6 +157,8 @@ class PhotoDataset(torch.utils.data.Dataset):
             item["latents"] = (sample - self.latent_shift) * self.latent_scale
         else:
             item["pixel_values"] = self.load_pixels(key.index, bucket, box, flip)
+        if record.mask is not None and self.cfg.mask_background_weight != 1.0:
+            item["loss_weight"] = self.load_weights(record, bucket, box, flip)
         if self.text_files is not None:
             item.update(load_entry(self.text_files[caption]))  # encoder_hidden_states (+ pooled_text_embeds)
         return item

@@ -3,7 +3,8 @@
 Sources (what `scan_source` accepts):
 - a folder of images, searched recursively (hidden files and folders, e.g. macOS `._IMG.jpg`, are
   skipped); captions come from the instance prompt when given, else from `.txt` / `.caption`
-  sidecars (see `tune.data.captions`);
+  sidecars (see `tune.data.captions`), and a subject mask from a `-masklabel.png` sidecar
+  (`tune.data.masks`; the mask is checked here and is never a photo itself);
 - a folder with `metadata.jsonl` / `metadata.csv` (`file_name`, `text`): the Hugging Face imagefolder
   layout, read with `datasets.load_dataset("imagefolder", ...)`;
 - a folder written by `Dataset.save_to_disk` (read with `datasets.load_from_disk`);
@@ -31,6 +32,7 @@ from tune.data.buckets import Bucket, choose_bucket, square_bucket
 from tune.data.captions import class_image_caption, instance_caption, read_sidecar, sidecar_path
 from tune.data.config import DataConfig
 from tune.data.images import IMAGE_EXTENSIONS, BadImage, ImageInfo, probe_image, read_bytes
+from tune.data.masks import check_mask, is_mask_file, mask_sidecar
 from tune.errors import DataError
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ class ImageRecord:
     alt_captions: tuple[str, ...] = ()
     """Other captions of the photo (a caption column holding a list); each step draws one of
     `caption` and these uniformly."""
+    mask: str | None = None
+    """The photo's subject mask (`<stem>-masklabel.png` beside it, `tune.data.masks`), when it has one."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,9 @@ def visible_images(root: Path) -> list[Path]:
         # Hidden folders (.thumbnails, .git) and AppleDouble "._x.jpg" files are never photos.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if name.startswith(".") or is_mask_file(name):  # a photo's mask is not a photo
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 out.append(Path(dirpath) / name)
     return out
 
@@ -204,6 +210,9 @@ def scan_folder(
         else:
             sidecar = read_sidecar(path)
             caption, has_caption = (sidecar or ""), sidecar is not None
+        mask = mask_sidecar(path)
+        if mask is not None:
+            check_mask(mask, (info.width, info.height))
         result.records.append(
             ImageRecord(
                 name=name,
@@ -215,6 +224,7 @@ def scan_folder(
                 has_caption=has_caption,
                 path=str(path),
                 is_prior=is_prior,
+                mask=str(mask) if mask is not None else None,
             )
         )
     return result

@@ -33,7 +33,6 @@ Every public name is re-exported, so `from tune import evaluation; evaluation.lo
 """
 
 from tune.evaluation.evaluator import (
-    IMAGE_SUFFIXES,
     EvalSubject,
     Evaluator,
     load_photos,
@@ -63,7 +62,6 @@ __all__ = [
     "DIVERSITY_KEEP",
     "EvalSubject",
     "Evaluator",
-    "IMAGE_SUFFIXES",
     "METRICS",
     "PROMPT_KEEP",
     "SUITES_DIR",

@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
 
 @dataclass(frozen=True)
 class EvalSubject:
@@ -75,14 +73,15 @@ def load_photos(folder: Path) -> list[Image.Image]:
 
     if not folder.is_dir():
         raise DataError(f"the concept photos folder {folder} does not exist; was the run moved?")
+    from tune.data.sources import visible_images
+
     photos = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-            try:
-                with Image.open(path) as image:
-                    photos.append(ImageOps.exif_transpose(image).convert("RGB"))
-            except OSError as err:
-                log.warning("skipping %s: %s", path, err)
+    for path in visible_images(folder):  # the photos the loader trains on (never their masks)
+        try:
+            with Image.open(path) as image:
+                photos.append(ImageOps.exif_transpose(image).convert("RGB"))
+        except OSError as err:
+            log.warning("skipping %s: %s", path, err)
     if not photos:
         raise DataError(f"no photos in {folder}; subject fidelity compares generated images with them")
     return photos

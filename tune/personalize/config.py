@@ -35,8 +35,17 @@ class PhotoOptions:
     """Where the latent, text and class-image caches live; "" means $TUNE_CACHE_DIR, else ~/.cache/tune."""
     num_workers: int = 0
     """DataLoader worker processes (0 loads in the training process, which is right for cached latents)."""
+    mask_background_weight: float = 0.1
+    """Loss weight of the pixels outside a photo's subject mask (`IMG-masklabel.png` beside `IMG.jpg`,
+    white on the subject; tune.data.masks), against 1 on the subject; photos without a mask weigh all
+    pixels 1, and 1 ignores the masks. The adapter then spends itself on the subject, not on the table
+    it stands on."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.mask_background_weight <= 1:
+            raise ConfigError(
+                f"data.mask_background_weight must be in [0, 1]; got {self.mask_background_weight}"
+            )
         if self.repeats < 1 or self.num_workers < 0:
             raise ConfigError(
                 f"data.repeats must be >= 1 and data.num_workers >= 0; got {self.repeats}, {self.num_workers}"

@@ -125,6 +125,7 @@ def build_photo_loader(
         cache_text=cache_text,
         cache_dir=options.cache_dir or None,
         num_workers=options.num_workers,
+        mask_background_weight=options.mask_background_weight,
         # Class images come at the model's native size, which may be below the loader's default minimum.
         min_side=min(DataConfig.min_side, resolution),
     )
@@ -254,4 +255,5 @@ class PhotoLoss:
             is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
             prior_loss_weight=self.prior_loss_weight,
             added_cond_kwargs=added_cond_kwargs(pooled, time_ids),
+            pixel_weights=batch.loss_weight,  # the photos' subject masks, when they have them
         )

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tune.data.masks import MASK_SUFFIX
 from tune.errors import DataError
 from tune.world.captions import STYLE_PREFIX, background_phrase, object_phrase
-from tune.world.render import render
+from tune.world.render import object_mask, render
 from tune.world.spec import COLORS, HELDOUT_LOOKS, Spec, allowed
 
 
@@ -119,6 +120,14 @@ def render_photo(subject: Subject, index: int, seed: int = 0) -> Image.Image:
     return render(spec, np.random.default_rng([seed, index, 17]), width, height)
 
 
+def render_photo_mask(subject: Subject, index: int, seed: int = 0) -> Image.Image:
+    """Where the subject is in photo `index` (`render_photo`'s same draw): its `-masklabel.png`, white on
+    the object (tune.data.masks)."""
+    width, height, spec = photo_spec(subject, index)
+    mask = object_mask(spec, np.random.default_rng([seed, index, 17]), width, height)
+    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+
+
 def photo_names(subject: Subject, count: int) -> list[str]:
     return [f"{subject.name.replace('-', '_')}_{i:02d}.jpg" for i in range(count)]
 
@@ -131,17 +140,22 @@ def photo_caption(subject: Subject, index: int) -> str:
     return f"{prefix} {subject.token} {subject.class_word} on {background_phrase(spec.background)}"
 
 
+def _mask_of(photo: Path) -> Path:
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
 def write_photos(
     subject: Subject, out_dir: str | Path, count: int = 10, seed: int = 0, *, overwrite: bool = False
 ) -> list[Path]:
     """Write `count` JPEGs of the subject into `out_dir` (the same seed gives the same files), each with
-    its caption sidecar (`photo_caption`, <stem>.txt). Existing files of those names are an error unless
-    `overwrite`; other files are left alone."""
+    its caption sidecar (`photo_caption`, <stem>.txt) and its subject mask (`render_photo_mask`,
+    <stem>-masklabel.png). Existing files of those names are an error unless `overwrite`; other files are
+    left alone."""
     if count <= 0:
         raise ValueError(f"count must be > 0; got {count}")
     out = Path(out_dir)
     paths = [out / name for name in photo_names(subject, count)]
-    existing = [p for p in paths if p.exists() or p.with_suffix(".txt").exists()]
+    existing = [p for p in paths if p.exists() or p.with_suffix(".txt").exists() or _mask_of(p).exists()]
     if existing and not overwrite:
         raise DataError(
             f"{len(existing)} photo(s) already exist in {out} (e.g. {existing[0].name}); pass --force to replace them"
@@ -150,6 +164,7 @@ def write_photos(
     for index, path in enumerate(paths):
         render_photo(subject, index, seed).save(path, "JPEG", quality=JPEG_QUALITY)
         path.with_suffix(".txt").write_text(photo_caption(subject, index) + "\n")
+        render_photo_mask(subject, index, seed).save(_mask_of(path))
     return paths
 
 
