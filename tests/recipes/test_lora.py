@@ -316,3 +316,42 @@ def test_validation_loss_on_held_out_photos(setup: dict, tmp_path: Path) -> None
     # fixed noise and timesteps: the base model's loss (step 0) is the same in every run
     again = [m for m in read_run(make(tmp_path / "b").path).metrics if "val_loss" in m]
     assert again == [{**m, "time": a["time"]} for m, a in zip(rows, again, strict=True)]
+
+
+def test_the_photos_masks_weigh_the_loss(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.personalize import loading as photo_loading
+    from tune.world.render import object_mask
+    from tune.world.subjects import SUBJECTS
+
+    concept = make_concept(tmp_path / "masked", count=2)
+    for i in range(2):  # make_concept's draws: the renderer says where the toy is
+        spec = SUBJECTS["sks-toy"].spec(("wooden table", "grey")[i])
+        mask = object_mask(spec, np.random.default_rng(i), 64 + 16 * i, 64)
+        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
+            concept / "photos" / f"toy_{i}-masklabel.png"
+        )
+    seen: list[torch.Tensor | None] = []
+    real = photo_loading.diffusion_step
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - diffusion_step's own signature
+        seen.append(kwargs.get("pixel_weights"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(photo_loading, "diffusion_step", spy)
+    masked = {**setup, "concept": concept}
+    recipe.main(
+        config(masked, tmp_path / "a", "max_steps=2", "sample_every=0", "data.mask_background_weight=0.2")
+    )
+    assert len(seen) == 2 and all(w is not None for w in seen)
+    for weights in seen:
+        assert weights.shape[1] == 1 and float(weights.min()) == pytest.approx(0.2)
+        assert (
+            float(weights.max()) == pytest.approx(1.0) and 0.02 < float((weights > 0.9).float().mean()) < 0.5
+        )
+    seen.clear()
+    recipe.main(
+        config(masked, tmp_path / "b", "max_steps=2", "sample_every=0", "data.mask_background_weight=1")
+    )
+    assert seen == [None, None]
