@@ -222,7 +222,10 @@ def test_init_unet_starts_from_a_unet_and_new_attention_starts_as_identity(
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     text = torch.randn(2, 77, trained.config.cross_attention_dim)
     with torch.no_grad():
-        assert torch.equal(grown(x, t, text).sample, trained(x, t, text).sample)
+        # The identity up to rounding: on some CPUs (an AMD EPYC here) the two graphs take different kernels
+        # and differ in the last bit (1e-7); a new attention whose proj_out is not zero but N(0, 0.02) moves
+        # the shipped base U-Net's output by 0.87.
+        torch.testing.assert_close(grown(x, t, text).sample, trained(x, t, text).sample, rtol=1e-5, atol=1e-5)
 
     # The recipe: a run from the export trains on from it; a folder without weights is refused up front.
     run = recipe.main(tiny_config(inputs, tmp_path / "on", f"init_unet={folder}", "max_steps=2")).path
