@@ -44,6 +44,18 @@ class ItemKey(NamedTuple):
     bucket: Bucket
 
 
+def _fit(
+    img: Image.Image,
+    box: tuple[float, float, float, float],
+    full: tuple[int, int],
+    bucket: Bucket,
+    flip: bool,
+) -> Image.Image:
+    """`img` (a photo or its mask) cropped to `box`, resized to `bucket` and flipped as the item draws."""
+    img = crop_and_resize(img, box, full, bucket)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+
+
 class PhotoDataset(torch.utils.data.Dataset):
     """Checked image records plus the transforms of a `DataConfig`; indexed by `ItemKey`."""
 
@@ -100,18 +112,13 @@ class PhotoDataset(torch.utils.data.Dataset):
         data = read_record_bytes(record, self.tables)
         full = (record.width, record.height)
         img = decode_image(data, max_pixels=self.cfg.max_pixels, min_size=min_scale_size(full, box, bucket))
-        img = crop_and_resize(img, box, full, bucket)
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        return to_tensor(_fit(img, box, full, bucket, flip))
 
     def load_weights(
         self, record: ImageRecord, bucket: Bucket, box: tuple[float, float, float, float], flip: bool
     ) -> torch.Tensor:
         """[1, H, W] loss weights from the record's mask, cropped, resized and flipped as its photo is."""
-        mask = crop_and_resize(read_mask(record.mask), box, (record.width, record.height), bucket)
-        if flip:
-            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = _fit(read_mask(record.mask), box, (record.width, record.height), bucket, flip)
         return weight_map(mask, self.cfg.mask_background_weight)
 
     def __getitem__(self, key: ItemKey | int) -> dict[str, Any]:  # type: ignore[override]

@@ -35,10 +35,15 @@ def is_mask_file(name: str | Path) -> bool:
     return Path(name).name.lower().endswith(MASK_SUFFIX)
 
 
+def mask_path(photo: str | Path) -> Path:
+    """Where `photo`'s mask goes: `IMG_0042.jpg` -> `IMG_0042-masklabel.png` beside it."""
+    path = Path(photo)
+    return path.with_name(path.stem + MASK_SUFFIX)
+
+
 def mask_sidecar(photo: str | Path) -> Path | None:
     """The mask file beside `photo`, when there is one."""
-    path = Path(photo)
-    mask = path.with_name(path.stem + MASK_SUFFIX)
+    mask = mask_path(photo)
     return mask if mask.is_file() else None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tune.data.masks import MASK_SUFFIX
+from tune.data.masks import mask_path
 from tune.errors import DataError
 from tune.world.captions import STYLE_PREFIX, background_phrase, object_phrase
 from tune.world.render import object_mask, render
@@ -117,15 +117,20 @@ def render_photo(subject: Subject, index: int, seed: int = 0) -> Image.Image:
     """Photo `index` of a subject (before JPEG): size and background from `PHOTO_LAYOUT`, jitter from
     a generator seeded with (seed, index)."""
     width, height, spec = photo_spec(subject, index)
-    return render(spec, np.random.default_rng([seed, index, 17]), width, height)
+    return render(spec, _photo_rng(seed, index), width, height)
 
 
 def render_photo_mask(subject: Subject, index: int, seed: int = 0) -> Image.Image:
     """Where the subject is in photo `index` (`render_photo`'s same draw): its `-masklabel.png`, white on
     the object (tune.data.masks)."""
     width, height, spec = photo_spec(subject, index)
-    mask = object_mask(spec, np.random.default_rng([seed, index, 17]), width, height)
+    mask = object_mask(spec, _photo_rng(seed, index), width, height)
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+
+
+def _photo_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator photo `index` is drawn with (its jitter), the same for the photo and its mask."""
+    return np.random.default_rng([seed, index, 17])
 
 
 def photo_names(subject: Subject, count: int) -> list[str]:
@@ -140,10 +145,6 @@ def photo_caption(subject: Subject, index: int) -> str:
     return f"{prefix} {subject.token} {subject.class_word} on {background_phrase(spec.background)}"
 
 
-def _mask_of(photo: Path) -> Path:
-    return photo.with_name(photo.stem + MASK_SUFFIX)
-
-
 def write_photos(
     subject: Subject, out_dir: str | Path, count: int = 10, seed: int = 0, *, overwrite: bool = False
 ) -> list[Path]:
@@ -155,7 +156,7 @@ def write_photos(
         raise ValueError(f"count must be > 0; got {count}")
     out = Path(out_dir)
     paths = [out / name for name in photo_names(subject, count)]
-    existing = [p for p in paths if p.exists() or p.with_suffix(".txt").exists() or _mask_of(p).exists()]
+    existing = [p for p in paths if p.exists() or p.with_suffix(".txt").exists() or mask_path(p).exists()]
     if existing and not overwrite:
         raise DataError(
             f"{len(existing)} photo(s) already exist in {out} (e.g. {existing[0].name}); pass --force to replace them"
@@ -164,7 +165,7 @@ def write_photos(
     for index, path in enumerate(paths):
         render_photo(subject, index, seed).save(path, "JPEG", quality=JPEG_QUALITY)
         path.with_suffix(".txt").write_text(photo_caption(subject, index) + "\n")
-        render_photo_mask(subject, index, seed).save(_mask_of(path))
+        render_photo_mask(subject, index, seed).save(mask_path(path))
     return paths
 
 
