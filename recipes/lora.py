@@ -244,8 +244,10 @@ def main(cfg: Config) -> RunDir:
     unet_model = compiled(trained[0], cfg.compile, cfg.compile_mode)
     text_model = TextEncoders.of(pipe, *trained[1:])  # the prepared encoders when they train
     weight = prior.loss_weight if prior else 1.0
+    trigger = new_tokens.expand(subject.token) if new_tokens else subject.token
+    attention = p.trigger_attention_loss(cfg.data, unet, pipe.tokenizer, trigger)  # masks: trigger on subject
     photo_loss = p.PhotoLoss(
-        unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight
+        unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight, attention
     )
     accelerator.register_for_checkpointing(loader)
     checkpoint_trainable_only(accelerator)

@@ -162,7 +162,11 @@ def main(cfg: Config) -> RunDir:
     # SDXL: both encoders' states, te2's pooled embeds at the first EOS, each photo's size and crop
     text_model = TextEncoders.of(pipe, *text_models)
     unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
-    photo_loss = p.PhotoLoss(unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype)
+    # masks: the token's attention pulled onto the subject (data.mask_attention_weight)
+    attention = p.trigger_attention_loss(cfg.data, unet, pipe.tokenizer, new_tokens.expand(subject.token))
+    photo_loss = p.PhotoLoss(
+        unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, attention=attention
+    )
     accelerator.register_for_checkpointing(loader)
     checkpoint_trainable_only(accelerator)
     on_checkpoint(

@@ -89,10 +89,11 @@ def grid_shape(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 class RecordingProcessor:
-    """Runs the original processor unchanged, then recomputes and records its softmax probabilities."""
+    """Runs the original processor unchanged, then recomputes and records its softmax probabilities
+    (`grad`: with their graph, for a training loss on the maps; else under no_grad)."""
 
-    def __init__(self, original: Any, store: AttentionStore, name: str) -> None:
-        self.original, self.store, self.name = original, store, name
+    def __init__(self, original: Any, store: AttentionStore, name: str, grad: bool = False) -> None:
+        self.original, self.store, self.name, self.grad = original, store, name, grad
 
     def __call__(
         self,
@@ -103,7 +104,7 @@ class RecordingProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         out = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             # The part of diffusers' AttnProcessor that yields the probabilities (query/key projections;
             # attn2 in transformer blocks has no group norm, spatial norm or mask on this path).
             context = encoder_hidden_states
@@ -129,12 +130,13 @@ def swapped_processors(unet: torch.nn.Module, wrap: Callable[[str, Any], Any]) -
 
 
 @contextmanager
-def record_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
-    """Record attn2 probabilities into the yielded store; the original processors are restored after."""
+def record_attention(unet: torch.nn.Module, grad: bool = False) -> Iterator[AttentionStore]:
+    """Record attn2 probabilities into the yielded store; the original processors are restored after.
+    `grad`: the recorded maps keep their graph (a training loss on them)."""
     store = AttentionStore()
 
     def wrap(name: str, proc: Any) -> Any:
-        return RecordingProcessor(proc, store, name) if name.endswith("attn2.processor") else proc
+        return RecordingProcessor(proc, store, name, grad) if name.endswith("attn2.processor") else proc
 
     with swapped_processors(unet, wrap):
         yield store

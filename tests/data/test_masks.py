@@ -91,6 +91,25 @@ def test_weight_one_ignores_the_masks_and_class_images_weigh_every_pixel(tmp_pat
     assert collate([ds[1]]).loss_weight is None
 
 
+def test_batches_carry_the_masks_themselves_when_the_loader_keeps_them(tmp_path: Path) -> None:
+    save_photo(tmp_path / "a.jpg", 64, 64)
+    left_half_mask(tmp_path / "a-masklabel.png", 64, 64)
+    save_photo(tmp_path / "b.jpg", 64, 64, seed=1)
+    keep = DataConfig(resolution=32, bucketing=False, keep_masks=True)  # for the trigger-attention loss
+    kept = build_dataset(tmp_path, keep, instance_prompt="a photo of sks dog")
+    batch = collate([kept[0], kept[1]])
+    assert batch.loss_weight is None  # weight 1: the denoising loss ignores the masks
+    assert batch.subject_mask is not None and batch.subject_mask.shape == (2, 1, 32, 32)
+    assert batch.has_mask.tolist() == [True, False]
+    subject, rest = batch.subject_mask[0, 0, :, :14], batch.subject_mask[0, 0, :, 18:]
+    assert float(subject.min()) > 0.99 and float(rest.max()) < 0.01
+    assert float(batch.subject_mask[1].abs().sum()) == 0.0
+    plain = build_dataset(
+        tmp_path, DataConfig(resolution=32, bucketing=False), instance_prompt="a photo of sks dog"
+    )
+    assert collate([plain[0], plain[1]]).subject_mask is None
+
+
 def test_the_loss_weighs_the_subject_and_keeps_its_scale() -> None:
     target = torch.zeros(2, 4, 8, 8)
     pred = torch.zeros(2, 4, 8, 8)

@@ -318,10 +318,8 @@ def test_validation_loss_on_held_out_photos(setup: dict, tmp_path: Path) -> None
     assert again == [{**m, "time": a["time"]} for m, a in zip(rows, again, strict=True)]
 
 
-def test_the_photos_masks_weigh_the_loss(
-    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tune.personalize import loading as photo_loading
+def masked_concept(tmp_path: Path) -> Path:
+    """make_concept's two photos, each with its subject mask from the renderer."""
     from tune.world.render import object_mask
     from tune.world.subjects import SUBJECTS
 
@@ -332,6 +330,15 @@ def test_the_photos_masks_weigh_the_loss(
         Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
             concept / "photos" / f"toy_{i}-masklabel.png"
         )
+    return concept
+
+
+def test_the_photos_masks_weigh_the_loss(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.personalize import loading as photo_loading
+
+    concept = masked_concept(tmp_path)
     seen: list[torch.Tensor | None] = []
     real = photo_loading.diffusion_step
 
@@ -355,3 +362,26 @@ def test_the_photos_masks_weigh_the_loss(
         config(masked, tmp_path / "b", "max_steps=2", "sample_every=0", "data.mask_background_weight=1")
     )
     assert seen == [None, None]
+
+
+def test_the_trigger_attention_loss_joins_the_denoising_loss(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.personalize.attention_loss import TriggerAttentionLoss
+
+    terms: list[float] = []
+    real = TriggerAttentionLoss.__call__
+
+    def spy(self, store, batch, latent_hw):  # noqa: ANN001, ANN202 - TriggerAttentionLoss.__call__'s own
+        term = real(self, store, batch, latent_hw)
+        assert term.requires_grad  # it trains the adapters, not only reports
+        terms.append(float(term.detach()) / self.weight)
+        return term
+
+    monkeypatch.setattr(TriggerAttentionLoss, "__call__", spy)
+    masked = {**setup, "concept": masked_concept(tmp_path)}
+    extra = ("max_steps=2", "sample_every=0", "data.mask_attention_weight=0.5")
+    recipe.main(config(masked, tmp_path / "a", *extra))
+    assert len(terms) == 2 and all(0.0 < t < 1.0 for t in terms)  # an MSE of maps in [0, 1]
+    recipe.main(config(masked, tmp_path / "b", "max_steps=2", "sample_every=0"))
+    assert len(terms) == 2  # weight 0, the default: off

@@ -43,6 +43,11 @@ class Batch:
     loss_weight: torch.Tensor | None = None
     """float32 [B, 1, H, W] per-pixel loss weights from the photos' subject masks (tune.data.masks; 1 for
     samples without one); None when no photo of the batch has a mask."""
+    subject_mask: torch.Tensor | None = None
+    """float32 [B, 1, H, W] the photos' subject masks in [0, 1] (zeros for samples without one), when the
+    loader keeps masks (DataConfig.keep_masks) and a photo of the batch has one; `has_mask` says which."""
+    has_mask: torch.Tensor | None = None
+    """bool [B]: which samples' `subject_mask` is a real mask."""
     seeds: torch.Tensor | None = None
     """long [B]: each sample's own seed, a function of (seed, epoch, photo, draw) only, for the noise and
     timestep a recipe draws for it: the same however the photos are split into micro-batches or processes."""
@@ -97,6 +102,10 @@ def collate(
         width, height = batch.target_size[1], batch.target_size[0]
         ones = torch.ones(1, height, width)
         batch.loss_weight = torch.stack([it.get("loss_weight", ones) for it in items])
+    if any("subject_mask" in it for it in items):
+        zeros = torch.zeros(1, *batch.target_size)
+        batch.subject_mask = torch.stack([it.get("subject_mask", zeros) for it in items])
+        batch.has_mask = torch.tensor(["subject_mask" in it for it in items], dtype=torch.bool)
     if "latents" in items[0]:
         batch.latents = torch.stack([it["latents"] for it in items])
     else:

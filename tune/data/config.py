@@ -38,6 +38,9 @@ class DataConfig:
     mask_background_weight: float = 1.0
     """Loss weight of the pixels outside a photo's subject mask (its `-masklabel.png`, tune.data.masks),
     against 1 inside; 1 ignores the masks."""
+    keep_masks: bool = False
+    """Batches also carry the masks themselves (`Batch.subject_mask`), for the trigger-attention loss
+    (tune.personalize.attention_loss)."""
     min_images: int = 1
     """Fewer usable photos than this is an error."""
     min_side: int = 64

@@ -25,7 +25,7 @@ from tune.data.captions import transform_caption
 from tune.data.concepts import Concept
 from tune.data.config import DataConfig
 from tune.data.images import crop_and_resize, decode_image, min_scale_size, to_tensor
-from tune.data.masks import read_mask, weight_map
+from tune.data.masks import mask_tensor, read_mask, weight_map
 from tune.data.sources import ImageRecord, ScanResult, read_record_bytes, scan_source
 from tune.errors import DataError
 
@@ -114,12 +114,11 @@ class PhotoDataset(torch.utils.data.Dataset):
         img = decode_image(data, max_pixels=self.cfg.max_pixels, min_size=min_scale_size(full, box, bucket))
         return to_tensor(_fit(img, box, full, bucket, flip))
 
-    def load_weights(
+    def load_mask(
         self, record: ImageRecord, bucket: Bucket, box: tuple[float, float, float, float], flip: bool
     ) -> torch.Tensor:
-        """[1, H, W] loss weights from the record's mask, cropped, resized and flipped as its photo is."""
-        mask = _fit(read_mask(record.mask), box, (record.width, record.height), bucket, flip)
-        return weight_map(mask, self.cfg.mask_background_weight)
+        """[1, H, W] the record's mask in [0, 1], cropped, resized and flipped as its photo is."""
+        return mask_tensor(_fit(read_mask(record.mask), box, (record.width, record.height), bucket, flip))
 
     def __getitem__(self, key: ItemKey | int) -> dict[str, Any]:  # type: ignore[override]
         if isinstance(key, int):
@@ -164,8 +163,12 @@ class PhotoDataset(torch.utils.data.Dataset):
             item["latents"] = (sample - self.latent_shift) * self.latent_scale
         else:
             item["pixel_values"] = self.load_pixels(key.index, bucket, box, flip)
-        if record.mask is not None and self.cfg.mask_background_weight != 1.0:
-            item["loss_weight"] = self.load_weights(record, bucket, box, flip)
+        if record.mask is not None and (self.cfg.mask_background_weight != 1.0 or self.cfg.keep_masks):
+            mask = self.load_mask(record, bucket, box, flip)
+            if self.cfg.mask_background_weight != 1.0:
+                item["loss_weight"] = weight_map(mask, self.cfg.mask_background_weight)
+            if self.cfg.keep_masks:
+                item["subject_mask"] = mask
         if self.text_files is not None:
             item.update(load_entry(self.text_files[caption]))  # encoder_hidden_states (+ pooled_text_embeds)
         return item

@@ -68,10 +68,14 @@ def read_mask(path: str | Path) -> Image.Image:
         return img.convert("L")
 
 
-def weight_map(mask: Image.Image, background_weight: float) -> torch.Tensor:
-    """[1, H, W] float32 per-pixel loss weights from a (cropped, resized) mask: 1 on the subject,
-    `background_weight` elsewhere, in between where the mask is grey."""
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """[1, H, W] float32 in [0, 1] from a (cropped, resized) mask: 1 on the subject."""
     import torch  # here, not at the top: the dashboard reads `is_mask_file` and never imports torch
 
-    share = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+
+def weight_map(share: torch.Tensor, background_weight: float) -> torch.Tensor:
+    """[1, H, W] float32 per-pixel loss weights from a `mask_tensor`: 1 on the subject,
+    `background_weight` elsewhere, in between where the mask is grey."""
     return background_weight + (1.0 - background_weight) * share

@@ -30,6 +30,7 @@ Where each job lives:
   and the token to train (`add_trigger`);
 - `prior`: the class images (`resolve_prior`, `prepare_class_images`);
 - `loading`: `load_base`, the photo loader (`build_photo_loader`, `encode_batch`, ...) and `PhotoLoss`;
+- `attention_loss`: the trigger-attention loss on masked photos (`trigger_attention_loss` builds it);
 - `hooks`: `sample_validation` and `run_info`, called during and after training;
 - `validation`: the held-out photos (`holdout_share`) and `ValidationLoss` (`build_validation_loss`);
 - `weights`: `apply_run_weights` (with `AppliedWeights`, `RECIPES`), used once a run has weights.
@@ -62,6 +63,7 @@ from tune.personalize.loading import (
     load_base,
     resolve_resolution,
     sample_generators,
+    trigger_attention_loss,
     vae_dtype,
     with_components,
 )
@@ -121,6 +123,7 @@ __all__ = [
     "vae_dtype",
     "with_components",
     "sample_validation",
+    "trigger_attention_loss",
     "trigger_and_class",
     "validation_prompts",
     "without_trigger",

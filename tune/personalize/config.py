@@ -40,8 +40,14 @@ class PhotoOptions:
     white on the subject; tune.data.masks), against 1 on the subject; photos without a mask weigh all
     pixels 1, and 1 ignores the masks. The adapter then spends itself on the subject, not on the table
     it stands on."""
+    mask_attention_weight: float = 0.0
+    """Weight of the trigger-attention loss (tune.personalize.attention_loss, Break-A-Scene's): with masks,
+    the trigger word's cross-attention map is pulled onto the subject, so the subject's look goes to the
+    trigger and not to the class or background words; 0 turns it off."""
 
     def __post_init__(self) -> None:
+        if self.mask_attention_weight < 0:
+            raise ConfigError(f"data.mask_attention_weight must be >= 0; got {self.mask_attention_weight}")
         if not 0 <= self.mask_background_weight <= 1:
             raise ConfigError(
                 f"data.mask_background_weight must be in [0, 1]; got {self.mask_background_weight}"

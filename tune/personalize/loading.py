@@ -3,6 +3,7 @@ with cached VAE latents whenever the crop is deterministic; `PhotoLoss`, the los
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
     from tune.data.loader import Batch, PhotoDataset, PhotoLoader
     from tune.models.conditioning import TextEncoders
+    from tune.personalize.attention_loss import TriggerAttentionLoss
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ def build_photo_loader(
         cache_dir=options.cache_dir or None,
         num_workers=options.num_workers,
         mask_background_weight=options.mask_background_weight,
+        keep_masks=options.mask_attention_weight > 0,
         # Class images come at the model's native size, which may be below the loader's default minimum.
         min_side=min(DataConfig.min_side, resolution),
     )
@@ -226,7 +229,8 @@ class PhotoLoss:
     `unet` and `text_encoder` are the modules the training forward runs through (DDP wrappers or compiled
     where the recipe prepared them); `text_encoder` is SD1/SD2's encoder or a `TextEncoders`, which for
     SDXL also gives the U-Net the pooled text embeds and each image's `add_time_ids` (its own original
-    size and crop, class images included)."""
+    size and crop, class images included). `attention`: the trigger-attention loss, added to the denoising
+    loss when the batch has masked photos (None: off)."""
 
     unet: Any
     vae: torch.nn.Module
@@ -236,6 +240,7 @@ class PhotoLoss:
     seed: int
     dtype: torch.dtype
     prior_loss_weight: float = 1.0
+    attention: TriggerAttentionLoss | None = None
 
     def __call__(self, batch: Batch, micro_step: int) -> torch.Tensor:
         from tune.models.conditioning import add_time_ids, added_cond_kwargs
@@ -245,15 +250,33 @@ class PhotoLoss:
             batch, vae=self.vae, text_encoder=self.text_encoder, generator=generator, dtype=self.dtype
         )
         time_ids = add_time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_size)
-        return diffusion_step(
-            self.unet,
-            self.noise_scheduler,
-            latents,
-            hidden,
-            self.diffusion,
-            generator,
-            is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
-            prior_loss_weight=self.prior_loss_weight,
-            added_cond_kwargs=added_cond_kwargs(pooled, time_ids),
-            pixel_weights=batch.loss_weight,  # the photos' subject masks, when they have them
-        )
+        recording = self.attention.recording(batch) if self.attention else contextlib.nullcontext()
+        with recording as maps:
+            loss = diffusion_step(
+                self.unet,
+                self.noise_scheduler,
+                latents,
+                hidden,
+                self.diffusion,
+                generator,
+                is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
+                prior_loss_weight=self.prior_loss_weight,
+                added_cond_kwargs=added_cond_kwargs(pooled, time_ids),
+                pixel_weights=batch.loss_weight,  # the photos' subject masks, when they have them
+            )
+        if maps is not None:
+            assert self.attention is not None
+            loss = loss + self.attention(maps, batch, (latents.shape[-2], latents.shape[-1]))
+        return loss
+
+
+def trigger_attention_loss(
+    options: PhotoOptions, unet: torch.nn.Module, tokenizer: Any, trigger: str
+) -> TriggerAttentionLoss | None:
+    """The trigger-attention loss of `options.mask_attention_weight` (None when 0 or no trigger word).
+    `unet` is the plain module (not a DDP wrapper); `trigger` as the captions spell it."""
+    from tune.personalize.attention_loss import TriggerAttentionLoss
+
+    if not options.mask_attention_weight or not trigger.strip():
+        return None
+    return TriggerAttentionLoss(unet, tokenizer, trigger, options.mask_attention_weight)
