@@ -89,11 +89,15 @@ def grid_shape(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 class RecordingProcessor:
-    """Runs the original processor unchanged, then recomputes and records its softmax probabilities
-    (`grad`: with their graph, for a training loss on the maps; else under no_grad)."""
+    """Runs the original processor unchanged, then recomputes and records its softmax probabilities.
 
-    def __init__(self, original: Any, store: AttentionStore, name: str, grad: bool = False) -> None:
-        self.original, self.store, self.name, self.grad = original, store, name, grad
+    `training`: record only the forwards of training (the layer in train mode, grad on), with their graph,
+    for a loss on the maps; other calls (sampling, a validation loss) only run the original. Such a
+    processor stays in place through the backward pass, so that gradient checkpointing recomputes the
+    same operations it saved."""
+
+    def __init__(self, original: Any, store: AttentionStore, name: str, training: bool = False) -> None:
+        self.original, self.store, self.name, self.training = original, store, name, training
 
     def __call__(
         self,
@@ -104,7 +108,9 @@ class RecordingProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         out = self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+        if self.training and not (attn.training and torch.is_grad_enabled()):
+            return out
+        with torch.set_grad_enabled(self.training):
             # The part of diffusers' AttnProcessor that yields the probabilities (query/key projections;
             # attn2 in transformer blocks has no group norm, spatial norm or mask on this path).
             context = encoder_hidden_states
@@ -130,13 +136,12 @@ def swapped_processors(unet: torch.nn.Module, wrap: Callable[[str, Any], Any]) -
 
 
 @contextmanager
-def record_attention(unet: torch.nn.Module, grad: bool = False) -> Iterator[AttentionStore]:
-    """Record attn2 probabilities into the yielded store; the original processors are restored after.
-    `grad`: the recorded maps keep their graph (a training loss on them)."""
+def record_attention(unet: torch.nn.Module) -> Iterator[AttentionStore]:
+    """Record attn2 probabilities into the yielded store; the original processors are restored after."""
     store = AttentionStore()
 
     def wrap(name: str, proc: Any) -> Any:
-        return RecordingProcessor(proc, store, name, grad) if name.endswith("attn2.processor") else proc
+        return RecordingProcessor(proc, store, name) if name.endswith("attn2.processor") else proc
 
     with swapped_processors(unet, wrap):
         yield store

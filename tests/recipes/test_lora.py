@@ -372,15 +372,15 @@ def test_the_trigger_attention_loss_joins_the_denoising_loss(
     terms: list[float] = []
     real = TriggerAttentionLoss.__call__
 
-    def spy(self, store, batch, latent_hw):  # noqa: ANN001, ANN202 - TriggerAttentionLoss.__call__'s own
-        term = real(self, store, batch, latent_hw)
+    def spy(self, batch, latent_hw):  # noqa: ANN001, ANN202 - TriggerAttentionLoss.__call__'s own
+        term = real(self, batch, latent_hw)
         assert term.requires_grad  # it trains the adapters, not only reports
         terms.append(float(term.detach()) / self.weight)
         return term
 
     monkeypatch.setattr(TriggerAttentionLoss, "__call__", spy)
     masked = {**setup, "concept": masked_concept(tmp_path)}
-    extra = ("max_steps=2", "sample_every=0", "data.mask_attention_weight=0.5")
+    extra = ("max_steps=2", "sample_every=0", "data.mask_attention_weight=0.5", "gradient_checkpointing=true")
     recipe.main(config(masked, tmp_path / "a", *extra))
     assert len(terms) == 2 and all(0.0 < t < 1.0 for t in terms)  # an MSE of maps in [0, 1]
     recipe.main(config(masked, tmp_path / "b", "max_steps=2", "sample_every=0"))

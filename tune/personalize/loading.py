@@ -3,7 +3,6 @@ with cached VAE latents whenever the crop is deterministic; `PhotoLoss`, the los
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,23 +249,22 @@ class PhotoLoss:
             batch, vae=self.vae, text_encoder=self.text_encoder, generator=generator, dtype=self.dtype
         )
         time_ids = add_time_ids(batch.original_sizes, batch.crop_top_lefts, batch.target_size)
-        recording = self.attention.recording(batch) if self.attention else contextlib.nullcontext()
-        with recording as maps:
-            loss = diffusion_step(
-                self.unet,
-                self.noise_scheduler,
-                latents,
-                hidden,
-                self.diffusion,
-                generator,
-                is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
-                prior_loss_weight=self.prior_loss_weight,
-                added_cond_kwargs=added_cond_kwargs(pooled, time_ids),
-                pixel_weights=batch.loss_weight,  # the photos' subject masks, when they have them
-            )
-        if maps is not None:
+        maps = self.attention is not None and self.attention.start(batch)  # record the trigger's maps
+        loss = diffusion_step(
+            self.unet,
+            self.noise_scheduler,
+            latents,
+            hidden,
+            self.diffusion,
+            generator,
+            is_prior=batch.is_prior,  # all False without prior preservation: the plain mean
+            prior_loss_weight=self.prior_loss_weight,
+            added_cond_kwargs=added_cond_kwargs(pooled, time_ids),
+            pixel_weights=batch.loss_weight,  # the photos' subject masks, when they have them
+        )
+        if maps:
             assert self.attention is not None
-            loss = loss + self.attention(maps, batch, (latents.shape[-2], latents.shape[-1]))
+            loss = loss + self.attention(batch, (latents.shape[-2], latents.shape[-1]))
         return loss
 
 
