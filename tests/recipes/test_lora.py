@@ -4,6 +4,7 @@ exports that diffusers loads, exact resume, latent cache reuse, pivotal tuning, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -365,7 +366,7 @@ def test_the_photos_masks_weigh_the_loss(
 
 
 def test_the_trigger_attention_loss_joins_the_denoising_loss(
-    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tune.personalize.attention_loss import TriggerAttentionLoss
 
@@ -385,3 +386,6 @@ def test_the_trigger_attention_loss_joins_the_denoising_loss(
     assert len(terms) == 2 and all(0.0 < t < 1.0 for t in terms)  # an MSE of maps in [0, 1]
     recipe.main(config(masked, tmp_path / "b", "max_steps=2", "sample_every=0"))
     assert len(terms) == 2  # weight 0, the default: off
+    with caplog.at_level(logging.WARNING):
+        recipe.main(config(setup, tmp_path / "c", *extra))  # photos without masks
+    assert len(terms) == 2 and "no photo has a mask" in caplog.text

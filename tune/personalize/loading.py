@@ -140,6 +140,12 @@ def build_photo_loader(
         seed=seed,
     )
     remove_held_out(dataset, holdout)
+    if data_cfg.keep_masks and not any(r.mask for r in dataset.records):
+        log.warning(
+            "data.mask_attention_weight is %g but no photo has a mask (IMG-masklabel.png beside IMG.jpg): "
+            "the trigger-attention loss takes no part",
+            options.mask_attention_weight,
+        )
     device = accelerator.device
     if cache:
         photo_loader.cache_latents(dataset, pipe.vae, device=device, accelerator=accelerator)
