@@ -41,6 +41,7 @@ Generic training helpers (precision, step cadence, trackers, compile, checkpoint
 from __future__ import annotations
 
 from tune.paths import find_path  # re-exported: the recipes look concepts and photos up with it
+from tune.personalize.attention_loss import trigger_attention_loss
 from tune.personalize.config import (
     DEFAULT_BASE_MODEL,
     CompileMode,
@@ -63,7 +64,6 @@ from tune.personalize.loading import (
     load_base,
     resolve_resolution,
     sample_generators,
-    trigger_attention_loss,
     vae_dtype,
     with_components,
 )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tune.attention import AttentionStore, RecordingProcessor, prompt_tokens, word_token_positions
 from tune.data.batches import Batch
 from tune.errors import ConfigError
+from tune.personalize.config import PhotoOptions
 
 
 @dataclass
@@ -110,3 +111,13 @@ class TriggerAttentionLoss:
         if self._layers is None:  # later steps record only the layers the map is made of: less work
             self._layers = set(self.store.layers[self.store.resolution()])
         return self.weight * torch.stack(terms).mean()
+
+
+def trigger_attention_loss(
+    options: PhotoOptions, unet: torch.nn.Module, tokenizer: Any, trigger: str
+) -> TriggerAttentionLoss | None:
+    """The trigger-attention loss of `options.mask_attention_weight` (None when 0 or no trigger word).
+    `unet` is the plain module (not a DDP wrapper); `trigger` as the captions spell it."""
+    if not options.mask_attention_weight or not trigger.strip():
+        return None
+    return TriggerAttentionLoss(unet, tokenizer, trigger, options.mask_attention_weight)

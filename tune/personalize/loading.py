@@ -272,15 +272,3 @@ class PhotoLoss:
             assert self.attention is not None
             loss = loss + self.attention(batch, (latents.shape[-2], latents.shape[-1]))
         return loss
-
-
-def trigger_attention_loss(
-    options: PhotoOptions, unet: torch.nn.Module, tokenizer: Any, trigger: str
-) -> TriggerAttentionLoss | None:
-    """The trigger-attention loss of `options.mask_attention_weight` (None when 0 or no trigger word).
-    `unet` is the plain module (not a DDP wrapper); `trigger` as the captions spell it."""
-    from tune.personalize.attention_loss import TriggerAttentionLoss
-
-    if not options.mask_attention_weight or not trigger.strip():
-        return None
-    return TriggerAttentionLoss(unet, tokenizer, trigger, options.mask_attention_weight)
