@@ -389,3 +389,25 @@ def test_the_trigger_attention_loss_joins_the_denoising_loss(
     with caplog.at_level(logging.WARNING):
         recipe.main(config(setup, tmp_path / "c", *extra))  # photos without masks
     assert len(terms) == 2 and "no photo has a mask" in caplog.text
+
+
+def test_caption_dropout_trains_some_samples_with_the_empty_caption(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.personalize import loading as photo_loading
+
+    captions: list[str] = []
+    real = photo_loading.encode_batch
+
+    def spy(batch, **kwargs):  # noqa: ANN001, ANN003, ANN202 - encode_batch's own signature
+        captions.extend(batch.captions)
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(photo_loading, "encode_batch", spy)
+    recipe.main(config(setup, tmp_path / "a", "max_steps=8", "sample_every=0", "data.caption_dropout=0.5"))
+    assert "" in captions and any("sks" in c for c in captions)  # both branches of guidance trained
+    captions.clear()
+    recipe.main(config(setup, tmp_path / "b", "max_steps=8", "sample_every=0"))
+    assert captions and "" not in captions  # 0, the default: every sample keeps its caption
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        config(setup, tmp_path / "c", "data.caption_dropout=1")

@@ -44,8 +44,14 @@ class PhotoOptions:
     """Weight of the trigger-attention loss (tune.personalize.attention_loss, Break-A-Scene's): with masks,
     the trigger word's cross-attention map is pulled onto the subject, so the subject's look goes to the
     trigger and not to the class or background words; 0 turns it off."""
+    caption_dropout: float = 0.0
+    """Share of samples (photos and class images alike) trained with the empty caption, as classifier-free
+    guidance's unconditional branch: the unconditional prediction learns the subject too, so guidance
+    pushes less far past the photos' colours."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1); got {self.caption_dropout}")
         if self.mask_attention_weight < 0:
             raise ConfigError(f"data.mask_attention_weight must be >= 0; got {self.mask_attention_weight}")
         if not 0 <= self.mask_background_weight <= 1:

@@ -128,6 +128,7 @@ def build_photo_loader(
         num_workers=options.num_workers,
         mask_background_weight=options.mask_background_weight,
         keep_masks=options.mask_attention_weight > 0,
+        caption_dropout=options.caption_dropout,
         # Class images come at the model's native size, which may be below the loader's default minimum.
         min_side=min(DataConfig.min_side, resolution),
     )
