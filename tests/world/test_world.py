@@ -12,6 +12,7 @@ from PIL import Image
 from tune import PROJECT_ROOT
 from tune.cli import main as tune_main
 from tune.data.config import DataConfig
+from tune.data.loader import build_dataset
 from tune.errors import DataError
 from tune.world.captions import (
     RESERVED_WORDS,
@@ -26,6 +27,7 @@ from tune.world.dataset import make_eval_prompts, sample, write_imagefolder
 from tune.world.render import object_mask, render
 from tune.world.spec import (
     CLASSES,
+    COLORS,
     HELDOUT_LOOKS,
     HELDOUT_PAIRS,
     PALETTE,
@@ -170,6 +172,40 @@ def test_imagefolder_is_deterministic_and_refuses_a_full_folder(tmp_path) -> Non
         write_imagefolder(out, 2)
 
 
+def test_world_masks_cover_the_object_and_the_loader_reads_them(tmp_path) -> None:
+    out = write_imagefolder(tmp_path / "w", 8, seed=2, masks=True)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["mask_file_name"] for r in rows] == [f"masks/{r['file_name']}" for r in rows]
+    for i, row in enumerate(rows):
+        item = sample(i, "train", 2)
+        mask = np.asarray(Image.open(out / row["mask_file_name"])) > 127
+        assert np.array_equal(mask, object_mask(item.spec, rng_before_render(i, 2)))
+        assert mask.any() and not mask.all()
+        if (
+            item.spec.style == "photo" and item.spec.background in COLORS
+        ):  # plain ground: the object stands out
+            pixels = np.asarray(item.image, np.float64)
+            ground = np.median(pixels[~mask], axis=0)
+            far = np.linalg.norm(pixels - ground, axis=-1) > 40
+            assert far[mask].mean() > 0.6 and far[~mask].mean() < 0.1
+    keep = DataConfig(resolution=64, bucketing=False, caption_column="captions", keep_masks=True)
+    dataset = build_dataset(out, keep)
+    for i, record in enumerate(dataset.records):
+        kept = dataset[i]["subject_mask"][0].numpy() > 0.5
+        assert record.mask is not None and np.array_equal(kept, np.asarray(Image.open(record.mask)) > 127)
+    plain = build_dataset(
+        write_imagefolder(tmp_path / "p", 2, seed=2), DataConfig(resolution=64, keep_masks=True)
+    )
+    assert "subject_mask" not in plain[0]
+
+
+def rng_before_render(index: int, seed: int) -> np.random.Generator:
+    """The generator of sample `index` in the state `render` receives it (after the spec's draws)."""
+    rng = np.random.default_rng([seed, index, 0])
+    sample_spec(rng, "train")
+    return rng
+
+
 def test_cli_writes_a_world_folder(tmp_path, capsys) -> None:
     assert tune_main(["data", "world", str(tmp_path / "w"), "--count", "3", "--workers", "1"]) == 0
     assert len(list((tmp_path / "w").glob("*.png"))) == 3
@@ -206,3 +242,4 @@ def test_the_shipped_subject_photos_and_their_captions_are_write_photos_output(
         assert record.has_caption and record.caption.startswith(concept.instance_caption + " on ")
         assert background in record.caption
     assert scan.sidecars_ignored == 0
+

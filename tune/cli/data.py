@@ -2,6 +2,7 @@
 
     tune data check PATH [--resolution N] [--min-side N]
     tune data world OUT_DIR [--count N] [--split train|heldout|all] [--resolution N] [--seed S] [--workers N]
+                    [--masks]
 
 check prints the usable image count, every skipped file with its reason, caption coverage and the
 bucket histogram (`tune.data.check`); exit code 0 when at least one image is usable, else 2 with one
@@ -87,13 +88,27 @@ def configure_world(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="render processes (default: 2)"
     )
+    parser.add_argument(
+        "--masks",
+        action="store_true",
+        help="also write each object's mask (masks/, the mask_file_name column): the unet recipe's "
+        "attention loss needs them",
+    )
 
 
 def run_world(args: argparse.Namespace) -> int:
     from tune.world.dataset import write_imagefolder
 
     out = write_imagefolder(
-        args.out_dir, args.count, args.split, args.seed, args.resolution, workers=args.workers, progress=True
+        args.out_dir,
+        args.count,
+        args.split,
+        args.seed,
+        args.resolution,
+        workers=args.workers,
+        progress=True,
+        masks=args.masks,
     )
-    print(f"wrote {args.count} {args.split} images ({args.resolution}px, seed {args.seed}) to {out}")
+    masks = " and their masks" if args.masks else ""
+    print(f"wrote {args.count} {args.split} images{masks} ({args.resolution}px, seed {args.seed}) to {out}")
     return 0

@@ -51,6 +51,9 @@ class DataConfig:
     """Image column of a `datasets` dataset or metadata.jsonl folder."""
     caption_column: str = "text"
     """Caption column of a `datasets` dataset or metadata.jsonl folder."""
+    mask_column: str = "mask"
+    """Subject-mask column of a `datasets` dataset or metadata.jsonl folder (an imagefolder's
+    `mask_file_name`, as `tune data world --masks` writes), read when the table has it."""
     split: str = "train"
     """Split to use from a dataset with several."""
     cache_latents: bool = False

@@ -253,6 +253,9 @@ def scan_table(
             "set data.caption_column or give an instance prompt"
         )
     keep = [cfg.image_column] + ([cfg.caption_column] if instance_prompt is None else [])
+    masks: list[str | None] = [None] * len(table)
+    if cfg.mask_column in columns and cfg.mask_column not in keep:
+        masks = _mask_paths(table, cfg.mask_column, label)
     table = table.select_columns(keep).rename_column(cfg.image_column, "__tune_image__")
     if isinstance(table.features["__tune_image__"], datasets.Image):
         # Undecoded cells ({"bytes", "path"}) let us report a bad image instead of crashing on it.
@@ -261,13 +264,15 @@ def scan_table(
     captions = list(table[cfg.caption_column]) if instance_prompt is None else [None] * len(table)
     infos = _probe_all([lambda v=v: _bytes_of(v) for v in cells], cfg)
     result = ScanResult(label=label, tables=[table])
-    for row, (cell, caption, info) in enumerate(zip(cells, captions, infos, strict=True)):
+    for row, (cell, caption, info, mask) in enumerate(zip(cells, captions, infos, masks, strict=True)):
         path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
         in_table = not (isinstance(cell, str) or (isinstance(cell, dict) and not cell.get("bytes")))
         name = f"{label}[{row}]" if in_table else str(path)
         if isinstance(info, BadImage):
             result.skipped.append(SkippedFile(name, info.reason, info.detail))
             continue
+        if mask is not None:
+            check_mask(mask, (info.width, info.height))
         alternatives: tuple[str, ...] = ()
         if isinstance(caption, (list, tuple)):  # several captions: one is drawn per step
             texts = [" ".join(str(c).split()) for c in caption]
@@ -291,9 +296,29 @@ def scan_table(
                 row=row if in_table else None,
                 is_prior=is_prior,
                 alt_captions=alternatives if instance_prompt is None else (),
+                mask=mask,
             )
         )
     return result
+
+
+def _mask_paths(table: datasets.Dataset, column: str, label: str) -> list[str | None]:
+    """Each row's subject-mask file (None for an empty cell): masks are files, as an imagefolder's
+    `mask_file_name` column gives them, never bytes inside the table."""
+    import datasets
+
+    if isinstance(table.features[column], datasets.Image):
+        table = table.cast_column(column, datasets.Image(decode=False))
+    paths: list[str | None] = []
+    for row, cell in enumerate(table[column]):
+        path = cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else cell
+        if path is not None and not isinstance(path, str):
+            raise DataError(
+                f"{label}[{row}]: the {column!r} column holds image bytes; masks must be files "
+                "(an imagefolder's mask_file_name), or set data.mask_column to another name"
+            )
+        paths.append(path or None)
+    return paths
 
 
 def _datasets_cache(cache_dir: Path) -> str:

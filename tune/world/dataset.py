@@ -25,10 +25,14 @@ from tqdm import tqdm
 
 from tune.errors import ConfigError, DataError
 from tune.world.captions import caption, madeup_words, training_captions
-from tune.world.render import render
+from tune.world.render import object_mask, render
 from tune.world.spec import CLASSES, SPLITS, STYLES, Spec, Split, check_split, sample_spec
 
 logger = logging.getLogger(__name__)
+
+
+MASK_FOLDER = "masks"
+"""Where `write_imagefolder(..., masks=True)` puts the objects' masks, under the same file names."""
 
 
 class Sample(NamedTuple):
@@ -49,12 +53,24 @@ def _words() -> tuple[str, ...]:
     return madeup_words()
 
 
+def _rng(index: int, split: Split, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, SPLITS.index(split)])
+
+
 def sample(index: int, split: Split = "train", seed: int = 0, resolution: int = 64) -> Sample:
     """Sample `index` of the stream (split, seed): a spec, its picture and its training captions."""
-    rng = np.random.default_rng([seed, index, SPLITS.index(split)])
+    rng = _rng(index, split, seed)
     spec = sample_spec(rng, split)
     image = render(spec, rng, resolution, resolution)
     return Sample(image, spec, training_captions(spec, rng, _words()))
+
+
+def sample_mask(index: int, split: Split = "train", seed: int = 0, resolution: int = 64) -> Image.Image:
+    """Where the object of `sample(index, ...)` is: white on the object (a `tune.data.masks` mask)."""
+    rng = _rng(index, split, seed)
+    spec = sample_spec(rng, split)  # the same draws as `sample`, up to the picture's
+    mask = object_mask(spec, rng, resolution, resolution)
+    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
 
 
 def stream(
@@ -77,11 +93,15 @@ def metadata_row(file_name: str, item: Sample) -> dict:
     }
 
 
-def _write_one(job: tuple[int, str, str, int, int, str]) -> str:
-    index, out, split, seed, resolution, file_name = job
+def _write_one(job: tuple[int, str, str, int, int, str, bool]) -> str:
+    index, out, split, seed, resolution, file_name, masks = job
     item = sample(index, split, seed, resolution)  # type: ignore[arg-type]
     item.image.save(Path(out) / file_name, format="PNG")
-    return json.dumps(metadata_row(file_name, item))
+    row = metadata_row(file_name, item)
+    if masks:  # an imagefolder's *_file_name column: datasets reads it as the image column "mask"
+        row["mask_file_name"] = f"{MASK_FOLDER}/{file_name}"
+        sample_mask(index, split, seed, resolution).save(Path(out) / MASK_FOLDER / file_name, format="PNG")  # type: ignore[arg-type]
+    return json.dumps(row)
 
 
 def write_imagefolder(
@@ -93,9 +113,12 @@ def write_imagefolder(
     *,
     workers: int = 1,
     progress: bool = False,
+    masks: bool = False,
 ) -> Path:
     """Write `count` PNGs and metadata.jsonl into a new or empty folder (metadata last: a folder without
-    it is visibly unfinished). `workers` processes render in parallel; the files do not depend on it."""
+    it is visibly unfinished). `workers` processes render in parallel; the files do not depend on it.
+    `masks`: also each object's mask (`masks/<file name>`, the metadata's `mask_file_name`), which the
+    shared loader reads as the image's subject mask (for the unet recipe's attention loss)."""
     check_split(split)
     if count <= 0:
         raise ConfigError(f"count must be > 0; got {count}")
@@ -107,8 +130,10 @@ def write_imagefolder(
     if out.is_dir() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not empty; choose a new folder or empty it first")
     out.mkdir(parents=True, exist_ok=True)
+    if masks:
+        (out / MASK_FOLDER).mkdir()
     digits = max(6, len(str(count - 1)))
-    jobs = [(i, str(out), split, seed, resolution, f"{i:0{digits}d}.png") for i in range(count)]
+    jobs = [(i, str(out), split, seed, resolution, f"{i:0{digits}d}.png", masks) for i in range(count)]
     bar = tqdm(total=count, desc=f"world {split}", unit="img", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
