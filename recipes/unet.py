@@ -8,7 +8,10 @@ the frozen text encoder). The U-Net keeps SD1.5's module topology at small width
 cached latents; each step draws one of an image's training captions (canonical, partial, paraphrased,
 with a made-up word) and encodes it with the frozen text tower (cheap beside the U-Net); caption
 dropout for classifier-free guidance, v-prediction with min-SNR weighting and an EMA of the weights:
-the EMA weights are sampled, exported and evaluated.
+the EMA weights are sampled, exported and evaluated. With `attention_weight` (and world data written with
+`--masks`), Break-A-Scene's attention loss (tune.world.attention_loss) keeps each caption's object noun
+looking at the object and its background words looking elsewhere: the maps `tune sample --attention`
+draws and prompt-to-prompt editing reuses.
 
 Writes `export/pipeline/` (a complete StableDiffusionPipeline folder with a DDIM scheduler, loadable
 by plain diffusers) and `eval/unet.json`: the world judge's reading of images drawn from canonical
@@ -53,7 +56,8 @@ from tune.training import (
     start_run,
     use_final_weights,
 )
-from tune.world.dataset import make_eval_prompts
+from tune.world.attention_loss import world_attention_loss
+from tune.world.dataset import MASK_FOLDER, make_eval_prompts
 from tune.world.scoring import evaluate_generation, judge_prompts, try_load_judge
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,10 @@ class Config(TrainConfig):
     logit_normal_until: float = 0.0
     """Share of max_steps that draws timesteps from diffusion.timesteps' density before switching to
     uniform (0: the density for the whole run)."""
+    attention_weight: float = 0.0
+    """Weight of the attention loss (tune.world.attention_loss): the class noun's cross-attention pulled
+    onto the object, the background's words off it. Needs world data with masks (`tune data world
+    --masks`); 0 is off."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +149,8 @@ class Config(TrainConfig):
         check_at_least(self, _NON_NEGATIVE, 0)
         if not (0 <= self.caption_dropout < 1 and 0 < self.ema_decay < 1 and self.ema_power > 0):
             raise ConfigError("need 0 <= caption_dropout < 1, 0 < ema_decay < 1 and ema_power > 0")
+        if self.attention_weight < 0:
+            raise ConfigError(f"attention_weight must be >= 0; got {self.attention_weight}")
         if not (self.sample_prompts and self.sample_seeds):
             raise ConfigError("sample_prompts and sample_seeds need at least one entry each")
         groups, heads = self.unet_norm_num_groups, self.unet_attention_heads
@@ -178,6 +188,11 @@ def check_inputs(cfg: Config) -> None:
         raise DataError(
             f"no world data at {cfg.data_dir}; write it with "
             f"`tune data world {cfg.data_dir} --count 30000 --split train{res}` or set data_dir=PATH"
+        )
+    if cfg.attention_weight and not (Path(cfg.data_dir) / MASK_FOLDER).is_dir():
+        raise DataError(
+            f"attention_weight is {cfg.attention_weight:g} but {cfg.data_dir} has no masks; write the data "
+            f"with `tune data world DIR --masks` (or set attention_weight=0)"
         )
 
 
@@ -232,6 +247,7 @@ def main(cfg: Config) -> RunDir:
         caption_dropout=cfg.caption_dropout,
         caption_column="captions",  # a list per image: one is drawn each step
         cache_latents=True,
+        keep_masks=cfg.attention_weight > 0,  # the objects' masks, for the attention loss
     )
     t0 = time.perf_counter()
     dataset = build_dataset(cfg.data_dir, data_cfg, seed=cfg.seed)
@@ -251,6 +267,11 @@ def main(cfg: Config) -> RunDir:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     step = resume_from_checkpoint(accelerator, run, cfg.resume)
+    attention = (
+        world_attention_loss(accelerator.unwrap_model(unet), tokenizer, cfg.attention_weight)
+        if cfg.attention_weight
+        else None
+    )
     run.update_info(vae=cfg.vae, clip=cfg.clip, unet_params=n_params, max_steps=cfg.max_steps)
 
     def validate(step: int) -> None:
@@ -285,9 +306,13 @@ def main(cfg: Config) -> RunDir:
             diffusion = cfg.diffusion
             if step >= cfg.logit_normal_until * cfg.max_steps > 0:
                 diffusion = dataclasses.replace(diffusion, timesteps="uniform")
+            maps = attention is not None and attention.start(batch)  # record the maps of this forward
             loss = diffusion_step(
                 unet, noise_scheduler, batch.latents, encoder_hidden_states, diffusion, generator
             )
+            if maps:
+                assert attention is not None
+                loss = loss + attention(batch, tuple(batch.latents.shape[-2:]))
             accelerator.backward(loss)
             applied = nonfinite.check(loss)  # a NaN/inf loss skips the update (its gradients are dropped)
             if applied:
@@ -314,6 +339,8 @@ def main(cfg: Config) -> RunDir:
                 break
             last = time.perf_counter()
     bar.close()
+    if attention is not None:
+        attention.close()  # the U-Net's own processors, for sampling and export
     use_final_weights(accelerator)  # a schedule-free optimizer's averaged weights are the trained ones
     train_time_s = time.perf_counter() - started
     if not accelerator.is_main_process:  # the main process exports and evaluates alone

@@ -36,7 +36,8 @@ def test_only_masked_photos_whose_caption_has_the_trigger_take_part(tiny_pipe) -
         is_prior=[False, False, False, False, True],  # the last: a class image
         size=32,
     )
-    [(index, positions)] = loss.samples(batch)
+    [(index, [(positions, on_subject)])] = loss.samples(batch)
+    assert on_subject
     assert index == 0 and [tiny_pipe.tokenizer.convert_ids_to_tokens(
         tiny_pipe.tokenizer(CAPTION).input_ids)[p] for p in positions] == tiny_pipe.tokenizer.tokenize("sks")  # fmt: skip
     assert not loss.start(batch_of([CAPTION], [False], [False], 32))  # nothing to compare
@@ -59,7 +60,7 @@ def test_the_loss_pulls_the_trigger_map_onto_the_subject(tiny_pipe) -> None:  # 
     side = unet.config.sample_size
     latent_hw = (side, side)
     batch = batch_of([CAPTION], [True], [False], side * 8)
-    [(_, positions)] = loss_fn.samples(batch)
+    [(_, [(positions, _)])] = loss_fn.samples(batch)
     ids = tokenizer(
         [CAPTION], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     )

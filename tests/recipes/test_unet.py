@@ -236,3 +236,36 @@ def test_init_unet_starts_from_a_unet_and_new_attention_starts_as_identity(
     narrow = dict(trained.config, block_out_channels=[16, 16, 32, 32])
     with pytest.raises(ModelError, match="do not fit this U-Net"):
         init_unet_from(UNet2DConditionModel.from_config(narrow), folder)
+
+
+def test_attention_weight_adds_the_world_attention_loss_and_needs_masks(
+    inputs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tune.attention_loss import WordAttentionLoss
+
+    with pytest.raises(DataError, match="has no masks; write the data with `tune data world DIR --masks`"):
+        recipe.main(tiny_config(inputs, tmp_path / "nomasks", "attention_weight=1.0"))
+    assert not (tmp_path / "nomasks").exists()
+
+    masked = write_imagefolder(tmp_path / "world", count=12, split="train", resolution=32, seed=0, masks=True)
+    calls: list[float] = []
+    real = WordAttentionLoss.__call__
+
+    def spy(self, batch, latent_hw):  # noqa: ANN001, ANN202 - WordAttentionLoss.__call__'s own
+        loss = real(self, batch, latent_hw)
+        calls.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(WordAttentionLoss, "__call__", spy)
+    plain = recipe.main(tiny_config({**inputs, "data_dir": str(masked)}, tmp_path / "plain")).path
+    assert calls == []  # off by default, even with masks
+    run = recipe.main(
+        tiny_config({**inputs, "data_dir": str(masked)}, tmp_path / "att", "attention_weight=1.0")
+    ).path
+    assert len(calls) == 4 and all(0 < c < 1 for c in calls)  # every step: each batch names an object
+    with_loss, without = losses(run), losses(plain)
+    assert all(with_loss[s] > without[s] for s in (1, 2, 3, 4))  # the same draws, plus the maps' term
+    pipe = StableDiffusionPipeline.from_pretrained(run / "export" / "pipeline")
+    assert all(type(p).__name__ != "RecordingProcessor" for p in pipe.unet.attn_processors.values())
+    with pytest.raises(ConfigError, match="attention_weight must be >= 0"):
+        tiny_config(inputs, tmp_path / "neg", "attention_weight=-1")

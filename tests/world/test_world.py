@@ -243,3 +243,30 @@ def test_the_shipped_subject_photos_and_their_captions_are_write_photos_output(
         assert background in record.caption
     assert scan.sidecars_ignored == 0
 
+
+def test_attention_targets_are_the_object_noun_and_the_background_words(tiny_pipe) -> None:  # noqa: ANN001
+    from tune.attention import prompt_tokens
+    from tune.world.attention_loss import world_targets
+
+    tokenizer = tiny_pipe.tokenizer
+
+    def words(caption: str) -> list[tuple[list[str], bool]]:
+        """Each target's words (BPE pieces joined back) and its side of the mask."""
+        tokens = prompt_tokens(caption, tokenizer)
+        return [
+            ("".join(tokens[p] for p in positions).replace("</w>", " ").split(), on)
+            for positions, on in world_targets(caption, tokenizer)
+        ]
+
+    assert words("a photo of a large red ball on a blue background") == [
+        (["ball"], True),
+        (["blue", "background"], False),
+    ]
+    assert words("a red ball on a red background") == [(["ball"], True), (["red", "background"], False)]
+    assert words("pixel art of a small person with green hair in a pink shirt on a wooden table") == [
+        (["person"], True),
+        (["wooden", "table"], False),
+    ]
+    assert words("a photo of qlv toy on grass") == [(["toy"], True), (["grass"], False)]
+    assert words("a drawing of a cone") == [(["cone"], True)]
+    assert words("") == [] and words("a photo") == []
