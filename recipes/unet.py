@@ -184,7 +184,9 @@ def check_inputs(cfg: Config) -> None:
     if cfg.init_unet:
         unet_weight_files(cfg.init_unet)
     if not Path(cfg.data_dir).is_dir():
-        res = "" if cfg.resolution == 64 else f" --resolution {cfg.resolution}"
+        res = ("" if cfg.resolution == 64 else f" --resolution {cfg.resolution}") + (
+            " --masks" if cfg.attention_weight else ""
+        )
         raise DataError(
             f"no world data at {cfg.data_dir}; write it with "
             f"`tune data world {cfg.data_dir} --count 30000 --split train{res}` or set data_dir=PATH"
