@@ -270,3 +270,30 @@ def test_attention_targets_are_the_object_noun_and_the_background_words(tiny_pip
     assert words("a photo of qlv toy on grass") == [(["toy"], True), (["grass"], False)]
     assert words("a drawing of a cone") == [(["cone"], True)]
     assert words("") == [] and words("a photo") == []
+
+
+def test_a_mask_column_that_holds_no_mask_files_is_not_read_as_masks(tmp_path, caplog) -> None:
+    """A table's "mask" column of image bytes or labels (a segmentation dataset's, say) trains as before,
+    without masks, and says so."""
+    import io
+
+    import datasets
+
+    def png(mode: str, colour) -> dict:  # noqa: ANN001
+        buffer = io.BytesIO()
+        Image.new(mode, (64, 64), colour).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    images = [png("RGB", (200, 0, 0)), png("RGB", (0, 200, 0))]
+    cfg = DataConfig(resolution=64, bucketing=False, keep_masks=True)
+    for name, masks in (("bytes", [png("L", 255)] * 2), ("labels", ["cat", "dog"])):
+        table = datasets.Dataset.from_dict({"image": images, "text": ["a", "b"], "mask": masks})
+        table = table.cast_column("image", datasets.Image())
+        if name == "bytes":
+            table = table.cast_column("mask", datasets.Image())
+        table.save_to_disk(tmp_path / name)
+        with caplog.at_level("WARNING"):
+            dataset = build_dataset(tmp_path / name, cfg)
+        assert len(dataset) == 2 and all(r.mask is None for r in dataset.records)
+        assert "subject_mask" not in dataset[0] and "without masks" in caplog.text
+        caplog.clear()

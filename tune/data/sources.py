@@ -303,21 +303,31 @@ def scan_table(
 
 
 def _mask_paths(table: datasets.Dataset, column: str, label: str) -> list[str | None]:
-    """Each row's subject-mask file (None for an empty cell): masks are files, as an imagefolder's
-    `mask_file_name` column gives them, never bytes inside the table."""
+    """Each row's subject-mask file (None for an empty cell). Masks are read from files, as an imagefolder's
+    `mask_file_name` column gives them; a column of anything else (image bytes inside the table, labels) is
+    not read as masks, with a warning, and the rows train without one."""
     import datasets
 
     if isinstance(table.features[column], datasets.Image):
         table = table.cast_column(column, datasets.Image(decode=False))
     paths: list[str | None] = []
-    for row, cell in enumerate(table[column]):
+    for cell in table[column]:
         path = cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else cell
         if path is not None and not isinstance(path, str):
-            raise DataError(
-                f"{label}[{row}]: the {column!r} column holds image bytes; masks must be files "
-                "(an imagefolder's mask_file_name), or set data.mask_column to another name"
+            logger.warning(
+                "%s: the %r column does not hold mask files (an imagefolder's mask_file_name); its rows train "
+                "without masks (set data.mask_column to the column that names them)",
+                label,
+                column,
             )
+            return [None] * len(table)
         paths.append(path or None)
+    named = [p for p in paths if p is not None]
+    if named and not any(os.path.isfile(p) for p in named):
+        logger.warning(
+            "%s: the %r column names no file that exists; its rows train without masks", label, column
+        )
+        return [None] * len(table)
     return paths
 
 
