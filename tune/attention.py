@@ -173,16 +173,18 @@ def prompt_tokens(prompt: str, tokenizer: Any) -> tuple[str, ...]:
     return tuple(tokenizer.convert_ids_to_tokens(ids.input_ids))
 
 
+def token_starts(tokens: tuple[str, ...], pieces: list[str]) -> list[int]:
+    """Where each occurrence of the token sequence `pieces` starts in `tokens` ([] for no pieces)."""
+    n = len(pieces)
+    if not n:
+        return []
+    return [start for start in range(len(tokens) - n + 1) if list(tokens[start : start + n]) == pieces]
+
+
 def word_token_positions(tokens: tuple[str, ...], word: str, tokenizer: Any) -> list[int]:
     """Positions of every occurrence of `word`'s BPE pieces in `tokens`; ConfigError when absent."""
     pieces = tokenizer.tokenize(word)
-    n = len(pieces)
-    found = [
-        p
-        for start in range(len(tokens) - n + 1)
-        if list(tokens[start : start + n]) == pieces
-        for p in range(start, start + n)
-    ]
+    found = [p for start in token_starts(tokens, pieces) for p in range(start, start + len(pieces))]
     if not pieces or not found:
         words = " ".join(t.removesuffix("</w>") for t in tokens[1:] if not t.startswith("<|"))
         raise ConfigError(f"word {word!r} is not in the prompt (its words: {words})")

@@ -14,20 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tune.attention import prompt_tokens
+from tune.attention import prompt_tokens, token_starts
 from tune.attention_loss import Target, WordAttentionLoss
 from tune.world.captions import background_phrase, parse
 
 _FILLER = {"on", "a", "an"}
-
-
-def _find(tokens: tuple[str, ...], pieces: list[str]) -> int | None:
-    """Where the token sequence `pieces` first starts in `tokens`."""
-    n = len(pieces)
-    for start in range(len(tokens) - n + 1):
-        if list(tokens[start : start + n]) == pieces:
-            return start
-    return None
 
 
 def world_targets(caption: str, tokenizer: Any) -> list[Target]:
@@ -38,16 +29,15 @@ def world_targets(caption: str, tokenizer: Any) -> list[Target]:
     targets: list[Target] = []
     if "background" in attributes:
         pieces = tokenizer.tokenize(background_phrase(attributes["background"]))
-        start = _find(tokens, pieces)
-        if start is not None:
+        for start in token_starts(tokens, pieces)[:1]:
             keep = [start + k for k, p in enumerate(pieces) if p.removesuffix("</w>") not in _FILLER]
             targets.append((keep, False))
     if "cls" in attributes:
         taken = {p for positions, _ in targets for p in positions}
         pieces = tokenizer.tokenize(attributes["cls"])
-        for start in range(len(tokens) - len(pieces) + 1):  # the noun's first place outside the background
+        for start in token_starts(tokens, pieces):  # the noun's first place outside the background
             span = list(range(start, start + len(pieces)))
-            if list(tokens[start : start + len(pieces)]) == pieces and not taken & set(span):
+            if not taken & set(span):
                 targets.insert(0, (span, True))
                 break
     return targets
