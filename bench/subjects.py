@@ -2,12 +2,14 @@
 
     python bench/subjects.py [--subjects yellow-cup blue-cone red-ball] [--recipes lora dreambooth]
         [--photos 8] [--suites backgrounds] [--jobs 2] [--name NAME] [--keep DIR] [--collect DIR]
+        [--set KEY=VALUE ...]
 
 For each subject of `tune.world.subjects.SUBJECTS` named (by default the three besides the shipped
 sks-toy and w-person: a yellow cup with purple spots, a blue and orange striped cone, a red ball with
 white spots, each a look held out of the base), the script renders `--photos` photos with their caption
 sidecars and a concept folder like the shipped ones (concept.toml: the subject's token and class word,
-prior preservation on), runs each recipe with `--config default` on it and `tune eval --suite S
+prior preservation on), runs each recipe with `--config default` (and `--set`'s values, as `tune run`
+takes them: `--set prior.guidance=3.0`) on it and `tune eval --suite S
 --checkpoints last` for each suite, `--jobs` runs at a time, each on one torch thread. It prints one row
 per subject, recipe and suite (subject found, background right, style right, the subject without the
 trigger for the drift suite, training seconds) and
@@ -75,20 +77,25 @@ def write_concept(name: str, folder: Path, photos: int) -> Path:
     return concept
 
 
-def run_one(concept: Path, recipe: str, suites: list[str], runs: Path, log: Path) -> list[dict[str, Any]]:
-    """Train `recipe` with its default config on `concept`, evaluate each suite; one row per suite."""
+def run_one(
+    concept: Path, recipe: str, suites: list[str], runs: Path, log: Path, settings: list[str]
+) -> list[dict[str, Any]]:
+    """Train `recipe` with its default config (and `settings`, KEY=VALUE) on `concept`, evaluate each suite;
+    one row per suite."""
     out = runs / f"{concept.name}-{recipe}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     tune = [sys.executable, "-m", "tune.cli"]
     with log.open("w") as f:
         start = time.time()
         command = [*tune, "run", recipe, "--config", "default", f"concept={concept}", f"output_dir={out}"]
+        command += settings
         subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
         train_s = time.time() - start
         for suite in suites:
             command = [*tune, "eval", str(out), "--suite", suite, "--checkpoints", "last"]
             subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
-    return rows_of(out, concept.name, recipe, suites, round(train_s, 1))
+    rows = rows_of(out, concept.name, recipe, suites, round(train_s, 1))
+    return [{**row, "settings": settings} for row in rows]
 
 
 def rows_of(
@@ -133,7 +140,7 @@ def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         jobs = [(c, r) for r in args.recipes for c in concepts]
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [
-                pool.submit(run_one, c, r, args.suites, work / "runs", work / f"{c.name}-{r}.log")
+                pool.submit(run_one, c, r, args.suites, work / "runs", work / f"{c.name}-{r}.log", args.set)
                 for c, r in jobs
             ]
             for (c, r), future in zip(jobs, futures, strict=True):
@@ -171,7 +178,16 @@ def main() -> None:
         type=Path,
         help="train nothing: read the rows from the runs an earlier --keep DIR holds (no training seconds)",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="values over the default config, as tune run takes them (prior.guidance=3.0)",
+    )
     args = parser.parse_args()
+    if bad := [v for v in args.set if "=" not in v]:
+        parser.error(f"--set takes KEY=VALUE; got {bad[0]!r}")
 
     rows = collect(args.collect, args) if args.collect else train_all(args)
     print(f"{'subject':<12} {'recipe':<18} {'suite':<12}  found  background   style  drift  train s")
