@@ -163,7 +163,9 @@ def main(cfg: Config) -> RunDir:
     text_model = TextEncoders.of(pipe, *text_models)
     unet_model = compiled(unet, cfg.compile, cfg.compile_mode)
     # masks: the token's attention pulled onto the subject (data.mask_attention_weight)
-    attention = p.trigger_attention_loss(cfg.data, unet, pipe.tokenizer, new_tokens.expand(subject.token))
+    attention = p.trigger_attention_loss(
+        cfg.data, unet, pipe.tokenizer, new_tokens.expand(subject.token), compiled=cfg.compile
+    )
     photo_loss = p.PhotoLoss(
         unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, attention=attention
     )

@@ -40,16 +40,23 @@ class WordAttentionLoss:
     recording processors on the U-Net's attn2 layers (after the first recorded step, only on the layers
     the map is made of); they record training forwards only and otherwise run the original, so they stay
     for the run (through each backward pass, which gradient checkpointing needs); `close()` puts the
-    originals back."""
+    originals back. `narrow=False` puts them on every attn2 layer at once and keeps them there: a forward
+    compiled without guards on module attributes (`tune.training.compiled`) would go on running the
+    processors it was traced with."""
 
     unet: torch.nn.Module
     tokenizer: Any
     targets: Callable[[str], list[Target]]
     weight: float
+    narrow: bool = True
     store: AttentionStore = field(default_factory=AttentionStore, repr=False)
     _cache: dict[str, list[Target]] = field(default_factory=dict, repr=False)
     _layers: set[str] | None = field(default=None, repr=False)  # the map's layers, once a step saw them
     _installed: frozenset[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.narrow:  # in place before the first (compiled) forward, whichever batch it runs
+            self._install({n for n in self.unet.attn_processors if n.endswith("attn2.processor")})
 
     def samples(self, batch: Batch) -> list[tuple[int, list[Target]]]:
         """(sample, its targets) of each image of the batch with a mask and a target in its caption."""
@@ -107,6 +114,6 @@ class WordAttentionLoss:
                 word_map = maps[positions].sum(0)
                 word_map = word_map / word_map.max().clamp_min(1e-8)
                 terms.append(F.mse_loss(word_map, mask if on_mask else 1.0 - mask))
-        if self._layers is None:  # later steps record only the layers the map is made of: less work
+        if self._layers is None and self.narrow:  # later steps record only the map's layers: less work
             self._layers = set(self.store.layers[self.store.resolution()])
         return self.weight * torch.stack(terms).mean()

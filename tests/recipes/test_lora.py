@@ -319,6 +319,30 @@ def test_validation_loss_on_held_out_photos(setup: dict, tmp_path: Path) -> None
     assert again == [{**m, "time": a["time"]} for m, a in zip(rows, again, strict=True)]
 
 
+@pytest.mark.slow  # torch.compile (aot_eager) of two runs' training steps: ~40 s
+def test_compiled_training_with_the_trigger_attention_loss(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled forward skips guards on module attributes, so it runs the attention processors it was
+    # traced with: the loss's recording processors must be in place before it is traced and never change
+    # (narrowing them after step 1 crashed step 2), and a graph traced in this process for an earlier
+    # run's U-Net (here without the loss, so without recording) must not be reused.
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **kwargs):
+        return real_compile(model, **{k: v for k, v in kwargs.items() if k != "mode"}, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    masked = {**setup, "concept": masked_concept(tmp_path)}
+    steps = ("max_steps=3", "sample_every=0")
+    recipe.main(config(masked, tmp_path / "plain", *steps, "compile=true"))
+    extra = (*steps, "data.mask_attention_weight=0.5")
+    eager = losses(recipe.main(config(masked, tmp_path / "a", *extra)).path)
+    compiled = losses(recipe.main(config(masked, tmp_path / "b", *extra, "compile=true")).path)
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    assert all(math.isclose(eager[k], compiled[k], rel_tol=1e-4) for k in eager), (eager, compiled)
+
+
 def masked_concept(tmp_path: Path) -> Path:
     """make_concept's two photos, each with its subject mask from the renderer."""
     from tune.world.render import object_mask

@@ -23,8 +23,10 @@ class TriggerAttentionLoss(WordAttentionLoss):
     """`weight` x the mean squared difference between each masked photo's trigger map (max 1) and its mask.
     `trigger`: the trigger as the captions spell it (multi-vector tokens expanded)."""
 
-    def __init__(self, unet: torch.nn.Module, tokenizer: Any, trigger: str, weight: float) -> None:
-        super().__init__(unet, tokenizer, self._trigger_targets, weight)
+    def __init__(
+        self, unet: torch.nn.Module, tokenizer: Any, trigger: str, weight: float, *, narrow: bool = True
+    ) -> None:
+        super().__init__(unet, tokenizer, self._trigger_targets, weight, narrow)
         self.trigger = trigger
 
     def _trigger_targets(self, caption: str) -> list[Target]:
@@ -36,10 +38,11 @@ class TriggerAttentionLoss(WordAttentionLoss):
 
 
 def trigger_attention_loss(
-    options: PhotoOptions, unet: torch.nn.Module, tokenizer: Any, trigger: str
+    options: PhotoOptions, unet: torch.nn.Module, tokenizer: Any, trigger: str, *, compiled: bool = False
 ) -> TriggerAttentionLoss | None:
     """The trigger-attention loss of `options.mask_attention_weight` (None when 0 or no trigger word).
-    `unet` is the plain module (not a DDP wrapper); `trigger` as the captions spell it."""
+    `unet` is the plain module (not a DDP wrapper); `trigger` as the captions spell it; `compiled`: the
+    training forward is compiled (its recording processors then never change)."""
     if not options.mask_attention_weight or not trigger.strip():
         return None
-    return TriggerAttentionLoss(unet, tokenizer, trigger, options.mask_attention_weight)
+    return TriggerAttentionLoss(unet, tokenizer, trigger, options.mask_attention_weight, narrow=not compiled)

@@ -26,7 +26,9 @@ def compiled(model: torch.nn.Module, compile: bool, mode: str = "default") -> to
     tiny model's step. That is safe here because only the training step calls it, always with the
     modules in the state they were compiled in: sampling, evaluation and saving use the plain module and
     put back whatever they change (train mode, LoRA scale, EMA weights). The inputs stay guarded, so a
-    new shape (another bucket) still recompiles.
+    new shape (another bucket) still recompiles. Without those guards a graph traced for another model
+    earlier in the process (a second run in one Python session) would match this one, so compiling first
+    clears dynamo's caches.
     """
     import torch
 
@@ -35,6 +37,7 @@ def compiled(model: torch.nn.Module, compile: bool, mode: str = "default") -> to
     skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if skip_module_guards is None:  # an older torch
         return torch.compile(model, mode=mode)  # type: ignore[return-value]
+    torch.compiler.reset()  # no graph of an earlier model in this process may match this one's
     from torch._inductor import list_mode_options
 
     options = {**list_mode_options(mode), "guard_filter_fn": skip_module_guards}
