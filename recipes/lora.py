@@ -245,9 +245,8 @@ def main(cfg: Config) -> RunDir:
     text_model = TextEncoders.of(pipe, *trained[1:])  # the prepared encoders when they train
     weight = prior.loss_weight if prior else 1.0
     trigger = new_tokens.expand(subject.token) if new_tokens else subject.token
-    attention = p.trigger_attention_loss(
-        cfg.data, unet, pipe.tokenizer, trigger, compiled=cfg.compile
-    )  # masks: trigger on subject
+    # masks: the trigger's attention pulled onto the subject (data.mask_attention_weight)
+    attention = p.trigger_attention_loss(cfg.data, unet, pipe.tokenizer, trigger, compiled=cfg.compile)
     photo_loss = p.PhotoLoss(
         unet_model, vae, text_model, noise_scheduler, cfg.diffusion, cfg.seed, dtype, weight, attention
     )
