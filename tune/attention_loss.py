@@ -56,7 +56,11 @@ class WordAttentionLoss:
 
     def __post_init__(self) -> None:
         if not self.narrow:  # in place before the first (compiled) forward, whichever batch it runs
-            self._install({n for n in self.unet.attn_processors if n.endswith("attn2.processor")})
+            self._install(self._cross_attention())
+
+    def _cross_attention(self) -> set[str]:
+        """The names of the U-Net's attn2 processors."""
+        return {n for n in self.unet.attn_processors if n.endswith("attn2.processor")}
 
     def samples(self, batch: Batch) -> list[tuple[int, list[Target]]]:
         """(sample, its targets) of each image of the batch with a mask and a target in its caption."""
@@ -76,7 +80,8 @@ class WordAttentionLoss:
         self.store.reset(len(batch))
         if not self.samples(batch):
             return False
-        names = self._layers or {n for n in self.unet.attn_processors if n.endswith("attn2.processor")}
+        # the map's layers once known; else what is in place (every attn2 layer, kept when not narrowing)
+        names = self._layers or self._installed or self._cross_attention()
         if self._installed != frozenset(names):
             self._install(names)
         return True
