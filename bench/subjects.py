@@ -16,7 +16,8 @@ trigger for the drift suite, training seconds) and
 writes bench/results/subjects-<name>.json (rows of another subject, recipe or suite already there are
 kept; each row names the commit it was measured at). The concept folders and runs go to a temporary folder, or
 to `--keep DIR` to look at the images afterwards (DIR/runs/<subject>-<recipe>/eval/<suite>/);
-`--collect DIR` reads the rows of such kept runs again without training.
+`--collect DIR` reads the rows of such kept runs again without training (their settings from each run's
+run.json).
 """
 
 from __future__ import annotations
@@ -151,10 +152,24 @@ def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def settings_of(run: Path) -> list[str]:
+    """The KEY=VALUE values a kept run was trained with over the default config, from its command line
+    (run.json's argv), without the concept and output folder that `run_one` itself passes."""
+    argv = json.loads((run / "run.json").read_text()).get("argv", [])
+    mine = ("concept=", "output_dir=")
+    return [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith(mine)]
+
+
 def collect(folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The rows of the runs an earlier `--keep folder` left (their eval reports; no training seconds)."""
+    """The rows of the runs an earlier `--keep folder` left (their eval reports and the settings they were
+    trained with; no training seconds)."""
     runs = [(n, r, folder / "runs" / f"{n}-{r}") for r in args.recipes for n in args.subjects]
-    return [row for n, r, run in runs if run.is_dir() for row in rows_of(run, n, r, args.suites, None)]
+    return [
+        {**row, "settings": settings_of(run)}
+        for n, r, run in runs
+        if run.is_dir()
+        for row in rows_of(run, n, r, args.suites, None)
+    ]
 
 
 def main() -> None:
