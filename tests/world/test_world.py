@@ -11,6 +11,7 @@ from PIL import Image
 
 from tune import PROJECT_ROOT
 from tune.cli import main as tune_main
+from tune.data.check import check_data, format_report
 from tune.data.config import DataConfig
 from tune.data.loader import build_dataset
 from tune.errors import DataError
@@ -189,6 +190,7 @@ def test_world_masks_cover_the_object_and_the_loader_reads_them(tmp_path) -> Non
             far = np.linalg.norm(pixels - ground, axis=-1) > 40
             assert far[mask].mean() > 0.6 and far[~mask].mean() < 0.1
     keep = DataConfig(resolution=64, bucketing=False, caption_column="captions", keep_masks=True)
+    assert "subject masks (the 'mask' column): 8 of 8" in format_report(check_data(out, keep))
     dataset = build_dataset(out, keep)
     for i, record in enumerate(dataset.records):
         kept = dataset[i]["subject_mask"][0].numpy() > 0.5

@@ -13,7 +13,8 @@ from pathlib import Path
 from tune.data.buckets import Bucket, histogram
 from tune.data.cache import resolve_cache_dir
 from tune.data.config import DataConfig
-from tune.data.sources import SkippedFile, scan_source
+from tune.data.masks import MASK_SUFFIX, mask_sidecar
+from tune.data.sources import ImageRecord, SkippedFile, scan_source
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,15 @@ class DataReport:
     captioned: int
     """Usable images with a caption of their own (sidecar or caption column)."""
     masked: int
-    """Usable images with a subject mask (`-masklabel.png`, tune.data.masks)."""
+    """Usable images with a subject mask (tune.data.masks)."""
     buckets: dict[Bucket, int]
     """Usable images per bucket (width, height)."""
     resolution: int
     """The resolution the buckets were computed for."""
     bucketing: bool
     """False: every image is a square crop."""
+    mask_sources: tuple[str, ...] = ()
+    """Where those masks came from: "-masklabel.png" (sidecars beside the photos), the mask column's name."""
 
     def reason_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -54,6 +57,7 @@ def check_data(source: str | Path, cfg: DataConfig | None = None) -> DataReport:
         skipped=tuple(scan.skipped),
         captioned=sum(1 for r in scan.records if r.has_caption),
         masked=sum(1 for r in scan.records if r.mask is not None),
+        mask_sources=tuple(sorted({_mask_source(r, cfg) for r in scan.records if r.mask is not None})),
         buckets=histogram(r.bucket for r in scan.records),
         resolution=cfg.resolution,
         bucketing=cfg.bucketing,
@@ -73,7 +77,8 @@ def format_report(report: DataReport) -> str:
         pct = 100 * report.captioned / report.usable
         lines.append(f"captions: {report.captioned} of {report.usable} usable images have one ({pct:.0f}%)")
         if report.masked:
-            lines.append(f"subject masks (-masklabel.png): {report.masked} of {report.usable} usable images")
+            where = " and ".join(report.mask_sources)
+            lines.append(f"subject masks ({where}): {report.masked} of {report.usable} usable images")
         mode = "buckets" if report.bucketing else "square crops"
         lines.append(f"{mode} at {report.resolution} px (width x height: images):")
         top = max(report.buckets.values())
@@ -81,3 +86,13 @@ def format_report(report: DataReport) -> str:
             bar = "#" * max(1, round(30 * n / top))
             lines.append(f"  {f'{w}x{h}':>9}  {n:>5}  {bar}")
     return "\n".join(lines)
+
+
+def _mask_source(record: ImageRecord, cfg: DataConfig) -> str:
+    """Where a record's mask came from: its photo's `-masklabel.png` sidecar, or the table's mask column."""
+    sidecar = mask_sidecar(Path(record.path)) if record.path else None
+    return (
+        MASK_SUFFIX
+        if sidecar is not None and str(sidecar) == record.mask
+        else f"the {cfg.mask_column!r} column"
+    )
