@@ -95,16 +95,17 @@ def run_one(
         for suite in suites:
             command = [*tune, "eval", str(out), "--suite", suite, "--checkpoints", "last"]
             subprocess.run(command, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
-    rows = rows_of(out, concept.name, recipe, suites, round(train_s, 1))
-    return [{**row, "settings": settings} for row in rows]
+    return rows_of(out, concept.name, recipe, suites, round(train_s, 1))
 
 
 def rows_of(
     run: Path, subject: str, recipe: str, suites: list[str], train_s: float | None
 ) -> list[dict[str, Any]]:
-    """One row per suite from the run's eval reports (the last checkpoint, and the base's subject found)."""
+    """One row per suite from the run's eval reports (the last checkpoint, and the base's subject found), with
+    the settings the run was trained with."""
     from tune.evaluation import suite_eval_dir
 
+    settings = settings_of(run)
     rows = []
     for suite in suites:
         report = json.loads((suite_eval_dir(run, suite) / "report.json").read_text())
@@ -121,6 +122,7 @@ def rows_of(
                     for k in ("subject_found", "background_right", "style_right", "subject_in_others")
                 },
                 "base_subject_found": report["base"]["subject_found"],
+                "settings": settings,
             }
         )
     return rows
@@ -161,15 +163,9 @@ def settings_of(run: Path) -> list[str]:
 
 
 def collect(folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The rows of the runs an earlier `--keep folder` left (their eval reports and the settings they were
-    trained with; no training seconds)."""
+    """The rows of the runs an earlier `--keep folder` left (their eval reports; no training seconds)."""
     runs = [(n, r, folder / "runs" / f"{n}-{r}") for r in args.recipes for n in args.subjects]
-    return [
-        {**row, "settings": settings_of(run)}
-        for n, r, run in runs
-        if run.is_dir()
-        for row in rows_of(run, n, r, args.suites, None)
-    ]
+    return [row for n, r, run in runs if run.is_dir() for row in rows_of(run, n, r, args.suites, None)]
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from tune.data.buckets import Bucket, histogram
 from tune.data.cache import resolve_cache_dir
 from tune.data.config import DataConfig
-from tune.data.masks import MASK_SUFFIX, mask_sidecar
+from tune.data.masks import MASK_SUFFIX, mask_path
 from tune.data.sources import ImageRecord, SkippedFile, scan_source
 
 
@@ -89,10 +89,7 @@ def format_report(report: DataReport) -> str:
 
 
 def _mask_source(record: ImageRecord, cfg: DataConfig) -> str:
-    """Where a record's mask came from: its photo's `-masklabel.png` sidecar, or the table's mask column."""
-    sidecar = mask_sidecar(Path(record.path)) if record.path else None
-    return (
-        MASK_SUFFIX
-        if sidecar is not None and str(sidecar) == record.mask
-        else f"the {cfg.mask_column!r} column"
-    )
+    """Where a record's mask came from: its photo's `-masklabel.png` sidecar (the name the scan found), or
+    the table's mask column."""
+    sidecar = record.path is not None and str(mask_path(record.path)) == record.mask
+    return MASK_SUFFIX if sidecar else f"the {cfg.mask_column!r} column"
