@@ -102,7 +102,7 @@ def rows_of(
     run: Path, subject: str, recipe: str, suites: list[str], train_s: float | None
 ) -> list[dict[str, Any]]:
     """One row per suite from the run's eval reports (the last checkpoint, and the base's subject found), with
-    the settings the run was trained with."""
+    the guidance they were drawn at and the settings the run was trained with."""
     from tune.evaluation import suite_eval_dir
 
     settings = settings_of(run)
@@ -122,6 +122,7 @@ def rows_of(
                     for k in ("subject_found", "background_right", "style_right", "subject_in_others")
                 },
                 "base_subject_found": report["base"]["subject_found"],
+                "guidance": report.get("guidance"),  # what the eval drew at (the run's own, or --guidance)
                 "settings": settings,
             }
         )

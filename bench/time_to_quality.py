@@ -95,7 +95,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not is_mask_file(path):
             shutil.copy(path, photos / path.name)
     evaluator = Evaluator(
-        load_suite(args.suite),
+        load_suite(args.suite).drawn_at(cfg.sample.guidance),  # as evaluate_run draws ours
         EvalSubject(concept.token, concept.class_word, concept.instance_dir),
         work / "baseline",
         clip=metrics.DEFAULT_CLIP,

@@ -158,7 +158,9 @@ def main(cfg: Config) -> RunDir:
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: two of each; pivotal's trigger goes into both
     pivotal = p.resolve_pivotal(cfg.pivotal, subject, tokenizers, text_encoders)  # off, new or known
     cfg = replace(cfg, pivotal=replace(cfg.pivotal, enabled=pivotal != "off"))  # config.toml records which
-    evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
+    evaluator = start_training_eval(
+        subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip, guidance=cfg.sample.guidance
+    )
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
         cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size

@@ -103,7 +103,9 @@ def main(cfg: Config) -> RunDir:
         raise ConfigError('initializer_token is required without a concept: the subject\'s class, e.g. "toy"')
     pipe = p.load_base(cfg.base_model)  # a missing or broken base fails before the run directory exists
     tokenizers, text_encoders = text_towers(pipe)  # SDXL: both tokenizers and text encoders
-    evaluator = start_training_eval(subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip)
+    evaluator = start_training_eval(
+        subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip, guidance=cfg.sample.guidance
+    )
     # A new word is added; one the base reads as next to nothing (our base's "w") trains in place; else refused.
     how = p.resolve_pivotal(
         p.PivotalConfig(enabled=True, num_vectors=cfg.num_vectors), subject, tokenizers, text_encoders

@@ -19,7 +19,7 @@ from recipes import dreambooth
 from tune.config import load_config
 from tune.embeddings import EMBEDDINGS_FILE
 from tune.evaluation import Evaluator, load_suite
-from tune.evaluation.run_dir import run_subject
+from tune.evaluation.run_dir import run_guidance, run_subject
 from tune.lora import LoraStack, read_lora
 from tune.lora.svd import extract_lora_file, resize_lora_file, summarize_errors
 from tune.models import load_pipeline
@@ -34,7 +34,8 @@ if not (run_path / "DONE").exists():
     dreambooth.main(load_config(dreambooth.Config, "recipes/configs/dreambooth/default.toml", overrides))
 print(f"dreambooth run: {time.time() - t0:.0f} s", flush=True)
 run = read_run(run_path)
-evaluator = Evaluator(load_suite("backgrounds"), run_subject(run), out, clip="models/world-clip")
+suite = load_suite("backgrounds").drawn_at(run_guidance(run))
+evaluator = Evaluator(suite, run_subject(run), out, clip="models/world-clip")
 results = {}
 entry = evaluator.evaluate(load_pipeline(run_path / "export" / "pipeline"), 1, progress=False)
 results["dreambooth export"] = {k: entry.get(k) for k in ("subject_found", "background_right")}

@@ -1,4 +1,5 @@
-"""bench/subjects.py's rows read back from kept runs (`--collect`) keep the settings they were trained with."""
+"""bench/subjects.py's rows read back from kept runs (`--collect`) keep the settings they were trained with
+and the guidance their eval drew at."""
 
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ def test_collected_rows_name_the_settings_the_run_was_trained_with(tmp_path):
     ]
     (run / "run.json").write_text(json.dumps({"argv": argv}))
     scores = {"subject_found": 0.9, "background_right": 0.875, "style_right": 1.0, "subject_in_others": None}
-    report.write_text(json.dumps({"base": {"subject_found": 0.0}, "checkpoints": [{"step": 1200, **scores}]}))
+    report.write_text(
+        json.dumps(
+            {"guidance": 2.0, "base": {"subject_found": 0.0}, "checkpoints": [{"step": 1200, **scores}]}
+        )
+    )
 
     args = type(
         "Args", (), {"recipes": ["lora", "dreambooth"], "subjects": ["red-ball"], "suites": ["backgrounds"]}
@@ -43,5 +48,5 @@ def test_collected_rows_name_the_settings_the_run_was_trained_with(tmp_path):
     rows = subjects.collect(tmp_path, args)
 
     assert len(rows) == 1  # the dreambooth run was not kept
-    assert rows[0]["settings"] == ["prior.guidance=3.0", "seed=1"]
+    assert rows[0]["settings"] == ["prior.guidance=3.0", "seed=1"] and rows[0]["guidance"] == 2.0
     assert rows[0]["subject_found"] == 0.9 and rows[0]["step"] == 1200 and rows[0]["train_s"] is None

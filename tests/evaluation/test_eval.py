@@ -5,18 +5,21 @@ tests/personalize/test_weights.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from recipes import lora as lora_recipe
 from tune import PROJECT_ROOT
 from tune.cli import main as cli_main
 from tune.config import load_config
 from tune.errors import ConfigError
-from tune.evaluation import Evaluator, decide, load_suite, run_subject, suite_eval_dir
+from tune.evaluation import EvalSubject, Evaluator, Suite, decide, load_suite, run_subject, suite_eval_dir
 from tune.evaluation.report import METRICS, format_summary
 from tune.runs import read_run
 
@@ -71,6 +74,20 @@ def test_shipped_suite_contents() -> None:
     styles = [parse(p.format(token="sks", **{"class": "toy"}))["style"] for p in load_suite("styles").prompts]
     assert styles == ["photo", "drawing", "sketch", "pixel"]
     assert not any("{token}" in p for p in load_suite("drift").prompts)
+    # ... each drawn at the run's own guidance, the one its default config measured (sample.guidance)
+    world = ("backgrounds", "surfaces", "styles", "drift")
+    assert [load_suite(name).guidance for name in world] == ["run"] * 4
+
+
+def test_a_suite_at_the_runs_guidance_takes_it_from_the_run_or_an_override() -> None:
+    suite = Suite(name="s", prompts=("a {token}",), guidance="run")
+    assert suite.drawn_at(2.0).guidance == 2.0 and suite.drawn_at(2.0, 4).guidance == 4.0
+    with pytest.raises(ConfigError, match="config has no sample.guidance; give one"):
+        suite.drawn_at(None)
+    with pytest.raises(ConfigError, match="config has no sample.guidance"):  # not drawn at a string
+        Evaluator(suite, EvalSubject("sks", "toy", PROJECT_ROOT), None, clip="no-clip")
+    fixed = Suite(name="s", prompts=("a {token}",), guidance=6.0)
+    assert fixed.drawn_at(2.0).guidance == 6.0 and fixed.drawn_at(2.0, 3.0).guidance == 3.0
 
 
 @pytest.mark.parametrize(
@@ -85,6 +102,7 @@ def test_shipped_suite_contents() -> None:
             "unknown scheduler 'eular' (did you mean 'euler'?)",
         ),
         ('prompts = ["a {token}"]\nsteps = "20"\n', "'steps' has the wrong type"),
+        ('prompts = ["a {token}"]\nguidance = "auto"\n', "'guidance' must be a number or \"run\""),
         ("prompts = []\n", "non-empty list"),
         ("prompts = [", "not valid TOML"),
     ],
@@ -286,6 +304,28 @@ def test_tune_eval_scores_base_and_checkpoints(
     last = json.loads((lora_run / SUITE_DIR / "report.json").read_text())
     assert [c["step"] for c in last["checkpoints"]] == [4]
     assert last["checkpoints"][0]["subject_fidelity"] == after["checkpoints"][1]["subject_fidelity"]
+
+
+def test_tune_eval_draws_at_the_runs_guidance_or_the_flags(
+    lora_run: Path, setup: dict, tmp_path: Path
+) -> None:
+    # A copy of the run whose validation samples were drawn at 2.5 (config.toml's [sample] guidance), and
+    # a suite that says guidance = "run": tune eval draws at 2.5; --guidance 4 draws at 4.
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    config = tomllib.loads((run / "config.toml").read_text())
+    config["sample"]["guidance"] = 2.5
+    (run / "config.toml").write_text(tomli_w.dumps(config))
+    assert read_run(run).config["sample"]["guidance"] == 2.5
+    (tmp_path / "at-run.toml").write_text(TINY_SUITE.replace("guidance = 6.0", 'guidance = "run"'))
+    args = ["eval", str(run), "--suite", str(tmp_path / "at-run.toml"), "--clip", str(setup["clip"])]
+    images = []
+    for extra, guidance in (([], 2.5), (["--guidance", "4"], 4.0)):
+        assert cli_main([*args, "--device", "cpu", "--checkpoints", "last", *extra]) == 0
+        report = json.loads((run / "eval/at-run/report.json").read_text())
+        assert report["guidance"] == guidance
+        images.append((run / "eval/at-run/step_000004/p00_s0.png").read_bytes())
+    assert images[0] != images[1]  # the scale reached the sampler
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """`tune eval`: score a personalization run's base model and checkpoints on one suite of prompts.
 
-    tune eval RUN_DIR [--suite default|FILE] [--checkpoints all|last] [--clip PATH] [--dino PATH]
+    tune eval RUN_DIR [--suite default|FILE] [--checkpoints all|last] [--guidance G] [--clip PATH] [--dino PATH]
 
 Writes the suite's report.json and report.md (`evaluate_run`): RUN_DIR/eval/ for the default suite,
 RUN_DIR/eval/<suite name>/ for any other, so every suite keeps its report. Prints the verdict
-(`format_summary`) and the report.md path.
+(`format_summary`) and the report.md path. The images are drawn at the suite's guidance; the world suites
+say "run", the run's own (its config's `sample.guidance`); --guidance G draws at G instead.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         "--checkpoints", choices=["all", "last"], default="all", help="which checkpoints (default: all)"
     )
     parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="classifier-free guidance to draw at (default: the suite's; \"run\" in a suite: the run's own)",
+    )
+    parser.add_argument(
         "--clip", default=DEFAULT_CLIP, metavar="PATH", help=f"CLIPModel folder (default: {DEFAULT_CLIP})"
     )
     parser.add_argument("--dino", default=None, metavar="PATH", help="ViT/Dinov2 folder for DINO fidelity")
@@ -55,6 +63,7 @@ def run_cli(args: argparse.Namespace) -> int:
         args.run_dir,
         args.suite,
         checkpoints=args.checkpoints,
+        guidance=args.guidance,
         clip=args.clip,
         dino=args.dino,
         device=None if args.device == "auto" else args.device,

@@ -18,6 +18,7 @@ One job per module:
     evaluator    Evaluator(suite, subject, run_path): evaluate(pipe, step), write(), resume()
                  start_training_eval (eval_every)                    draw, score, keep the report
     run_dir      evaluate_run(run_dir, suite), run_subject(run)      a run directory, base + checkpoints
+                 run_guidance(run)                                   its sample.guidance (guidance "run")
 
 Each checkpoint's weights go into the base pipeline, and out again, through
 `tune.personalize.weights.apply_run_weights`, which the dashboard's live images use too.
@@ -46,7 +47,7 @@ from tune.evaluation.report import (
     format_markdown,
     format_summary,
 )
-from tune.evaluation.run_dir import evaluate_run, run_subject
+from tune.evaluation.run_dir import evaluate_run, run_guidance, run_subject
 from tune.evaluation.suites import (
     DEFAULT_SUITE,
     SUITES_DIR,
@@ -73,6 +74,7 @@ __all__ = [
     "format_summary",
     "load_photos",
     "load_suite",
+    "run_guidance",
     "run_subject",
     "start_training_eval",
     "suite_eval_dir",

@@ -111,7 +111,7 @@ class Evaluator:
         from tune import metrics
 
         self.folder = suite_folder(suite.name)  # a suite named like an image folder fails before loading
-        self.suite, self.subject = suite, subject
+        self.suite, self.subject = suite.drawn_at(None), subject  # guidance "run": the caller's drawn_at
         self.run_path = Path(run_path) if run_path is not None else None
         self.clip: Clip = metrics.load_clip(clip, device)
         self.dino: Dino | None = metrics.load_dino(dino, device) if dino else None
@@ -293,11 +293,14 @@ def _step(entry: dict[str, Any]) -> int:
     return int(entry["step"])
 
 
-def start_training_eval(subject: Any, *, every: int, suite: str, clip: str) -> Evaluator | None:
+def start_training_eval(
+    subject: Any, *, every: int, suite: str, clip: str, guidance: float
+) -> Evaluator | None:
     """The evaluator a recipe runs every `every` steps (`eval_every`), or None when `every` is 0.
 
-    `subject` is the recipe's `tune.personalize.Subject`. Called before the run directory exists, so a
-    bad suite or a missing CLIP folder fails first; the recipe then calls `attach(run.path, step)`.
+    `subject` is the recipe's `tune.personalize.Subject`, `guidance` its `sample.guidance` (a suite's
+    guidance "run"). Called before the run directory exists, so a bad suite or a missing CLIP folder fails
+    first; the recipe then calls `attach(run.path, step)`.
     """
     if every < 0:
         raise ConfigError(f"eval_every must be >= 0 (0 = never); got {every}")
@@ -305,7 +308,10 @@ def start_training_eval(subject: Any, *, every: int, suite: str, clip: str) -> E
         return None
     class_word = subject.class_word or _word_after(subject.token, subject.instance_prompt)
     return Evaluator(
-        load_suite(suite), EvalSubject(subject.token, class_word, subject.photos), None, clip=clip
+        load_suite(suite).drawn_at(guidance),
+        EvalSubject(subject.token, class_word, subject.photos),
+        None,
+        clip=clip,
     )
 
 

@@ -43,6 +43,13 @@ def run_subject(run: RunInfo) -> EvalSubject:
     return EvalSubject(token=token, class_word=class_word, photos=find_path(str(photos)))
 
 
+def run_guidance(run: RunInfo) -> float | None:
+    """The guidance the run's validation samples were drawn at (config.toml's `sample.guidance`), or None."""
+    sample = run.config.get("sample")
+    value = sample.get("guidance") if isinstance(sample, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def evaluate_run(
     run_dir: str | Path,
     suite: str | Path = DEFAULT_SUITE,
@@ -51,9 +58,11 @@ def evaluate_run(
     clip: str | Path | None = None,
     dino: str | Path | None = None,
     device: str | None = None,
+    guidance: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's base model and checkpoints; write and return the suite's report.json content
-    (`suite_eval_dir`: eval/report.json for the default suite, eval/<suite name>/report.json else)."""
+    (`suite_eval_dir`: eval/report.json for the default suite, eval/<suite name>/report.json else).
+    `guidance` draws at that scale instead of the suite's (a suite's "run" is the run's `run_guidance`)."""
     from tqdm.auto import tqdm
 
     from tune import metrics
@@ -71,7 +80,7 @@ def evaluate_run(
         )
     if checkpoints not in ("all", "last"):
         raise ConfigError(f"--checkpoints must be all or last; got {checkpoints!r}")
-    the_suite = load_suite(suite)
+    the_suite = load_suite(suite).drawn_at(run_guidance(run), guidance)
     out = suite_eval_dir(path, the_suite.name)  # a name that clashes with the image folders fails here
     subject = run_subject(run)
     base_model = str(run.info.get("base_model") or run.config.get("base_model") or "")

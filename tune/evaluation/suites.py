@@ -4,6 +4,7 @@ where each suite's report lands in a run directory (`suite_eval_dir`).
 
 from __future__ import annotations
 
+import dataclasses
 import string
 import tomllib
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from tune.paths import DATA_ROOT, find_path, missing_shipped
 
 SUITES_DIR = DATA_ROOT / "eval"
 DEFAULT_SUITE = "default"
+RUN_GUIDANCE = "run"
+"""A suite's `guidance` that draws each run at its own scale: its config's `sample.guidance`."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,9 @@ class Suite:
     in the file means seeds 0 .. N-1."""
     steps: int = 20
     """Denoising steps per image."""
-    guidance: float = 6.0
-    """Classifier-free guidance scale."""
+    guidance: float | str = 6.0
+    """Classifier-free guidance scale, or "run" (`RUN_GUIDANCE`): the run's own, the `sample.guidance` its
+    validation samples were drawn at (`drawn_at` puts the number in before anything is drawn)."""
     scheduler: str = ""
     """Sampler (ddim, ddpm, euler, euler_a, dpmpp_2m); "" means the base model's own."""
     negative_prompt: str = ""
@@ -41,6 +45,20 @@ class Suite:
     description: str = ""
     """One line about what the suite measures."""
 
+    def drawn_at(self, run_guidance: float | None, override: float | None = None) -> Suite:
+        """This suite with a number for its guidance: `override` when given, else the suite's own number,
+        else (guidance "run") `run_guidance`, the run's config's `sample.guidance`."""
+        if override is not None:
+            return dataclasses.replace(self, guidance=float(override))
+        if self.guidance != RUN_GUIDANCE:
+            return self
+        if run_guidance is None:
+            raise ConfigError(
+                f"suite {self.name} draws at the run's own guidance (guidance = \"run\"), but the run's "
+                "config has no sample.guidance; give one (tune eval --guidance G)"
+            )
+        return dataclasses.replace(self, guidance=float(run_guidance))
+
 
 _SUITE_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -49,7 +67,7 @@ _SUITE_TYPES: dict[str, type | tuple[type, ...]] = {
     "seeds": list,
     "images_per_prompt": int,
     "steps": int,
-    "guidance": (int, float),
+    "guidance": (int, float, str),
     "scheduler": str,
     "negative_prompt": str,
     "batch_size": int,
@@ -87,6 +105,11 @@ def load_suite(name: str | Path = DEFAULT_SUITE) -> Suite:
         expected = _SUITE_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, expected):
             raise ConfigError(f"{path}: '{key}' has the wrong type ({type(value).__name__}); got {value!r}")
+    if isinstance(table.get("guidance"), str) and table["guidance"] != RUN_GUIDANCE:
+        raise ConfigError(
+            f"{path}: 'guidance' must be a number or \"{RUN_GUIDANCE}\" (the run's own sample.guidance); "
+            f"got {table['guidance']!r}"
+        )
     prompts = table.get("prompts")
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError(f"{path}: 'prompts' must be a non-empty list of prompt strings")
