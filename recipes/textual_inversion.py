@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DDPMScheduler
@@ -35,7 +35,7 @@ from tune.models.conditioning import TextEncoders
 from tune.models.identity import base_model_hash
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
-from tune.tokens import add_tokens, text_towers
+from tune.tokens import add_tokens, is_known_word, is_new_token, text_towers
 from tune.training import (
     NonFiniteGuard,
     build_accelerator,
@@ -68,7 +68,8 @@ class Config(p.PersonalizeConfig):
     initializer_token: str = ""
     """Word the new embedding starts from (the subject's class, e.g. "toy"); "" means the concept's class word."""
     num_vectors: int = 1
-    """Embedding vectors behind the token (more can hold more detail, and overfit sooner)."""
+    """Embedding vectors behind a new token (more can hold more detail, and overfit sooner); a word the
+    tokenizer has, trained in its own row, is one vector whatever this says."""
     max_steps: int = 500
     batch_size: int = 2
     optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20)
@@ -107,9 +108,20 @@ def main(cfg: Config) -> RunDir:
         subject, every=cfg.eval_every, suite=cfg.eval_suite, clip=cfg.eval_clip, guidance=cfg.sample.guidance
     )
     # A new word is added; one the base reads as next to nothing (our base's "w") trains in place; else refused.
+    # A word the tokenizer has trains in its own row, one vector: num_vectors counts a new word's rows.
+    vectors = cfg.num_vectors
+    if not is_new_token(tokenizers, subject.token, vectors) and is_known_word(tokenizers, subject.token):
+        vectors = 1
     how = p.resolve_pivotal(
-        p.PivotalConfig(enabled=True, num_vectors=cfg.num_vectors), subject, tokenizers, text_encoders
+        p.PivotalConfig(enabled=True, num_vectors=vectors), subject, tokenizers, text_encoders
     )
+    if vectors != cfg.num_vectors:
+        log.warning(
+            "%r is a word the tokenizer has: it trains in its own row as one vector (num_vectors %d is for a new word)",
+            subject.token,
+            cfg.num_vectors,
+        )
+        cfg = replace(cfg, num_vectors=vectors)  # config.toml records what trained
     run, cfg = start_run(RECIPE, cfg)
     accelerator = build_accelerator(
         cfg.mixed_precision, cfg.grad_accum, build_trackers(cfg.report_to, run), batch_size=cfg.batch_size

@@ -93,7 +93,10 @@ def test_a_word_the_base_reads_as_nothing_trains_in_its_own_row(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(trigger, "BLANK_TRIGGER", float("inf"))  # the tiny base reads "w" as next to nothing
-    run = recipe.main(config(setup, tmp_path / "w", "token=w", "instance_prompt=a photo of w toy")).path
+    # num_vectors counts a new word's rows: a known word's own row is one vector, and config.toml says so.
+    prompt = "instance_prompt=a photo of w toy"
+    run = recipe.main(config(setup, tmp_path / "w", "token=w", prompt, "num_vectors=2")).path
+    assert read_run(run).config["num_vectors"] == 1
     pipe = load_pipeline(setup["base"])
     base = pipe.text_encoder.get_input_embeddings().weight.detach()
     (w,) = token_ids(pipe.tokenizer, "w")
