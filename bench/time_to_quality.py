@@ -87,7 +87,10 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from tune.lora.inject import UNET_TARGETS
     from tune.personalize import load_base
 
-    cfg = load_config(lora.Config, ROOT / "recipes/configs/lora/default.toml", [f"concept={args.concept}"])
+    # --set's values too: the same rank, rate and batch as ours, and the same guidance to score at
+    cfg = load_config(
+        lora.Config, ROOT / "recipes/configs/lora/default.toml", [f"concept={args.concept}", *args.set]
+    )
     concept = load_concept(args.concept)
     photos = work / "photos"  # the example scripts read every file of the folder: the images only
     photos.mkdir()
@@ -158,7 +161,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="", help="results file suffix (default: the concept's name)")
     parser.add_argument(
-        "--set", nargs="*", default=[], help="key=value settings for our recipe, on its default config"
+        "--set",
+        nargs="*",
+        default=[],
+        help="key=value settings for our recipe, on its default config (the baseline takes its rank, rate, "
+        "batch size and guidance from the same)",
     )
     parser.add_argument("--sides", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
     parser.add_argument(
