@@ -4,10 +4,9 @@ where each suite's report lands in a run directory (`suite_eval_dir`).
 
 from __future__ import annotations
 
-import dataclasses
 import string
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from tune.config import suggest
@@ -49,7 +48,7 @@ class Suite:
         """This suite with a number for its guidance: `override` when given, else the suite's own number,
         else (guidance "run") `run_guidance`, the run's config's `sample.guidance`."""
         if override is not None:
-            return dataclasses.replace(self, guidance=float(override))
+            return replace(self, guidance=float(override))
         if self.guidance != RUN_GUIDANCE:
             return self
         if run_guidance is None:
@@ -57,7 +56,7 @@ class Suite:
                 f"suite {self.name} draws at the run's own guidance (guidance = \"run\"), but the run's "
                 "config has no sample.guidance; give one (tune eval --guidance G)"
             )
-        return dataclasses.replace(self, guidance=float(run_guidance))
+        return replace(self, guidance=float(run_guidance))
 
 
 _SUITE_TYPES: dict[str, type | tuple[type, ...]] = {
