@@ -4,7 +4,7 @@
         [--suite backgrounds] [--found 0.8] [--background 0.8] [--threads 1] [--name NAME]
 
 Both sides train a LoRA on the shipped base (models/world-base) from the same photos (the concept's),
-with our default lora config's rank, targets, learning rate and batch size:
+with our default lora config's rank, targets and blocks, learning rate and batch size:
 - ours: `recipes.lora.main` with `--config default` (cached latents and text, the photos' caption
   sidecars), a checkpoint every `--every` steps, each scored afterwards by `tune eval`'s evaluator;
 - the baseline: bench/baseline_loop.py's loop, written the way diffusers' example scripts are (no caching,
@@ -84,7 +84,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from tune.data.concepts import load_concept
     from tune.data.masks import is_mask_file
     from tune.evaluation import EvalSubject, Evaluator, load_suite
-    from tune.lora.inject import UNET_TARGETS
+    from tune.lora.inject import unet_target_pattern
     from tune.personalize import load_base
 
     # --set's values too: the same rank, rate and batch as ours, and the same guidance to score at
@@ -144,7 +144,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         on_step=on_step,
         prompt=concept.instance_caption,
         lr=cfg.optim.lr,
-        lora_targets="|".join(f"(?:{UNET_TARGETS[t]})" for t in cfg.lora.targets),
+        lora_targets=unet_target_pattern(cfg.lora.targets, cfg.lora.blocks),
     )
     return points
 

@@ -36,7 +36,7 @@ from tune import personalize as p
 from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
-from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, inject_lora, type_options
+from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, UnetBlock, inject_lora, type_options
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
@@ -96,12 +96,18 @@ class LoraOptions:
     """Module groups that get adapters: attn2 (cross-attention), attn1 (self-attention), ff (feed-forward),
     proj (transformer proj_in/proj_out), resnets (resnet convs), text_encoder (q/k/v/out_proj, fc1/fc2; on
     SDXL of both text encoders)."""
+    blocks: tuple[UnetBlock, ...] = ("down", "mid", "up")
+    """The U-Net blocks whose `targets` get adapters: "down", "mid", "up". Leaving out the down blocks
+    spares the backward pass through them, unless a token or the text encoder trains (their gradient
+    crosses the whole U-Net)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or (self.alpha is not None and self.alpha <= 0) or not 0 <= self.dropout < 1:
             raise ConfigError(f"need lora.rank >= 1, lora.alpha > 0, 0 <= lora.dropout < 1; got {self}")
         if not self.targets:
             raise ConfigError("lora.targets needs at least one group, e.g. ['attn2']")
+        if not self.blocks:
+            raise ConfigError("lora.blocks needs at least one of down, mid, up")
         if not (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1):
             raise ConfigError(f"lora.rank_dropout and lora.module_dropout must be in [0, 1); got {self}")
         self.type_options()  # only this type's options may be set
@@ -195,6 +201,7 @@ def main(cfg: Config) -> RunDir:
         text_encoder_2=text_encoder_2,
         type=cfg.lora.type,
         options=cfg.lora.type_options(),
+        blocks=cfg.lora.blocks,
     )
     if new_tokens is not None:
         new_tokens.train_rows_only()  # after the injection, which freezes everything but the adapters

@@ -110,6 +110,22 @@ def test_only_cross_attention_adapters_train(first_run: Path, setup: dict) -> No
     assert {n.rsplit(".lora_", 1)[0] for n in trained} == set(attn2) and len(trained) == 2 * len(attn2)
 
 
+def test_blocks_keep_the_adapters_to_those_blocks(first_run: Path, setup: dict, tmp_path: Path) -> None:
+    run = recipe.main(
+        config(setup, tmp_path / "up", 'lora.blocks=["mid", "up"]', "max_steps=2", "sample_every=0")
+    ).path
+    trained = set(load_file(str(run / "checkpoints" / "step_000002" / "trainable_0.safetensors")))
+    everywhere = set(load_file(str(first_run / "checkpoints" / "step_000004" / "trainable_0.safetensors")))
+    assert trained == {n for n in everywhere if n.startswith(("mid_block.", "up_blocks."))}
+    assert trained and any(n.startswith("down_blocks.") for n in everywhere)
+    kohya = lora_io.read_lora(run / "export" / f"{run.name}.safetensors")  # the files name those blocks only
+    assert kohya.modules and not [m for m in kohya.modules if "down_blocks" in m]
+    with pytest.raises(ConfigError, match="lora.blocks needs at least one of down, mid, up"):
+        load_config(recipe.Config, None, ["lora.blocks=[]"])
+    with pytest.raises(ConfigError, match="lora.blocks"):
+        load_config(recipe.Config, None, ['lora.blocks=["middle"]'])
+
+
 def test_exports_load_in_diffusers(first_run: Path, setup: dict) -> None:
     trained = lora_io.read_lora(lora_io.checkpoint_adapter_path(first_run, 4))
     for path in (

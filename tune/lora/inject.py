@@ -15,6 +15,8 @@ from tune.errors import ConfigError
 
 LoraTarget = Literal["attn2", "attn1", "ff", "proj", "resnets", "text_encoder"]
 AdapterType = Literal["lora", "dora", "loha", "lokr"]
+UnetBlock = Literal["down", "mid", "up"]
+UNET_BLOCKS: dict[str, str] = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 ADAPTER_TYPES: tuple[AdapterType, ...] = ("lora", "dora", "loha", "lokr")
 # Each type's own options, named as peft's config names them, with peft's defaults.
 TYPE_OPTIONS: dict[AdapterType, dict[str, Any]] = {
@@ -84,6 +86,24 @@ def adapter_config(
     return config(r=rank, alpha=alpha, target_modules=target_modules, **options)
 
 
+def unet_target_pattern(
+    targets: Sequence[LoraTarget], blocks: Sequence[UnetBlock] = tuple(UNET_BLOCKS)
+) -> str:
+    """The peft regex of the U-Net modules in the `targets` groups and the `blocks` (down, mid, up)."""
+    unet_groups = [UNET_TARGETS[t] for t in targets if t in UNET_TARGETS]
+    if not unet_groups:
+        raise ConfigError(
+            "lora.targets must include at least one U-Net group (attn2, attn1, ff, proj, resnets)"
+        )
+    pattern = "(?:" + "|".join(unet_groups) + ")"
+    if set(blocks) == set(UNET_BLOCKS):
+        return pattern
+    if not blocks or not set(blocks) <= set(UNET_BLOCKS):
+        raise ConfigError(f"lora.blocks takes some of {', '.join(UNET_BLOCKS)}; got {list(blocks)}")
+    prefixes = "|".join(UNET_BLOCKS[b] for b in UNET_BLOCKS if b in blocks)
+    return rf"(?:{prefixes})\.{pattern}"  # the groups' modules in these blocks only
+
+
 def inject_lora(
     unet: nn.Module,
     text_encoder: nn.Module,
@@ -95,20 +115,17 @@ def inject_lora(
     text_encoder_2: nn.Module | None = None,
     type: AdapterType = "lora",
     options: Mapping[str, Any] | None = None,
+    blocks: Sequence[UnetBlock] = tuple(UNET_BLOCKS),
 ) -> None:
     """Add a trainable adapter of `type` (rank, alpha, dropout for lora/dora, the type's own `options`
-    from TYPE_OPTIONS; zero-initialised: a no-op at first) to every module of the `targets` groups;
+    from TYPE_OPTIONS; zero-initialised: a no-op at first) to every module of the `targets` groups in the
+    U-Net's `blocks` (its down blocks, mid block and up blocks; the text encoder's groups take all);
     "text_encoder" targets the text encoder's attention and MLP, and SDXL's second text encoder's
     (`text_encoder_2`) too. peft freezes everything else of an injected model."""
     from peft import inject_adapter_in_model
 
-    unet_groups = [UNET_TARGETS[t] for t in targets if t in UNET_TARGETS]
-    if not unet_groups:
-        raise ConfigError(
-            "lora.targets must include at least one U-Net group (attn2, attn1, ff, proj, resnets)"
-        )
     options = dict(options or {})
-    unet_targets = "(?:" + "|".join(unet_groups) + ")"
+    unet_targets = unet_target_pattern(targets, blocks)
     unet.add_adapter(adapter_config(type, unet_targets, rank, alpha, dropout, options))  # type: ignore[operator]
     # The text encoder takes peft's own injection, not transformers' `add_adapter` gate (transformers 5.24
     # demands an unreleased peft there); it also freezes all but the adapters and records `peft_config`.
