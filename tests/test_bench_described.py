@@ -1,0 +1,38 @@
+"""bench/described_subjects.py's scoring: the share of verdicts that show the subject, and of each part of
+its look read right (only the parts the subject has)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tune.world.judge import Verdict
+from tune.world.subjects import SUBJECTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_described", ROOT / "bench" / "described_subjects.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_score_counts_the_subject_and_each_part_of_its_look() -> None:
+    score = load_script().score
+    person = SUBJECTS["w-person"]  # green hair, yellow shirt, purple spots
+    right = Verdict("person", "yellow", "spotted", "purple", "green", "red", "photo", "large", "center", 0.9)
+    blue_spots = replace(right, color2="blue")
+    white_shirt = replace(right, color="white", hair="red")
+    found, parts = score(person, [right, blue_spots, white_shirt, right])
+    assert found == 0.5
+    assert parts == {"cls": 1.0, "color": 0.75, "pattern": 1.0, "color2": 0.75, "hair": 0.75}
+    ring = SUBJECTS["sks-toy"]  # either order of its colours counts as found; a toy has no hair
+    swapped = Verdict("ring", "teal", "striped", "pink", None, "red", "photo", "large", "center", 0.9)
+    found, parts = score(ring, [swapped])
+    assert found == 1.0 and parts == pytest.approx({"cls": 1, "color": 0, "pattern": 1, "color2": 0})
