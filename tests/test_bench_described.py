@@ -3,28 +3,18 @@ its look read right (only the parts the subject has)."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from tune.world.judge import Verdict
 from tune.world.subjects import SUBJECTS
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_described", ROOT / "bench" / "described_subjects.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_testkit import load_bench_script
 
 
 def test_score_counts_the_subject_and_each_part_of_its_look() -> None:
-    score = load_script().score
+    score = load_bench_script("described_subjects.py").score
     person = SUBJECTS["w-person"]  # green hair, yellow shirt, purple spots
     right = Verdict("person", "yellow", "spotted", "purple", "green", "red", "photo", "large", "center", 0.9)
     blue_spots = replace(right, color2="blue")

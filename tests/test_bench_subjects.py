@@ -3,23 +3,13 @@ and the guidance their eval drew at."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_subjects", ROOT / "bench" / "subjects.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_testkit import load_bench_script
 
 
 def test_collected_rows_name_the_settings_the_run_was_trained_with(tmp_path):
-    subjects = load_script()
+    subjects = load_bench_script("subjects.py")
     run = tmp_path / "runs" / "red-ball-lora"
     report = run / "eval" / "backgrounds" / "report.json"
     report.parent.mkdir(parents=True)
