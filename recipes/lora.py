@@ -36,7 +36,15 @@ from tune import personalize as p
 from tune.embeddings import EMBEDDINGS_FILE, save_embeddings
 from tune.errors import ConfigError
 from tune.evaluation import start_training_eval
-from tune.lora.inject import TYPE_OPTIONS, AdapterType, LoraTarget, UnetBlock, inject_lora, type_options
+from tune.lora.inject import (
+    TYPE_OPTIONS,
+    AdapterType,
+    LoraTarget,
+    UnetBlock,
+    inject_lora,
+    type_options,
+    unet_target_pattern,
+)
 from tune.models.conditioning import TextEncoders
 from tune.optim import OptimConfig, build_lr_schedule, build_optimizer, optimizer_metrics
 from tune.runs import RunDir
@@ -106,8 +114,7 @@ class LoraOptions:
             raise ConfigError(f"need lora.rank >= 1, lora.alpha > 0, 0 <= lora.dropout < 1; got {self}")
         if not self.targets:
             raise ConfigError("lora.targets needs at least one group, e.g. ['attn2']")
-        if not self.blocks:
-            raise ConfigError("lora.blocks needs at least one of down, mid, up")
+        unet_target_pattern(self.targets, self.blocks)  # a U-Net group, known blocks: refused before the run
         if not (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1):
             raise ConfigError(f"lora.rank_dropout and lora.module_dropout must be in [0, 1); got {self}")
         self.type_options()  # only this type's options may be set

@@ -124,6 +124,8 @@ def test_blocks_keep_the_adapters_to_those_blocks(first_run: Path, setup: dict, 
         load_config(recipe.Config, None, ["lora.blocks=[]"])
     with pytest.raises(ConfigError, match="lora.blocks"):
         load_config(recipe.Config, None, ['lora.blocks=["middle"]'])
+    with pytest.raises(ConfigError, match="at least one U-Net group"):  # at load, before any run directory
+        load_config(recipe.Config, None, ['lora.targets=["text_encoder"]'])
 
 
 def test_exports_load_in_diffusers(first_run: Path, setup: dict) -> None:

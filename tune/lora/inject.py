@@ -98,7 +98,9 @@ def unet_target_pattern(
     pattern = "(?:" + "|".join(unet_groups) + ")"
     if set(blocks) == set(UNET_BLOCKS):
         return pattern
-    if not blocks or not set(blocks) <= set(UNET_BLOCKS):
+    if not blocks:
+        raise ConfigError(f"lora.blocks needs at least one of {', '.join(UNET_BLOCKS)}")
+    if not set(blocks) <= set(UNET_BLOCKS):
         raise ConfigError(f"lora.blocks takes some of {', '.join(UNET_BLOCKS)}; got {list(blocks)}")
     prefixes = "|".join(UNET_BLOCKS[b] for b in UNET_BLOCKS if b in blocks)
     return rf"(?:{prefixes})\.{pattern}"  # the groups' modules in these blocks only
