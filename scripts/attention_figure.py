@@ -4,8 +4,10 @@ For 40 prompts "a photo of a large {colour} {class} on a {bg} background" (colou
 bg) drawn by the shipped base (25 steps, guidance 6, seed = prompt index), the share of each word's final
 cross-attention mass (tune.attention) that falls on the object. Object mask, from the GENERATED image
 (the judge gives no mask): pixels whose RGB distance from the background colour (the median of the
-image's border pixels) is over 80 of 255, averaged down to the map's grid (a cell's fraction of object
-pixels): `tune.attention.subject_mask`, which `tune eval`'s trigger_on_subject uses too.
+image's border pixels) is over the image's own split of those distances (Otsu's, held within 40-80 of 255),
+averaged down to the map's grid (a cell's fraction of object pixels): `tune.attention.subject_mask`, which
+`tune eval`'s trigger_on_subject uses too. Until stop 49 the split was a fixed 80, which missed most of an
+object close to its background in colour (a brown block on red): 58.9% / 24.7% on the shipped base.
 
     python scripts/attention_figure.py [MODEL] [--device cpu|cuda]
 """

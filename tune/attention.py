@@ -230,18 +230,45 @@ def word_strip(image: Image.Image, word_map: torch.Tensor, frames: int = STRIP_F
 # Where a word looks: on the subject or on the background
 # ---------------------------------------------------------------------------------------------------
 
-SUBJECT_FAR = 80.0
-"""A pixel is the subject's when its RGB distance from the background colour is over this (of 255)."""
+SUBJECT_FAR = (40.0, 80.0)
+"""A pixel is the subject's when its RGB distance from the background colour is over the image's own split
+of those distances (Otsu's), held within these bounds (of 255). A fixed 80 (the upper bound, the rule up to
+stop 49) missed most of a subject close to its background in colour (a brown block on red); the lower bound
+keeps a picture without a subject from being split in its noise. Against the world renderer's own object
+masks (300 large photos on colour backgrounds) the bounded split overlaps 0.917 on average, 0.836 at the
+worst tenth, where 80 alone gives 0.897 and 0.755."""
 
 
-def subject_mask(image: Image.Image, grid_hw: tuple[int, int], far: float = SUBJECT_FAR) -> torch.Tensor:
-    """[h, w]: the share of each cell of an h x w grid over `image` that is subject, i.e. pixels unlike
-    the background (RGB distance over `far` from the median of the image's border pixels)."""
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of `values`: the split into two groups with the largest between-group variance.
+    Written here: our dependencies (Pillow, numpy, torch) have none, and scikit-image is too heavy for it."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)
+    above = below[-1] - below
+    mass = np.cumsum(counts * centres)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mass[-1] * below / below[-1] - mass) ** 2 / (below * above)
+    return float(centres[np.nanargmax(between)]) if np.isfinite(between).any() else float(values.max())
+
+
+def subject_pixels(image: Image.Image, far: float | tuple[float, float] = SUBJECT_FAR) -> np.ndarray:
+    """bool [H, W]: the pixels unlike the background, i.e. at an RGB distance from the median of the image's
+    border pixels over `far` (one number), or over the distances' Otsu split held within `far`'s (low, high)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    unlike = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > far
-    cells = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(unlike).float()[None], grid_hw)
-    return cells[0]
+    distance = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1)
+    if isinstance(far, tuple):
+        far = min(max(otsu_threshold(distance), far[0]), far[1])
+    return distance > far
+
+
+def subject_mask(
+    image: Image.Image, grid_hw: tuple[int, int], far: float | tuple[float, float] = SUBJECT_FAR
+) -> torch.Tensor:
+    """[h, w]: the share of each cell of an h x w grid over `image` that is subject (`subject_pixels`)."""
+    unlike = torch.from_numpy(subject_pixels(image, far)).float()[None]
+    return torch.nn.functional.adaptive_avg_pool2d(unlike, grid_hw)[0]
 
 
 def share_on_subject(maps: AttentionMaps, word: str, image: Image.Image, tokenizer: Any) -> float:

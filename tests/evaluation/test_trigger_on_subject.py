@@ -11,6 +11,8 @@ from PIL import Image
 from tune import sampling
 from tune.attention import AttentionMaps, prompt_tokens, share_on_subject, subject_mask
 from tune.models import load_pipeline
+from tune.world.render import object_mask, render
+from tune.world.spec import Spec
 
 BACKGROUND, SUBJECT = (20, 180, 40), (240, 30, 200)
 
@@ -31,6 +33,38 @@ def test_subject_mask_is_each_cells_share_of_pixels_unlike_the_border() -> None:
     expected[3, 3] = 1 / 64  # one pixel of 64
     assert torch.equal(mask, expected)
     assert subject_mask(picture(), (32, 32)).sum() == 8 * 16 + 1
+
+
+def test_a_subject_close_to_its_background_in_colour_is_found_by_the_images_own_split() -> None:
+    pixels = np.full((32, 32, 3), (200, 30, 30), dtype=np.uint8)  # red
+    pixels[8:24, 8:24] = (140, 70, 40)  # a brown block: 73 of 255 from the red, under the fixed 80
+    block = Image.fromarray(pixels)
+    assert float(subject_mask(block, (32, 32), far=80.0).sum()) == 0.0  # the rule before: nothing
+    assert float(subject_mask(block, (32, 32)).sum()) == 16 * 16
+    assert float(subject_mask(block, (4, 4))[1:3, 1:3].min()) == 1.0
+
+
+def test_a_picture_without_a_subject_is_not_split_in_its_noise() -> None:
+    noise = np.random.default_rng(0).integers(-15, 16, size=(32, 32, 3))
+    pixels = np.clip(np.array((20, 180, 40)) + noise, 0, 255).astype(np.uint8)
+    assert float(subject_mask(Image.fromarray(pixels), (32, 32)).sum()) == 0.0
+
+
+def test_the_mask_matches_the_renderers_object_on_a_low_contrast_world_photo() -> None:
+    spec = Spec(cls="ring", color="orange", background="red")  # the fixed 80 finds 0.59-0.69 of it
+    for seed in range(3):
+        image = render(spec, np.random.default_rng(seed), 64, 64)
+        truth = torch.from_numpy(object_mask(spec, np.random.default_rng(seed), 64, 64)).bool()
+
+        def overlap(mask: torch.Tensor, truth: torch.Tensor = truth) -> float:
+            found = mask > 0.5
+            return float((found & truth).sum() / (found | truth).sum())
+
+        adaptive, fixed = (
+            overlap(subject_mask(image, (64, 64))),
+            overlap(subject_mask(image, (64, 64), far=80.0)),
+        )
+        assert adaptive > 0.85 and adaptive > fixed + 0.15
 
 
 def test_share_on_subject_is_the_words_final_mass_on_the_mask(tiny_pipeline_dir: str) -> None:
