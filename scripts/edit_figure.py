@@ -9,8 +9,8 @@ sampling of B bit for bit). For each:
 
 - the share of B images in which the world judge reads B's new colour (colour pairs) or class (class pairs);
 - the mean absolute difference of A and B over the background, 0-255 units: pixels farther than MARGIN
-  pixels from the object in A and in B (object: RGB distance over 80 from the median of the image's
-  border, as in scripts/attention_figure.py), averaged over the pixels of a pair, then over pairs.
+  pixels from the object in A and in B (object: `tune.attention.subject_pixels`, the pixels unlike the
+  image's border, as in scripts/attention_figure.py), averaged over the pixels of a pair, then over pairs.
 
     python scripts/edit_figure.py [MODEL] [--pairs N] [--edit-steps K] [--sheet FILE.png] [--device cpu|cuda]
 """
@@ -20,6 +20,7 @@ import argparse
 import numpy as np
 import torch
 
+from tune.attention import subject_pixels
 from tune.editing import edit
 from tune.grids import make_grid
 from tune.models import load_pipeline
@@ -27,7 +28,7 @@ from tune.sampling import generate
 from tune.world.scoring import try_load_judge
 from tune.world.spec import COLORS, TOYS
 
-FAR, MARGIN = 80.0, 3
+MARGIN = 3
 parser = argparse.ArgumentParser()
 parser.add_argument("model", nargs="?", default="models/world-base")
 parser.add_argument("--pairs", type=int, default=40)
@@ -54,11 +55,6 @@ for i in range(args.pairs):
         b, attribute = (colour, new), "cls"
     text = "a photo of a large {} {} on a {} background"
     pairs.append((text.format(colour, cls, bg), text.format(*b, bg), attribute, new))
-
-
-def background(image: np.ndarray) -> np.ndarray:
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return np.linalg.norm(image - np.median(border, axis=0), axis=-1) <= FAR
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -89,7 +85,7 @@ for i, (a, b, attribute, new) in enumerate(pairs):
     pa = pixels(image_a)
     for name, image_b in drawn.items():
         pb = pixels(image_b)
-        far = ~dilate(~background(pa) | ~background(pb), MARGIN)
+        far = ~dilate(subject_pixels(image_a) | subject_pixels(image_b), MARGIN)
         mad = float(np.abs(pa - pb).mean(-1)[far].mean()) if far.any() else float("nan")
         results[name].append((image_b, attribute, new, mad))
     if i < 8:
