@@ -82,10 +82,10 @@ for i, (a, b, attribute, new) in enumerate(pairs):
     drawn = {name: result.image_b for name, result in edits.items()}
     # plain B: what edit(..., edit_steps=0) draws (bit for bit; tests/test_editing.py), without drawing A again
     drawn[PLAIN] = generate(pipe, b, i, steps=25, guidance=6.0, progress=False)[0].image
-    pa = pixels(image_a)
+    pa, object_a = pixels(image_a), subject_pixels(image_a)
     for name, image_b in drawn.items():
         pb = pixels(image_b)
-        far = ~dilate(subject_pixels(image_a) | subject_pixels(image_b), MARGIN)
+        far = ~dilate(object_a | subject_pixels(image_b), MARGIN)
         mad = float(np.abs(pa - pb).mean(-1)[far].mean()) if far.any() else float("nan")
         results[name].append((image_b, attribute, new, mad))
     if i < 8:
