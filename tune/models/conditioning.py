@@ -73,7 +73,33 @@ class TextEncoders:
     def __call__(
         self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(encoder_hidden_states, pooled text_embeds or None) of tokenized prompts."""
+        """(encoder_hidden_states, pooled text_embeds or None) of tokenized prompts.
+
+        A prompt that comes more than once in the batch (prior preservation's class prompt, in every
+        batch) is encoded once and its states repeated: the same states and gradients for less of the
+        encoder's time. Not while a dropout in the encoders is active: each row then draws its own mask."""
+        rows = (
+            input_ids if input_ids_2 is None else torch.cat([input_ids, input_ids_2.to(input_ids.device)], 1)
+        )
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if len(distinct) == len(rows) or self._dropout_active():
+            return self._encode(input_ids, input_ids_2)
+        width = input_ids.shape[1]
+        hidden, pooled = self._encode(
+            distinct[:, :width], None if input_ids_2 is None else distinct[:, width:]
+        )
+        inverse = inverse.to(hidden.device)
+        return hidden[inverse], None if pooled is None else pooled[inverse]
+
+    def _dropout_active(self) -> bool:
+        encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for e in encoders for m in e.modules()
+        )
+
+    def _encode(
+        self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = self.device
         if not self.is_sdxl:
             return self.text_encoder(input_ids.to(device))[0], None
