@@ -1,7 +1,7 @@
 """Can the base draw each example subject when the prompt spells its look out in words?
 
     python bench/described_subjects.py [--base models/world-base] [--subjects ...] [--guidance 5 2]
-        [--name NAME]
+        [--looks CLASS:COLOUR:PATTERN:COLOUR2:HAIR ...] [--name NAME]
 
 Textual inversion trains only a word: the model stays the base, so it can only find a look the base can
 draw. This draws, for each subject of `tune.world.subjects.SUBJECTS`, the backgrounds suite's prompts with
@@ -10,6 +10,10 @@ spots on a red background"), at the suite's seeds and steps, and the world judge
 and how often each part of the look comes out (class, colour, pattern, second colour, hair). A subject
 the base cannot draw from its description is out of textual inversion's reach on that base. Prints one
 row per subject and guidance; writes bench/results/described-subjects-<name>.json.
+
+`--looks` adds other looks of the world, drawn and read the same way, e.g. looks the base saw in training
+("person:yellow:spotted:red:green": green hair, a yellow shirt with red spots; "person:yellow:plain::green"):
+whether a miss is the held-out look's or every look of its kind's.
 """
 
 from __future__ import annotations
@@ -38,6 +42,23 @@ def score(subject: Any, verdicts: Sequence[Any]) -> tuple[float, dict[str, float
     return sum(subject.found(v) for v in verdicts) / len(verdicts), parts
 
 
+def parse_look(text: str) -> Any:
+    """A `Subject` with the look "class:colour:pattern:colour2:hair" (colour2 empty when plain, hair empty
+    for a toy), named by that text."""
+    from tune.world.spec import Spec
+    from tune.world.subjects import Subject
+
+    fields = text.split(":")
+    if len(fields) != 5:
+        raise argparse.ArgumentTypeError(f"a look is class:colour:pattern:colour2:hair; got {text!r}")
+    cls, color, pattern, color2, hair = (f or None for f in fields)
+    try:  # the world's own checks: known words, colour2 with a pattern only, hair on a person only
+        Spec(cls=cls, color=color, background="grey", pattern=pattern, color2=color2, hair=hair)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return Subject(text, "", "person" if cls == "person" else "toy", cls, color, pattern, color2, hair)  # type: ignore[arg-type]
+
+
 def main() -> None:
     from tune.evaluation import load_suite
     from tune.models import load_pipeline
@@ -50,6 +71,7 @@ def main() -> None:
     parser.add_argument("--base", default="models/world-base")
     parser.add_argument("--subjects", nargs="+", default=list(SUBJECTS), choices=sorted(SUBJECTS))
     parser.add_argument("--guidance", nargs="+", type=float, default=[5.0, 2.0])
+    parser.add_argument("--looks", nargs="*", type=parse_look, default=[], help="more looks to describe")
     parser.add_argument("--name", default="world-base")
     args = parser.parse_args()
 
@@ -58,8 +80,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge()
     rows = []
-    for name in args.subjects:
-        subject = SUBJECTS[name]
+    for subject in [SUBJECTS[name] for name in args.subjects] + args.looks:
+        name = subject.name
         named = f"{article(subject.description)} {subject.description}"  # "a photo of {token} {class}" spelled out
         prompts = [p.replace("{token} {class}", named) for p in suite.prompts for _ in suite.seeds]
         seeds = [s for _ in suite.prompts for s in suite.seeds]

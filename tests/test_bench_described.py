@@ -26,3 +26,28 @@ def test_score_counts_the_subject_and_each_part_of_its_look() -> None:
     swapped = Verdict("ring", "teal", "striped", "pink", None, "red", "photo", "large", "center", 0.9)
     found, parts = score(ring, [swapped])
     assert found == 1.0 and parts == pytest.approx({"cls": 1, "color": 0, "pattern": 1, "color2": 0})
+
+
+def test_looks_parse_into_subjects_that_the_world_allows() -> None:
+    import argparse
+
+    parse_look = load_bench_script("described_subjects.py").parse_look
+    spotted = parse_look("person:yellow:spotted:red:green")
+    assert spotted.description == "person with green hair in a yellow shirt with red spots"
+    assert (spotted.class_word, spotted.color2, spotted.hair) == ("person", "red", "green")
+    plain = parse_look("cup:blue:plain::")
+    assert plain.description == "blue cup" and (plain.color2, plain.hair, plain.class_word) == (
+        None,
+        None,
+        "toy",
+    )
+    right = Verdict("cup", "blue", "plain", None, None, "red", "photo", "large", "center", 0.9)
+    assert plain.found(right) and not plain.found(replace(right, color="green"))
+    for bad in (
+        "person:yellow:spotted:red",
+        "cup:blue:plain:red:",
+        "person:yellow:plain::",
+        "cup:mauve:plain::",
+    ):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_look(bad)
