@@ -73,3 +73,15 @@ def test_with_an_active_dropout_every_row_is_encoded() -> None:
     pipe.text_encoder.eval()  # the dropout is off: the repeat is encoded once again
     encode(encoders, ids, None, seen)
     assert seen == [3]
+
+
+def test_with_the_encoders_own_attention_dropout_every_row_is_encoded() -> None:
+    pipe = build_pipeline("tiny", seed=0)
+    attentions = [m for m in pipe.text_encoder.modules() if type(m).__name__ == "CLIPAttention"]
+    assert attentions
+    for attention in attentions:  # what config.attention_dropout = 0.1 sets: a rate, not an nn.Dropout
+        attention.dropout = 0.1
+    seen: list[int] = []
+    pipe.text_encoder.train()
+    encode(TextEncoders.of(pipe), tokenize(pipe.tokenizer, PROMPTS), None, seen)
+    assert seen == [4]

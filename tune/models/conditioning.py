@@ -92,10 +92,14 @@ class TextEncoders:
         return hidden[inverse], None if pooled is None else pooled[inverse]
 
     def _dropout_active(self) -> bool:
+        """Whether a module of the encoders drops out now: an nn.Dropout, or a float `dropout` rate that the
+        module applies itself (transformers' CLIP attention, from config.attention_dropout)."""
         encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
-        return any(
-            isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for e in encoders for m in e.modules()
-        )
+        for module in (m for e in encoders for m in e.modules() if m.training):
+            rate = module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "dropout", 0.0)
+            if isinstance(rate, float) and rate > 0:
+                return True
+        return False
 
     def _encode(
         self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None
