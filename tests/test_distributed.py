@@ -5,8 +5,8 @@ the vae, clip and unet recipes under torchrun.
 
 Checks that the processes share one run directory written by the main process only, that the data is
 sharded and the gradients synchronised (2 processes x batch 2 train the same adapter as 1 process x
-batch 4: every sample draws its own noise, so only the order of float additions differs), and that the
-checkpoint resumes with another process count.
+batch 4: every sample draws its own noise, and 4 photos make one batch of 4 an epoch, so only the order
+of float additions differs), and that the checkpoint resumes with another process count.
 """
 
 from __future__ import annotations
