@@ -28,18 +28,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("cls", "color", "pattern", "color2", "hair")
-
 
 def score(subject: Any, verdicts: Sequence[Any]) -> tuple[float, dict[str, float]]:
-    """(share of `verdicts` that show the subject, share that read each part of its look right); the
-    parts the subject has (no hair for a toy, no second colour for a plain one)."""
-    parts = {
-        part: sum(getattr(v, part) == getattr(subject, part) for v in verdicts) / len(verdicts)
-        for part in PARTS
-        if getattr(subject, part) is not None
-    }
-    return sum(subject.found(v) for v in verdicts) / len(verdicts), parts
+    """(share of `verdicts` that show the subject, share that read each part of its look right: the parts
+    the subject has, as `tune eval` reports them, `tune.metrics.look_parts`)."""
+    from tune.metrics import LOOK_FIELDS, look_parts
+
+    look = {part: getattr(subject, part) for part in LOOK_FIELDS}
+    return sum(subject.found(v) for v in verdicts) / len(verdicts), look_parts(verdicts, look) or {}
 
 
 def parse_look(text: str) -> Any:

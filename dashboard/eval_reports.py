@@ -48,13 +48,18 @@ def eval_entries(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def eval_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per entry: label, step and every score present."""
+    """One row per entry: label, step, every score present, and each part of the subject's look read
+    right as "look <part>" (subject_parts: what a miss of subject_found comes from)."""
     rows = []
     for e in eval_entries(report):
         row: dict[str, Any] = {"label": e.get("label", ""), "step": int(e.get("step", 0) or 0)}
         for key in EVAL_SCORES:
             if isinstance(e.get(key), int | float):
                 row[key] = float(e[key])
+        parts = e.get("subject_parts")
+        for part, share in parts.items() if isinstance(parts, dict) else ():
+            if isinstance(share, int | float):
+                row[f"look {part}"] = float(share)
         rows.append(row)
     return rows
 

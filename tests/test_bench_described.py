@@ -22,10 +22,10 @@ def test_score_counts_the_subject_and_each_part_of_its_look() -> None:
     found, parts = score(person, [right, blue_spots, white_shirt, right])
     assert found == 0.5
     assert parts == {"cls": 1.0, "color": 0.75, "pattern": 1.0, "color2": 0.75, "hair": 0.75}
-    ring = SUBJECTS["sks-toy"]  # either order of its colours counts as found; a toy has no hair
+    ring = SUBJECTS["sks-toy"]  # either order of its colours counts (found, and both colours); no hair
     swapped = Verdict("ring", "teal", "striped", "pink", None, "red", "photo", "large", "center", 0.9)
-    found, parts = score(ring, [swapped])
-    assert found == 1.0 and parts == pytest.approx({"cls": 1, "color": 0, "pattern": 1, "color2": 0})
+    found, parts = score(ring, [swapped, replace(swapped, color2="white")])
+    assert found == 0.5 and parts == pytest.approx({"cls": 1, "color": 0.5, "pattern": 1, "color2": 0.5})
 
 
 def test_looks_parse_into_subjects_that_the_world_allows() -> None:

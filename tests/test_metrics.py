@@ -209,3 +209,39 @@ def test_world_metrics_compare_the_judge_with_the_prompt() -> None:
     assert metrics.prompt_right([images[2], images[2], images[2]], plain, judge) == pytest.approx(2 / 3)
     assert metrics.prompt_right(images[:1], ["a photo of sks"], judge) is None
     assert metrics.background_right(images, prompts, None) is None
+
+
+def test_the_looks_parts_say_what_a_miss_comes_from() -> None:
+    ring = {"cls": "ring", "color": "pink", "pattern": "striped", "color2": "teal", "hair": None}
+    verdicts = [
+        verdict(),
+        verdict(color="teal", color2="pink"),  # the toy's colours the other way round: both right
+        verdict(color2="white"),  # its second colour missed
+        verdict(
+            style="sketch", color=None, color2=None, pattern="plain"
+        ),  # no colours: class and pattern only
+    ]
+    assert metrics.look_parts(verdicts, ring) == pytest.approx(
+        {"cls": 1, "color": 1, "pattern": 0.75, "color2": 2 / 3}
+    )
+    assert sum(metrics.found(v, ring) for v in verdicts) == 2  # each miss shows in a part
+    person = {"cls": "person", "color": "yellow", "pattern": "spotted", "color2": "purple", "hair": "green"}
+    shirt = dict(cls="person", pattern="spotted", color="yellow", color2="purple", hair="green")
+    swapped = verdict(
+        **shirt | {"color": "purple", "color2": "yellow"}
+    )  # a person's colours keep their order
+    orange = verdict(**shirt | {"color2": "orange", "hair": "red"})
+    assert metrics.look_parts([verdict(**shirt), swapped, orange], person) == pytest.approx(
+        {"cls": 1, "color": 2 / 3, "pattern": 1, "color2": 1 / 3, "hair": 2 / 3}
+    )
+    sketches = [verdict(**shirt | {"color": None, "color2": None, "hair": None, "style": "sketch"})]
+    assert metrics.look_parts(sketches, person) == {"cls": 1.0, "pattern": 1.0}  # nothing coloured to read
+    assert metrics.look_parts(verdicts, None) is None and metrics.look_parts([], ring) is None
+    judge = FakeJudge({0: verdict(), 1: verdict(color2="white")})
+    assert metrics.subject_parts([tagged(0), tagged(1)], ring, judge) == {
+        "cls": 1.0,
+        "color": 1.0,
+        "pattern": 1.0,
+        "color2": 0.5,
+    }
+    assert metrics.subject_parts([tagged(0)], ring, None) is None

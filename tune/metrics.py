@@ -333,6 +333,40 @@ def subject_found(
     return sum(found(v, look) for v in judge.read(list(images))) / len(images)
 
 
+def look_parts(verdicts: Sequence[Any], look: dict[str, str | None] | None) -> dict[str, float] | None:
+    """Share of `verdicts` that read each part of the look right, by LOOK_FIELDS' names: what a miss of
+    `found` comes from (w-person's spots drawn orange: color2 0%). Class and pattern over every verdict;
+    colours and hair over those whose style shows colours (a sketch has none: a part is left out when no
+    verdict shows colours). A part the look lacks (a plain toy's second colour, a toy's hair) is left out.
+    A two-coloured toy read with its colours the other way round has both right, as in `found`. None
+    without a look or verdicts."""
+    if look is None or not verdicts:
+        return None
+    coloured = [v for v in verdicts if v.color is not None]
+    swap = look["cls"] != "person" and look["color2"] is not None
+
+    def right(v: Any, part: str) -> bool:
+        if part in ("color", "color2") and swap and (v.color, v.color2) == (look["color2"], look["color"]):
+            return True
+        return getattr(v, part) == look[part]
+
+    shares = {}
+    for part in LOOK_FIELDS:
+        pool = verdicts if part in ("cls", "pattern") else coloured
+        if look[part] is not None and pool:
+            shares[part] = sum(right(v, part) for v in pool) / len(pool)
+    return shares
+
+
+def subject_parts(
+    images: Sequence[Image.Image], look: dict[str, str | None] | None, judge: Any
+) -> dict[str, float] | None:
+    """`look_parts` of the judge's verdicts on `images`; None without a look, judge or images."""
+    if look is None or judge is None or not images:
+        return None
+    return look_parts(judge.read(list(images)), look)
+
+
 def _named(images: Sequence[Image.Image], prompts: Sequence[str], key: str, judge: Any) -> float | None:
     """Share of images whose judged `key` is what their prompt names, over the prompts naming one."""
     from tune.world.captions import parse

@@ -174,6 +174,7 @@ def write_eval_report(
                 "subject_fidelity": fidelity[1],
                 "prompt_fidelity": 0.27,
                 **scores,
+                "subject_parts": {"cls": 1.0, "color2": 0.25},
                 "images": f"{images}/step_000200/",
             }
         ],

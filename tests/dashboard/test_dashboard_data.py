@@ -67,6 +67,13 @@ def test_trajectory_concept_photos_and_eval_report(runs_root: Path):
         (0, 0.30),
         (200, 0.27),
     ]
+    # The look's parts read right, a column each where an entry has them (the base's report has none).
+    assert [
+        {k: v for k, v in r.items() if k.startswith("look ")} for r in eval_reports.eval_table(report)
+    ] == [
+        {},
+        {"look cls": 1.0, "look color2": 0.25},
+    ]
     assert sorted(eval_reports.eval_sample_sets(run, report)) == [0, 200]
     (run.path / "eval" / "report.json").write_text("{not json")
     assert eval_reports.read_eval_report(run) is None

@@ -20,7 +20,7 @@ from tune.cli import main as cli_main
 from tune.config import load_config
 from tune.errors import ConfigError
 from tune.evaluation import EvalSubject, Evaluator, Suite, decide, load_suite, run_subject, suite_eval_dir
-from tune.evaluation.report import METRICS, format_summary
+from tune.evaluation.report import METRICS, format_markdown, format_summary
 from tune.runs import read_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))  # the recipe tests' testkit
@@ -29,7 +29,7 @@ from test_metrics import save_tiny_clip  # noqa: E402
 from recipe_testkit import make_concept  # noqa: E402
 
 # Every metric the report names, plus the entry's own fields; the judge-based ones must be among them.
-METRIC_KEYS = {"label", "step", *METRICS, "images"}
+METRIC_KEYS = {"label", "step", *METRICS, "subject_parts", "images"}
 assert {"subject_found", "background_right", "style_right", "subject_in_others"} <= set(METRICS)
 TINY_SUITE = """
 prompts = ["a photo of {token} {class} on a red background", "a photo of {class}"]
@@ -232,6 +232,9 @@ def check_report(report: dict, run: Path, steps: list[int], suite_dir: Path = SU
             -1 <= e["subject_fidelity"] <= 1 and -1 <= e["prompt_fidelity"] <= 1 and 0 <= e["diversity"] <= 2
         )
         assert 0 <= e["subject_found"] <= 1  # the judge reads the example toy's look in the concept's photos
+        parts = e["subject_parts"]  # found needs the class and pattern (and the colours where shown) right
+        assert {"cls", "pattern", "color", "color2"} >= set(parts) >= {"cls", "pattern"}
+        assert e["subject_found"] <= min(parts["cls"], parts["pattern"]) and max(parts.values()) <= 1
         assert e["background_right"] in (0.0, 0.5, 1.0)  # one prompt x two seeds names a background
         assert e["style_right"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # both prompts name "a photo of"
         assert e["dino_fidelity"] is None and e["prompt_right"] in (0.0, 0.5, 1.0)
@@ -272,6 +275,25 @@ def test_summary_leaves_out_what_a_suite_does_not_measure() -> None:
         " step_000004: prompt 0.5800  diversity 0.4600  background right 1.0000  subject without trigger 0.2000"
     )
     assert lines[2] == "best step: None  overfit: False"
+
+
+def test_the_looks_parts_are_shown_where_an_entry_has_them() -> None:
+    base = dict.fromkeys(METRICS) | {"label": "base", "step": 0, "prompt_fidelity": 0.6, "diversity": 0.4}
+    parts = {"cls": 1.0, "pattern": 0.875, "color": 0.45, "color2": 0.0, "hair": 0.8}
+    tuned = base | {"label": "step_000500", "step": 500, "subject_found": 0.0, "subject_parts": parts}
+    report = {"suite": "backgrounds", "clip_model": "clip", "dino_model": None, "prompts": ["p"]}
+    report |= {"seeds": [0], "steps": 2, "guidance": 5.0, "base": base | {"subject_parts": None}}
+    report |= {"checkpoints": [tuned], "best_step": None, "overfit": False, "overfit_reason": None}
+    lines = format_summary(report).splitlines()
+    assert lines[2] == "   look read: cls 100%  pattern 88%  color 45%  color2 0%  hair 80%"
+    table = format_markdown(report)
+    assert "| model | cls | pattern | color | color2 | hair |" in table
+    assert (
+        "| base | - | - | - | - | - |" in table and "| step_000500 | 100% | 88% | 45% | 0% | 80% |" in table
+    )
+    # A suite without the subject (drift) or a report from before: no table, no line.
+    assert "look read" not in format_summary(report | {"checkpoints": [base]})
+    assert "| model | cls |" not in format_markdown(report | {"base": base, "checkpoints": [base]})
 
 
 def test_tune_eval_scores_base_and_checkpoints(

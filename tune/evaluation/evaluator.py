@@ -11,6 +11,9 @@ default suite, `eval/<suite name>/` for any other, so each suite keeps its repor
     diversity          mean pairwise CLIP distance among the seeds of one prompt (0 = collapse)
     subject_found      share of subject images the world judge sees the subject in (its look read from the
                        concept's photos), else null (photos that are not of one world subject)
+    subject_parts      what a miss comes from: {part: share of the subject images that read that part of
+                       the look right} for cls, color, pattern, color2, hair (`tune.metrics.look_parts`),
+                       else null
     background_right   share of images on the background (colour or surface) their prompt named, else null
     style_right        share of images in the style their prompt named, else null
     prompt_right       share of images without the subject whose every named attribute is drawn, else null
@@ -192,9 +195,7 @@ class Evaluator:
             self.checkpoints = sorted([c for c in self.checkpoints if c["step"] != step] + [entry], key=_step)
         return entry
 
-    def score(
-        self, images: Sequence[Image.Image], trigger_shares: Sequence[float] = ()
-    ) -> dict[str, float | None]:
+    def score(self, images: Sequence[Image.Image], trigger_shares: Sequence[float] = ()) -> dict[str, Any]:
         """The metrics of images drawn prompt-major for the suite (image i*S + j: prompt i, seed j);
         `trigger_shares`: each subject image's share_on_subject (none: trigger_on_subject is null)."""
         from tune import metrics
@@ -210,7 +211,7 @@ class Evaluator:
         embeddings = self.clip.image_embeddings(images)
         subject_rows = [k for k, i in enumerate(prompt_of) if self.is_subject[i]]
         groups = {str(i): embeddings[i * n_seeds : (i + 1) * n_seeds] for i in range(len(self.prompts))}
-        result: dict[str, float | None] = {
+        result: dict[str, Any] = {
             "subject_fidelity": metrics.subject_fidelity(
                 embeddings[subject_rows], self.reference_clip, self.clip
             )
@@ -222,6 +223,7 @@ class Evaluator:
             "diversity": metrics.diversity(groups, self.clip),
             "dino_fidelity": None,
             "subject_found": metrics.subject_found(subject_images, self.look, self.judge),
+            "subject_parts": metrics.subject_parts(subject_images, self.look, self.judge),
             "background_right": metrics.background_right(images, prompts, self.judge),
             "style_right": metrics.style_right(images, prompts, self.judge),
             "prompt_right": metrics.prompt_right(other_images, other_prompts, self.judge),
@@ -230,7 +232,7 @@ class Evaluator:
         }
         if self.dino is not None and self.reference_dino is not None and subject_images:
             result["dino_fidelity"] = metrics.subject_fidelity(subject_images, self.reference_dino, self.dino)
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
+        return {k: _rounded(v) for k, v in result.items()}
 
     @property
     def best_step(self) -> int | None:
@@ -320,3 +322,10 @@ def _word_after(token: str, prompt: str) -> str:
     words = prompt.split()
     after = words.index(token) + 1 if token in words else len(words)
     return words[after] if after < len(words) else ""
+
+
+def _rounded(value: Any) -> Any:
+    """A score for report.json: floats (also a dict's, as subject_parts') to 6 decimals."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 6) if isinstance(value, float) else value

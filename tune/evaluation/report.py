@@ -8,7 +8,9 @@ suite's `RUN_DIR/eval/report.json`, any other's `RUN_DIR/eval/<suite name>/repor
      "checkpoints": [{"label": "step_000200", "step": 200, <metrics>, "images": "eval/step_000200/"}],
      "best_step", "overfit", "overfit_reason"}
 
-("images" is relative to the run directory: `eval/backgrounds/base/` for the backgrounds suite.)
+("images" is relative to the run directory: `eval/backgrounds/base/` for the backgrounds suite.) An entry
+also holds "subject_parts", {part: share} of the subject's look read right (`tune.metrics.look_parts`),
+or null.
 
 and `report.md` (a table and the grids: `format_markdown`). `best_step` and `overfit` are decided by
 `decide()`; `format_summary` is what `tune eval` prints.
@@ -97,6 +99,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         cells = [f"{e[m]:.4f}" if e.get(m) is not None else "-" for m in columns]
         mark = " (best)" if e["label"] != "base" and e["step"] == report["best_step"] else ""
         lines.append(f"| {e['label']}{mark} | {e['step']} | " + " | ".join(cells) + " |")
+    lines += _parts_table(entries)
     lines += ["", f"- Best step: {report['best_step'] if report['best_step'] is not None else 'none'}"]
     lines.append(f"- Overfit: {'yes: ' + report['overfit_reason'] if report['overfit'] else 'no'}")
     lines.append("")
@@ -105,10 +108,36 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _parts_table(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """report.md's table of the look's parts read right per model; none when no entry has them."""
+    parts = list(dict.fromkeys(k for e in entries for k in (e.get("subject_parts") or {})))
+    if not parts:
+        return []
+    lines = [
+        "",
+        "The subject's look, part by part: the share of the subject images that read it right (colours and "
+        "hair over those in a style with colours).",
+        "",
+        "| model | " + " | ".join(parts) + " |",
+        "|---|" + "---:|" * len(parts),
+    ]
+    for e in entries:
+        shares = e.get("subject_parts") or {}
+        lines.append(
+            f"| {e['label']} | "
+            + " | ".join(f"{shares[k]:.0%}" if k in shares else "-" for k in parts)
+            + " |"
+        )
+    return lines
+
+
 def format_summary(report: dict[str, Any]) -> str:
-    """A few lines for the terminal: base vs last, best step, overfit."""
+    """A few lines for the terminal: base vs last (and the last's look, part by part), best step, overfit."""
     rows = ([report["base"]] if report["base"] else []) + report["checkpoints"][-1:]
     lines = [_summary_line(e) for e in rows]
+    if rows and rows[-1].get("subject_parts"):
+        shares = rows[-1]["subject_parts"]
+        lines.append(f"{'look read':>12}: " + "  ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     lines.append(f"best step: {report['best_step']}  overfit: {report['overfit']}")
     if report["overfit_reason"]:
         lines.append(f"  ({report['overfit_reason']})")
