@@ -5,8 +5,9 @@ the vae, clip and unet recipes under torchrun.
 
 Checks that the processes share one run directory written by the main process only, that the data is
 sharded and the gradients synchronised (2 processes x batch 2 train the same adapter as 1 process x
-batch 4: every sample draws its own noise, and 4 photos make one batch of 4 an epoch, so only the order
-of float additions differs), and that the checkpoint resumes with another process count.
+batch 4: each process takes its half of the batches one process would draw, and every sample draws its
+own noise, so only the order of float additions differs), and that the checkpoint resumes with another
+process count.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def test_two_processes_write_one_run_directory(two_process_run: dict[str, Path])
         "random_states_1.pkl",
     }
     position = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
-    assert position == {"epoch": 3, "position": 1, "seed": 0, "num_processes": 2}
+    assert position == {"epoch": 3, "position": 1, "seed": 0, "num_processes": 2, "batch_size": 2}
 
 
 @pytest.mark.slow  # shares the 2-process torchrun run (~25 s, once per module)

@@ -261,23 +261,33 @@ def test_resume_from_state_dict_continues_exactly(photos: Path) -> None:
         resumed.load_state_dict({"epoch": 0, "position": 0, "seed": 6})
 
 
-def test_sharding_splits_whole_batches_evenly() -> None:
+def test_processes_share_the_batches_one_process_with_their_whole_batch_draws() -> None:
     buckets = [(64, 64)] * 7 + [(72, 48)] * 3
     prior = [False] * 10
-    full = BucketBatchSampler(buckets, prior, batch_size=2, seed=0)
-    global_batches = full.epoch_batches(0)
+    whole = BucketBatchSampler(buckets, prior, batch_size=6, seed=0).epoch_batches(0)
     shards = [
         BucketBatchSampler(buckets, prior, batch_size=2, seed=0, num_processes=3, process_index=p)
         for p in range(3)
     ]
     parts = [s.epoch_batches(0) for s in shards]
-    assert len({len(p) for p in parts}) == 1 and len(shards[0]) == len(parts[0])
-    flat = [tuple(b) for p in parts for b in p]
-    assert {tuple(b) for b in global_batches} == set(flat)  # everything covered, padding repeats only
-    for p in parts:
-        for b in p:
-            assert len({k.bucket for k in b}) == 1
-    assert set(map(tuple, parts[0])).isdisjoint(map(tuple, parts[1]))
+    assert [len(p) for p in parts] == [len(whole)] * 3 == [len(s) for s in shards]  # the same steps
+    for step, batch in enumerate(whole):
+        shares = [p[step] for p in parts]
+        assert all(len({k.bucket for k in share}) == 1 for share in shares)
+        if len(batch) == 6:  # a full batch: process i takes the i-th pair
+            assert [k for share in shares for k in share] == batch
+        else:  # a bucket's short last batch (3 photos, or 1): split as evenly as it goes, a photo repeated
+            assert {k for share in shares for k in share} == set(batch)
+            assert all(len(share) == 1 for share in shares)
+    # With class images: 2 processes x batch 1 draw 1 process x batch 2's photos and class images.
+    flags = [False] * 10 + [True] * 4
+    both = BucketBatchSampler([(64, 64)] * 14, flags, batch_size=2, seed=3).epoch_batches(1)
+    ones = [
+        BucketBatchSampler([(64, 64)] * 14, flags, batch_size=1, seed=3, num_processes=2, process_index=p)
+        for p in range(2)
+    ]
+    for step, (a, b) in enumerate(zip(*(s.epoch_batches(1) for s in ones), strict=True)):
+        assert both[step] == [a[0], b[0], a[1], b[1]]  # photos, then their class images
 
 
 def test_sharding_reads_the_accelerator() -> None:
@@ -295,6 +305,34 @@ def test_sharding_reads_the_accelerator() -> None:
     loader = build_dataloader(DS(), batch_size=2, accelerator=FakeAccelerator())  # type: ignore[arg-type]
     assert (loader.sampler.num_processes, loader.sampler.process_index) == (2, 1)
     assert len(loader) == 2
+
+
+def test_a_resume_with_another_process_count_counts_the_same_photos() -> None:
+    class DS:
+        records = [type("R", (), {"bucket": (64, 64), "is_prior": False})() for _ in range(12)]
+        seed = 0
+        cfg = DataConfig()
+
+    two = build_dataloader(DS(), batch_size=1, num_processes=2, process_index=0)  # type: ignore[arg-type]
+    two.position = 3  # 3 steps of 2 processes x 1 photo
+    state = two.state_dict()
+    assert state == {"epoch": 0, "position": 3, "seed": 0, "num_processes": 2, "batch_size": 1}
+    one = build_dataloader(DS(), batch_size=2)  # type: ignore[arg-type]
+    one.load_state_dict(state)  # the same global batch: the same step, and the same batches from there
+    assert one.position == 3
+    rest = one.sampler.epoch_batches(0)[3:]
+    shards = [
+        BucketBatchSampler([(64, 64)] * 12, [False] * 12, batch_size=1, num_processes=2, process_index=p)
+        for p in range(2)
+    ]
+    assert rest == [a + b for a, b in zip(*(s.epoch_batches(0)[3:] for s in shards), strict=True)]
+    single = build_dataloader(DS(), batch_size=1)  # type: ignore[arg-type]
+    single.load_state_dict(state)  # 6 photos seen: 6 steps of 1
+    assert single.position == 6
+    single.load_state_dict(
+        {"epoch": 1, "position": 2, "seed": 0, "num_processes": 2}
+    )  # saved before batch_size
+    assert (single.epoch, single.position) == (1, 4)  # was read as this run's batch size
 
 
 def test_flip_mirrors_the_pixels(photos: Path) -> None:

@@ -27,13 +27,16 @@ followed by `batch_size` class images (`Batch.is_prior` marks them), as in diffu
 script. Class images are fitted into the instance batch's bucket, so with bucketing on, their latents
 are cached once per bucket the instance photos use.
 
-Sharding (multi-GPU): the batch sampler shards whole batches itself. Give `build_dataloader` the
+Sharding (multi-GPU): the batch sampler shards itself. Give `build_dataloader` the
 `accelerate.Accelerator` (or `num_processes` / `process_index`): every process computes the same
-global list of same-bucket batches, pads it by cycling from its start to a multiple of the process
-count (so every process runs the same number of steps, as accelerate's `even_batches` does), and
-takes every `num_processes`-th batch from `process_index`. Do not pass the returned loader through
-`accelerator.prepare`: accelerate's `BatchSamplerShard` would shard again, and with a fixed batch size
-it drops a bucket's short last batch. Move batches with `batch.to(accelerator.device)`.
+global list of same-bucket batches of `batch_size x num_processes` photos (and as many class images),
+the list one process with that batch size draws, and takes its slice of each: process i the i-th
+`batch_size` photos and their class images. So N processes x batch b train on the same samples, with
+the same noise, as 1 process x batch N*b, and every process runs the same number of steps (a bucket's
+short last batch is split as evenly as it goes; a process left without a photo repeats one). Do not
+pass the returned loader through `accelerator.prepare`: accelerate's `BatchSamplerShard` would shard
+again, and with a fixed batch size it drops a bucket's short last batch. Move batches with
+`batch.to(accelerator.device)`.
 """
 
 from __future__ import annotations
@@ -111,7 +114,10 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[ItemKey]]):
             )
 
     def global_batches(self, epoch: int) -> list[list[ItemKey]]:
-        """Every process's batches of `epoch`, before sharding."""
+        """The steps' batches of `epoch` across all processes (batch_size x num_processes photos each, then
+        as many class images), before each process takes its share: what one process with that batch size
+        would draw."""
+        size = self.batch_size * self.num_processes
         rng = random.Random(f"{self.seed}:order:{epoch}")
         draws = [(i, r) for r in range(self.repeats) for i in self.instance]
         rng.shuffle(draws)
@@ -121,9 +127,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[ItemKey]]):
         batches: list[list[ItemKey]] = []
         for bucket in sorted(per_bucket):
             items = per_bucket[bucket]
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                if self.drop_last and len(chunk) < self.batch_size:
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                if self.drop_last and len(chunk) < size:
                     continue
                 batches.append([ItemKey(i, epoch, r, bucket) for i, r in chunk])
         rng.shuffle(batches)
@@ -140,14 +146,22 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[ItemKey]]):
         return batches
 
     def epoch_batches(self, epoch: int) -> list[list[ItemKey]]:
-        """This process's batches of `epoch`."""
-        batches = self.global_batches(epoch)
-        total = math.ceil(len(batches) / self.num_processes) * self.num_processes
-        padded = [batches[i % len(batches)] for i in range(total)] if batches else []
-        return padded[self.process_index :: self.num_processes]
+        """This process's batches of `epoch`: its share of each global batch."""
+        return [self._share(batch) for batch in self.global_batches(epoch)]
+
+    def _share(self, batch: list[ItemKey]) -> list[ItemKey]:
+        """This process's photos of a global batch (a contiguous slice; the sizes of a short batch's slices
+        differ by one at most, and a process left without a photo repeats one), then its class images."""
+        n = len(batch) // 2 if self.prior else len(batch)  # the photos, then as many class images
+        photos, priors = batch[:n], batch[n:]
+        start = self.process_index * n // self.num_processes
+        end = (self.process_index + 1) * n // self.num_processes
+        if start == end:  # fewer photos than processes: every process still runs the step
+            start, end = self.process_index % n, self.process_index % n + 1
+        return photos[start:end] + priors[start:end]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.global_batches(0)) / self.num_processes)
+        return len(self.global_batches(0))
 
     def __iter__(self) -> Iterator[list[ItemKey]]:
         yield from self.epoch_batches(self.start_epoch)[self.start_position :]
@@ -180,21 +194,26 @@ class PhotoLoader:
 
     def state_dict(self) -> dict[str, int]:
         state = {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed}
-        if self.sampler.num_processes > 1:  # absent means 1
+        if self.sampler.num_processes > 1:  # absent means 1 process (and this run's batch size)
             state["num_processes"] = self.sampler.num_processes
+            state["batch_size"] = self.sampler.batch_size
         return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where `state` stopped, also with another process count: the position then counts the
-        same global batches (rounded up to whole batches of this process count)."""
+        same photos (rounded up to whole batches). Exact when the global batch (batch_size x processes)
+        is the same, e.g. 2 processes x batch 1 resumed as 1 x batch 2; another global batch cuts the
+        rest of the epoch into other batches."""
         if state.get("seed", self.sampler.seed) != self.sampler.seed:
             raise DataError(
                 f"resume state was saved with data seed {state['seed']}, this run uses {self.sampler.seed}; "
                 "resume with the same seed"
             )
-        global_position = int(state["position"]) * int(state.get("num_processes", 1))
+        sampler = self.sampler
+        saved_batch = int(state.get("batch_size", sampler.batch_size)) * int(state.get("num_processes", 1))
+        photos = int(state["position"]) * saved_batch
         self.epoch = int(state["epoch"])
-        self.position = math.ceil(global_position / self.sampler.num_processes)
+        self.position = math.ceil(photos / (sampler.batch_size * sampler.num_processes))
 
 
 def build_dataloader(

@@ -188,8 +188,7 @@ def forever(loader: PhotoLoader) -> Iterator[Batch]:
 def sample_generators(batch: Batch, seed: int, micro_step: int) -> list[torch.Generator] | torch.Generator:
     """The generators of a batch's noise and timesteps: one per sample, seeded by the sample itself (its
     photo, epoch and draw), so that batch 4 x grad_accum 1, batch 2 x grad_accum 2 and 2 processes x
-    batch 2 give a sample the same noise (the same update where they batch the same photos together: see
-    recipes/configs/accelerate/README.md), and a resumed run draws what an uninterrupted one would. Batches
+    batch 2 give a sample the same noise, and a resumed run draws what an uninterrupted one would. Batches
     without per-sample seeds get the micro-step's generator."""
     if batch.seeds is None:
         return step_generator(seed, micro_step)
