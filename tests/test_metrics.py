@@ -238,10 +238,9 @@ def test_the_looks_parts_say_what_a_miss_comes_from() -> None:
     assert metrics.look_parts(sketches, person) == {"cls": 1.0, "pattern": 1.0}  # nothing coloured to read
     assert metrics.look_parts(verdicts, None) is None and metrics.look_parts([], ring) is None
     judge = FakeJudge({0: verdict(), 1: verdict(color2="white")})
-    assert metrics.subject_parts([tagged(0), tagged(1)], ring, judge) == {
-        "cls": 1.0,
-        "color": 1.0,
-        "pattern": 1.0,
-        "color2": 0.5,
-    }
-    assert metrics.subject_parts([tagged(0)], ring, None) is None
+    reads = []
+    judge.read = lambda images, read=judge.read: reads.append(len(images)) or read(images)  # type: ignore[method-assign]
+    found, parts = metrics.subject_found_and_parts([tagged(0), tagged(1)], ring, judge)
+    assert found == 0.5 and parts == {"cls": 1.0, "color": 1.0, "pattern": 1.0, "color2": 0.5}
+    assert reads == [2]  # one reading of the images gives both
+    assert metrics.subject_found_and_parts([tagged(0)], ring, None) == (None, None)

@@ -328,9 +328,7 @@ def subject_found(
     images: Sequence[Image.Image], look: dict[str, str | None] | None, judge: Any
 ) -> float | None:
     """Share of images in which the judge sees the subject's look; None without a look."""
-    if look is None or not images:
-        return None
-    return sum(found(v, look) for v in judge.read(list(images))) / len(images)
+    return subject_found_and_parts(images, look, judge)[0]
 
 
 def look_parts(verdicts: Sequence[Any], look: dict[str, str | None] | None) -> dict[str, float] | None:
@@ -358,13 +356,15 @@ def look_parts(verdicts: Sequence[Any], look: dict[str, str | None] | None) -> d
     return shares
 
 
-def subject_parts(
+def subject_found_and_parts(
     images: Sequence[Image.Image], look: dict[str, str | None] | None, judge: Any
-) -> dict[str, float] | None:
-    """`look_parts` of the judge's verdicts on `images`; None without a look, judge or images."""
+) -> tuple[float | None, dict[str, float] | None]:
+    """(`subject_found`, `look_parts`) of `images` from one reading by the judge; (None, None) without a
+    look, judge or images."""
     if look is None or judge is None or not images:
-        return None
-    return look_parts(judge.read(list(images)), look)
+        return None, None
+    verdicts = judge.read(list(images))
+    return sum(found(v, look) for v in verdicts) / len(verdicts), look_parts(verdicts, look)
 
 
 def _named(images: Sequence[Image.Image], prompts: Sequence[str], key: str, judge: Any) -> float | None:

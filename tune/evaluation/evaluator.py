@@ -211,6 +211,7 @@ class Evaluator:
         embeddings = self.clip.image_embeddings(images)
         subject_rows = [k for k, i in enumerate(prompt_of) if self.is_subject[i]]
         groups = {str(i): embeddings[i * n_seeds : (i + 1) * n_seeds] for i in range(len(self.prompts))}
+        found, parts = metrics.subject_found_and_parts(subject_images, self.look, self.judge)
         result: dict[str, Any] = {
             "subject_fidelity": metrics.subject_fidelity(
                 embeddings[subject_rows], self.reference_clip, self.clip
@@ -222,8 +223,8 @@ class Evaluator:
             ),
             "diversity": metrics.diversity(groups, self.clip),
             "dino_fidelity": None,
-            "subject_found": metrics.subject_found(subject_images, self.look, self.judge),
-            "subject_parts": metrics.subject_parts(subject_images, self.look, self.judge),
+            "subject_found": found,
+            "subject_parts": parts,
             "background_right": metrics.background_right(images, prompts, self.judge),
             "style_right": metrics.style_right(images, prompts, self.judge),
             "prompt_right": metrics.prompt_right(other_images, other_prompts, self.judge),
